@@ -1,0 +1,461 @@
+"""The gallery index: faiss vectors + id → label map + per-entry metadata, persisted atomically.
+
+On disk it uses PaddleX's layout (``vector.index`` + ``id_map.yaml``; ``index_info.yaml``
+is read too), so indices move freely between PaddleX and this project, plus
+``shitu_meta.json`` with what PaddleX does not keep (source file, thumbnail, next id,
+which feature model made the vectors).
+
+Every mutation returns a *new* :class:`GalleryIndex` and leaves the original untouched:
+a failed append or remove can never leave a half-changed index in memory.
+
+Fixes relative to PaddleX 3.7.2's ``FaissBuilder``: remove works on HNSW32 (rebuilt from the
+stored vectors), IVF is sized so tiny galleries work, L2 scores are turned into
+similarities before thresholding, ids are never reused, and HNSW/IVF search parameters are
+set so approximate search agrees with exact search.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import faiss
+import numpy as np
+import yaml
+
+from shitu.config import INDEX_TYPES, METRIC_TYPES
+from shitu.errors import NotFound, ShiTuError
+
+VECTOR_FILE = "vector.index"
+ID_MAP_FILE = "id_map.yaml"
+ALT_ID_MAP_FILE = "index_info.yaml"  # the name PaddleX's docs use
+META_FILE = "shitu_meta.json"
+OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE)
+
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+HNSW_EF_SEARCH = 128  # faiss's default of 16 loses ~12% recall@1 at 100k vectors
+IVF_REGROW_FACTOR = 4  # retrain IVF once the index holds this many times its training set
+
+
+@dataclass
+class Entry:
+    """Metadata kept for each gallery vector."""
+
+    id: int
+    label: str
+    source: str = ""
+    thumbnail: bytes | None = None  # small JPEG
+
+
+def ivf_nlist(n: int) -> int:
+    """Number of IVF lists: ~4·sqrt(n), but at least 39 training points per list (faiss's
+    k-means minimum) and at least one list — PaddleX uses n // 8, which is 0 below 8 images."""
+    return max(1, min(65536, int(round(4 * math.sqrt(n))), n // 39))
+
+
+def ivf_nprobe(nlist: int) -> int:
+    """Lists searched: all of them for small indices, an eighth (at least 16) for large ones."""
+    return min(nlist, max(16, nlist // 8))
+
+
+def _normalize(features: np.ndarray) -> np.ndarray:
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if features.ndim != 2:
+        raise ShiTuError(f"features must be a (N, D) matrix, got shape {features.shape}")
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, 1e-12)
+
+
+def _new_inner(dim: int, index_type: str, metric_type: str, n_train: int) -> faiss.Index:
+    metric = faiss.METRIC_INNER_PRODUCT if metric_type == "IP" else faiss.METRIC_L2
+    if index_type == "Flat":
+        return faiss.IndexFlat(dim, metric)
+    if index_type == "HNSW32":
+        inner = faiss.IndexHNSWFlat(dim, HNSW_M, metric)
+        inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        return inner
+    return faiss.index_factory(dim, f"IVF{ivf_nlist(n_train)},Flat", metric)
+
+
+def _tune(inner: faiss.Index) -> None:
+    """Search parameters are not reliably what a file was saved with: set them on load too."""
+    if isinstance(inner, faiss.IndexHNSW):
+        inner.hnsw.efSearch = max(inner.hnsw.efSearch, HNSW_EF_SEARCH)
+    elif isinstance(inner, faiss.IndexIVF):
+        inner.nprobe = ivf_nprobe(inner.nlist)
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index.index)
+
+
+class GalleryIndex:
+    """A searchable gallery. Attribute names follow PaddleX's ``IndexData``.
+
+    >>> idx = GalleryIndex.build(np.eye(3, dtype="float32"), ["a", "b", "c"], index_type="Flat")
+    >>> idx.search(np.eye(3, dtype="float32")[:1], topk=1)[1].tolist()
+    [[0]]
+    """
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        entries: dict[int, Entry],
+        *,
+        metric_type: str,
+        index_type: str,
+        next_id: int,
+        feature_model: str | None = None,
+        trained_size: int | None = None,
+    ):
+        self._index = index
+        self._entries = entries
+        self._metric_type = metric_type
+        self._index_type = index_type
+        self._next_id = next_id
+        self.feature_model = feature_model
+        self.trained_size = trained_size or index.ntotal
+        self.skipped: list = []  # gallery lines left out by the build that made this index
+        _tune(_inner(index))
+
+    # --- PaddleX IndexData-compatible surface -------------------------------------
+    @property
+    def index(self) -> faiss.Index:
+        return self._index
+
+    @property
+    def id_map(self) -> dict[int, str]:
+        return {i: e.label for i, e in self._entries.items()}
+
+    @property
+    def metric_type(self) -> str:
+        return self._metric_type
+
+    @property
+    def index_type(self) -> str:
+        return self._index_type
+
+    @property
+    def index_info(self) -> dict:
+        return {"index_type": self.index_type, "metric_type": self.metric_type, "id_map": self.id_map}
+
+    # --- introspection ----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def dim(self) -> int:
+        return self._index.d
+
+    @property
+    def next_id(self) -> int:
+        return self._next_id
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [self._entries[i] for i in sorted(self._entries)]
+
+    def entry(self, id_: int) -> Entry:
+        try:
+            return self._entries[int(id_)]
+        except KeyError as exc:
+            raise NotFound(f"no entry with id {id_}") from exc
+
+    def label_counts(self) -> Counter:
+        return Counter(e.label for e in self._entries.values())
+
+    def summary(self) -> dict:
+        return {
+            "entries": len(self),
+            "labels": len(self.label_counts()),
+            "index_type": self.index_type,
+            "metric_type": self.metric_type,
+            "dim": self.dim,
+            "feature_model": self.feature_model,
+            "next_id": self.next_id,
+        }
+
+    # --- construction and mutation (each returns a new index) -------------------------
+    @classmethod
+    def build(
+        cls,
+        features: np.ndarray,
+        labels: Sequence[str],
+        *,
+        index_type: str = "HNSW32",
+        metric_type: str = "IP",
+        sources: Sequence[str] | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
+        feature_model: str | None = None,
+        first_id: int = 0,
+    ) -> "GalleryIndex":
+        if index_type not in INDEX_TYPES:
+            raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
+        if metric_type not in METRIC_TYPES:
+            raise ShiTuError(f"metric_type must be one of {', '.join(METRIC_TYPES)}, not {metric_type!r}")
+        features = _normalize(features)
+        if len(features) != len(labels):
+            raise ShiTuError(f"{len(features)} feature vectors but {len(labels)} labels")
+        if len(features) == 0:
+            raise ShiTuError("cannot build an index from an empty gallery")
+        inner = _new_inner(features.shape[1], index_type, metric_type, len(features))
+        if not inner.is_trained:
+            inner.train(features)
+        index = faiss.IndexIDMap2(inner)
+        ids = np.arange(first_id, first_id + len(features), dtype=np.int64)
+        index.add_with_ids(features, ids)
+        entries = _make_entries(ids, labels, sources, thumbnails)
+        result = cls(
+            index,
+            entries,
+            metric_type=metric_type,
+            index_type=index_type,
+            next_id=int(ids[-1]) + 1,
+            feature_model=feature_model,
+            trained_size=len(features),
+        )
+        result._keep = inner  # keep the inner index alive as long as the wrapper
+        return result
+
+    def add(
+        self,
+        features: np.ndarray,
+        labels: Sequence[str],
+        *,
+        sources: Sequence[str] | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
+    ) -> "GalleryIndex":
+        """A new index with these vectors appended; ids continue from :attr:`next_id`."""
+        features = _normalize(features)
+        if len(features) != len(labels):
+            raise ShiTuError(f"{len(features)} feature vectors but {len(labels)} labels")
+        if len(features) == 0:
+            raise ShiTuError("nothing to add: no image/label pairs were given")
+        if features.shape[1] != self.dim:
+            raise ShiTuError(
+                f"these features have {features.shape[1]} dimensions but the index has {self.dim}: "
+                "it was built with a different recognition model"
+            )
+        ids = np.arange(self._next_id, self._next_id + len(features), dtype=np.int64)
+        new_entries = dict(self._entries)
+        new_entries.update(_make_entries(ids, labels, sources, thumbnails))
+        total = len(new_entries)
+        if self.index_type == "IVF" and total >= IVF_REGROW_FACTOR * self.trained_size and ivf_nlist(total) > _inner(self._index).nlist:
+            old_ids, old_vecs = self.vectors()
+            return self._rebuilt(
+                np.concatenate([old_ids, ids]), np.concatenate([old_vecs, features]), new_entries,
+                next_id=int(ids[-1]) + 1,
+            )  # fmt: skip
+        index = faiss.clone_index(self._index)
+        index.add_with_ids(features, ids)
+        return self._derive(index, new_entries, next_id=int(ids[-1]) + 1)
+
+    def remove(self, ids: Iterable[int]) -> "GalleryIndex":
+        """A new index without these ids. Unknown ids raise :class:`NotFound`, changing nothing."""
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            raise ShiTuError("no ids to remove were given")
+        missing = [i for i in wanted if i not in self._entries]
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+            raise NotFound(f"{len(missing)} id(s) are not in the index: {shown}")
+        if len(wanted) == len(self._entries):
+            raise ShiTuError("cannot remove every entry: an index needs at least one; delete the index instead")
+        new_entries = {i: e for i, e in self._entries.items() if i not in set(wanted)}
+        if not isinstance(_inner(self._index), faiss.IndexFlat):
+            # HNSW graphs cannot drop nodes, and IVF's remove reorders its lists behind the
+            # id map's back (PaddleX's IndexIDMap2 + IVF returns wrong ids after a remove):
+            # rebuild from the remaining vectors instead.
+            all_ids, vecs = self.vectors()
+            keep = ~np.isin(all_ids, wanted)
+            return self._rebuilt(all_ids[keep], vecs[keep], new_entries, next_id=self._next_id)
+        index = faiss.clone_index(self._index)
+        removed = index.remove_ids(np.asarray(wanted, dtype=np.int64))
+        if removed != len(wanted):
+            raise ShiTuError(f"faiss removed {removed} of {len(wanted)} vectors; the index is unchanged")
+        return self._derive(index, new_entries, next_id=self._next_id)
+
+    def relabel(self, id_: int, label: str) -> "GalleryIndex":
+        label = label.strip()
+        if not label:
+            raise ShiTuError("a label cannot be empty")
+        entry = self.entry(id_)
+        entries = dict(self._entries)
+        entries[entry.id] = Entry(entry.id, label, entry.source, entry.thumbnail)
+        return self._derive(faiss.clone_index(self._index), entries, next_id=self._next_id)
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """All ``(ids, vectors)`` in storage order."""
+        index = faiss.clone_index(self._index)
+        inner = _inner(index)
+        if isinstance(inner, faiss.IndexIVF):
+            inner.make_direct_map()
+        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+        vecs = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, self.dim), "float32")
+        return ids, np.asarray(vecs, dtype=np.float32)
+
+    def _rebuilt(self, ids: np.ndarray, vecs: np.ndarray, entries: dict[int, Entry], *, next_id: int) -> "GalleryIndex":
+        inner = _new_inner(self.dim, self.index_type, self.metric_type, len(vecs))
+        if not inner.is_trained:
+            inner.train(vecs)
+        index = faiss.IndexIDMap2(inner)
+        index.add_with_ids(vecs, ids)
+        result = self._derive(index, entries, next_id=next_id, trained_size=len(vecs))
+        result._keep = inner
+        return result
+
+    def _derive(self, index: faiss.Index, entries: dict[int, Entry], *, next_id: int, trained_size: int | None = None) -> "GalleryIndex":
+        return GalleryIndex(
+            index,
+            entries,
+            metric_type=self.metric_type,
+            index_type=self.index_type,
+            next_id=next_id,
+            feature_model=self.feature_model,
+            trained_size=trained_size or self.trained_size,
+        )
+
+    # --- search --------------------------------------------------------------------------
+    def search(self, features: np.ndarray, topk: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest entries for each query row: ``(similarities, ids)``, both (N, k).
+
+        Similarities are cosine similarities for both metrics (L2 distances between unit
+        vectors are converted: cos = 1 - d²/2), so one threshold means the same thing
+        whatever the metric. Missing neighbours have id -1.
+        """
+        features = _normalize(features)
+        if features.shape[1] != self.dim:
+            raise ShiTuError(
+                f"query features have {features.shape[1]} dimensions but the index has {self.dim}: "
+                "it was built with a different recognition model"
+            )
+        k = max(1, min(int(topk), len(self)))
+        _tune(_inner(self._index)) if topk > HNSW_EF_SEARCH else None
+        scores, ids = self._index.search(features, k)
+        if self.metric_type == "L2":
+            scores = 1.0 - scores / 2.0
+        return scores, ids
+
+    # --- persistence ---------------------------------------------------------------------
+    def save(self, save_dir: str | Path) -> Path:
+        """Write atomically: a complete copy in a temporary dir, then a rename."""
+        save_dir = Path(save_dir)
+        save_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = save_dir.parent / f".{save_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            faiss.write_index(self._index, str(tmp / VECTOR_FILE))
+            info = {"index_type": self.index_type, "metric_type": self.metric_type, "id_map": self.id_map}
+            (tmp / ID_MAP_FILE).write_text(
+                yaml.safe_dump(info, allow_unicode=True, default_flow_style=False), encoding="utf-8"
+            )
+            meta = {
+                "format": 1,
+                "next_id": self._next_id,
+                "feature_model": self.feature_model,
+                "trained_size": self.trained_size,
+                "entries": {
+                    str(e.id): {
+                        "source": e.source,
+                        "thumbnail": base64.b64encode(e.thumbnail).decode() if e.thumbnail else None,
+                    }
+                    for e in self._entries.values()
+                },
+            }
+            (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+            replace_dir(tmp, save_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return save_dir
+
+    @classmethod
+    def load(cls, index_dir: str | Path) -> "GalleryIndex":
+        """Load ours or PaddleX's (``IndexData.save``) layout."""
+        index_dir = Path(index_dir)
+        vector_path = index_dir / VECTOR_FILE
+        info_path = next((index_dir / n for n in (ID_MAP_FILE, ALT_ID_MAP_FILE) if (index_dir / n).exists()), None)
+        if not vector_path.exists() or info_path is None:
+            raise NotFound(f"{index_dir} is not an index directory (needs {VECTOR_FILE} and {ID_MAP_FILE})")
+        try:
+            info = yaml.safe_load(info_path.read_text(encoding="utf-8")) or {}
+            index = faiss.read_index(str(vector_path))
+        except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError, yaml its own
+            raise ShiTuError(f"{index_dir} holds a damaged index: {exc}") from exc
+        metric_type = info.get("metric_type")
+        index_type = info.get("index_type")
+        if metric_type not in METRIC_TYPES:
+            raise ShiTuError(f"{index_dir}: metric {metric_type!r} is not supported (only IP and L2)")
+        if not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+            raise ShiTuError(f"{index_dir}: expected an id-mapped faiss index, got {type(index).__name__}")
+        id_map = {int(k): str(v) for k, v in (info.get("id_map") or {}).items()}
+        if index.ntotal != len(id_map):
+            raise ShiTuError(f"{index_dir}: {index.ntotal} vectors but {len(id_map)} labels in {info_path.name}")
+        meta_path = index_dir / META_FILE
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+        saved = meta.get("entries", {})
+        entries = {}
+        for i, label in id_map.items():
+            m = saved.get(str(i), {})
+            thumb = m.get("thumbnail")
+            entries[i] = Entry(i, label, m.get("source", ""), base64.b64decode(thumb) if thumb else None)
+        next_id = max(int(meta.get("next_id", 0)), max(id_map, default=-1) + 1)
+        return cls(
+            index,
+            entries,
+            metric_type=metric_type,
+            index_type=index_type if index_type in INDEX_TYPES else "Flat",
+            next_id=next_id,
+            feature_model=meta.get("feature_model"),
+            trained_size=meta.get("trained_size"),
+        )
+
+
+def _make_entries(ids: np.ndarray, labels: Sequence[str], sources, thumbnails) -> dict[int, Entry]:
+    entries = {}
+    for k, id_ in enumerate(ids):
+        label = str(labels[k]).strip()
+        if not label:
+            raise ShiTuError("a gallery label cannot be empty")
+        entries[int(id_)] = Entry(
+            int(id_),
+            label,
+            sources[k] if sources is not None else "",
+            thumbnails[k] if thumbnails is not None else None,
+        )
+    return entries
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into ``target``'s place, keeping files in ``target`` that are not ours.
+
+    The window where ``target`` is missing is two renames long; :func:`recover_dir` puts
+    the old copy back if a crash hits exactly there.
+    """
+    if target.exists():
+        for f in target.iterdir():
+            if f.name not in OUR_FILES and not (new / f.name).exists():
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def recover_dir(target: Path) -> None:
+    """Undo a save interrupted between its two renames."""
+    if target.exists():
+        return
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds:
+        olds[-1].rename(target)

