@@ -48,6 +48,7 @@ class Settings:
     """Process-wide settings, from the environment (``SHITU_*``)."""
 
     data_dir: Path = field(default_factory=default_data_dir)
+    model_dir: Path | None = None  # SHITU_MODEL_DIR: model cache (default: <data_dir>/models)
     pipeline_config: Path | None = None  # SHITU_PIPELINE_CONFIG: a PaddleX pipeline YAML
     device: str | None = None  # SHITU_DEVICE: cpu, gpu:0, ...
     offline: bool = False  # SHITU_OFFLINE=1: never try a model hub
@@ -62,6 +63,8 @@ class Settings:
     def from_env(cls, **overrides: Any) -> "Settings":
         env = os.environ
         values: dict[str, Any] = {}
+        if env.get("SHITU_MODEL_DIR"):
+            values["model_dir"] = Path(env["SHITU_MODEL_DIR"]).expanduser()
         if env.get("SHITU_PIPELINE_CONFIG"):
             values["pipeline_config"] = Path(env["SHITU_PIPELINE_CONFIG"])
         if env.get("SHITU_DEVICE"):
@@ -72,9 +75,7 @@ class Settings:
         if env.get("SHITU_API_TOKEN"):
             values["api_token"] = env["SHITU_API_TOKEN"]
         if env.get("SHITU_URL_ALLOWLIST"):
-            values["url_allowlist"] = tuple(
-                h.strip() for h in env["SHITU_URL_ALLOWLIST"].split(",") if h.strip()
-            )
+            values["url_allowlist"] = tuple(h.strip() for h in env["SHITU_URL_ALLOWLIST"].split(",") if h.strip())
         for name in ("max_image_pixels", "max_request_bytes"):
             key = f"SHITU_{name.upper()}"
             if env.get(key):
@@ -92,7 +93,7 @@ class Settings:
 
     @property
     def models_dir(self) -> Path:
-        return self.data_dir / "models"
+        return Path(self.model_dir) if self.model_dir else self.data_dir / "models"
 
     @property
     def indices_dir(self) -> Path:
@@ -181,7 +182,8 @@ class PipelineConfig:
         return {
             "pipeline_name": "PP-ShiTuV2",
             "index": self.index,
-            "det_threshold": 0.5 if self.det_threshold is None else self.det_threshold,
+            # null = the detector's own default (PaddleX passes None through to the predictor)
+            "det_threshold": self.det_threshold,
             "rec_threshold": self.rec_threshold,
             "rec_topk": self.rec_topk,
             "SubModules": {
@@ -209,9 +211,7 @@ class PipelineConfig:
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
             path = path / "PP-ShiTuV2.yaml"
-        path.write_text(
-            yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8"
-        )
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
         return path
 
 

@@ -115,7 +115,9 @@ class Engine:
         self.store.put(name, index, overwrite=overwrite)
         return self._report(name, index, [e.id for e in index.entries], index.skipped)
 
-    def add(self, name: str | None, batch: GalleryBatch, *, skip_invalid: bool = True, progress: Progress | None = None) -> ChangeReport:
+    def add(
+        self, name: str | None, batch: GalleryBatch, *, skip_invalid: bool = True, progress: Progress | None = None
+    ) -> ChangeReport:
         name = self.resolve_name(name)
         current = self.store.get(name)
         self._check_compatible(current, name)
@@ -168,7 +170,9 @@ class Engine:
             )
 
     # --- recognition ------------------------------------------------------------------------
-    def recognize(self, image: ImageInput, index: str | None = None, *, rgb: bool = True, **options: Any) -> ShiTuResult:
+    def recognize(
+        self, image: ImageInput, index: str | None = None, *, rgb: bool = True, **options: Any
+    ) -> ShiTuResult:
         """Recognise one image against a named index (default: the active one).
 
         ``image``: bytes, a path, a PIL image or an array (RGB unless ``rgb=False``).

@@ -10,7 +10,6 @@ import io
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -20,7 +19,7 @@ from shitu.errors import ShiTuError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 40_000_000
 
-ImageInput = Union[str, Path, bytes, np.ndarray, Image.Image]
+ImageInput = str | Path | bytes | np.ndarray | Image.Image
 
 
 @dataclass
@@ -199,9 +198,7 @@ def _find_member(files: dict[str, zipfile.ZipInfo], prefix: str, path: str) -> s
     return None
 
 
-def pairs_from_uploads(
-    images: list[tuple[str, bytes | str | Path]], label_text: str | bytes
-) -> GalleryBatch:
+def pairs_from_uploads(images: list[tuple[str, bytes | str | Path]], label_text: str | bytes) -> GalleryBatch:
     """Match uploaded files to label lines by relative path, else by file name."""
     by_name: dict[str, tuple[str, bytes | str | Path]] = {}
     for name, data in images:
@@ -260,9 +257,7 @@ def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, ndarray
 def _pil_to_rgb(im: Image.Image, max_pixels: int, name: str) -> np.ndarray:
     width, height = im.size
     if width * height > max_pixels:
-        raise ShiTuError(
-            f"{name} is {width}x{height} pixels; the limit is {max_pixels:,} pixels", status=413
-        )
+        raise ShiTuError(f"{name} is {width}x{height} pixels; the limit is {max_pixels:,} pixels", status=413)
     if width < 1 or height < 1:
         raise ShiTuError(f"{name} is empty")
     im = ImageOps.exif_transpose(im)

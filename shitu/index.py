@@ -22,9 +22,9 @@ import math
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import faiss
 import numpy as np
@@ -248,7 +248,11 @@ class GalleryIndex:
         new_entries = dict(self._entries)
         new_entries.update(_make_entries(ids, labels, sources, thumbnails))
         total = len(new_entries)
-        if self.index_type == "IVF" and total >= IVF_REGROW_FACTOR * self.trained_size and ivf_nlist(total) > _inner(self._index).nlist:
+        if (
+            self.index_type == "IVF"
+            and total >= IVF_REGROW_FACTOR * self.trained_size
+            and ivf_nlist(total) > _inner(self._index).nlist
+        ):
             old_ids, old_vecs = self.vectors()
             return self._rebuilt(
                 np.concatenate([old_ids, ids]), np.concatenate([old_vecs, features]), new_entries,
@@ -312,7 +316,9 @@ class GalleryIndex:
         result._keep = inner
         return result
 
-    def _derive(self, index: faiss.Index, entries: dict[int, Entry], *, next_id: int, trained_size: int | None = None) -> "GalleryIndex":
+    def _derive(
+        self, index: faiss.Index, entries: dict[int, Entry], *, next_id: int, trained_size: int | None = None
+    ) -> "GalleryIndex":
         return GalleryIndex(
             index,
             entries,

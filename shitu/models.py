@@ -101,8 +101,7 @@ def _local(stage: str, sub: SubModule) -> ModelChoice:
     path = Path(sub.model_dir or "")
     if not _has_model_files(path):
         raise ShiTuError(
-            f"{stage} model_dir {path} is not a PaddleX model dir (needs inference.yml and "
-            "inference.json/pdiparams)"
+            f"{stage} model_dir {path} is not a PaddleX model dir (needs inference.yml and inference.json/pdiparams)"
         )
     return ModelChoice(stage, sub.model_name, str(path), "local", "model_dir set in the pipeline config")
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 MIN_CROP = 4  # pixels; smaller boxes cannot be embedded meaningfully
 DEDUP_FACTOR = 5  # neighbours fetched per requested label, so duplicates can be folded
+UNSET = object()  # "use the pipeline config's value" (None is meaningful: it disables cross-box NMS)
 
 
 class ShiTuPipeline:
@@ -55,7 +57,9 @@ class ShiTuPipeline:
     loaded on first use, under a lock.
     """
 
-    def __init__(self, config: PipelineConfig | None = None, settings: Settings | None = None, device: str | None = None):
+    def __init__(
+        self, config: PipelineConfig | None = None, settings: Settings | None = None, device: str | None = None
+    ):
         self.settings = settings or Settings.from_env()
         self.config = (config or self._default_config()).validate()
         self.device = device or self.config.device or self.settings.device
@@ -79,7 +83,11 @@ class ShiTuPipeline:
     @property
     def models(self) -> dict[str, dict]:
         """Which models are active and why (for UIs, logs and the API)."""
-        return {"detection": self.detection.to_dict(), "recognition": self.recognition.to_dict(), "device": self.device or "auto"}
+        return {
+            "detection": self.detection.to_dict(),
+            "recognition": self.recognition.to_dict(),
+            "device": self.device or "auto",
+        }
 
     @property
     def feature_model(self) -> str:
@@ -133,7 +141,9 @@ class ShiTuPipeline:
         out = np.concatenate(rows)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
-    def detect(self, image: np.ndarray, threshold: float) -> list[tuple[tuple[float, float, float, float], float, str | None]]:
+    def detect(
+        self, image: np.ndarray, threshold: float
+    ) -> list[tuple[tuple[float, float, float, float], float, str | None]]:
         """Main-body boxes ``(xyxy, score, class name)`` of one RGB image (empty without a detector)."""
         det, _ = self._models()
         if det is None:
@@ -213,7 +223,7 @@ class ShiTuPipeline:
         rec_threshold: float | None = None,
         rec_topk: int | None = None,
         whole_image: str | None = None,
-        nms_iou: float | None = -1.0,
+        nms_iou: float | None | object = UNSET,
         **_ignored: Any,
     ) -> Iterator[ShiTuResult]:
         """Recognise every image of ``input``: an array (BGR, like PaddleX), a PIL image, a
@@ -230,7 +240,7 @@ class ShiTuPipeline:
             "rec_threshold": self.default_rec_threshold if rec_threshold is None else float(rec_threshold),
             "rec_topk": self.config.rec_topk if rec_topk is None else int(rec_topk),
             "whole_image": whole_image or self.config.whole_image,
-            "nms_iou": self.config.nms_iou if nms_iou == -1.0 else nms_iou,
+            "nms_iou": self.config.nms_iou if nms_iou is UNSET else nms_iou,
         }
         if opts["rec_topk"] < 1:
             raise ShiTuError("rec_topk must be at least 1")
@@ -262,7 +272,10 @@ class ShiTuPipeline:
         if whole_image == "always" or not objects and (whole_image == "auto" or not self.detection.available):
             objects.append(RecognizedObject(bbox=(0.0, 0.0, float(w), float(h)), det_score=1.0, whole_image=True))
         t = time.perf_counter()
-        crops = [image[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))] for x1, y1, x2, y2 in (o.bbox for o in objects)]
+        crops = [
+            image[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))]
+            for x1, y1, x2, y2 in (o.bbox for o in objects)
+        ]
         feats = self.embed(crops) if crops else np.zeros((0, index.dim), np.float32)
         timings["embed"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -325,7 +338,9 @@ class ShiTuPipeline:
                     for k, (img, label) in enumerate(zip(gallery_imgs, gallery_label))
                 ]
             )
-        raise ShiTuError("give gallery_imgs as a root dir with gallery_label as a label file, or two lists of equal length")
+        raise ShiTuError(
+            "give gallery_imgs as a root dir with gallery_label as a label file, or two lists of equal length"
+        )
 
     def _embed_batch(self, batch: GalleryBatch, skip_invalid: bool, progress: Progress | None):
         """Decode and embed every item; bad images are collected, never silently dropped."""
@@ -355,7 +370,9 @@ class ShiTuPipeline:
         return np.concatenate(feats), [item for item, _ in decoded], skipped
 
 
-def _fill_matches(obj: RecognizedObject, scores: np.ndarray, ids: np.ndarray, index: GalleryIndex, threshold: float, topk: int) -> None:
+def _fill_matches(
+    obj: RecognizedObject, scores: np.ndarray, ids: np.ndarray, index: GalleryIndex, threshold: float, topk: int
+) -> None:
     """Top-k distinct labels at or above the threshold, best first."""
     seen: set[str] = set()
     for score, id_ in zip(scores, ids):

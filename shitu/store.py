@@ -13,8 +13,8 @@ import shutil
 import tempfile
 import threading
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from shitu.errors import NotFound, ShiTuError
 from shitu.index import OUR_FILES, VECTOR_FILE, GalleryIndex, recover_dir

@@ -110,8 +110,7 @@ def inference_config(input_size: int) -> dict:
         "PreProcess": {
             "transform_ops": [
                 {"ResizeImage": {"size": [input_size, input_size]}},
-                {"NormalizeImage": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "scale": 1 / 255.0,
-                                    "order": "hwc"}},
+                {"NormalizeImage": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "scale": 1 / 255.0, "order": "hwc"}},
                 {"ToCHWImage": None},
             ]
         },

@@ -1,0 +1,272 @@
+"""Command line: ``python -m shitu <command>``. One map from subcommand to engine call.
+
+python -m shitu build --gallery-root drinks/ --labels drinks/gallery.txt --index drinks
+python -m shitu predict drinks/test_images/ --index drinks --out output/
+python -m shitu remove --index drinks --ids 3 17
+python -m shitu info --index drinks
+python -m shitu serve --port 8080
+python -m shitu get-config --save-path ./my_pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from shitu.config import INDEX_TYPES, METRIC_TYPES, WHOLE_IMAGE_MODES, PipelineConfig, Settings
+from shitu.errors import ShiTuError
+from shitu.index import VECTOR_FILE, GalleryIndex
+
+
+class _Bar:
+    """Adapts the pipeline's ``progress(done, total, what)`` callback to tqdm bars."""
+
+    def __init__(self):
+        self.bars: dict[str, object] = {}
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(what)
+        if bar is None:
+            bar = self.bars[what] = tqdm(total=total, desc=what, unit="img", leave=True)
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def _settings(args) -> Settings:
+    return Settings.from_env(
+        data_dir=args.data_dir, device=args.device, pipeline_config=args.config, offline=args.offline or None
+    )
+
+
+def _engine(args):
+    from shitu.engine import Engine
+
+    engine = Engine(_settings(args))
+    for stage, info in engine.models().items():
+        if isinstance(info, dict):
+            print(f"{stage}: {info['description']}", file=sys.stderr)
+    return engine
+
+
+def _is_dir_index(value: str) -> bool:
+    return (Path(value) / VECTOR_FILE).exists() or "/" in value or "\\" in value
+
+
+def _print_report(report) -> None:
+    data = report.to_dict()
+    print(f"index {data['index']!r}: {data['entries']} entries, {data['labels']} labels "
+          f"({data['index_type']}/{data['metric_type']}); added {data['added']}")  # fmt: skip
+    for s in data["skipped"]:
+        where = f"line {s['line']}" if s["line"] else s["source"]
+        print(f"  skipped {where}: {s['reason']}")
+
+
+def cmd_build(args) -> int:
+    engine = _engine(args)
+    from shitu.gallery import read_label_file
+
+    batch = read_label_file(args.labels, args.gallery_root)
+    bar = _Bar()
+    try:
+        if _is_dir_index(args.index):
+            index = engine.pipeline.build_index(
+                batch, index_type=args.index_type, metric_type=args.metric_type, skip_invalid=args.skip_invalid,
+                progress=bar,
+            )  # fmt: skip
+            index.save(args.index)
+            print(f"saved {len(index)} entries to {args.index}")
+            for s in index.skipped:
+                print(f"  skipped {s}")
+            return 0
+        report = engine.build(
+            args.index, batch, index_type=args.index_type, metric_type=args.metric_type, overwrite=args.overwrite,
+            skip_invalid=args.skip_invalid, progress=bar,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    _print_report(report)
+    return 0
+
+
+def cmd_append(args) -> int:
+    engine = _engine(args)
+    from shitu.gallery import read_label_file
+
+    batch = read_label_file(args.labels, args.gallery_root)
+    bar = _Bar()
+    try:
+        if _is_dir_index(args.index):
+            index = engine.pipeline.append_index(batch, index=args.index, skip_invalid=args.skip_invalid, progress=bar)
+            index.save(args.index)
+            print(f"{args.index}: now {len(index)} entries")
+            return 0
+        report = engine.add(args.index, batch, skip_invalid=args.skip_invalid, progress=bar)
+    finally:
+        bar.close()
+    _print_report(report)
+    return 0
+
+
+def cmd_remove(args) -> int:
+    ids = args.ids or args.ids_file
+    if not ids:
+        raise ShiTuError("give --ids or --ids-file")
+    if _is_dir_index(args.index):
+        from shitu.pipeline import parse_ids
+
+        index = GalleryIndex.load(args.index).remove(parse_ids(ids))
+        index.save(args.index)
+    else:
+        from shitu.engine import Engine
+
+        index = Engine(_settings(args)).store.mutate(args.index, lambda cur: cur.remove(_ids(ids)))
+    print(f"{args.index}: now {len(index)} entries")
+    return 0
+
+
+def _ids(ids):
+    from shitu.pipeline import parse_ids
+
+    return parse_ids(ids)
+
+
+def cmd_predict(args) -> int:
+    from tqdm import tqdm
+
+    engine = _engine(args)
+    index = args.index if _is_dir_index(args.index) else engine.store.get(args.index)
+    options = {"det_threshold": args.det_threshold, "rec_threshold": args.rec_threshold, "rec_topk": args.topk}
+    options["whole_image"] = args.whole_image
+    if args.no_nms or args.nms_iou is not None:
+        options["nms_iou"] = None if args.no_nms else args.nms_iou
+    inputs = args.input if len(args.input) > 1 else args.input[0]
+    results = engine.pipeline.predict(inputs, index=index, **options)
+    for res in tqdm(results, desc="recognising", unit="img", file=sys.stderr):
+        boxes = ", ".join(
+            f"{o.label or 'unrecognised'}" + (f" {o.score:.2f}" if o.recognized else "") for o in res.objects
+        )
+        tqdm.write(f"{res.input_path}: {boxes or 'nothing found'}")
+        if args.out:
+            res.save_to_json(args.out)
+            res.save_to_img(args.out)
+        if args.json:
+            print(json.dumps(res.to_dict(), ensure_ascii=False))
+    return 0
+
+
+def cmd_info(args) -> int:
+    if args.index and _is_dir_index(args.index):
+        print(json.dumps(GalleryIndex.load(args.index).summary(), indent=2, ensure_ascii=False))
+        return 0
+    engine = _engine(args)
+    info = {"models": engine.models(), "data_dir": str(engine.settings.data_dir), "indices": {}}
+    for name in [args.index] if args.index else engine.index_names():
+        info["indices"][name] = engine.index(name).summary()
+    print(json.dumps(info, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from shitu.api import serve
+    from shitu.engine import Engine
+
+    serve(Engine(_settings(args)), host=args.host, port=args.port)
+    return 0
+
+
+def cmd_get_config(args) -> int:
+    path = PipelineConfig().save(args.save_path)
+    print(f"pipeline config written to {path}")
+    return 0
+
+
+def cmd_setup(args) -> int:
+    """Prepare models and the sample index now (for images/containers built ahead of time)."""
+    engine = _engine(args)
+    engine.pipeline._models()
+    print("sample index:", engine.ensure_sample_index())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shitu", description="PP-ShiTuV2 recognition studio")
+    parser.add_argument("--data-dir", type=Path, help="indices and model cache (default: $SHITU_DATA_DIR)")
+    parser.add_argument("--config", type=Path, help="PaddleX PP-ShiTuV2 pipeline YAML")
+    parser.add_argument("--device", help="cpu, gpu:0, ...")
+    parser.add_argument("--offline", action="store_true", help="never try a model hub")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    index_help = "a named index in the data dir, or a directory path (PaddleX layout)"
+    p = add("build", cmd_build, "build an index from a gallery folder and a label file")
+    p.add_argument("--gallery-root", required=True, type=Path)
+    p.add_argument("--labels", required=True, type=Path, help="PaddleX label file: 'path label' per line")
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("--index-type", choices=INDEX_TYPES, default="HNSW32")
+    p.add_argument("--metric-type", choices=METRIC_TYPES, default="IP")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--skip-invalid", action="store_true", help="leave out unusable lines instead of failing")
+
+    p = add("append", cmd_append, "add a gallery to an existing index")
+    p.add_argument("--gallery-root", required=True, type=Path)
+    p.add_argument("--labels", required=True, type=Path)
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("--skip-invalid", action="store_true")
+
+    p = add("remove", cmd_remove, "remove entries by id")
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("--ids", nargs="+", type=int)
+    p.add_argument("--ids-file", type=Path, help="text file with one id per line")
+
+    p = add("predict", cmd_predict, "recognise images (files, dirs, URLs)")
+    p.add_argument("input", nargs="+")
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("--out", type=Path, help="write <name>_res.json and <name>_res.jpg here")
+    p.add_argument("--json", action="store_true", help="print each result as JSON")
+    p.add_argument("--det-threshold", type=float)
+    p.add_argument("--rec-threshold", type=float)
+    p.add_argument("--topk", type=int)
+    p.add_argument("--whole-image", choices=WHOLE_IMAGE_MODES)
+    p.add_argument("--nms-iou", type=float)
+    p.add_argument("--no-nms", action="store_true")
+
+    p = add("info", cmd_info, "show active models and index statistics")
+    p.add_argument("--index", help=index_help)
+
+    p = add("serve", cmd_serve, "serve the HTTP API")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+
+    p = add("get-config", cmd_get_config, "write the default pipeline YAML")
+    p.add_argument("--save-path", type=Path, default=Path("."))
+
+    add("setup", cmd_setup, "prepare the models and the sample index")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except ShiTuError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

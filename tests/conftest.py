@@ -1,0 +1,53 @@
+"""Shared fixtures: real starter models (prepared once per machine), tiny real-photo galleries.
+
+The starter models are cached in ``$SHITU_TEST_MODEL_DIR`` (default
+``~/.cache/shitu-test-models``) so only the first run downloads and converts them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shitu.config import Settings
+from shitu.engine import Engine
+from shitu.pipeline import ShiTuPipeline
+
+MODEL_CACHE = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "drink_dataset"
+
+
+def make_settings(data_dir: Path, **overrides) -> Settings:
+    return Settings.from_env(data_dir=data_dir, model_dir=MODEL_CACHE, offline=True, **overrides)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> ShiTuPipeline:
+    """The real pipeline with the offline starter pack (PaddleX predictors)."""
+    return ShiTuPipeline(settings=make_settings(tmp_path_factory.mktemp("pipeline-data")))
+
+
+@pytest.fixture
+def engine(tmp_path, pipeline) -> Engine:
+    """A fresh engine (empty data dir) sharing the session's loaded models."""
+    settings = make_settings(tmp_path / "data")
+    return Engine(settings, pipeline=pipeline)
+
+
+@pytest.fixture(scope="session")
+def sample_gallery(tmp_path_factory) -> tuple[Path, Path]:
+    """(root, label file): 6 labels × 4 real-photo views, generated from scikit-image photos."""
+    from shitu.sample import write_gallery
+
+    root = tmp_path_factory.mktemp("gallery")
+    return root, write_gallery(root)
+
+
+@pytest.fixture(scope="session")
+def sample_queries(tmp_path_factory) -> list[Path]:
+    """[two-object composite, one new view per sample label (in SAMPLE_SUBJECTS order)]."""
+    from shitu.sample import write_queries
+
+    return write_queries(tmp_path_factory.mktemp("queries"))
