@@ -3,7 +3,8 @@
 A tiny SSD-shaped TFLite flatbuffer is built here with the ``tflite`` builder API and run three
 ways: by an independent numpy interpreter (below), by the converted Paddle network, and through
 PaddleX's ``PP-ShiTuV2_det`` predictor after export. The real objectron model is used only when
-it is already cached (``SHITU_OBJECTRON_TFLITE`` or ``$SHITU_DATA_DIR/models/starter/objectron``).
+it is already cached (``SHITU_OBJECTRON_TFLITE``, the test model cache of conftest.py, or the
+settings' ``<models_dir>/starter/downloads``).
 """
 
 from __future__ import annotations
@@ -604,11 +605,15 @@ def test_fetch_without_registry_says_so(monkeypatch, tmp_path) -> None:
 
 
 def _cached_objectron() -> Path | None:
-    candidates = []
-    if os.environ.get("SHITU_OBJECTRON_TFLITE"):
-        candidates.append(Path(os.environ["SHITU_OBJECTRON_TFLITE"]))
-    data_dir = Path(os.environ.get("SHITU_DATA_DIR", Path(__file__).parents[1] / "data"))
-    candidates.append(data_dir / "models" / "starter" / "objectron" / det.TFLITE_FILENAME)
+    """The real model if some starter cache already holds it (tests never download it)."""
+    from shitu.config import Settings
+
+    test_models = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
+    candidates = [
+        Path(os.environ.get("SHITU_OBJECTRON_TFLITE", "/nonexistent")),
+        test_models / "starter" / "downloads" / det.TFLITE_FILENAME,
+        Settings.from_env().models_dir / "starter" / "downloads" / det.TFLITE_FILENAME,
+    ]
     for path in candidates:
         if path.is_file() and det._file_sha256(path) == det.OBJECTRON_TFLITE_SHA256:
             return path
@@ -617,7 +622,7 @@ def _cached_objectron() -> Path | None:
 
 @pytest.mark.skipif(
     _cached_objectron() is None,
-    reason="objectron SSD not cached (set SHITU_OBJECTRON_TFLITE or SHITU_DATA_DIR)",
+    reason="objectron SSD not cached (set SHITU_OBJECTRON_TFLITE, SHITU_TEST_MODEL_DIR or SHITU_DATA_DIR)",
 )
 def test_real_objectron_model_converts_and_matches_reference(tmp_path) -> None:
     import paddlex

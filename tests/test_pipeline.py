@@ -1,0 +1,237 @@
+"""The pipeline through the real stack: PaddleX predictors (offline starter pack) + faiss."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shitu import GalleryIndex, ShiTuError, create_pipeline
+from shitu.config import PipelineConfig
+from shitu.models import try_official
+from shitu.pipeline import ShiTuPipeline, merge_same_label
+from shitu.results import RecognizedObject, ShiTuResult
+from shitu.sample import SAMPLE_SUBJECTS
+
+from .conftest import make_settings
+
+LABELS = list(SAMPLE_SUBJECTS)
+
+
+@pytest.fixture(scope="module")
+def index(pipeline, sample_gallery) -> GalleryIndex:
+    root, label_file = sample_gallery
+    return pipeline.build_index(gallery_imgs=str(root), gallery_label=str(label_file), index_type="Flat")
+
+
+def test_active_models_are_reported(pipeline):
+    models = pipeline.models
+    assert models["recognition"]["source"] == "starter"
+    assert "offline starter pack" in models["recognition"]["description"]
+    assert models["detection"]["source"] in ("starter", "none")
+
+
+def test_build_from_folder_and_label_file(index):
+    assert len(index) == 24 and len(index.label_counts()) == 6
+    assert index.entry(0).source == "0/0.jpg" and index.entry(0).thumbnail[:2] == b"\xff\xd8"
+    assert index.feature_model.startswith("starter:")
+
+
+def test_recognises_new_views(pipeline, index, sample_queries):
+    """Held-out views of each subject are recognised as that subject (top-1)."""
+    correct = 0
+    for label, query in zip(LABELS, sample_queries[1:]):
+        (res,) = pipeline.predict(str(query), index=index, whole_image="always", rec_threshold=0.0)
+        whole = next(o for o in res.objects if o.whole_image)
+        correct += whole.label == label
+    assert correct == len(LABELS)
+
+
+def test_all_input_kinds(pipeline, index, sample_queries, tmp_path):
+    query = sample_queries[1]
+    rgb = np.asarray(Image.open(query).convert("RGB"))
+    (tmp_path / "dir").mkdir()
+    shutil.copy(query, tmp_path / "dir" / "q.jpg")
+    shutil.copy(sample_queries[2], tmp_path / "dir" / "r.jpg")
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(query.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/{query.name}"
+    try:
+        inputs = [
+            rgb[..., ::-1].copy(),  # numpy arrays are BGR, as in PaddleX
+            Image.open(query),
+            str(query),
+            query,
+            url,
+            {"img": str(query)},
+            query.read_bytes(),
+        ]
+        results = pipeline.predict(inputs, index=index, whole_image="always", rec_threshold=0.0)
+        assert not isinstance(results, list), "a generator, like PaddleX"
+        labels = [next(o.label for o in r.objects if o.whole_image) for r in results]
+        assert labels == [LABELS[0]] * len(inputs)
+        dir_results = list(pipeline.predict(str(tmp_path / "dir"), index=index))
+        assert [Path(r.input_path).name for r in dir_results] == ["q.jpg", "r.jpg"]
+    finally:
+        server.shutdown()
+
+
+def test_topk_and_thresholds_are_honoured(pipeline, index, sample_queries):
+    (res,) = pipeline.predict(str(sample_queries[1]), index=index, whole_image="always", rec_threshold=0.0, rec_topk=3)
+    whole = next(o for o in res.objects if o.whole_image)
+    assert len(whole.labels) == 3 and len(set(whole.labels)) == 3, "top-k distinct labels"
+    assert whole.scores == sorted(whole.scores, reverse=True)
+    (res,) = pipeline.predict(str(sample_queries[1]), index=index, whole_image="always", rec_threshold=0.9999)
+    assert all(not o.recognized for o in res.objects)
+    data = res.to_dict()
+    assert all(b["rec_results"] == [] for b in data["boxes"])
+    assert "None" not in json.dumps(data)
+
+
+def test_unrecognised_box_is_never_drawn_as_none(pipeline, index, sample_queries, tmp_path):
+    (res,) = pipeline.predict(str(sample_queries[0]), index=index, whole_image="always", rec_threshold=0.9999)
+    img = res.save_to_img(tmp_path)
+    js = res.save_to_json(tmp_path / "out.json")
+    assert img.name == "query_two_objects_res.jpg" and Image.open(img).size == res.image.shape[1::-1]
+    assert json.loads(js.read_text(encoding="utf-8"))["boxes"][0]["rec_results"] == []
+    from shitu.render import caption
+
+    assert {caption(o) for o in res.objects} == {"unknown"}
+
+
+def test_whole_image_modes(pipeline, index, sample_queries):
+    def whole_boxes(mode):
+        (res,) = pipeline.predict(str(sample_queries[0]), index=index, whole_image=mode)
+        return [o for o in res.objects if o.whole_image], res
+
+    assert len(whole_boxes("always")[0]) == 1
+    never, res = whole_boxes("never")
+    assert never == [] or not pipeline.detection.available
+    auto, res = whole_boxes("auto")
+    assert len(auto) == (0 if any(not o.whole_image for o in res.objects) else 1)
+
+
+def test_det_threshold_is_passed_to_the_detector(pipeline, index, sample_queries, monkeypatch):
+    seen = []
+    real = pipeline.detect
+    monkeypatch.setattr(pipeline, "detect", lambda image, threshold: seen.append(threshold) or real(image, threshold))
+    list(pipeline.predict(str(sample_queries[0]), index=index, det_threshold=0.77))
+    assert seen == [0.77]
+
+
+def test_cross_box_nms_merges_same_label_only():
+    def obj(box, label, score):
+        return RecognizedObject(bbox=box, det_score=0.9, labels=[label], scores=[score], ids=[0])
+
+    a = obj((0, 0, 100, 100), "cola", 0.9)
+    b = obj((5, 5, 105, 105), "cola", 0.8)  # same label, IoU ~0.82 → merged into a
+    c = obj((5, 5, 105, 105), "tea", 0.7)  # overlapping but another label → kept
+    d = obj((300, 0, 400, 100), "cola", 0.6)  # same label, elsewhere → kept
+    e = RecognizedObject(bbox=(0, 0, 100, 100), det_score=0.5)  # unrecognised → kept
+    kept = merge_same_label([b, c, a, d, e], iou=0.5)
+    assert kept == [a, c, d, e]
+    assert len(merge_same_label([a, b], iou=0.9)) == 2
+
+
+def test_append_and_remove_by_file(pipeline, index, sample_gallery, tmp_path):
+    root, _ = sample_gallery
+    bigger = pipeline.append_index([str(root / "0" / "0.jpg")], ["extra"], index=index)
+    assert len(bigger) == 25 and bigger.id_map[24] == "extra" and len(index) == 24
+    (tmp_path / "ids.txt").write_text("24\n3\n", encoding="utf-8")
+    smaller = pipeline.remove_index(remove_ids=str(tmp_path / "ids.txt"), index=bigger)
+    assert 24 not in smaller.id_map and 3 not in smaller.id_map and len(smaller) == 23
+
+
+def test_bad_gallery_line_fails_whole_build_with_line_number(pipeline, sample_gallery, tmp_path):
+    root, label_file = sample_gallery
+    (tmp_path / "broken.jpg").write_bytes(b"this is not a jpeg")
+    lines = label_file.read_text(encoding="utf-8").splitlines()[:3]
+    (tmp_path / "g.txt").write_text(
+        "\n".join([*(f"{root}/{ln}" for ln in lines), f"{tmp_path}/broken.jpg\tbad", f"{tmp_path}/nope.jpg\tx"]),
+        encoding="utf-8",
+    )
+    with pytest.raises(ShiTuError, match=r"line 4.*not a readable image.*line 5|line 5.*line 4"):
+        pipeline.build_index(gallery_imgs="/", gallery_label=str(tmp_path / "g.txt"))
+    built = pipeline.build_index(gallery_imgs="/", gallery_label=str(tmp_path / "g.txt"), skip_invalid=True)
+    assert len(built) == 3
+    assert sorted(s.line_no for s in built.skipped) == [4, 5]
+
+
+def test_index_from_another_model_is_refused(pipeline, index):
+    foreign = GalleryIndex.build(np.eye(4, dtype="float32"), list("abcd"), index_type="Flat", feature_model="x:y")
+    with pytest.raises(ShiTuError, match="rebuild"):
+        list(pipeline.predict(np.zeros((32, 32, 3), np.uint8), index=foreign))
+
+
+def test_bad_inputs(pipeline, index, tmp_path):
+    with pytest.raises(ShiTuError, match="not found"):
+        list(pipeline.predict(str(tmp_path / "missing.jpg"), index=index))
+    with pytest.raises(ShiTuError, match="img"):
+        list(pipeline.predict({"image": "x"}, index=index))
+    with pytest.raises(ShiTuError, match="no index"):
+        list(pipeline.predict(np.zeros((8, 8, 3), np.uint8)))
+    with pytest.raises(ShiTuError, match="rec_topk"):
+        list(pipeline.predict(np.zeros((8, 8, 3), np.uint8), index=index, rec_topk=0))
+
+
+def test_seed_script_shape(pipeline, sample_gallery, tmp_path):
+    """PaddleX's example: build_index → save → predict(index=dir) → print/save."""
+    root, label_file = sample_gallery
+    index_data = pipeline.build_index(gallery_imgs=str(root), gallery_label=str(label_file), index_type="IVF")
+    index_data.save(str(tmp_path / "my.index"))
+    index_data = pipeline.append_index(
+        gallery_imgs=str(root), gallery_label=str(label_file), index=str(tmp_path / "my.index")
+    )
+    index_data = pipeline.remove_index(remove_ids=[0, 1], index=index_data)
+    index_data.save(str(tmp_path / "my.index"))
+    out = list(pipeline.predict(str(root / "1" / "0.jpg"), index=str(tmp_path / "my.index")))
+    assert isinstance(out[0], ShiTuResult)
+    assert len(GalleryIndex.load(tmp_path / "my.index")) == 46
+
+
+# --- model resolution --------------------------------------------------------------------------
+def test_local_model_dir_from_yaml_wins(pipeline, tmp_path):
+    starter_dir = Path(pipeline.recognition.model_dir)
+    shutil.copytree(starter_dir, tmp_path / "my_rec")
+    config = PipelineConfig()
+    config.recognition.model_dir = "my_rec"  # relative to the YAML file
+    path = config.save(tmp_path / "PP-ShiTuV2.yaml")
+    local = create_pipeline(str(path), data_dir=tmp_path / "data", model_dir=pipeline.settings.models_dir, offline=True)
+    assert local.recognition.source == "local"
+    assert local.recognition.model_dir == str((tmp_path / "my_rec").resolve())
+    config.recognition.model_dir = str(tmp_path / "nowhere")
+    config.save(path)
+    with pytest.raises(ShiTuError, match="not a PaddleX model dir"):
+        create_pipeline(str(path), offline=True)
+
+
+def test_official_weights_in_paddlex_cache_are_preferred(pipeline, tmp_path, monkeypatch):
+    monkeypatch.setenv("PADDLE_PDX_CACHE_HOME", str(tmp_path / "pdx"))
+    shutil.copytree(pipeline.recognition.model_dir, tmp_path / "pdx" / "official_models" / "PP-ShiTuV2_rec")
+    official = ShiTuPipeline(settings=make_settings(tmp_path / "data"))
+    assert official.recognition.source == "official"
+    assert official.feature_model == "official:PP-ShiTuV2_rec"
+
+
+def test_unreachable_hub_is_decided_quickly(tmp_path, monkeypatch):
+    import time
+
+    import shitu.models as models
+
+    monkeypatch.setenv("PADDLE_PDX_CACHE_HOME", str(tmp_path / "pdx"))
+    monkeypatch.setattr(models, "_hub_failure", None)
+    start = time.perf_counter()
+    path, reason = try_official("PP-ShiTuV2_rec_CLIP_vit_base", offline=False)
+    if path is not None:
+        pytest.skip("a model hub is reachable from this machine")
+    assert time.perf_counter() - start < 30
+    assert "no model hub reachable" in reason
