@@ -357,8 +357,8 @@ class ShiTuPipeline:
                 continue
             item.thumbnail = make_thumbnail(rgb)
             decoded.append((item, rgb))
-            if progress and n % 16 == 0:
-                progress(n, total, "reading images")
+            if progress and (n % 16 == 0 or n + 1 == total):
+                progress(n + 1, total, "reading images")
         GalleryBatch(items=[d[0] for d in decoded], skipped=[] if skip_invalid else skipped).require_clean()
         bs = max(8, self.config.recognition.batch_size)
         feats = []
