@@ -64,45 +64,57 @@ def ivf_nlist(n: int) -> int:
 
 
 def calibrate_search(index: faiss.Index, vectors: np.ndarray, metric_type: str) -> dict[str, int]:
-    """Pick the smallest HNSW ``efSearch`` / IVF ``nprobe`` whose nearest neighbour agrees with
-    exact search for >= 99% of calibration queries made from the gallery's own vectors.
+    """Pick the smallest HNSW ``efSearch`` / IVF ``nprobe`` whose nearest neighbours agree with
+    exact search for >= 99.5% of calibration queries made from the gallery's own vectors.
 
-    Fixed values cannot do this: how hard a gallery is depends on its data (faiss's
-    defaults, efSearch 16 and nprobe 1, agree on only ~55% and ~14% of synthetic 20k-vector
-    galleries). Calibrating costs a few hundred searches.
+    Fixed values cannot do this: how hard a gallery is depends on its data. On the drink
+    gallery (987 images, 25 lists) IVF needs nprobe 12 for 99% leave-one-out agreement, while
+    faiss's default of 1 gives 66%. Calibrating costs a few hundred searches.
+
+    Two kinds of query: each sampled vector itself, where the *second* result must be its
+    true nearest other vector (leave-one-out, as a gallery image queried against the rest),
+    and the midpoint of the vector and one of its ten nearest neighbours (like a new photo of
+    a product that is already in the gallery), where the first result must be exact.
     """
     inner = _inner(index)
     n = len(vectors)
     if isinstance(inner, faiss.IndexFlat) or n < 3:
         return {}
     rng = np.random.default_rng(0)
-    sample = vectors[rng.choice(n, size=min(CALIBRATION_QUERIES, n), replace=False)]
-    # Queries that are gallery members are too easy (the graph links each vector to its own
-    # neighbours), so move each one by its distance to its nearest neighbour in a random
-    # direction: like a new photo of a product that is already in the gallery.
-    nearest = np.sort(sample @ vectors.T, axis=1)[:, -2]
-    step = 1.5 * np.sqrt(np.clip(2.0 - 2.0 * nearest, 1e-6, None))[:, None]
-    noise = rng.normal(size=sample.shape)
-    noise -= (noise * sample).sum(1, keepdims=True) * sample
-    queries = sample + step * noise / np.linalg.norm(noise, axis=1, keepdims=True)
-    queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
-    if metric_type == "IP":
-        exact = (queries @ vectors.T).max(axis=1)
-    else:
-        d2 = (queries**2).sum(1)[:, None] - 2 * queries @ vectors.T + (vectors**2).sum(1)[None, :]
-        exact = -d2.min(axis=1)
+    pick = rng.choice(n, size=min(CALIBRATION_QUERIES, n), replace=False)
+    sample = vectors[pick]
+    rows = np.arange(len(pick))
+
+    def exact_scores(queries: np.ndarray) -> np.ndarray:
+        """Higher is better for both metrics: inner product, or minus the squared L2 distance."""
+        if metric_type == "IP":
+            return queries @ vectors.T
+        return -((queries**2).sum(1)[:, None] - 2 * queries @ vectors.T + (vectors**2).sum(1)[None, :])
+
+    own = exact_scores(sample)
+    own[rows, pick] = -np.inf
+    loo_exact = own.max(axis=1)
+    k = min(10, n - 1)
+    near = np.argpartition(-own, kth=k - 1, axis=1)[:, :k]
+    midpoints = sample + vectors[near[rows, rng.integers(0, k, size=len(pick))]]
+    midpoints = (midpoints / np.maximum(np.linalg.norm(midpoints, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    mid_exact = exact_scores(midpoints).max(axis=1)
+
     if isinstance(inner, faiss.IndexHNSW):
         name, candidates = "efSearch", list(HNSW_EF_CANDIDATES)
     else:
-        nlist = inner.nlist
-        name, candidates = "nprobe", sorted({min(nlist, max(1, nlist >> k)) for k in range(6, -1, -1)})
+        # nlist, nlist/√2, nlist/2, ... : steps fine enough not to overshoot by much
+        name, candidates = "nprobe", sorted({max(1, round(inner.nlist / 2 ** (s / 2))) for s in range(15)})
+
+    def agreement(queries: np.ndarray, exact: np.ndarray, rank: int) -> float:
+        scores, _ = inner.search(queries, rank + 1)
+        got = scores[:, rank] if metric_type == "IP" else -scores[:, rank]
+        return float(np.mean(got >= exact - 1e-4 * np.maximum(1.0, np.abs(exact))))
+
     chosen = candidates[-1]
     for value in candidates:
         _apply(inner, {name: value})
-        scores, _ = inner.search(queries, 1)
-        got = scores[:, 0] if metric_type == "IP" else -scores[:, 0]
-        tolerance = 1e-4 * np.maximum(1.0, np.abs(exact))
-        if np.mean(got >= exact - tolerance) >= TARGET_AGREEMENT:
+        if min(agreement(sample, loo_exact, 1), agreement(midpoints, mid_exact, 0)) >= TARGET_AGREEMENT:
             chosen = value
             break
     _apply(inner, {name: chosen})

@@ -71,6 +71,7 @@ class ShiTuPipeline:
         self._rec_model: Any = None
         self._det_model: Any = None
         self._index_cache: dict[str, tuple[float, GalleryIndex]] = {}
+        self.default_index: Any = None  # used by predict() when no index is passed
         log.info("recognition: %s", self.recognition.describe())
         log.info("detection: %s", self.detection.describe())
 
@@ -233,7 +234,9 @@ class ShiTuPipeline:
         ``always`` adds it always, ``never`` never. ``nms_iou``: boxes given the same label
         that overlap more than this are merged (``None`` disables it).
         """
-        gallery = self._as_index(index if index is not None else self.config.index)
+        if index is None:
+            index = self.default_index if self.default_index is not None else self.config.index
+        gallery = self._as_index(index)
         self._check_compatible(gallery)
         opts = {
             "det_threshold": self.default_det_threshold if det_threshold is None else float(det_threshold),
@@ -474,10 +477,12 @@ def create_pipeline(
     pipeline: str | Path = "PP-ShiTuV2",
     config: dict | None = None,
     device: str | None = None,
+    index: Any = None,
     **settings: Any,
 ) -> ShiTuPipeline:
     """``paddlex.create_pipeline``'s signature: a pipeline name or a pipeline YAML path, or a
-    config dict; ``device`` like ``"cpu"`` or ``"gpu:0"``. Extra keywords set :class:`Settings`."""
+    config dict; ``device`` like ``"cpu"`` or ``"gpu:0"``; ``index``: the index ``predict`` uses
+    when none is passed (a :class:`GalleryIndex` or a directory). Extra keywords set :class:`Settings`."""
     settings_obj = Settings.from_env(**settings)
     if config is not None:
         cfg = PipelineConfig.from_dict(config)
@@ -487,4 +492,6 @@ def create_pipeline(
         cfg = PipelineConfig.load(pipeline)
     else:
         raise ShiTuError(f"unknown pipeline {pipeline!r}: only PP-ShiTuV2 (or a path to its YAML) is supported")
-    return ShiTuPipeline(cfg, settings_obj, device=device)
+    pipeline_obj = ShiTuPipeline(cfg, settings_obj, device=device)
+    pipeline_obj.default_index = index
+    return pipeline_obj

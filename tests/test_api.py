@@ -9,6 +9,7 @@ client example does. No network is needed: URL tests use literal addresses and a
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import http.server
 import inspect
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import make_settings
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -34,6 +34,7 @@ from shitu.api import create_api
 from shitu.engine import Engine
 from shitu.sample import SAMPLE_SUBJECTS
 
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 LABELS = list(SAMPLE_SUBJECTS)
 BUILD, ADD, REMOVE, INFER = "/shitu-index-build", "/shitu-index-add", "/shitu-index-remove", "/shitu-infer"
 
@@ -69,6 +70,11 @@ def png_header(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def fresh_engine(pipeline, data_dir: Path) -> Engine:
+    """An engine on an empty data dir, sharing the session's models and their (offline) settings."""
+    return Engine(dataclasses.replace(pipeline.settings, data_dir=data_dir), pipeline=pipeline)
 
 
 def snapshot(engine: Engine) -> tuple:
@@ -110,7 +116,7 @@ def top_label(result: dict) -> str | None:
 @pytest.fixture(scope="module")
 def api_engine(tmp_path_factory, pipeline) -> Engine:
     """One engine for the module (tests that change settings restore them with monkeypatch)."""
-    return Engine(make_settings(tmp_path_factory.mktemp("api") / "data"), pipeline=pipeline)
+    return fresh_engine(pipeline, tmp_path_factory.mktemp("api") / "data")
 
 
 @pytest.fixture(scope="module")
@@ -366,7 +372,7 @@ BAD_INPUT = [
     ("build-private-url", BUILD, lambda c: {"imageLabelPairs": _pairs(c.image, "http://192.168.1.20/a.jpg")}, 403,
      "non-public address"),
     ("add-invalid-base64", ADD, lambda c: {"imageLabelPairs": _pairs(c.image, "%%%"), "indexKey": c.key}, 400,
-     "not valid base64"),
+     "nor valid base64"),
     ("add-not-an-image", ADD, lambda c: {"imageLabelPairs": _pairs(c.image, NOT_AN_IMAGE), "indexKey": c.key}, 400,
      "is not an image"),
     ("add-bomb", ADD, lambda c: {"imageLabelPairs": _pairs(c.image, BOMB), "indexKey": c.key}, 413, "pixels"),
@@ -417,6 +423,18 @@ def test_invalid_json_is_a_400(client, api_engine, base, path):
     before = snapshot(api_engine)
     resp = client.post(path, content=b'{"imageLabelPairs": [', headers={"Content-Type": "application/json"})
     assert_error(resp, 400, "not valid JSON")
+    assert snapshot(api_engine) == before
+
+
+@pytest.mark.parametrize(
+    "content, content_type",
+    [(b"", "application/json"), (b"[1, 2]", "application/json"), (b'{"image": "x"}', "text/plain")],
+    ids=["no-body", "json-array", "not-json-content-type"],
+)
+def test_body_must_be_a_json_object(client, api_engine, base, content, content_type):
+    before = snapshot(api_engine)
+    resp = client.post(ADD, content=content, headers={"Content-Type": content_type})
+    assert_error(resp, 422, "must be a JSON object")
     assert snapshot(api_engine) == before
 
 
@@ -506,7 +524,7 @@ def test_gradio_mounted_at_root_does_not_shadow_the_api(api_engine, base):
 def live_server(tmp_path_factory, pipeline):
     import uvicorn
 
-    engine = Engine(make_settings(tmp_path_factory.mktemp("live") / "data"), pipeline=pipeline)
+    engine = fresh_engine(pipeline, tmp_path_factory.mktemp("live") / "data")
     server = uvicorn.Server(uvicorn.Config(create_api(engine), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,0 +1,478 @@
+"""The HTTP API: PaddleX's four PP-ShiTuV2 serving endpoints, plus index listing and health.
+
+Field names follow PaddleX's serving schema, so PaddleX clients work unchanged. Every route is
+a thin shell: decode and validate the request, call one :class:`~shitu.engine.Engine` method,
+wrap the answer in PaddleX's envelope::
+
+    {"logId": "<uuid4>", "errorCode": 0, "errorMsg": "Success", "result": {...}}
+
+Failures use the same envelope without ``result``, with ``errorCode`` equal to the HTTP status.
+Everything is decoded and checked *before* the engine is called, so a rejected request never
+changes an index.
+
+The Gradio UI can be mounted on the same app at ``/`` (routes registered here are matched first)::
+
+    app = create_api(engine)
+    app = gr.mount_gradio_app(app, demo, path="/")
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import logging
+import re
+import uuid
+from typing import Any, Generic, Literal, TypeVar
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shitu import net
+from shitu.config import INDEX_TYPES, METRIC_TYPES
+from shitu.engine import Engine
+from shitu.errors import ShiTuError, StarterModelUnavailable
+from shitu.gallery import GalleryBatch, GalleryItem
+from shitu.results import ShiTuResult
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/shitu-"  # every route below except /health starts with it
+FETCH_TIMEOUT = net.DEFAULT_TIMEOUT  # seconds per image URL (module-level so tests can shorten it)
+FETCH_MAX_BYTES = net.DEFAULT_MAX_BYTES
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_DATA_URI_RE = re.compile(r"^data:[^,;]*(;[^,;]*)*;base64,", re.IGNORECASE)
+
+T = TypeVar("T")
+
+# --- schemas (PaddleX's field names) ---------------------------------------------------------
+
+
+class ImageLabelPair(BaseModel):
+    image: str = Field(description="Base64 of the image file's bytes, or an http(s) URL the server can reach")
+    label: str = Field(description="The label this image is an example of")
+
+
+class BuildIndexRequest(BaseModel):
+    imageLabelPairs: list[ImageLabelPair]
+    indexKey: str | None = Field(None, description="Name for the new index; a unique key is generated if omitted")
+    indexType: Literal[INDEX_TYPES] = Field("Flat", description="faiss index type")
+    metricType: Literal[METRIC_TYPES] = Field("IP", description="Similarity: inner product (cosine) or L2")
+
+
+class BuildIndexResult(BaseModel):
+    indexKey: str
+    idMap: dict[str, str] = Field(description="Vector id → label, for every entry of the index")
+    imageCount: int
+
+
+class AddImagesRequest(BaseModel):
+    imageLabelPairs: list[ImageLabelPair]
+    indexKey: str | None = Field(None, description="Index to change; the active index if omitted")
+
+
+class RemoveImagesRequest(BaseModel):
+    ids: list[int] = Field(description="Vector ids to remove (see idMap or GET /shitu-index/{indexKey})")
+    indexKey: str | None = Field(None, description="Index to change; the active index if omitted")
+
+
+class IndexChangeResult(BaseModel):
+    idMap: dict[str, str] = Field(description="Vector id → label, for every entry of the index after the change")
+    imageCount: int
+
+
+class InferRequest(BaseModel):
+    image: str = Field(description="Base64 of the image file's bytes, or an http(s) URL the server can reach")
+    indexKey: str | None = Field(None, description="Index to search; the active index if omitted")
+    detThreshold: float | None = Field(None, ge=0, le=1, description="Detection score threshold")
+    recThreshold: float | None = Field(None, ge=0, le=1, description="Recognition similarity threshold")
+    hammingRadius: float | None = Field(None, description="Accepted for PaddleX compatibility; unused (float indices)")
+    topk: int | None = Field(None, ge=1, le=100, description="Labels returned per detected object")
+    visualize: bool | None = Field(None, description="Return the image with boxes drawn (default: true)")
+
+
+class RecResult(BaseModel):
+    label: str
+    score: float
+
+
+class DetectedObject(BaseModel):
+    bbox: list[float] = Field(description="[x1, y1, x2, y2] in pixels of the input image")
+    recResults: list[RecResult] = Field(description="Best gallery labels, best first; empty when none is close enough")
+    score: float = Field(description="Detection score")
+
+
+class InferResult(BaseModel):
+    detectedObjects: list[DetectedObject]
+    image: str | None = Field(None, description="Base64 JPEG of the image with boxes drawn, or null")
+
+
+class IndexListing(BaseModel):
+    indexKey: str
+    imageCount: int
+    labelCount: int
+    indexType: str
+    metricType: str
+    featureModel: str | None
+    offset: int
+    limit: int
+    idMap: dict[str, str] = Field(description="This page of vector id → label, in id order")
+
+
+class HealthResult(BaseModel):
+    status: str
+    models: dict[str, Any]
+    indices: list[str]
+    activeIndex: str
+
+
+class Envelope(BaseModel, Generic[T]):
+    logId: str
+    errorCode: int = 0
+    errorMsg: str = "Success"
+    result: T
+
+
+class ErrorEnvelope(BaseModel):
+    logId: str
+    errorCode: int
+    errorMsg: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorEnvelope, "description": what}
+    for code, what in {
+        400: "Bad input (invalid base64, not an image, empty pairs, invalid JSON, URL refused)",
+        401: "Missing or wrong bearer token (only when SHITU_API_TOKEN is set)",
+        403: "Image URL resolves to a non-public address",
+        404: "Unknown indexKey or ids",
+        408: "Image URL did not answer in time",
+        409: "indexKey already exists, or the index was built with another recognition model",
+        413: "Request body, image file or image pixels over the limit",
+        422: "The request body is not a JSON object or does not match the schema",
+        503: "The models could not be prepared",
+    }.items()
+}
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _ok(result: BaseModel) -> dict[str, Any]:
+    return {"logId": str(uuid.uuid4()), "errorCode": 0, "errorMsg": "Success", "result": result}
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    log_id = str(uuid.uuid4())
+    log.info("API error %s (logId %s): %s", status, log_id, message)
+    return JSONResponse(
+        {"logId": log_id, "errorCode": status, "errorMsg": message}, status_code=status, headers=headers
+    )
+
+
+def _id_map(mapping: dict[int, str]) -> dict[str, str]:
+    return {str(i): label for i, label in sorted(mapping.items())}
+
+
+def read_image_field(value: str, where: str, engine: Engine) -> bytes:
+    """The bytes behind an ``image`` field: an http(s) URL (fetched behind the SSRF guard) or
+    base64 (a ``data:`` URI prefix and URL-safe alphabet are accepted). The bytes are checked to
+    be an image within ``max_image_pixels`` from its header alone.
+    """
+    text = value.strip()
+    if not text:
+        raise ShiTuError(f"{where} is empty")
+    if _SCHEME_RE.match(text):
+        data = net.fetch_url(
+            text,
+            guard=True,
+            allowlist=tuple(engine.settings.url_allowlist),
+            timeout=FETCH_TIMEOUT,
+            max_bytes=FETCH_MAX_BYTES,
+        )
+    else:
+        data = _decode_base64(text, where)
+    check_image_header(data, where, engine.settings.max_image_pixels)
+    return data
+
+
+def _decode_base64(text: str, where: str) -> bytes:
+    text = _DATA_URI_RE.sub("", text, count=1)
+    text = "".join(text.split()).translate(str.maketrans("-_", "+/"))
+    text += "=" * (-len(text) % 4)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ShiTuError(f"{where} is neither an http(s) URL nor valid base64") from None
+    if not data:
+        raise ShiTuError(f"{where} is empty")
+    return data
+
+
+def check_image_header(data: bytes, where: str, max_pixels: int) -> None:
+    """Refuse bytes that are not an image, or whose header claims more than ``max_pixels``
+    (a decompression bomb), without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+    except Image.DecompressionBombError:
+        raise ShiTuError(f"{where} claims too many pixels to decode safely", status=413) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ShiTuError(f"{where} is not an image file (or not a format this server reads)") from None
+    if width * height > max_pixels:
+        raise ShiTuError(f"{where} is {width}x{height} pixels; the limit is {max_pixels:,} pixels", status=413)
+
+
+def pairs_to_batch(pairs: list[ImageLabelPair], engine: Engine) -> GalleryBatch:
+    """Decode every pair up front, so nothing is embedded unless all of them are usable."""
+    if not pairs:
+        raise ShiTuError("imageLabelPairs is empty: give at least one {image, label} pair")
+    items = []
+    for k, pair in enumerate(pairs):
+        label = pair.label.strip()
+        if not label:
+            raise ShiTuError(f"imageLabelPairs[{k}].label is empty")
+        data = read_image_field(pair.image, f"imageLabelPairs[{k}].image", engine)
+        items.append(GalleryItem(source=f"pair {k}", image=data, label=label, line_no=k + 1))
+    return GalleryBatch(items=items)
+
+
+def result_to_infer(result: ShiTuResult, visualize: bool) -> InferResult:
+    objects = [
+        DetectedObject(
+            bbox=[round(float(v), 2) for v in obj.bbox],
+            recResults=[RecResult(label=lab, score=round(float(s), 4)) for lab, s in zip(obj.labels, obj.scores)],
+            score=round(float(obj.det_score), 4),
+        )
+        for obj in result.objects
+    ]
+    image = None
+    if visualize:
+        buf = io.BytesIO()
+        result.render().convert("RGB").save(buf, format="JPEG", quality=90)
+        image = base64.b64encode(buf.getvalue()).decode("ascii")
+    return InferResult(detectedObjects=objects, image=image)
+
+
+# --- request body limit ----------------------------------------------------------------------
+
+
+class BodySizeLimit:
+    """Answer 413 for API requests whose body is over ``settings.max_request_bytes``: by the
+    declared Content-Length before reading anything, else by counting what actually arrives.
+    Other paths (the mounted UI, which has its own upload limits) pass through untouched."""
+
+    def __init__(self, app: ASGIApp, engine: Engine):
+        self.app = app
+        self.engine = engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        limit = int(self.engine.settings.max_request_bytes)
+        too_large = f"the request body is larger than {limit:,} bytes (SHITU_MAX_REQUEST_BYTES)"
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await _error(400, "invalid Content-Length header")(scope, receive, send)
+                return
+            if size > limit:
+                await _error(413, too_large)(scope, receive, send)
+                return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                return
+            body.extend(message.get("body", b""))
+            if len(body) > limit:
+                await _error(413, too_large)(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# --- error handlers --------------------------------------------------------------------------
+
+
+def _location(loc: tuple[Any, ...] | list[Any]) -> str:
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "request body"
+
+
+def describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
+    """Turn pydantic's error list into (status, one readable sentence)."""
+    for err in errors:
+        if err.get("type") == "json_invalid":
+            reason = (err.get("ctx") or {}).get("error", "")
+            return 400, f"the request body is not valid JSON{f' ({reason})' if reason else ''}"
+    if any(tuple(err.get("loc", ())) == ("body",) for err in errors):
+        return 422, "the request body must be a JSON object, sent with 'Content-Type: application/json'"
+    parts = [f"{_location(err.get('loc', ()))}: {err.get('msg', 'invalid')}" for err in errors[:5]]
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return 422, "invalid request: " + "; ".join(parts) + more
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure becomes an ``{logId, errorCode, errorMsg}`` envelope with that HTTP status."""
+
+    @app.exception_handler(ShiTuError)
+    async def _shitu_error(request: Request, exc: ShiTuError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return _error(exc.status, exc.message, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, message = describe_validation(list(exc.errors()))
+        return _error(status, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(StarterModelUnavailable)
+    async def _no_models(request: Request, exc: StarterModelUnavailable) -> JSONResponse:
+        return _error(503, f"the recognition models are not available: {exc}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log_id = str(uuid.uuid4())
+        log.exception("unexpected error in %s (logId %s)", request.url.path, log_id)
+        return JSONResponse(
+            {"logId": log_id, "errorCode": 500, "errorMsg": f"internal error ({type(exc).__name__}); see server log"},
+            status_code=500,
+        )
+
+
+# --- the app ---------------------------------------------------------------------------------
+
+
+def create_api(engine: Engine | None = None) -> FastAPI:
+    """A FastAPI app serving ``engine``. Mount the Gradio UI on it at ``/`` if wanted.
+
+    Routes are plain ``def`` functions, so FastAPI runs the blocking engine calls in its
+    threadpool and the server keeps answering other requests meanwhile.
+    """
+    engine = engine or Engine()
+    app = FastAPI(
+        title="PP-ShiTuV2 image recognition API",
+        description="PaddleX-compatible PP-ShiTuV2 serving endpoints (see docs/http_api.md).",
+        version="1.0",
+    )
+    app.state.engine = engine
+    app.add_middleware(BodySizeLimit, engine=engine)
+    install_error_handlers(app)
+    bearer = HTTPBearer(auto_error=False, description="Needed on mutating endpoints when SHITU_API_TOKEN is set")
+
+    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        expected = engine.settings.api_token
+        if not expected:
+            return
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
+            raise ShiTuError("this endpoint needs the header 'Authorization: Bearer <SHITU_API_TOKEN>'", status=401)
+
+    mutating = {"dependencies": [Depends(require_token)], "responses": ERROR_RESPONSES}
+
+    @app.post("/shitu-index-build", response_model=Envelope[BuildIndexResult], tags=["PaddleX"], **mutating)
+    def build_index(body: BuildIndexRequest) -> dict[str, Any]:
+        """Build a new index from image/label pairs (PaddleX ``buildIndex``)."""
+        key = engine.resolve_name(body.indexKey) if body.indexKey else uuid.uuid4().hex
+        batch = pairs_to_batch(body.imageLabelPairs, engine)
+        report = engine.build(key, batch, index_type=body.indexType, metric_type=body.metricType, skip_invalid=False)
+        return _ok(BuildIndexResult(indexKey=report.index, idMap=_id_map(report.id_map), imageCount=len(report.id_map)))
+
+    @app.post("/shitu-index-add", response_model=Envelope[IndexChangeResult], tags=["PaddleX"], **mutating)
+    def add_images(body: AddImagesRequest) -> dict[str, Any]:
+        """Append image/label pairs to an index (PaddleX ``addImagesToIndex``); ids are never reused."""
+        engine.index(body.indexKey)  # unknown key: 404 before any image is fetched
+        batch = pairs_to_batch(body.imageLabelPairs, engine)
+        report = engine.add(body.indexKey, batch, skip_invalid=False)
+        return _ok(IndexChangeResult(idMap=_id_map(report.id_map), imageCount=len(report.id_map)))
+
+    @app.post("/shitu-index-remove", response_model=Envelope[IndexChangeResult], tags=["PaddleX"], **mutating)
+    def remove_images(body: RemoveImagesRequest) -> dict[str, Any]:
+        """Remove entries by vector id (PaddleX ``removeImagesFromIndex``); unknown ids change nothing."""
+        index = engine.remove(body.indexKey, body.ids)
+        return _ok(IndexChangeResult(idMap=_id_map(index.id_map), imageCount=len(index)))
+
+    @app.post("/shitu-infer", response_model=Envelope[InferResult], tags=["PaddleX"], responses=ERROR_RESPONSES)
+    def infer(body: InferRequest) -> dict[str, Any]:
+        """Detect the main objects of an image and label each from the index (PaddleX ``infer``)."""
+        engine.index(body.indexKey)  # unknown key: 404 before the image is fetched
+        data = read_image_field(body.image, "image", engine)
+        result = engine.recognize(
+            data, body.indexKey, det_threshold=body.detThreshold, rec_threshold=body.recThreshold, rec_topk=body.topk
+        )
+        return _ok(result_to_infer(result, visualize=body.visualize is not False))
+
+    listing = {"response_model": Envelope[IndexListing], "tags": ["indices"], "responses": ERROR_RESPONSES}
+
+    @app.get("/shitu-index/{indexKey}", **listing)
+    def list_index(
+        indexKey: str,
+        offset: int = Query(0, ge=0, description="Entries to skip (in id order)"),
+        limit: int = Query(100, ge=1, le=10_000, description="Entries to return"),
+    ) -> dict[str, Any]:
+        """A page of an index's id → label map, with its size, type and feature model."""
+        index = engine.index(indexKey)
+        page = index.entries[offset : offset + limit]
+        return _ok(
+            IndexListing(
+                indexKey=engine.resolve_name(indexKey),
+                imageCount=len(index),
+                labelCount=len(index.label_counts()),
+                indexType=index.index_type,
+                metricType=index.metric_type,
+                featureModel=index.feature_model,
+                offset=offset,
+                limit=limit,
+                idMap={str(e.id): e.label for e in page},
+            )
+        )
+
+    @app.get("/health", response_model=Envelope[HealthResult], tags=["service"])
+    def health() -> dict[str, Any]:
+        """Which models are active and which indices exist."""
+        return _ok(
+            HealthResult(
+                status="ok", models=engine.models(), indices=engine.index_names(), activeIndex=engine.active_index
+            )
+        )
+
+    return app
+
+
+def serve(engine: Engine | None = None, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    """Run the API alone with uvicorn (``python -m shitu serve``), after preparing the sample index."""
+    import uvicorn
+
+    engine = engine or Engine()
+    if engine.ensure_sample_index() is None:
+        log.warning("the sample index could not be built; the API starts without it")
+    uvicorn.run(create_api(engine), host=host, port=port, log_level=log_level)
