@@ -1,0 +1,58 @@
+"""The command line, in process: build → predict → remove → info, and clean error exits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shitu.__main__ import main
+
+from .conftest import MODEL_CACHE
+
+
+@pytest.fixture
+def cli_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHITU_MODEL_DIR", str(MODEL_CACHE))
+    monkeypatch.setenv("SHITU_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SHITU_OFFLINE", "1")
+    return tmp_path
+
+
+def test_build_predict_remove_info(cli_env, sample_gallery, sample_queries, capsys):
+    root, labels = sample_gallery
+    assert main(["build", "--gallery-root", str(root), "--labels", str(labels), "--index", "demo"]) == 0
+    assert "24 entries, 6 labels" in capsys.readouterr().out
+    out_dir = cli_env / "out"
+    query = sample_queries[1]
+    assert main(["predict", str(query), "--index", "demo", "--out", str(out_dir), "--json", "--whole-image", "always",
+                 "--rec-threshold", "0"]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert any(b["whole_image"] and b["rec_results"][0]["label"] == "猫 cat" for b in printed["boxes"])
+    assert (out_dir / f"{query.stem}_res.json").exists() and (out_dir / f"{query.stem}_res.jpg").exists()
+    ids_file = cli_env / "ids.txt"
+    ids_file.write_text("0\n1\n", encoding="utf-8")
+    assert main(["remove", "--index", "demo", "--ids-file", str(ids_file)]) == 0
+    assert main(["info", "--index", "demo"]) == 0
+    info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert info["indices"]["demo"]["entries"] == 22
+    assert info["models"]["recognition"]["source"] == "starter"
+
+
+def test_index_directory_mode_and_config(cli_env, sample_gallery, capsys):
+    root, labels = sample_gallery
+    target = cli_env / "idx"
+    assert main(["build", "--gallery-root", str(root), "--labels", str(labels), "--index", str(target),
+                 "--index-type", "IVF", "--metric-type", "L2"]) == 0  # fmt: skip
+    assert (target / "vector.index").exists() and (target / "id_map.yaml").exists()
+    assert main(["remove", "--index", str(target), "--ids", "5"]) == 0
+    assert main(["get-config", "--save-path", str(cli_env / "cfg")]) == 0
+    assert (cli_env / "cfg" / "PP-ShiTuV2.yaml").read_text(encoding="utf-8").startswith("pipeline_name: PP-ShiTuV2")
+
+
+def test_user_errors_exit_2_with_a_message(cli_env, capsys):
+    assert main(["remove", "--index", "nothing-here", "--ids", "1"]) == 2
+    assert "no index named 'nothing-here'" in capsys.readouterr().err
+    (cli_env / "bad.txt").write_text("missing.jpg label\n", encoding="utf-8")
+    assert main(["build", "--gallery-root", str(cli_env), "--labels", str(cli_env / "bad.txt"), "--index", "x"]) == 2
+    assert "line 1" in capsys.readouterr().err
