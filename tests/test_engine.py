@@ -1,0 +1,120 @@
+"""The engine: named indices that survive restarts, no lost or half-applied changes."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from shitu.engine import Engine
+from shitu.errors import NotFound, ShiTuError
+from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
+
+
+def snapshot(engine: Engine, name: str) -> tuple[dict, bytes, bytes]:
+    path = engine.store.path(name)
+    return engine.index(name).id_map, (path / "vector.index").read_bytes(), (path / "id_map.yaml").read_bytes()
+
+
+@pytest.fixture
+def built(engine, sample_gallery) -> Engine:
+    root, labels = sample_gallery
+    engine.build("drinks", read_label_file(labels, root), index_type="Flat")
+    return engine
+
+
+def test_indices_survive_a_restart(built, pipeline):
+    again = Engine(built.settings, pipeline=pipeline)
+    assert again.index_names() == ["drinks"]
+    assert again.index("drinks").id_map == built.index("drinks").id_map
+
+
+def test_bad_add_changes_nothing(built, sample_gallery):
+    before = snapshot(built, "drinks")
+    bad = GalleryBatch(items=[GalleryItem("broken.jpg", b"not an image", "x", line_no=1)])
+    with pytest.raises(ShiTuError, match="line 1"):
+        built.add("drinks", bad, skip_invalid=False)
+    with pytest.raises(NotFound):
+        built.remove("drinks", [0, 999])
+    with pytest.raises(ShiTuError):
+        built.add("drinks", GalleryBatch())
+    assert snapshot(built, "drinks") == before
+
+
+def test_concurrent_adds_and_removes_lose_nothing(built, sample_gallery):
+    root, _ = sample_gallery
+    image = (root / "0" / "0.jpg").read_bytes()
+    errors: list[Exception] = []
+
+    def add(k: int) -> None:
+        try:
+            built.add("drinks", GalleryBatch(items=[GalleryItem(f"t{k}.jpg", image, f"thread {k}")]))
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    def remove(i: int) -> None:
+        try:
+            built.remove("drinks", [i])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def query() -> None:
+        for _ in range(3):
+            index = built.index("drinks")
+            assert len(index.id_map) == index.index.ntotal, "a query sees one whole version"
+
+    threads = [threading.Thread(target=add, args=(k,)) for k in range(4)]
+    threads += [threading.Thread(target=remove, args=(i,)) for i in (0, 1)]
+    threads += [threading.Thread(target=query)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    index = built.index("drinks")
+    assert len(index) == 24 + 4 - 2
+    assert sorted(v for v in index.id_map.values() if v.startswith("thread")) == [f"thread {k}" for k in range(4)]
+    assert sorted(index.id_map)[-4:] == [24, 25, 26, 27], "each add got fresh ids"
+    reloaded = Engine(built.settings, pipeline=built.pipeline).index("drinks")
+    assert reloaded.id_map == index.id_map, "what is on disk is the last version"
+
+
+def test_rename_delete_export_import(built):
+    built.rename("drinks", "drinks2")
+    assert built.index_names() == ["drinks2"]
+    data = built.store.export_zip("drinks2")
+    built.delete("drinks2")
+    assert built.index_names() == []
+    imported = built.store.import_zip("back", data)
+    assert len(imported) == 24 and built.index_names() == ["back"]
+    with pytest.raises(ShiTuError, match="already exists"):
+        built.store.import_zip("back", data)
+    with pytest.raises(ShiTuError, match="invalid index name"):
+        built.build("../evil", GalleryBatch())
+
+
+def test_recognize_named_index(built, sample_queries):
+    result = built.recognize(sample_queries[2].read_bytes(), "drinks", whole_image="always", rec_threshold=0.0)
+    assert result.index_name == "drinks"
+    assert any(o.whole_image and o.label == "咖啡 coffee" for o in result.objects)
+
+
+def test_sample_index_is_built_once(engine, tmp_path):
+    assert engine.ensure_sample_index() == "sample"
+    first = engine.store.path("sample").stat().st_mtime
+    assert engine.ensure_sample_index() == "sample"
+    assert engine.store.path("sample").stat().st_mtime == first
+    assert len(engine.index("sample").label_counts()) == 6
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    from shitu.config import Settings
+
+    monkeypatch.setenv("SHITU_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.delenv("SHITU_MODEL_DIR", raising=False)
+    monkeypatch.setenv("SHITU_URL_ALLOWLIST", "images.local, cdn.lan")
+    monkeypatch.setenv("SHITU_MAX_IMAGE_PIXELS", "1000")
+    settings = Settings.from_env()
+    assert settings.indices_dir == tmp_path / "d" / "indices"
+    assert settings.models_dir == tmp_path / "d" / "models"
+    assert settings.url_allowlist == ("images.local", "cdn.lan") and settings.max_image_pixels == 1000
