@@ -73,7 +73,9 @@ def main() -> None:
         official = loo_recall(np.load(ref / "embeddings.npy"), np.array([r[1] for r in rows]))
         print(f"leave-one-out recall@1, official PP-ShiTuV2 embeddings: {official:.4f} (ratio {ours / official:.3f})")
     print("\nrec_threshold | known: accepted and correct | unknown: rejected")
-    for t, known, unknown in threshold_table(feats, labels, [0.6, 0.7, 0.75, 0.78, 0.8, 0.81, 0.82, 0.83, 0.84, 0.85, 0.86, 0.88, 0.9]):
+    for t, known, unknown in threshold_table(
+        feats, labels, [0.6, 0.7, 0.75, 0.78, 0.8, 0.81, 0.82, 0.83, 0.84, 0.85, 0.86, 0.88, 0.9]
+    ):
         print(f"{t:13.2f} | {known:27.3f} | {unknown:.3f}")
 
 

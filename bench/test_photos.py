@@ -55,7 +55,9 @@ def main() -> None:
                         rgb, index, det_threshold=det, rec_threshold=pipeline.default_rec_threshold, rec_topk=5
                     )
                     final.render().save(args.out / f"{path.stem}.png")
-    print("\nmean CPU time per photo (ms): " + ", ".join(f"{k} {1000 * sum(v) / len(v):.1f}" for k, v in totals.items()))
+    print(
+        "\nmean CPU time per photo (ms): " + ", ".join(f"{k} {1000 * sum(v) / len(v):.1f}" for k, v in totals.items())
+    )
 
 
 if __name__ == "__main__":

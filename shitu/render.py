@@ -97,7 +97,8 @@ def draw_objects(image: np.ndarray | Image.Image, objects: Sequence[RecognizedOb
     draw = ImageDraw.Draw(canvas)
     width, height = canvas.size
     thickness = max(2, round(min(width, height) / 250))
-    font = _font(max(12, round(min(width, height) / 30)))
+    # wide images are shown scaled to their width, so the long side also sets a minimum text size
+    font = _font(max(12, round(min(width, height) / 30), round(max(width, height) / 45)))
     # draw unrecognised boxes first so recognised ones stay on top
     for obj in sorted(objects, key=lambda o: o.recognized):
         color = color_for(obj.label)

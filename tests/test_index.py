@@ -167,7 +167,9 @@ def test_paddlex_layout_and_interop(tmp_path, data):
     def fake_features(items):  # PaddleX's builder takes a predict function; give it our vectors
         return [{"feature": x[int(i)]} for i in items]
 
-    theirs = FaissBuilder.build([str(i) for i in range(200)], labels, fake_features, metric_type="IP", index_type="Flat")
+    theirs = FaissBuilder.build(
+        [str(i) for i in range(200)], labels, fake_features, metric_type="IP", index_type="Flat"
+    )
     theirs.save(str(tmp_path / "theirs"))
     loaded = GalleryIndex.load(tmp_path / "theirs")
     assert loaded.id_map == dict(enumerate(labels))

@@ -1,0 +1,1051 @@
+"""The Gradio studio: Recognize / Build index / Manage index / Models & about.
+
+Every handler is a module-level function whose first argument is the :class:`Engine`;
+:func:`build_demo` binds them to one engine and wires them to components, so tests call the
+same functions directly. User mistakes (:class:`ShiTuError`) become ``gr.Error`` toasts and
+change nothing; all index state lives in the engine, the UI only keeps what is on screen.
+
+Static text is translated in the browser with ``gr.I18n`` (:data:`I18N`, passed to
+``gr.mount_gradio_app``); text that handlers produce follows the request's
+``Accept-Language`` header.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import json
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODES
+from shitu.engine import ChangeReport, Engine
+from shitu.errors import ShiTuError
+from shitu.gallery import GalleryBatch, SkippedLine, pairs_from_uploads, read_zip_gallery
+from shitu.results import ShiTuResult
+
+MAX_TABLE_ROWS = 2000  # the entries table shows at most this many rows; filter by label for more
+MAX_PREVIEWS = 48  # thumbnails in the preview gallery
+
+# --- text -----------------------------------------------------------------------------------
+# Static keys feed gr.I18n (translated in the browser); the rest are formatted by handlers.
+TEXT: dict[str, dict[str, str]] = {
+    "en": {
+        "title": "# PP-ShiTuV2 Studio",
+        "intro": "Recognize objects by comparing them with a gallery of labelled photos. "
+        "Try **Recognize** with the sample gallery, build your own in **Build index**, "
+        "and edit it in **Manage index**.",
+        "tab_recognize": "Recognize",
+        "tab_build": "Build index",
+        "tab_manage": "Manage index",
+        "tab_models": "Models & about",
+        "query_image": "Query image (upload, paste or webcam)",
+        "examples": "Examples (click one)",
+        "index_to_search": "Index to search",
+        "options": "Options",
+        "det_threshold": "Detection threshold",
+        "det_threshold_info": "Lower finds more, weaker boxes",
+        "rec_threshold": "Recognition threshold",
+        "rec_threshold_info": "Minimum similarity for a gallery match",
+        "topk": "Top-k labels per box",
+        "whole_image": "Whole-image box",
+        "whole_image_info": "auto: only if nothing is detected · always: add it too · never",
+        "use_nms": "Merge overlapping boxes with the same label (cross-box NMS)",
+        "nms_iou": "NMS IoU",
+        "recognize_btn": "Recognize",
+        "result_image": "Result",
+        "result_table": "Every box",
+        "result_json": "JSON result",
+        "build_help": "Upload the gallery photos (many files, or one .zip with folders) and a label file in "
+        "PaddleX format: one `relative/path.jpg label` per line, separated by a space or a tab; labels may "
+        "contain spaces. A .zip may carry its own `gallery.txt`, or use folder names as labels.",
+        "gallery_files": "Gallery images (many files) or one .zip",
+        "label_file": "Label file (gallery.txt)",
+        "index_name": "Index name",
+        "index_type": "Index type",
+        "metric_type": "Metric",
+        "skip_invalid": "Skip unreadable lines (and list them)",
+        "overwrite": "Replace an existing index with this name",
+        "build_btn": "Build",
+        "active_index": "Active index",
+        "refresh": "Refresh",
+        "filter_labels": "Filter by label (empty: all)",
+        "entries": "Entries (click rows to select them)",
+        "previews": "Previews: selected rows, else the rows shown",
+        "selected_ids": "Ids to remove (click rows, or type e.g. 3, 7 12)",
+        "remove_btn": "Remove",
+        "clear_btn": "Clear selection",
+        "add_section": "Add entries",
+        "add_btn": "Add to index",
+        "rename_section": "Rename or delete",
+        "new_name": "New name",
+        "rename_btn": "Rename",
+        "confirm_delete": "Yes, delete this index",
+        "delete_btn": "Delete index",
+        "transfer_section": "Export or import (.zip, PaddleX layout)",
+        "export_btn": "Prepare export",
+        "download_btn": "Download .zip",
+        "import_file": "Index .zip (exported here, or a zipped PaddleX index dir)",
+        "import_name": "Import as",
+        "import_btn": "Import",
+        "rec_model": "Recognition model",
+        "switch_btn": "Switch model",
+        "switch_info": "Indices built with another model must be rebuilt before they can be searched.",
+        # dynamic text
+        "unrecognised": "unrecognised",
+        "whole_image_box": "whole image",
+        "col_box": "box #",
+        "col_label": "label",
+        "col_score": "score",
+        "col_topk": "top-k",
+        "col_bbox": "bbox (x1, y1, x2, y2)",
+        "col_detector": "detector",
+        "col_id": "id",
+        "col_source": "source",
+        "found": "{boxes} box(es), {recognised} recognised in index `{index}`",
+        "total": "total",
+        "stage_detect": "detect",
+        "stage_embed": "embed",
+        "stage_search": "search",
+        "source_local": "local model dir",
+        "source_official": "official PaddleX weights",
+        "source_starter": "offline starter pack",
+        "source_none": "not available",
+        "built": "### Index `{name}` built",
+        "added": "### Added {added} entries to `{name}`",
+        "index_stats": "**{entries}** images · **{labels}** labels · {index_type} / {metric_type}",
+        "labels_line": "Labels: {labels}",
+        "skipped": "**Skipped {n} line(s):**",
+        "no_skipped": "No lines were skipped.",
+        "try_it": "It is now the active index: try it in **Recognize**.",
+        "info": "**`{name}`** · {entries} entries · {labels} labels · {index_type} / {metric_type} · {dim}-d · "
+        "features: `{model}`",
+        "incompatible": "⚠️ Built with another recognition model: rebuild it, or switch the model back.",
+        "showing": "Showing {shown} of {total} entries.",
+        "removed": "Removed {n} from `{name}`: ids {ids}.",
+        "renamed": "Renamed `{old}` to `{new}`.",
+        "deleted": "Deleted `{name}`.",
+        "imported": "Imported `{name}`: {entries} entries, {labels} labels.",
+        "exported": "`{name}` is ready to download.",
+        "models_header": "### Active models",
+        "stage_detection": "Detection",
+        "stage_recognition": "Recognition",
+        "device": "Device",
+        "versions": "Versions",
+        "indices_header": "### Indices",
+        "indices_table": "| index | entries | labels | type | metric | dim | features | status |",
+        "usable": "usable",
+        "rebuild": "rebuild needed",
+        "no_indices": "No indices yet: build one in **Build index**.",
+        "data_dir": "Data dir",
+    },
+    "zh": {
+        "title": "# PP-ShiTuV2 图像识别工作台",
+        "intro": "把图片中的物体与带标签的图库逐一比对来识别。先在 **识别** 中用示例图库试一试，"
+        "再在 **建库** 中创建自己的图库，并在 **管理索引** 中编辑。",
+        "tab_recognize": "识别",
+        "tab_build": "建库",
+        "tab_manage": "管理索引",
+        "tab_models": "模型与关于",
+        "query_image": "查询图片（上传、粘贴或摄像头）",
+        "examples": "示例（点击试用）",
+        "index_to_search": "检索的索引",
+        "options": "选项",
+        "det_threshold": "检测阈值",
+        "det_threshold_info": "越低检出的框越多，也越不可靠",
+        "rec_threshold": "识别阈值",
+        "rec_threshold_info": "接受图库匹配的最低相似度",
+        "topk": "每个框的前 k 个标签",
+        "whole_image": "整图框",
+        "whole_image_info": "auto：未检出物体时使用 · always：总是加入 · never：不使用",
+        "use_nms": "合并同一标签的重叠框（跨框 NMS）",
+        "nms_iou": "NMS 交并比阈值",
+        "recognize_btn": "识别",
+        "result_image": "识别结果",
+        "result_table": "所有检测框",
+        "result_json": "JSON 结果",
+        "build_help": "上传图库图片（多个文件，或一个带文件夹的 .zip）和 PaddleX 格式的标签文件：每行一条 "
+        "`相对路径.jpg 标签`，用空格或制表符分隔，标签中可以有空格。.zip 内可自带 `gallery.txt`，"
+        "否则以文件夹名作为标签。",
+        "gallery_files": "图库图片（多个文件）或一个 .zip",
+        "label_file": "标签文件（gallery.txt）",
+        "index_name": "索引名称",
+        "index_type": "索引类型",
+        "metric_type": "度量方式",
+        "skip_invalid": "跳过无法读取的行（并列出原因）",
+        "overwrite": "覆盖同名索引",
+        "build_btn": "开始建库",
+        "active_index": "当前索引",
+        "refresh": "刷新",
+        "filter_labels": "按标签筛选（留空为全部）",
+        "entries": "条目（点击行以选中）",
+        "previews": "缩略图：选中的行，否则为当前显示的行",
+        "selected_ids": "要删除的 id（点击行，或输入如 3, 7 12）",
+        "remove_btn": "删除",
+        "clear_btn": "清除选择",
+        "add_section": "添加条目",
+        "add_btn": "添加到索引",
+        "rename_section": "重命名或删除",
+        "new_name": "新名称",
+        "rename_btn": "重命名",
+        "confirm_delete": "确认删除此索引",
+        "delete_btn": "删除索引",
+        "transfer_section": "导出或导入（.zip，PaddleX 目录结构）",
+        "export_btn": "准备导出",
+        "download_btn": "下载 .zip",
+        "import_file": "索引 .zip（本工具导出，或压缩的 PaddleX 索引目录）",
+        "import_name": "导入为",
+        "import_btn": "导入",
+        "rec_model": "识别模型",
+        "switch_btn": "切换模型",
+        "switch_info": "用其他模型建立的索引需要重建后才能检索。",
+        "unrecognised": "未识别",
+        "whole_image_box": "整图",
+        "col_box": "框 #",
+        "col_label": "标签",
+        "col_score": "得分",
+        "col_topk": "前 k 个",
+        "col_bbox": "位置 (x1, y1, x2, y2)",
+        "col_detector": "检测器",
+        "col_id": "id",
+        "col_source": "来源文件",
+        "found": "{boxes} 个框，{recognised} 个已识别（索引 `{index}`）",
+        "total": "合计",
+        "stage_detect": "检测",
+        "stage_embed": "提取特征",
+        "stage_search": "检索",
+        "source_local": "本地模型目录",
+        "source_official": "PaddleX 官方权重",
+        "source_starter": "离线入门模型包",
+        "source_none": "不可用",
+        "built": "### 索引 `{name}` 已建好",
+        "added": "### 已向 `{name}` 添加 {added} 个条目",
+        "index_stats": "**{entries}** 张图片 · **{labels}** 个标签 · {index_type} / {metric_type}",
+        "labels_line": "标签：{labels}",
+        "skipped": "**跳过了 {n} 行：**",
+        "no_skipped": "没有跳过任何行。",
+        "try_it": "它已成为当前索引：去 **识别** 试试吧。",
+        "info": "**`{name}`** · {entries} 个条目 · {labels} 个标签 · {index_type} / {metric_type} · {dim} 维 · "
+        "特征：`{model}`",
+        "incompatible": "⚠️ 该索引由其他识别模型建立：请重建，或切换回原模型。",
+        "showing": "显示 {total} 个条目中的 {shown} 个。",
+        "removed": "已从 `{name}` 删除 {n} 个条目：{ids}。",
+        "renamed": "已将 `{old}` 重命名为 `{new}`。",
+        "deleted": "已删除 `{name}`。",
+        "imported": "已导入 `{name}`：{entries} 个条目，{labels} 个标签。",
+        "exported": "`{name}` 可以下载了。",
+        "models_header": "### 当前模型",
+        "stage_detection": "检测",
+        "stage_recognition": "识别",
+        "device": "设备",
+        "versions": "版本",
+        "indices_header": "### 索引",
+        "indices_table": "| 索引 | 条目 | 标签 | 类型 | 度量 | 维度 | 特征 | 状态 |",
+        "usable": "可用",
+        "rebuild": "需要重建",
+        "no_indices": "还没有索引：请在 **建库** 中创建。",
+        "data_dir": "数据目录",
+    },
+}
+I18N = gr.I18n(**TEXT)
+CSS = """
+#result-table td, #entries-table td { white-space: normal; }
+"""
+
+
+def lang_of(request: gr.Request | None) -> str:
+    """``"zh"`` when the browser prefers Chinese, else ``"en"``."""
+    if request is None:
+        return "en"
+    header = (request.headers.get("accept-language") or "").split(",")[0].strip().lower()
+    return "zh" if header.startswith("zh") else "en"
+
+
+def _t(lang: str, key: str, **values: Any) -> str:
+    text = TEXT.get(lang, TEXT["en"]).get(key) or TEXT["en"][key]
+    return text.format(**values) if values else text
+
+
+def _md(text: Any) -> str:
+    """User text (labels, file names) made safe for Markdown. Index names need no escaping
+    (letters, digits, ``_.-`` only) and are shown in code spans, where escapes would show."""
+    out = str(text)
+    for ch in "\\`*_[]<>|#":
+        out = out.replace(ch, "\\" + ch)
+    return out
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show :class:`ShiTuError` as a toast (no stack trace); the engine has changed nothing."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ShiTuError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+
+    return wrapper
+
+
+def _bind(fn: Callable, engine: Engine) -> Callable:
+    """``fn`` with the engine filled in, keeping the signature and type hints Gradio reads
+    (``gr.Request``, ``gr.SelectData``, ``gr.Progress``); ``functools.partial`` would lose them."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def bound(*args: Any, **kwargs: Any) -> Any:
+        return fn(engine, *args, **kwargs)
+
+    bound.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])  # type: ignore[attr-defined]
+    return bound
+
+
+def _progress_callback(progress: gr.Progress | None) -> Callable[[int, int, str], None] | None:
+    if progress is None:
+        return None
+
+    def report(done: int, total: int, what: str) -> None:
+        progress((done, total), desc=what)
+
+    return report
+
+
+_SCRATCH: Path | None = None
+
+
+def _scratch_file(filename: str) -> Path:
+    """A fresh path for a file handed to the browser (Gradio copies it into its cache);
+    files older than an hour are cleared away."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = Path(tempfile.mkdtemp(prefix="shitu-ui-"))
+    cutoff = time.time() - 3600
+    for old in _SCRATCH.iterdir():
+        if old.stat().st_mtime < cutoff:
+            shutil.rmtree(old, ignore_errors=True)
+    folder = _SCRATCH / uuid.uuid4().hex
+    folder.mkdir()
+    return folder / filename
+
+
+def _index_dropdown(engine: Engine, value: str | None = None) -> dict[str, Any]:
+    names = engine.index_names()
+    wanted = value or engine.active_index
+    return gr.update(choices=names, value=wanted if wanted in names else (names[0] if names else None))
+
+
+# --- Recognize ------------------------------------------------------------------------------
+@user_errors
+def recognize_image(
+    engine: Engine,
+    image: Any,
+    index_name: str | None = None,
+    det_threshold: float | None = None,
+    rec_threshold: float | None = None,
+    topk: int | None = None,
+    whole_image: str | None = None,
+    use_nms: bool = True,
+    nms_iou: float = 0.5,
+    request: gr.Request | None = None,
+) -> tuple[Image.Image, pd.DataFrame, str, str]:
+    """Recognise one image; returns (drawn image, table of boxes, timings markdown, JSON file path)."""
+    if image is None:
+        raise ShiTuError("upload, paste or take a picture first")
+    lang = lang_of(request)
+    result = engine.recognize(
+        image,
+        index=index_name or None,
+        rgb=True,
+        det_threshold=None if det_threshold is None else float(det_threshold),
+        rec_threshold=None if rec_threshold is None else float(rec_threshold),
+        rec_topk=None if topk is None else int(topk),
+        whole_image=whole_image or None,
+        nms_iou=float(nms_iou) if use_nms else None,
+    )
+    path = _scratch_file("shitu_result.json")
+    path.write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
+    return result.render(), result_table(result, lang), timings_markdown(result, lang), str(path)
+
+
+def result_table(result: ShiTuResult, lang: str = "en") -> pd.DataFrame:
+    """One row per box; unrecognised boxes say so (never ``None``)."""
+    rows = []
+    for n, obj in enumerate(result.objects, start=1):
+        if obj.whole_image:
+            detector = _t(lang, "whole_image_box")
+        else:
+            detector = f"{obj.det_label or '?'} {obj.det_score:.2f}"
+        rows.append(
+            {
+                _t(lang, "col_box"): n,
+                _t(lang, "col_label"): obj.label if obj.recognized else _t(lang, "unrecognised"),
+                _t(lang, "col_score"): f"{obj.score:.3f}" if obj.recognized else "—",
+                _t(lang, "col_topk"): "; ".join(f"{lab} {s:.3f}" for lab, s in zip(obj.labels, obj.scores)) or "—",
+                _t(lang, "col_bbox"): ", ".join(str(round(float(v))) for v in obj.bbox),
+                _t(lang, "col_detector"): detector,
+            }
+        )
+    columns = [_t(lang, k) for k in ("col_box", "col_label", "col_score", "col_topk", "col_bbox", "col_detector")]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def timings_markdown(result: ShiTuResult, lang: str = "en") -> str:
+    stages = " · ".join(
+        f"{TEXT[lang].get('stage_' + stage, stage)} {seconds * 1000:.0f} ms"
+        for stage, seconds in result.timings.items()
+    )
+    total = sum(result.timings.values()) * 1000
+    found = _t(
+        lang,
+        "found",
+        boxes=len(result.objects),
+        recognised=sum(o.recognized for o in result.objects),
+        index=result.index_name,
+    )
+    return f"{found}  \n{stages} · **{_t(lang, 'total')} {total:.0f} ms**"
+
+
+# --- Build index ----------------------------------------------------------------------------
+def _paths(files: Any) -> list[Path]:
+    if files is None:
+        return []
+    if isinstance(files, (str, Path)):
+        files = [files]
+    return [Path(getattr(f, "name", f)) for f in files if f]
+
+
+def gallery_from_uploads(files: Any, label_file: Any = None) -> GalleryBatch:
+    """Uploaded images + label file, or one .zip (with or without a label file), as a batch.
+
+    A ``.txt`` among the images is taken as the label file when none is given separately.
+    Browsers upload files without their folders, so two files with one name are refused.
+    """
+    paths = _paths(files)
+    label_path = _paths(label_file)[0] if _paths(label_file) else None
+    if label_path is None:
+        texts = [p for p in paths if p.suffix.lower() == ".txt"]
+        if len(texts) == 1:
+            label_path = texts[0]
+    paths = [p for p in paths if p != label_path]
+    if not paths:
+        raise ShiTuError("no gallery files were uploaded: add the images (or one .zip) first")
+    label_bytes = _read_upload(label_path) if label_path else None
+    zips = [p for p in paths if p.suffix.lower() == ".zip"]
+    if zips:
+        if len(paths) > 1:
+            raise ShiTuError("upload either one .zip or image files, not both")
+        batch = read_zip_gallery(str(zips[0]), label_bytes)
+    else:
+        if label_bytes is None:
+            raise ShiTuError("the label file is missing: upload gallery.txt (one `path label` per line)")
+        repeated = sorted(name for name, count in Counter(p.name for p in paths).items() if count > 1)
+        if repeated:
+            raise ShiTuError(
+                f"{len(repeated)} file name(s) were uploaded more than once ({', '.join(repeated[:5])}); uploads lose "
+                "their folders, so upload the gallery as one .zip instead"
+            )
+        batch = pairs_from_uploads([(p.name, p) for p in paths], label_bytes)
+    if not batch.items:
+        reasons = "; ".join(str(s) for s in batch.skipped[:5])
+        raise ShiTuError("no image/label pairs could be used" + (f": {reasons}" if reasons else ""))
+    return batch
+
+
+def _read_upload(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ShiTuError(f"cannot read the uploaded file {path.name}: {exc.strerror}") from exc
+
+
+def change_summary(engine: Engine, report: ChangeReport, lang: str = "en", *, built: bool) -> str:
+    """Markdown: what a build or add did, with every skipped line and its reason."""
+    stats = report.summary
+    head = _t(lang, "built" if built else "added", name=report.index, added=len(report.added_ids))
+    lines = [
+        head,
+        _t(lang, "index_stats", **{k: stats.get(k) for k in ("entries", "labels", "index_type", "metric_type")}),
+    ]
+    counts = engine.index(report.index).label_counts()
+    shown = ", ".join(f"{_md(label)} ({n})" for label, n in sorted(counts.items())[:40])
+    lines.append(_t(lang, "labels_line", labels=shown + (" …" if len(counts) > 40 else "")))
+    if report.skipped:
+        lines.append(_t(lang, "skipped", n=len(report.skipped)))
+        lines.append("\n".join(_skipped_item(s) for s in report.skipped[:200]))
+    else:
+        lines.append(_t(lang, "no_skipped"))
+    if built:
+        lines.append(_t(lang, "try_it"))
+    return "\n\n".join(lines)
+
+
+def _skipped_item(skipped: SkippedLine) -> str:
+    plain = skipped.source.replace("`", "'")
+    source = f"`{plain}`" if plain else ""
+    where = f"line {skipped.line_no} {source}" if skipped.line_no is not None else source
+    return f"- {where.strip()}: {_md(skipped.reason)}"
+
+
+@user_errors
+def build_index(
+    engine: Engine,
+    files: Any,
+    label_file: Any,
+    name: str,
+    index_type: str = "HNSW32",
+    metric_type: str = "IP",
+    skip_invalid: bool = True,
+    overwrite: bool = False,
+    request: gr.Request | None = None,
+    progress: gr.Progress = gr.Progress(),
+) -> tuple[str, dict, dict]:
+    """Build a named index from uploads and make it active; returns (summary markdown,
+    Recognize index dropdown, Manage index dropdown)."""
+    batch = gallery_from_uploads(files, label_file)
+    report = engine.build(
+        name,
+        batch,
+        index_type=index_type,
+        metric_type=metric_type,
+        overwrite=bool(overwrite),
+        skip_invalid=bool(skip_invalid),
+        progress=_progress_callback(progress),
+    )
+    engine.set_active(report.index)
+    summary = change_summary(engine, report, lang_of(request), built=True)
+    return summary, _index_dropdown(engine, report.index), _index_dropdown(engine, report.index)
+
+
+# --- Manage index ---------------------------------------------------------------------------
+def entries_table(engine: Engine, name: str | None, labels: list[str] | None = None, lang: str = "en") -> pd.DataFrame:
+    """Entries of an index (optionally only some labels), at most :data:`MAX_TABLE_ROWS` rows."""
+    wanted = set(labels or [])
+    rows = [(e.id, e.label, e.source) for e in engine.index(name).entries if not wanted or e.label in wanted]
+    columns = [_t(lang, "col_id"), _t(lang, "col_label"), _t(lang, "col_source")]
+    return pd.DataFrame(rows[:MAX_TABLE_ROWS], columns=columns)
+
+
+def previews(engine: Engine, name: str | None, ids: list[int]) -> list[tuple[Image.Image, str]]:
+    """Thumbnails with ``#id label`` captions (entries without a stored thumbnail are left out)."""
+    index = engine.index(name)
+    out = []
+    for id_ in ids:
+        try:
+            entry = index.entry(id_)
+        except ShiTuError:
+            continue
+        if entry.thumbnail:
+            out.append((Image.open(io.BytesIO(entry.thumbnail)), f"#{entry.id} {entry.label}"))
+        if len(out) >= MAX_PREVIEWS:
+            break
+    return out
+
+
+def parse_id_text(text: str | None) -> list[int]:
+    """``"3, 7 12"`` → ``[3, 7, 12]``; anything that is not a whole number is a user error."""
+    ids = []
+    for part in (text or "").replace(",", " ").split():
+        try:
+            ids.append(int(part))
+        except ValueError:
+            raise ShiTuError(f"{part!r} is not an entry id (ids are whole numbers)") from None
+    return ids
+
+
+def index_info(engine: Engine, name: str | None, lang: str = "en", shown: int | None = None) -> str:
+    index = engine.index(name)
+    stats = index.summary()
+    text = _t(
+        lang,
+        "info",
+        name=engine.resolve_name(name),
+        entries=stats["entries"],
+        labels=stats["labels"],
+        index_type=stats["index_type"],
+        metric_type=stats["metric_type"],
+        dim=stats["dim"],
+        model=stats["feature_model"] or "?",
+    )
+    if shown is not None and shown < stats["entries"]:
+        text += "  \n" + _t(lang, "showing", shown=shown, total=stats["entries"])
+    if not engine.compatible(index):
+        text += "  \n" + _t(lang, "incompatible")
+    return text
+
+
+def _label_choices(engine: Engine, name: str | None) -> dict[str, Any]:
+    counts = engine.index(name).label_counts()
+    return gr.update(choices=[(f"{label} ({n})", label) for label, n in sorted(counts.items())], value=[])
+
+
+def _view(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, lang: str):
+    """(info markdown, entries table, previews) for what the Manage tab shows."""
+    table = entries_table(engine, name, labels, lang)
+    ids = parse_id_text(selected) or [int(i) for i in table.iloc[:, 0].tolist()]  # the id column
+    return index_info(engine, name, lang, shown=len(table)), table, previews(engine, name, ids)
+
+
+@user_errors
+def open_index(engine: Engine, name: str | None, request: gr.Request | None = None):
+    """Make ``name`` the active index and show it: (info, table, label filter, previews, selected ids)."""
+    lang = lang_of(request)
+    if not name:  # e.g. the last index was just deleted
+        empty = pd.DataFrame(columns=[_t(lang, "col_id"), _t(lang, "col_label"), _t(lang, "col_source")])
+        return _t(lang, "no_indices"), empty, gr.update(choices=[], value=[]), [], ""
+    engine.set_active(name)
+    info, table, thumbs = _view(engine, name, None, None, lang)
+    return info, table, _label_choices(engine, name), thumbs, ""
+
+
+@user_errors
+def filter_entries(
+    engine: Engine,
+    name: str | None,
+    labels: list[str] | None,
+    selected: str | None = None,
+    request: gr.Request | None = None,
+):
+    """Re-show the entries table for some labels: (info, table, previews)."""
+    return _view(engine, name, labels, selected, lang_of(request))
+
+
+@user_errors
+def clear_selection(engine: Engine, name: str | None, labels: list[str] | None, request: gr.Request | None = None):
+    """Forget the selected rows: (selected ids, info, table, previews)."""
+    return "", *_view(engine, name, labels, None, lang_of(request))
+
+
+@user_errors
+def toggle_selection(
+    engine: Engine, name: str | None, selected: str | None, labels: list[str] | None, evt: gr.SelectData
+):
+    """A click on a table row adds its id to the selection, or takes it out: (ids text, previews).
+    With nothing selected, the previews show the rows in the table again."""
+    row = evt.row_value or []
+    if not row:
+        return selected or "", gr.update()
+    clicked = int(row[0])
+    ids = parse_id_text(selected)
+    ids = [i for i in ids if i != clicked] if clicked in ids else [*ids, clicked]
+    shown = ids or [int(i) for i in entries_table(engine, name, labels).iloc[:, 0].tolist()]
+    return ", ".join(map(str, ids)), previews(engine, name, shown)
+
+
+@user_errors
+def remove_entries(
+    engine: Engine,
+    name: str | None,
+    selected: str | None,
+    labels: list[str] | None = None,
+    request: gr.Request | None = None,
+):
+    """Remove the selected ids: (status, info, table, previews, selected ids cleared)."""
+    ids = parse_id_text(selected)
+    if not ids:
+        raise ShiTuError("select rows in the table (or type ids) to remove first")
+    engine.remove(name, ids)
+    lang = lang_of(request)
+    info, table, thumbs = _view(engine, name, labels, None, lang)
+    status = _t(lang, "removed", n=len(ids), name=engine.resolve_name(name), ids=", ".join(map(str, ids)))
+    return status, info, table, thumbs, ""
+
+
+@user_errors
+def add_entries(
+    engine: Engine,
+    name: str | None,
+    files: Any,
+    label_file: Any,
+    skip_invalid: bool = True,
+    request: gr.Request | None = None,
+    progress: gr.Progress = gr.Progress(),
+):
+    """Append uploads to an index: (summary, info, table, label filter, previews)."""
+    batch = gallery_from_uploads(files, label_file)
+    report = engine.add(name, batch, skip_invalid=bool(skip_invalid), progress=_progress_callback(progress))
+    lang = lang_of(request)
+    info, table, thumbs = _view(engine, name, None, None, lang)
+    return change_summary(engine, report, lang, built=False), info, table, _label_choices(engine, name), thumbs
+
+
+@user_errors
+def rename_index(engine: Engine, name: str | None, new_name: str, request: gr.Request | None = None):
+    """Rename an index: (status, Manage dropdown, Recognize dropdown)."""
+    if not name:
+        raise ShiTuError("no index is selected")
+    new = (new_name or "").strip()
+    engine.rename(name, new)
+    status = _t(lang_of(request), "renamed", old=name, new=new)
+    return status, _index_dropdown(engine, new), _index_dropdown(engine, new)
+
+
+@user_errors
+def delete_index(engine: Engine, name: str | None, confirm: bool, request: gr.Request | None = None):
+    """Delete an index once confirmed: (status, Manage dropdown, Recognize dropdown, confirm box reset)."""
+    if not name:
+        raise ShiTuError("no index is selected")
+    if not confirm:
+        raise ShiTuError(f"tick the confirmation box to delete {name!r}")
+    engine.delete(name)
+    status = _t(lang_of(request), "deleted", name=name)
+    return status, _index_dropdown(engine), _index_dropdown(engine), False
+
+
+@user_errors
+def export_index(engine: Engine, name: str | None, request: gr.Request | None = None):
+    """Write the index as a .zip: (status, download button with the file)."""
+    name = engine.resolve_name(name)
+    path = _scratch_file(f"{name}.zip")
+    path.write_bytes(engine.store.export_zip(name))
+    return _t(lang_of(request), "exported", name=name), gr.update(value=str(path), visible=True)
+
+
+@user_errors
+def import_index(engine: Engine, file: Any, name: str, overwrite: bool = False, request: gr.Request | None = None):
+    """Import an index .zip under ``name`` (default: the file's name): (status, dropdowns)."""
+    paths = _paths(file)
+    if not paths:
+        raise ShiTuError("no .zip was uploaded")
+    name = (name or "").strip() or paths[0].stem
+    index = engine.store.import_zip(name, _read_upload(paths[0]), overwrite=bool(overwrite))
+    stats = index.summary()
+    status = _t(lang_of(request), "imported", name=name, entries=stats["entries"], labels=stats["labels"])
+    return status, _index_dropdown(engine, name), _index_dropdown(engine, name)
+
+
+# --- Models & about ---------------------------------------------------------------------------
+def _version(*dists: str) -> str:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def _device(engine: Engine) -> str:
+    configured = engine.models().get("device") or "auto"
+    try:
+        import paddle
+
+        return f"{paddle.device.get_device()} (setting: {configured})"
+    except Exception:  # noqa: BLE001 - the page must render even if paddle cannot say
+        return str(configured)
+
+
+@user_errors
+def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
+    """Which models run and why, the device, library versions and every index's statistics."""
+    lang = lang_of(request)
+    models = engine.models()
+    lines = [_t(lang, "models_header")]
+    for stage in ("detection", "recognition"):
+        info = models.get(stage) or {}
+        where = f" — `{info['model_dir']}`" if info.get("model_dir") else ""
+        lines.append(
+            f"- **{_t(lang, 'stage_' + stage)}**: `{info.get('model_name')}`, "
+            f"{TEXT[lang].get('source_' + str(info.get('source')), info.get('source'))}{where}  \n"
+            f"  {_md(info.get('reason', ''))}"
+        )
+    versions = {
+        "paddlex": _version("paddlex"),
+        "paddlepaddle": _version("paddlepaddle", "paddlepaddle-gpu"),
+        "faiss": _version("faiss-cpu", "faiss-gpu", "faiss"),
+        "gradio": _version("gradio"),
+    }
+    lines.append(f"- **{_t(lang, 'device')}**: {_device(engine)}")
+    lines.append(f"- **{_t(lang, 'versions')}**: " + " · ".join(f"{k} {v}" for k, v in versions.items()))
+    lines.append(f"- **{_t(lang, 'data_dir')}**: `{engine.settings.data_dir}`")
+    lines.append(_t(lang, "indices_header"))
+    names = engine.index_names()
+    if not names:
+        lines.append(_t(lang, "no_indices"))
+    else:
+        lines.append(_t(lang, "indices_table") + "\n|---|---|---|---|---|---|---|---|")
+        for name in names:
+            try:
+                index = engine.index(name)
+            except ShiTuError as exc:
+                lines.append(f"| {_md(name)} | — | — | — | — | — | {_md(exc.message)} | |")
+                continue
+            s = index.summary()
+            ok = _t(lang, "usable") if engine.compatible(index) else "⚠️ " + _t(lang, "rebuild")
+            active = " ★" if name == engine.active_index else ""
+            lines.append(
+                f"| {_md(name)}{active} | {s['entries']} | {s['labels']} | {s['index_type']} | "
+                f"{s['metric_type']} | {s['dim']} | `{s['feature_model']}` | {ok} |"
+            )
+    return "\n".join(lines)
+
+
+@user_errors
+def switch_model(engine: Engine, model_name: str, request: gr.Request | None = None):
+    """Switch the recognition model: (models markdown, recognition threshold slider)."""
+    if model_name not in REC_MODELS:
+        raise ShiTuError(f"unknown recognition model {model_name!r}")
+    engine.switch_recognition_model(model_name)
+    return models_markdown(engine, request), gr.update(value=engine.pipeline.default_rec_threshold)
+
+
+# --- layout ---------------------------------------------------------------------------------
+def build_demo(engine: Engine) -> gr.Blocks:
+    """The four-tab studio over ``engine``. Mount it with ``i18n=I18N, css=CSS`` (see app.py)."""
+    from shitu.sample import ensure_sample_files
+
+    def bind(fn: Callable) -> Callable:
+        return _bind(fn, engine)
+
+    _root, _labels, example_paths = ensure_sample_files(engine.settings)
+    example_paths = sorted(example_paths, key=lambda p: "two_objects" not in p.name)  # the richest first
+    pipeline = engine.pipeline
+    names = engine.index_names()
+    active = engine.active_index if engine.active_index in names else (names[0] if names else None)
+
+    with gr.Blocks(title="PP-ShiTuV2 Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(I18N("title"))
+        gr.Markdown(I18N("intro"))
+        with gr.Tabs():
+            # ---------------------------------------------------------------- Recognize
+            with gr.Tab(I18N("tab_recognize"), id="recognize") as tab_recognize:
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        query = gr.Image(
+                            label=I18N("query_image"),
+                            sources=["upload", "webcam", "clipboard"],
+                            type="numpy",
+                            height=360,
+                            elem_id="query-image",
+                        )
+                        rec_index = gr.Dropdown(names, value=active, label=I18N("index_to_search"), elem_id="rec-index")
+                        recognize_btn = gr.Button(I18N("recognize_btn"), variant="primary")
+                        with gr.Accordion(I18N("options"), open=False):
+                            det_threshold = gr.Slider(
+                                0.05,
+                                0.95,
+                                value=pipeline.default_det_threshold,
+                                step=0.01,
+                                label=I18N("det_threshold"),
+                                info=I18N("det_threshold_info"),
+                            )
+                            rec_threshold = gr.Slider(
+                                0.0,
+                                1.0,
+                                value=pipeline.default_rec_threshold,
+                                step=0.01,
+                                label=I18N("rec_threshold"),
+                                info=I18N("rec_threshold_info"),
+                            )
+                            topk = gr.Slider(1, 10, value=pipeline.config.rec_topk, step=1, label=I18N("topk"))
+                            whole_image = gr.Radio(
+                                list(WHOLE_IMAGE_MODES),
+                                value=pipeline.config.whole_image,
+                                label=I18N("whole_image"),
+                                info=I18N("whole_image_info"),
+                            )
+                            use_nms = gr.Checkbox(value=pipeline.config.nms_iou is not None, label=I18N("use_nms"))
+                            nms_iou = gr.Slider(
+                                0.05, 0.95, value=pipeline.config.nms_iou or 0.5, step=0.05, label=I18N("nms_iou")
+                            )
+                    with gr.Column(scale=1):
+                        result_image = gr.Image(
+                            label=I18N("result_image"),
+                            type="pil",
+                            format="jpeg",
+                            interactive=False,
+                            height=420,
+                            elem_id="result-image",
+                        )
+                        timings = gr.Markdown(elem_id="timings")
+                        result_json = gr.File(label=I18N("result_json"), interactive=False, height=60)
+                examples = gr.Examples(
+                    [[str(p)] for p in example_paths], inputs=[query], label=I18N("examples"), examples_per_page=8
+                )
+                result_table_df = gr.Dataframe(
+                    label=I18N("result_table"), interactive=False, wrap=True, elem_id="result-table"
+                )
+            # ---------------------------------------------------------------- Build index
+            with gr.Tab(I18N("tab_build"), id="build"):
+                gr.Markdown(I18N("build_help"))
+                with gr.Row():
+                    build_files = gr.File(
+                        label=I18N("gallery_files"),
+                        file_count="multiple",
+                        file_types=["image", ".zip", ".txt"],
+                        height=220,
+                        elem_id="build-files",
+                    )
+                    build_labels = gr.File(
+                        label=I18N("label_file"),
+                        file_count="single",
+                        file_types=[".txt"],
+                        height=220,
+                        elem_id="build-labels",
+                    )
+                with gr.Row():
+                    build_name = gr.Textbox(
+                        label=I18N("index_name"), value="my_gallery", max_lines=1, elem_id="build-name"
+                    )
+                    build_type = gr.Radio(list(INDEX_TYPES), value="HNSW32", label=I18N("index_type"))
+                    build_metric = gr.Radio(list(METRIC_TYPES), value="IP", label=I18N("metric_type"))
+                with gr.Row():
+                    build_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))
+                    build_overwrite = gr.Checkbox(value=False, label=I18N("overwrite"))
+                build_btn = gr.Button(I18N("build_btn"), variant="primary", elem_id="build-btn")
+                build_summary = gr.Markdown(elem_id="build-summary")
+            # ---------------------------------------------------------------- Manage index
+            with gr.Tab(I18N("tab_manage"), id="manage") as tab_manage:
+                with gr.Row():
+                    manage_index = gr.Dropdown(
+                        names, value=active, label=I18N("active_index"), scale=3, elem_id="manage-index"
+                    )
+                    label_filter = gr.Dropdown([], multiselect=True, label=I18N("filter_labels"), scale=3)
+                    refresh_btn = gr.Button(I18N("refresh"), scale=1)
+                info = gr.Markdown(elem_id="manage-info")
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        entries = gr.Dataframe(
+                            label=I18N("entries"), interactive=False, max_height=420, elem_id="entries-table"
+                        )
+                    with gr.Column(scale=2):
+                        thumbs = gr.Gallery(
+                            label=I18N("previews"), columns=4, height=420, allow_preview=True, elem_id="previews"
+                        )
+                with gr.Row():
+                    selected = gr.Textbox(label=I18N("selected_ids"), max_lines=1, scale=4, elem_id="selected-ids")
+                    remove_btn = gr.Button(I18N("remove_btn"), variant="stop", scale=1, elem_id="remove-btn")
+                    clear_btn = gr.Button(I18N("clear_btn"), scale=1)
+                manage_status = gr.Markdown(elem_id="manage-status")
+                with gr.Accordion(I18N("add_section"), open=False):
+                    with gr.Row():
+                        add_files = gr.File(
+                            label=I18N("gallery_files"),
+                            file_count="multiple",
+                            file_types=["image", ".zip", ".txt"],
+                            height=160,
+                        )
+                        add_labels = gr.File(label=I18N("label_file"), file_types=[".txt"], height=160)
+                    add_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))
+                    add_btn = gr.Button(I18N("add_btn"), variant="primary")
+                with gr.Accordion(I18N("rename_section"), open=False):
+                    with gr.Row():
+                        new_name = gr.Textbox(label=I18N("new_name"), max_lines=1)
+                        rename_btn = gr.Button(I18N("rename_btn"))
+                    with gr.Row():
+                        confirm_delete = gr.Checkbox(value=False, label=I18N("confirm_delete"))
+                        delete_btn = gr.Button(I18N("delete_btn"), variant="stop")
+                with gr.Accordion(I18N("transfer_section"), open=False):
+                    with gr.Row():
+                        export_btn = gr.Button(I18N("export_btn"))
+                        download_btn = gr.DownloadButton(I18N("download_btn"), visible=False)
+                    with gr.Row():
+                        import_file = gr.File(label=I18N("import_file"), file_types=[".zip"], height=120)
+                        with gr.Column():
+                            import_name = gr.Textbox(label=I18N("import_name"), max_lines=1)
+                            import_overwrite = gr.Checkbox(value=False, label=I18N("overwrite"))
+                            import_btn = gr.Button(I18N("import_btn"))
+            # ---------------------------------------------------------------- Models & about
+            with gr.Tab(I18N("tab_models"), id="models") as tab_models:
+                models_md = gr.Markdown(elem_id="models-info")
+                with gr.Row():
+                    rec_model = gr.Dropdown(
+                        list(REC_MODELS),
+                        value=pipeline.config.recognition.model_name,
+                        label=I18N("rec_model"),
+                        info=I18N("switch_info"),
+                        scale=3,
+                    )
+                    switch_btn = gr.Button(I18N("switch_btn"), scale=1)
+
+        # ---------------------------------------------------------------- events
+        rec_inputs = [query, rec_index, det_threshold, rec_threshold, topk, whole_image, use_nms, nms_iou]
+        rec_outputs = [result_image, result_table_df, timings, result_json]
+        recognize_btn.click(bind(recognize_image), rec_inputs, rec_outputs, api_name="recognize")
+        examples.load_input_event.then(bind(recognize_image), rec_inputs, rec_outputs, api_visibility="undocumented")
+        rec_index.input(
+            lambda name: engine.set_active(name) if name else None, rec_index, None, api_visibility="private"
+        )
+        tab_recognize.select(lambda: _index_dropdown(engine), None, rec_index, api_visibility="private")
+
+        build_btn.click(
+            bind(build_index),
+            [build_files, build_labels, build_name, build_type, build_metric, build_skip, build_overwrite],
+            [build_summary, rec_index, manage_index],
+            api_name="build_index",
+        )
+
+        view_outputs = [info, entries, label_filter, thumbs, selected]
+        open_event = dict(fn=bind(open_index), inputs=manage_index, outputs=view_outputs)
+        manage_index.input(**open_event, api_name="open_index")
+        refresh_btn.click(lambda: _index_dropdown(engine), None, manage_index, api_visibility="private").then(
+            **open_event, api_visibility="private"
+        )
+        tab_manage.select(lambda: _index_dropdown(engine), None, manage_index, api_visibility="private").then(
+            **open_event, api_visibility="private"
+        )
+        label_filter.input(
+            bind(filter_entries),
+            [manage_index, label_filter, selected],
+            [info, entries, thumbs],
+            api_name="filter_entries",
+        )
+        entries.select(
+            bind(toggle_selection), [manage_index, selected, label_filter], [selected, thumbs], api_visibility="private"
+        )
+        clear_btn.click(
+            bind(clear_selection),
+            [manage_index, label_filter],
+            [selected, info, entries, thumbs],
+            api_name="clear_selection",
+        )
+        remove_btn.click(
+            bind(remove_entries),
+            [manage_index, selected, label_filter],
+            [manage_status, info, entries, thumbs, selected],
+            api_name="remove_entries",
+        )
+        add_btn.click(
+            bind(add_entries),
+            [manage_index, add_files, add_labels, add_skip],
+            [manage_status, info, entries, label_filter, thumbs],
+            api_name="add_entries",
+        )
+        rename_btn.click(
+            bind(rename_index),
+            [manage_index, new_name],
+            [manage_status, manage_index, rec_index],
+            api_name="rename_index",
+        ).success(**open_event, api_visibility="private")
+        delete_btn.click(
+            bind(delete_index),
+            [manage_index, confirm_delete],
+            [manage_status, manage_index, rec_index, confirm_delete],
+            api_name="delete_index",
+        ).success(**open_event, api_visibility="private")
+        export_btn.click(bind(export_index), manage_index, [manage_status, download_btn], api_name="export_index")
+        import_btn.click(
+            bind(import_index),
+            [import_file, import_name, import_overwrite],
+            [manage_status, manage_index, rec_index],
+            api_name="import_index",
+        ).success(**open_event, api_visibility="private")
+
+        tab_models.select(bind(models_markdown), None, models_md, api_visibility="private")
+        switch_btn.click(bind(switch_model), rec_model, [models_md, rec_threshold], api_name="switch_model")
+
+        demo.load(bind(models_markdown), None, models_md, api_visibility="private")
+        if active:
+            demo.load(**open_event, api_visibility="private")
+    return demo

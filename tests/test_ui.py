@@ -1,0 +1,406 @@
+"""Handler-level tests of the Gradio studio (no browser), through the real engine and models.
+
+Handlers are called the way Gradio calls them: uploads arrive as file paths, errors must
+surface as ``gr.Error`` (a toast) and leave every index as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from shitu import ui
+from shitu.sample import SAMPLE_SUBJECTS
+
+LABELS = list(SAMPLE_SUBJECTS)  # "猫 cat", "咖啡 coffee", ... (labels with spaces and Chinese)
+
+
+class FakeRequest:
+    """Just what :func:`shitu.ui.lang_of` reads from a ``gr.Request``."""
+
+    def __init__(self, language: str):
+        self.headers = {"accept-language": language}
+
+
+def select_row(row: list) -> gr.SelectData:
+    """The event Gradio sends when a Dataframe cell of ``row`` is clicked."""
+    return gr.SelectData(None, {"index": [0, 1], "value": row[1], "row_value": row, "selected": True})
+
+
+@pytest.fixture
+def uploads(sample_gallery, tmp_path) -> tuple[list[str], Path]:
+    """The sample gallery as a browser uploads it: flat files (unique names) plus a label file
+    whose paths keep their folders, tab-separated, with one missing image and one line without
+    a label (lines 25 and 26)."""
+    root, label_file = sample_gallery
+    upload_dir = tmp_path / "upload"
+    upload_dir.mkdir()
+    files, lines = [], []
+    for line in label_file.read_text(encoding="utf-8").splitlines():
+        rel, label = line.split("\t")
+        flat = rel.replace("/", "_")  # 0/1.jpg -> 0_1.jpg
+        shutil.copy(root / rel, upload_dir / flat)
+        files.append(str(upload_dir / flat))
+        lines.append(f"photos/{flat}\t{label}")
+    lines += ["photos/missing.jpg\t猫 cat", "photos/0_0.jpg"]
+    labels = tmp_path / "gallery.txt"
+    labels.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return files, labels
+
+
+@pytest.fixture
+def shop(engine, uploads) -> str:
+    """An index named ``shop`` (Flat, IP; 24 entries) built through the Build tab's handler."""
+    files, labels = uploads
+    ui.build_index(engine, files, str(labels), "shop", "Flat", "IP", True, False)
+    return "shop"
+
+
+def ids_of(engine, name: str) -> list[int]:
+    return [e.id for e in engine.index(name).entries]
+
+
+# --- Build index ---------------------------------------------------------------------------
+def test_build_from_uploaded_files_reports_skipped_lines(engine, uploads):
+    files, labels = uploads
+    summary, rec_dropdown, manage_dropdown = ui.build_index(
+        engine, files, str(labels), "shop", "HNSW32", "IP", True, False
+    )
+    index = engine.index("shop")
+    assert len(index) == 24 and len(index.label_counts()) == 6
+    assert "`shop`" in summary and "**24** images" in summary and "**6** labels" in summary
+    assert "Skipped 2 line(s)" in summary
+    assert "line 25" in summary and "no uploaded file has this name" in summary
+    assert "line 26" in summary and "no label after the image path" in summary
+    assert "猫 cat (4)" in summary  # labels with spaces and Chinese survive the round trip
+    # the new index becomes active, and both index pickers show it
+    assert engine.active_index == "shop"
+    assert rec_dropdown["value"] == manage_dropdown["value"] == "shop"
+    assert "shop" in rec_dropdown["choices"]
+
+
+def test_label_file_may_come_with_the_images(engine, uploads):
+    files, labels = uploads
+    summary, *_ = ui.build_index(engine, [*files, str(labels)], None, "shop", "IVF", "L2", True, False)
+    assert "**24** images" in summary
+    assert engine.index("shop").summary()["index_type"] == "IVF"
+
+
+def test_build_from_zip_with_its_own_label_file(engine, sample_gallery, tmp_path):
+    root, _ = sample_gallery
+    archive = tmp_path / "gallery.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"gallery/{path.relative_to(root)}")  # wrapped in a folder, like zipping one
+    summary, *_ = ui.build_index(engine, [str(archive)], None, "zipped", "HNSW32", "IP", True, False)
+    assert "**24** images" in summary and "No lines were skipped" in summary
+    assert engine.index("zipped").label_counts() == {label: 4 for label in LABELS}
+
+
+def test_build_from_zip_and_separate_label_file(engine, sample_gallery, tmp_path):
+    root, label_file = sample_gallery
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(root.rglob("*.jpg")):
+            zf.write(path, str(path.relative_to(root)))
+    first_two = "\n".join(label_file.read_text(encoding="utf-8").splitlines()[:8])  # cats and coffee
+    labels = tmp_path / "two.txt"
+    labels.write_text(first_two, encoding="utf-8")
+    ui.build_index(engine, str(archive), str(labels), "two", "Flat", "IP", True, False)
+    assert engine.index("two").label_counts() == {LABELS[0]: 4, LABELS[1]: 4}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_files", "no gallery files were uploaded"),
+        ("no_label_file", "label file is missing"),
+        ("not_utf8", "not UTF-8"),
+        ("no_pairs", "no image/label pairs could be used"),
+        ("same_names", "upload the gallery as one .zip"),
+        ("zip_and_images", "either one .zip or image files"),
+        ("bad_name", "invalid index name"),
+    ],
+)
+def test_bad_build_input_is_a_toast_and_changes_nothing(engine, shop, uploads, tmp_path, case, message):
+    files, labels = uploads
+    before = (engine.index_names(), ids_of(engine, shop))
+    name, label_arg = "other", str(labels)
+    if case == "no_files":
+        files = []
+    elif case == "no_label_file":
+        label_arg = None
+    elif case == "not_utf8":
+        bad = tmp_path / "bad.txt"
+        bad.write_bytes(b"0_0.jpg caf\xe9\n")  # Latin-1, not UTF-8
+        label_arg = str(bad)
+    elif case == "no_pairs":
+        bad = tmp_path / "bad.txt"
+        bad.write_text("nothing.jpg label\nlonely_path\n", encoding="utf-8")
+        label_arg = str(bad)
+    elif case == "same_names":
+        twin = tmp_path / "twin"
+        twin.mkdir()
+        files = [*files, str(shutil.copy(files[0], twin / Path(files[0]).name))]
+    elif case == "zip_and_images":
+        files = [*files, str(tmp_path / "x.zip")]
+    elif case == "bad_name":
+        name = "../escape"
+    with pytest.raises(gr.Error, match=message):
+        ui.build_index(engine, files, label_arg, name, "HNSW32", "IP", True, False)
+    assert (engine.index_names(), ids_of(engine, shop)) == before
+
+
+def test_corrupt_image_is_skipped_or_refused(engine, shop, uploads, tmp_path):
+    files, labels = uploads
+    broken = Path(files[0]).with_name("broken.jpg")
+    broken.write_bytes(b"\xff\xd8 this is not really a jpeg")
+    text = labels.read_text(encoding="utf-8") + "photos/broken.jpg\t坏 broken\n"
+    labels.write_text(text, encoding="utf-8")
+    all_files = [*files, str(broken)]
+
+    before = ids_of(engine, shop)
+    # strict: the whole build is refused, and replacing the existing index does not happen
+    with pytest.raises(gr.Error, match="broken.jpg"):
+        ui.build_index(engine, all_files, str(labels), shop, "Flat", "IP", False, True)
+    assert ids_of(engine, shop) == before
+
+    # lenient: the build goes ahead and the summary names the line and the reason
+    summary, *_ = ui.build_index(engine, all_files, str(labels), "lenient", "Flat", "IP", True, False)
+    assert "line 27" in summary and "not a readable image" in summary
+    assert "坏 broken" not in engine.index("lenient").label_counts()
+
+
+def test_existing_name_needs_overwrite(engine, shop, uploads):
+    files, labels = uploads
+    with pytest.raises(gr.Error, match="already exists"):
+        ui.build_index(engine, files, str(labels), shop, "Flat", "IP", True, False)
+    summary, *_ = ui.build_index(engine, files[:4], str(labels), shop, "Flat", "IP", True, True)
+    assert len(engine.index(shop)) == 4
+
+
+# --- Manage index --------------------------------------------------------------------------
+def test_manage_table_lists_entries_and_filters_by_label(engine, shop):
+    info, table, label_filter, thumbs, selected = ui.open_index(engine, shop)
+    assert engine.active_index == shop
+    assert list(table.columns) == ["id", "label", "source"]
+    assert len(table) == 24 and table["id"].tolist() == ids_of(engine, shop)
+    assert "photos/0_0.jpg" in table["source"].tolist()
+    assert "24 entries" in info and "6 labels" in info and "Flat / IP" in info
+    assert [value for _, value in label_filter["choices"]] == sorted(LABELS)
+    assert len(thumbs) == 24 and thumbs[0][1] == f"#0 {LABELS[0]}" and thumbs[0][0].size[0] <= 96
+    assert selected == ""
+
+    info, table, thumbs = ui.filter_entries(engine, shop, [LABELS[1], LABELS[2]])
+    assert sorted(set(table["label"])) == sorted([LABELS[1], LABELS[2]]) and len(table) == 8
+    assert "Showing 8 of 24 entries" in info
+    assert {caption.split(" ", 1)[1] for _, caption in thumbs} == {LABELS[1], LABELS[2]}
+
+
+def test_select_rows_then_remove_them(engine, shop):
+    _, table, *_ = ui.open_index(engine, shop)
+    rows = table.values.tolist()
+    selected, thumbs = ui.toggle_selection(engine, shop, "", None, select_row(rows[3]))
+    selected, thumbs = ui.toggle_selection(engine, shop, selected, None, select_row(rows[5]))
+    assert selected == "3, 5" and [c for _, c in thumbs] == [f"#3 {rows[3][1]}", f"#5 {rows[5][1]}"]
+    selected, thumbs = ui.toggle_selection(engine, shop, selected, None, select_row(rows[5]))  # deselects
+    selected, thumbs = ui.toggle_selection(engine, shop, selected, None, select_row(rows[3]))
+    assert selected == "" and len(thumbs) == 24  # nothing selected: previews of the whole table again
+    selected, _ = ui.toggle_selection(engine, shop, selected, None, select_row(rows[3]))
+    selected, _ = ui.toggle_selection(engine, shop, selected, None, select_row(rows[7]))
+    assert selected == "3, 7"
+
+    status, info, table, thumbs, cleared = ui.remove_entries(engine, shop, selected, None)
+    assert "Removed 2" in status and cleared == ""
+    assert 3 not in table["id"].tolist() and 7 not in table["id"].tolist() and len(table) == 22
+    assert ids_of(engine, shop) == [i for i in range(24) if i not in (3, 7)]
+    assert "22 entries" in info
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [("3, 999", "not in the index: 999"), ("3 x", "'x' is not an entry id"), ("", "select rows")],
+)
+def test_remove_bad_ids_is_a_toast_and_changes_nothing(engine, shop, ids, message):
+    before = ids_of(engine, shop)
+    with pytest.raises(gr.Error, match=message):
+        ui.remove_entries(engine, shop, ids, None)
+    assert ids_of(engine, shop) == before
+
+
+def test_add_entries_to_an_index(engine, shop, sample_gallery, tmp_path):
+    root, _ = sample_gallery
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(root / "0" / "0.jpg", extra / "new_cat.jpg")
+    labels = tmp_path / "more.txt"
+    labels.write_text("new_cat.jpg 猫 cat\n", encoding="utf-8")
+    summary, info, table, label_filter, _ = ui.add_entries(engine, shop, [str(extra / "new_cat.jpg")], str(labels))
+    assert "Added 1 entries to `shop`" in summary
+    assert table["id"].tolist()[-1] == 24 and table["label"].tolist()[-1] == LABELS[0]
+    assert "25 entries" in info
+
+    broken = extra / "broken.png"
+    broken.write_bytes(b"not a png")
+    labels.write_text("broken.png 坏\n", encoding="utf-8")
+    with pytest.raises(gr.Error, match="not a readable image"):
+        ui.add_entries(engine, shop, [str(broken)], str(labels), False)
+    assert len(engine.index(shop)) == 25
+
+
+def test_rename_delete_export_import_round_trip(engine, shop, tmp_path):
+    status, manage_dropdown, rec_dropdown = ui.rename_index(engine, shop, "store")
+    assert "Renamed" in status and manage_dropdown["value"] == rec_dropdown["value"] == "store"
+    assert engine.index_names() == ["store"] and engine.active_index == "store"
+    with pytest.raises(gr.Error, match="invalid index name"):
+        ui.rename_index(engine, "store", "no spaces please")
+    assert engine.index_names() == ["store"]
+
+    status, download = ui.export_index(engine, "store")
+    exported = Path(download["value"])
+    assert download["visible"] and exported.name == "store.zip"
+    with zipfile.ZipFile(exported) as zf:
+        assert {"store/vector.index", "store/id_map.yaml"} <= set(zf.namelist())
+
+    with pytest.raises(gr.Error, match="tick the confirmation box"):
+        ui.delete_index(engine, "store", False)
+    assert engine.index_names() == ["store"]
+    status, manage_dropdown, _, confirm = ui.delete_index(engine, "store", True)
+    assert "Deleted" in status and engine.index_names() == [] and confirm is False
+    assert manage_dropdown["value"] is None
+    # an empty studio still renders the Manage tab
+    info, table, *_ = ui.open_index(engine, None)
+    assert len(table) == 0 and "No indices yet" in info
+
+    status, *_ = ui.import_index(engine, str(exported), "", False)
+    assert "Imported `store`: 24 entries, 6 labels" in status
+    assert engine.index("store").label_counts() == {label: 4 for label in LABELS}
+    with pytest.raises(gr.Error, match="already exists"):
+        ui.import_index(engine, str(exported), "store", False)
+    not_zip = tmp_path / "index.zip"
+    not_zip.write_text("hello")
+    with pytest.raises(gr.Error, match="not a readable .zip"):
+        ui.import_index(engine, str(not_zip), "other", False)
+    assert engine.index_names() == ["store"]
+
+
+# --- Recognize -----------------------------------------------------------------------------
+def test_recognize_held_out_view(engine, shop, sample_queries):
+    image, table, timings, json_path = ui.recognize_image(engine, str(sample_queries[3]), shop)  # rocket
+    assert image.size[0] > 0
+    assert list(table.columns) == ["box #", "label", "score", "top-k", "bbox (x1, y1, x2, y2)", "detector"]
+    assert table["label"].iloc[0] == LABELS[2]
+    assert "None" not in table.to_string()
+    for stage in ("detect", "embed", "search", "total"):
+        assert stage in timings
+    data = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    assert data["index"] == shop and data["boxes"][0]["rec_results"][0]["label"] == LABELS[2]
+
+
+def test_recognize_two_objects_with_options(engine, shop, sample_queries):
+    _, table, *_ = ui.recognize_image(engine, str(sample_queries[0]), shop, None, None, 3, "never", True, 0.5)
+    assert {LABELS[0], LABELS[1]} <= set(table["label"])
+    assert all(len(cell.split("; ")) <= 3 for cell in table["top-k"])
+
+
+def test_unrecognised_boxes_say_so(engine, shop, sample_queries):
+    # a threshold nothing can reach: every box is unrecognised, shown as such and never as "None"
+    _, table, timings, _ = ui.recognize_image(engine, str(sample_queries[1]), shop, None, 1.0, 5, "auto", False, 0.5)
+    assert len(table) >= 1 and set(table["label"]) == {"unrecognised"}
+    assert set(table["score"]) == {"—"} and "None" not in table.to_string()
+    assert "0 recognised" in timings
+
+
+def test_recognize_in_chinese(engine, shop, sample_queries):
+    _, table, timings, _ = ui.recognize_image(
+        engine, str(sample_queries[1]), shop, None, 1.0, 5, "auto", True, 0.5, FakeRequest("zh-CN,zh;q=0.9")
+    )
+    assert "标签" in table.columns and set(table["标签"]) == {"未识别"}
+    assert "合计" in timings
+
+
+def test_recognize_errors_are_toasts(engine, shop, tmp_path):
+    with pytest.raises(gr.Error, match="upload, paste or take a picture"):
+        ui.recognize_image(engine, None, shop)
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"garbage")
+    with pytest.raises(gr.Error, match="not a readable image"):
+        ui.recognize_image(engine, str(corrupt), shop)
+    with pytest.raises(gr.Error, match="no index named 'nope'"):
+        ui.recognize_image(engine, str(corrupt), "nope")
+
+
+# --- Models & about ------------------------------------------------------------------------
+def test_models_tab_shows_the_starter_pack(engine, shop):
+    text = ui.models_markdown(engine)
+    assert engine.models()["recognition"]["source"] == "starter"  # the tests run offline
+    assert "`PP-ShiTuV2_rec`" in text and "offline starter pack" in text
+    for package in ("paddlex", "paddlepaddle", "faiss", "gradio"):
+        assert package in text
+    assert "| shop ★ | 24 | 6 | Flat | IP |" in text and "usable" in text
+    assert "模型" in ui.models_markdown(engine, FakeRequest("zh-CN"))
+
+
+def test_switching_to_an_unavailable_model_is_a_toast(engine):
+    before = engine.models()["recognition"]["model_name"]
+    with pytest.raises(gr.Error, match="not available here"):
+        ui.switch_model(engine, "PP-ShiTuV2_rec_CLIP_vit_base")
+    with pytest.raises(gr.Error, match="unknown recognition model"):
+        ui.switch_model(engine, "resnet")
+    assert engine.models()["recognition"]["model_name"] == before
+
+
+# --- wiring --------------------------------------------------------------------------------
+def test_demo_has_four_tabs_and_named_endpoints(engine, shop):
+    demo = ui.build_demo(engine)
+    config = demo.get_config_file()
+    tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
+    assert [str(t) for t in tabs] == [
+        str(ui.I18N(k)) for k in ("tab_recognize", "tab_build", "tab_manage", "tab_models")
+    ]
+    api_names = {fn.api_name for fn in demo.fns.values()}
+    assert {"recognize", "build_index", "remove_entries", "add_entries", "rename_index", "delete_index",
+            "export_index", "import_index", "switch_model", "filter_entries"} <= api_names  # fmt: skip
+
+
+def test_bound_handlers_keep_what_gradio_injects(engine):
+    from gradio.helpers import special_args
+
+    _, progress_index, _, _ = special_args(ui._bind(ui.build_index, engine), [None] * 7)
+    assert progress_index == 8  # after the 7 inputs and the request
+    click = gr.EventData(None, {"index": [0, 0], "value": 3, "row_value": [3, "x", "y"]})
+    inputs, _, event_index, _ = special_args(
+        ui._bind(ui.toggle_selection, engine), ["shop", "", None], event_data=click
+    )
+    assert inputs[:3] == ["shop", "", None] and isinstance(inputs[3], gr.SelectData) and event_index == 3
+
+
+def test_build_app_serves_ui_and_api_on_one_port(engine, shop):
+    from fastapi.testclient import TestClient
+
+    from app import build_app
+
+    client = TestClient(build_app(engine, prepare_sample=False))
+    page = client.get("/")
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+    config = client.get("/config").json()
+    assert "i18n_translations" in config and "zh" in config["i18n_translations"]
+
+
+def test_ui_asks_for_the_api_token_when_one_is_set(engine):
+    from fastapi.testclient import TestClient
+
+    from app import build_app
+
+    engine.settings.api_token = "s3cret"
+    client = TestClient(build_app(engine, prepare_sample=False))
+    assert client.get("/config").status_code == 401
+    assert client.post("/login/", data={"username": "me", "password": "wrong"}).status_code == 400
+    assert client.post("/login/", data={"username": "me", "password": "s3cret"}).status_code == 200
+    assert client.get("/config").status_code == 200
