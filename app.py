@@ -1,7 +1,7 @@
 """Serve the studio: ``python app.py`` (Hugging Face Spaces runs the same file).
 
 One process, one port, one engine: the Gradio UI is mounted at ``/`` on the FastAPI app
-that also carries the HTTP API (``shitu.api``, when installed). Settings come from
+that also carries the HTTP API (``shitu.api``). Settings come from
 ``SHITU_*`` environment variables (see ``shitu/config.py``); the port from ``$PORT``
 (else ``$GRADIO_SERVER_PORT``, else 7860, the port Spaces expects).
 """
@@ -22,17 +22,6 @@ log = logging.getLogger("shitu.app")
 DEFAULT_PORT = 7860
 
 
-def _api_factory():
-    """``shitu.api.create_api`` if that module exists, else ``None`` (UI only)."""
-    try:
-        from shitu.api import create_api
-    except ModuleNotFoundError as exc:
-        if exc.name != "shitu.api":
-            raise  # shitu.api exists but something it needs is missing: say so
-        return None
-    return create_api
-
-
 def _ui_login(token: str | None) -> dict:
     """With ``SHITU_API_TOKEN`` set, the UI (which can change indices too) asks for it as the password."""
     if not token:
@@ -45,21 +34,20 @@ def _ui_login(token: str | None) -> dict:
 
 
 def build_app(engine: Engine | None = None, *, prepare_sample: bool = True) -> FastAPI:
-    """The FastAPI app with the HTTP API (if available) and the Gradio UI at ``/``.
+    """The FastAPI app with the HTTP API and the Gradio UI at ``/``.
 
     The sample index is built before anything is served, so Recognize works on first load.
     """
     import gradio as gr
-    from fastapi import FastAPI
 
+    from shitu.api import create_api
     from shitu.engine import Engine
     from shitu.ui import CSS, I18N, build_demo
 
     engine = engine or Engine()
     if prepare_sample and engine.ensure_sample_index() is None:
         log.warning("the sample index could not be built; Recognize needs an index from the Build tab")
-    create_api = _api_factory()
-    app = create_api(engine) if create_api else FastAPI(title="PP-ShiTuV2 Studio")
+    app = create_api(engine)
     demo = build_demo(engine)
     login = _ui_login(engine.settings.api_token)
     return gr.mount_gradio_app(app, demo, path="/", i18n=I18N, css=CSS, footer_links=["api"], **login)
