@@ -19,13 +19,12 @@ The interpreter is not a project dependency; install it aside, without its depen
 Run (fetches and converts the model into the data dir once)::
 
     PYTHONPATH=/tmp/litert python bench/detector_agreement.py \\
-        --images ../shared/data/drink_dataset/test_images --data-dir data
+        --images ../shared/data/drink_dataset/test_images --starter-dir data/models/starter
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import paddle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shitu.config import Settings
 from shitu.starter.detector import (
     build_ssd_detector,
     ensure_starter_detector,
@@ -91,13 +91,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path,
                         default=Path("../shared/data/drink_dataset/test_images"))  # fmt: skip
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SHITU_DATA_DIR", "data")))
+    parser.add_argument("--starter-dir", type=Path, default=Settings.from_env().models_dir / "starter",
+                        help="the starter pack folder (default: <SHITU_DATA_DIR>/models/starter)")
     parser.add_argument("--nms-floor", type=float, default=0.05,
                         help="score floor for the NMS comparison (the exported model's floor)")  # fmt: skip
     args = parser.parse_args()
 
-    model_dir = ensure_starter_detector(args.data_dir)
-    tflite_path = fetch_objectron_tflite(args.data_dir / "models" / "starter" / "objectron")
+    model_dir = ensure_starter_detector(args.starter_dir)
+    tflite_path = fetch_objectron_tflite(args.starter_dir / "downloads")
     interpreter = load_interpreter(tflite_path)
     model, _, options = build_ssd_detector(tflite_path)
     anchors = ssd_anchors(options)
@@ -114,7 +115,7 @@ def main() -> None:
     )
     photos = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     print(f"model: {tflite_path.name}  paddle {paddle.__version__}  photos: {len(photos)}")
-    print(f"exported model dir: {model_dir}")
+    print(f"exported model dir: {model_dir.name} (in the starter dir)")
     print(f"NMS comparison: score > {args.nms_floor}, IoU 0.45, class-agnostic; 'same' = equal")
     print("count, order and classes, coordinates within 0.5 px (PaddleX column: 1 px), boxes")
     print(f"scoring within 1e-5 of the {args.nms_floor} floor ignored\n")

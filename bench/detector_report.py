@@ -11,7 +11,7 @@ while the other photos gain few extra boxes.
 Run::
 
     python bench/detector_report.py --images ../shared/data/drink_dataset/test_images \\
-        --data-dir data [--draw /tmp/det_vis]
+        --starter-dir data/models/starter [--draw /tmp/det_vis]
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shitu.config import Settings
 from shitu.starter.detector import DEFAULT_DET_THRESHOLD, ensure_starter_detector
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -60,20 +61,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=Path,
                         default=Path("../shared/data/drink_dataset/test_images"))  # fmt: skip
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SHITU_DATA_DIR", "data")))
+    parser.add_argument("--starter-dir", type=Path, default=Settings.from_env().models_dir / "starter",
+                        help="the starter pack folder (default: <SHITU_DATA_DIR>/models/starter)")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per photo")
     parser.add_argument("--draw", type=Path, help="save annotated photos here")
     args = parser.parse_args()
 
     import paddlex
 
-    model_dir = ensure_starter_detector(args.data_dir)
+    model_dir = ensure_starter_detector(args.starter_dir)
     predictor = paddlex.create_model(
         model_name="PP-ShiTuV2_det", model_dir=str(model_dir), device="cpu"
     )
     photos = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     floor = min(THRESHOLDS)
-    print(f"model dir: {model_dir.name}  photos: {len(photos)}  CPU cores: {os.cpu_count()}")
+    print(f"model dir: {model_dir.name}  photos: {len(photos)}  CPU cores: {os.cpu_count()}  "
+          f"load average at start: {os.getloadavg()[0]:.2f}")  # fmt: skip
     print(f"thresholds: {', '.join(map(str, THRESHOLDS))}; default {DEFAULT_DET_THRESHOLD}\n")
 
     per_photo: dict[str, list[dict]] = {}
@@ -121,7 +124,7 @@ def main() -> None:
               f"({', '.join(b['label'] for b in kept)}), max pairwise IoU "
               f"{max(overlaps, default=0.0):.2f}")  # fmt: skip
 
-    print()
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f} (other processes on the cores inflate latency)")
     for what, values in (("from the JPEG file", list(latencies.values())),
                          ("from a decoded BGR array", list(array_latencies.values()))):  # fmt: skip
         print(f"CPU latency per image via PaddleX predict {what} (mean of {args.runs} runs after "

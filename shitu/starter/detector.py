@@ -15,7 +15,7 @@ fp16 TFLite flatbuffer. This module
 Every detection is a "main body"; the Open Images class of the best-scoring class is kept as the
 box's label for information. Example::
 
-    model_dir = ensure_starter_detector(Path("data"))
+    model_dir = ensure_starter_detector(Path("data/models/starter"))
     det = paddlex.create_model(model_name="PP-ShiTuV2_det", model_dir=str(model_dir))
     boxes = next(det.predict("shelf.jpg", threshold=DEFAULT_DET_THRESHOLD))["boxes"]
 """
@@ -49,6 +49,8 @@ from shitu.errors import StarterModelUnavailable
 
 __all__ = [
     "DEFAULT_DET_THRESHOLD",
+    "DETECTOR_MODEL_NAME",
+    "STARTER_DETECTOR_DIRNAME",
     "StarterModelUnavailable",
     "build_ssd_detector",
     "convert_tflite_detector",
@@ -79,7 +81,7 @@ STARTER_FORMAT_VERSION = 1
 # Chosen with bench/detector_report.py on the 13 shared test photos (bench/results/
 # detector_report.txt): at 0.25 100.jpeg gives its 3 separate bottles, every photo gets a box,
 # and the Red Bull carton and the milk carton that 0.3 misses are found, for 4 false boxes
-# (table, croissant, pine cone, berries) over 13 photos; 0.2 adds ~1 false box per 2 photos.
+# (table, croissant, pine cone, berries) over 13 photos; 0.2 adds 2 true and 4 false boxes.
 DEFAULT_DET_THRESHOLD = 0.25
 
 # Open Images v4 classes of the objectron SSD, in output order; index 0 ("???") is background.
@@ -117,34 +119,51 @@ def _write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the cache from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _npm_error(stderr: bytes | str | None, fallback: str) -> str:
+    """The informative part of npm's stderr (its code and message, not the log-file hint)."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+    lines = [
+        line.removeprefix("npm error").strip()
+        for line in text.splitlines()
+        if line.startswith("npm error") and "complete log" not in line
+    ]
+    return " ".join(line for line in lines[:2] if line) or fallback
+
+
 def _download_tarball(workdir: Path) -> bytes:
-    """Get the package tarball with ``npm pack``, or by HTTP GET the way npm does."""
+    """Get the package tarball with ``npm pack`` (honours the user's npm registry, proxy and
+    cache settings), or else by HTTP GET of the registry's tarball URL, as npm does."""
     reasons = []
     npm = shutil.which("npm")
     if npm:
+        spec = f"{OBJECTRON_NPM_PACKAGE}@{OBJECTRON_NPM_VERSION}"
+        # Bounded retries/timeouts: a black-holed registry should fail in minutes, not 15.
+        command = [npm, "pack", spec, "--loglevel=error", "--fetch-retries=1",
+                   "--fetch-timeout=60000"]  # fmt: skip
         try:
             subprocess.run(
-                [npm, "pack", f"{OBJECTRON_NPM_PACKAGE}@{OBJECTRON_NPM_VERSION}", "--silent"],
+                command,
                 cwd=workdir,
                 check=True,
                 capture_output=True,
-                timeout=300,
+                timeout=180,
                 env={**os.environ, "npm_config_update_notifier": "false"},
             )
             tarballs = sorted(workdir.glob("*.tgz"))
             if tarballs:
                 return tarballs[0].read_bytes()
             reasons.append("npm pack wrote no tarball")
+        except subprocess.CalledProcessError as exc:
+            reasons.append(f"npm pack failed: {_npm_error(exc.stderr, f'exit {exc.returncode}')}")
         except (OSError, subprocess.SubprocessError) as exc:
-            stderr = getattr(exc, "stderr", b"") or b""
-            last = stderr.decode(errors="replace").strip().splitlines()[-1:] or [str(exc)]
-            reasons.append(f"npm pack failed: {last[0]}")
+            reasons.append(f"npm pack failed: {exc}")
     else:
         reasons.append("npm not installed")
     try:
@@ -591,7 +610,7 @@ class _Activation(nn.Layer):
         return _activate(x, self._activation)
 
 
-_STANDALONE_ACTIVATIONS = {"LOGISTIC": "LOGISTIC", "RELU": "RELU", "RELU6": "RELU6", "TANH": "TANH"}
+_STANDALONE_ACTIVATIONS = frozenset({"LOGISTIC", "RELU", "RELU6", "TANH"})
 
 
 class TFLiteNet(nn.Layer):
@@ -607,7 +626,6 @@ class TFLiteNet(nn.Layer):
         super().__init__()
         if len(graph.inputs) != 1 or len(graph.tensors[graph.inputs[0]].shape) != 4:
             raise NotImplementedError("only graphs with one NHWC image input are supported")
-        self.graph_input = graph.tensors[graph.inputs[0]]
         self._tensors = graph.tensors
         self._consts: dict[int, np.ndarray] = {
             i: t.data for i, t in enumerate(graph.tensors) if t.data is not None
@@ -621,6 +639,8 @@ class TFLiteNet(nn.Layer):
         for op in graph.ops:
             self._convert(op)
         self._output_keys = [self._want(t, "native") for t in graph.outputs]
+        # Weights now live in the steps' parameters; drop the build-time numpy copies.
+        del self._consts, self._tensors
 
     # -- plan building ----------------------------------------------------------------------
     @staticmethod
@@ -711,9 +731,7 @@ class TFLiteNet(nn.Layer):
             key = self._key(op.inputs[0])
             layout = self._layouts.get(key, "native")
             key = self._want(op.inputs[0], layout)
-            self._add_step(
-                _Activation(_STANDALONE_ACTIVATIONS[kind]), [key], self._key(out), layout
-            )
+            self._add_step(_Activation(kind), [key], self._key(out), layout)
         else:
             raise NotImplementedError(f"TFLite op {kind} is not supported by the converter")
 
@@ -1022,6 +1040,7 @@ def convert_tflite_detector(
             "recommended_threshold": default_threshold,
         }
         (tmp / "starter.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp creates 0700
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1055,18 +1074,19 @@ def _is_complete_model_dir(model_dir: Path) -> bool:
     )
 
 
-def ensure_starter_detector(data_dir: Path) -> Path:
-    """Return the starter detector's PaddleX model dir under ``data_dir``, building it once.
+def ensure_starter_detector(models_dir: Path) -> Path:
+    """Return the starter detector's PaddleX model dir in ``models_dir``, building it once.
 
-    Layout: ``data_dir/models/starter/PP-ShiTuV2_det-objectron-ssd`` (the model dir) and
-    ``data_dir/models/starter/objectron`` (the downloaded TFLite file and label map).
+    Layout (``models_dir`` is the starter pack's folder, e.g. ``<data>/models/starter``):
+    ``models_dir/PP-ShiTuV2_det-objectron-ssd`` is the model dir and ``models_dir/downloads``
+    keeps the checked TFLite file and label map, so a rebuild needs no network.
     Raises :class:`StarterModelUnavailable` when the weights cannot be fetched or converted.
     """
-    starter = Path(data_dir) / "models" / "starter"
-    model_dir = starter / STARTER_DETECTOR_DIRNAME
+    models_dir = Path(models_dir)
+    model_dir = models_dir / STARTER_DETECTOR_DIRNAME
     if _is_complete_model_dir(model_dir):
         return model_dir
-    tflite_path = fetch_objectron_tflite(starter / "objectron")
+    tflite_path = fetch_objectron_tflite(models_dir / "downloads")
     try:
         convert_tflite_detector(tflite_path, model_dir)
     except (ValueError, NotImplementedError, RuntimeError, OSError) as exc:
