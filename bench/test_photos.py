@@ -36,6 +36,7 @@ def main() -> None:
     print("recognition:", pipeline.recognition.describe())
     photos = [(p, load_image(p)) for p in list_image_files(args.data / "test_images")]
     totals: dict[str, list[float]] = {"detect": [], "embed": [], "search": []}
+    pipeline.recognize(photos[0][1], index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1)  # warm-up
     for det in args.det:
         for whole in ("auto", "always"):
             print(f"\n=== det_threshold {det}, whole_image {whole}, rec_threshold 0 (top-1 shown with score)")
