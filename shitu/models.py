@@ -107,15 +107,23 @@ def _local(stage: str, sub: SubModule) -> ModelChoice:
     return ModelChoice(stage, sub.model_name, str(path), "local", "model_dir set in the pipeline config")
 
 
-def resolve_recognition(config: PipelineConfig, settings: Settings) -> ModelChoice:
-    sub = config.recognition
+def _local_or_official(stage: str, sub: SubModule, settings: Settings, threshold: float) -> ModelChoice | str:
+    """The first two sources in order; the reason official weights are unavailable otherwise."""
     if sub.model_dir:
-        choice = _local("recognition", sub)
-        choice.default_threshold = OFFICIAL_REC_THRESHOLD
+        choice = _local(stage, sub)
+        choice.default_threshold = threshold
         return choice
     path, reason = try_official(sub.model_name, settings.offline)
     if path is not None:
-        return ModelChoice("recognition", sub.model_name, str(path), "official", reason, OFFICIAL_REC_THRESHOLD)
+        return ModelChoice(stage, sub.model_name, str(path), "official", reason, threshold)
+    return reason
+
+
+def resolve_recognition(config: PipelineConfig, settings: Settings) -> ModelChoice:
+    sub = config.recognition
+    reason = _local_or_official("recognition", sub, settings, OFFICIAL_REC_THRESHOLD)
+    if isinstance(reason, ModelChoice):
+        return reason
     from shitu.starter.recognition import ensure_starter_recognizer
 
     try:
@@ -134,13 +142,9 @@ def resolve_recognition(config: PipelineConfig, settings: Settings) -> ModelChoi
 
 def resolve_detection(config: PipelineConfig, settings: Settings) -> ModelChoice:
     sub = config.detection
-    if sub.model_dir:
-        choice = _local("detection", sub)
-        choice.default_threshold = OFFICIAL_DET_THRESHOLD
-        return choice
-    path, reason = try_official(sub.model_name, settings.offline)
-    if path is not None:
-        return ModelChoice("detection", sub.model_name, str(path), "official", reason, OFFICIAL_DET_THRESHOLD)
+    reason = _local_or_official("detection", sub, settings, OFFICIAL_DET_THRESHOLD)
+    if isinstance(reason, ModelChoice):
+        return reason
     try:
         from shitu.starter import detector
     except ImportError:  # pragma: no cover - the detector module ships with the package
