@@ -68,6 +68,10 @@ class ShiTuPipeline:
         self.recognition: ModelChoice = resolve_recognition(self.config, self.settings)
         self.detection: ModelChoice = resolve_detection(self.config, self.settings)
         self._lock = threading.Lock()
+        # PaddleX predictors keep per-call state: two threads in one predictor mix up their
+        # batches (or crash in Paddle Inference), so each model runs one call at a time.
+        self._rec_lock = threading.Lock()
+        self._det_lock = threading.Lock()
         self._rec_model: Any = None
         self._det_model: Any = None
         self._index_cache: dict[str, tuple[float, GalleryIndex]] = {}
@@ -133,7 +137,8 @@ class ShiTuPipeline:
         rows: list[np.ndarray] = []
         for start in range(0, len(images), bs):
             batch = [np.ascontiguousarray(im[..., ::-1]) for im in images[start : start + bs]]  # RGB → BGR
-            results = list(rec.predict(batch, batch_size=len(batch)))
+            with self._rec_lock:
+                results = list(rec.predict(batch, batch_size=len(batch)))
             feats = [np.asarray(r["feature"], dtype=np.float32) for r in results]
             if feats[0].ndim == 2 and feats[0].shape[0] == len(batch):
                 rows.append(feats[0])  # PaddleX 3.7.2: every result carries the batch matrix
@@ -149,7 +154,8 @@ class ShiTuPipeline:
         det, _ = self._models()
         if det is None:
             return []
-        (res,) = list(det.predict([np.ascontiguousarray(image[..., ::-1])], threshold=threshold))
+        with self._det_lock:
+            (res,) = list(det.predict([np.ascontiguousarray(image[..., ::-1])], threshold=threshold))
         boxes = []
         for b in res["boxes"]:
             x1, y1, x2, y2 = (float(v) for v in b["coordinate"])

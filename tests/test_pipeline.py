@@ -235,3 +235,35 @@ def test_unreachable_hub_is_decided_quickly(tmp_path, monkeypatch):
         pytest.skip("a model hub is reachable from this machine")
     assert time.perf_counter() - start < 30
     assert "no model hub reachable" in reason
+
+
+def test_concurrent_predictions_do_not_mix(pipeline, index, sample_queries):
+    """The UI and the API call one pipeline from many threads; PaddleX predictors are not
+    thread-safe (unguarded, batches from two threads got mixed up or Paddle crashed)."""
+    images = [np.asarray(Image.open(q).convert("RGB")) for q in sample_queries[1:5]]
+    expected = [
+        pipeline.recognize(im, index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1).to_dict()["boxes"]
+        for im in images
+    ]
+    errors: list[BaseException] = []
+    mismatches: list[int] = []
+
+    def work(offset: int) -> None:
+        for i in range(6):
+            k = (i + offset) % len(images)
+            try:
+                got = pipeline.recognize(images[k], index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1)
+            except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+                continue
+            if [b["rec_results"][0]["label"] for b in got.to_dict()["boxes"]] != [
+                b["rec_results"][0]["label"] for b in expected[k]
+            ]:
+                mismatches.append(k)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and mismatches == []
