@@ -18,9 +18,9 @@ the import changed::
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +67,11 @@ class ShiTuPipeline:
             self.config.recognition.model_name = self.settings.rec_model
         self.recognition: ModelChoice = resolve_recognition(self.config, self.settings)
         self.detection: ModelChoice = resolve_detection(self.config, self.settings)
-        self._lock = threading.Lock()
-        # PaddleX predictors keep per-call state: two threads in one predictor mix up their
-        # batches (or crash in Paddle Inference), so each model runs one call at a time.
-        self._rec_lock = threading.Lock()
-        self._det_lock = threading.Lock()
+        # Every PaddleX call runs on this one thread. Predictors keep per-call state (two
+        # threads in one predictor mix up their batches), and Paddle Inference fails with
+        # "std::exception" when a predictor is run from a succession of new threads, which
+        # is what web servers' thread pools do.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shitu-paddle")
         self._rec_model: Any = None
         self._det_model: Any = None
         self._index_cache: dict[str, tuple[float, GalleryIndex]] = {}
@@ -119,13 +119,21 @@ class ShiTuPipeline:
             kwargs["device"] = self.device
         return paddlex.create_model(**kwargs)
 
+    def _on_worker(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` on the pipeline's inference thread and wait for it."""
+        return self._worker.submit(fn, *args, **kwargs).result()
+
     def _models(self):
-        with self._lock:
-            if self._rec_model is None:
-                self._rec_model = self._create(self.recognition)
-            if self._det_model is None and self.detection.available:
-                self._det_model = self._create(self.detection)
+        """The loaded predictors (created on first use, on the inference thread)."""
+        if self._rec_model is None or (self._det_model is None and self.detection.available):
+            self._on_worker(self._load)
         return self._det_model, self._rec_model
+
+    def _load(self) -> None:
+        if self._rec_model is None:
+            self._rec_model = self._create(self.recognition)
+        if self._det_model is None and self.detection.available:
+            self._det_model = self._create(self.detection)
 
     # --- stages ----------------------------------------------------------------------------
     def embed(self, images: Sequence[np.ndarray], batch_size: int | None = None) -> np.ndarray:
@@ -137,8 +145,7 @@ class ShiTuPipeline:
         rows: list[np.ndarray] = []
         for start in range(0, len(images), bs):
             batch = [np.ascontiguousarray(im[..., ::-1]) for im in images[start : start + bs]]  # RGB → BGR
-            with self._rec_lock:
-                results = list(rec.predict(batch, batch_size=len(batch)))
+            results = self._on_worker(lambda b=batch: list(rec.predict(b, batch_size=len(b))))
             feats = [np.asarray(r["feature"], dtype=np.float32) for r in results]
             if feats[0].ndim == 2 and feats[0].shape[0] == len(batch):
                 rows.append(feats[0])  # PaddleX 3.7.2: every result carries the batch matrix
@@ -154,8 +161,8 @@ class ShiTuPipeline:
         det, _ = self._models()
         if det is None:
             return []
-        with self._det_lock:
-            (res,) = list(det.predict([np.ascontiguousarray(image[..., ::-1])], threshold=threshold))
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        (res,) = self._on_worker(lambda: list(det.predict([bgr], threshold=threshold)))
         boxes = []
         for b in res["boxes"]:
             x1, y1, x2, y2 = (float(v) for v in b["coordinate"])
