@@ -117,26 +117,20 @@ def cmd_append(args) -> int:
 
 
 def cmd_remove(args) -> int:
-    ids = args.ids or args.ids_file
-    if not ids:
-        raise ShiTuError("give --ids or --ids-file")
-    if _is_dir_index(args.index):
-        from shitu.pipeline import parse_ids
+    from shitu.pipeline import parse_ids
 
-        index = GalleryIndex.load(args.index).remove(parse_ids(ids))
+    if not (args.ids or args.ids_file):
+        raise ShiTuError("give --ids or --ids-file")
+    ids = parse_ids(args.ids or args.ids_file)
+    if _is_dir_index(args.index):
+        index = GalleryIndex.load(args.index).remove(ids)
         index.save(args.index)
     else:
         from shitu.engine import Engine
 
-        index = Engine(_settings(args)).store.mutate(args.index, lambda cur: cur.remove(_ids(ids)))
+        index = Engine(_settings(args)).remove(args.index, ids)
     print(f"{args.index}: now {len(index)} entries")
     return 0
-
-
-def _ids(ids):
-    from shitu.pipeline import parse_ids
-
-    return parse_ids(ids)
 
 
 def cmd_predict(args) -> int:
