@@ -53,7 +53,7 @@ def main() -> None:
                 if args.out and det == pipeline.default_det_threshold and whole == "auto":
                     args.out.mkdir(parents=True, exist_ok=True)
                     final = pipeline.recognize(
-                        rgb, index, det_threshold=det, rec_threshold=pipeline.default_rec_threshold, rec_topk=5
+                        rgb, index, det_threshold=det, rec_threshold=pipeline.rec_threshold_for(index), rec_topk=5
                     )
                     final.render().save(args.out / f"{path.stem}.png")
     print(

@@ -80,7 +80,7 @@ def cmd_build(args) -> int:
         if _is_dir_index(args.index):
             index = engine.pipeline.build_index(
                 batch, index_type=args.index_type, metric_type=args.metric_type, skip_invalid=args.skip_invalid,
-                progress=bar,
+                progress=bar, whiten=args.whiten,
             )  # fmt: skip
             index.save(args.index)
             print(f"saved {len(index)} entries to {args.index}")
@@ -89,7 +89,7 @@ def cmd_build(args) -> int:
             return 0
         report = engine.build(
             args.index, batch, index_type=args.index_type, metric_type=args.metric_type, overwrite=args.overwrite,
-            skip_invalid=args.skip_invalid, progress=bar,
+            skip_invalid=args.skip_invalid, progress=bar, whiten=args.whiten,
         )  # fmt: skip
     finally:
         bar.close()
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-type", choices=METRIC_TYPES, default="IP")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--skip-invalid", action="store_true", help="leave out unusable lines instead of failing")
+    p.add_argument("--whiten", action="store_true", help="fit database-side whitening on the gallery (200+ images)")
 
     p = add("append", cmd_append, "add a gallery to an existing index")
     p.add_argument("--gallery-root", required=True, type=Path)

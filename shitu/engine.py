@@ -105,12 +105,18 @@ class Engine:
         overwrite: bool = False,
         skip_invalid: bool = True,
         progress: Progress | None = None,
+        whiten: bool = False,
     ) -> ChangeReport:
         name = check_name(name)
         if not overwrite and self.store.exists(name):
             raise ShiTuError(f"an index named {name!r} already exists; choose another name or overwrite it", status=409)
         index = self.pipeline.build_index(
-            batch, index_type=index_type, metric_type=metric_type, skip_invalid=skip_invalid, progress=progress
+            batch,
+            index_type=index_type,
+            metric_type=metric_type,
+            skip_invalid=skip_invalid,
+            progress=progress,
+            whiten=whiten,
         )
         self.store.put(name, index, overwrite=overwrite)
         return self._report(name, index, [e.id for e in index.entries], index.skipped)
@@ -185,7 +191,7 @@ class Engine:
         pl = self.pipeline
         opts = {
             "det_threshold": pl.default_det_threshold,
-            "rec_threshold": pl.default_rec_threshold,
+            "rec_threshold": pl.rec_threshold_for(gallery),
             "rec_topk": pl.config.rec_topk,
             "whole_image": pl.config.whole_image,
             "nms_iou": pl.config.nms_iou,

@@ -37,12 +37,17 @@ VECTOR_FILE = "vector.index"
 ID_MAP_FILE = "id_map.yaml"
 ALT_ID_MAP_FILE = "index_info.yaml"  # the name PaddleX's docs use
 META_FILE = "shitu_meta.json"
-OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE)
+WHITENING_FILE = "shitu_whitening.npz"
+OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE)
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_CANDIDATES = (64, 128, 256, 512, 1024, 2048)  # faiss's default efSearch is 16
 IVF_REGROW_FACTOR = 4  # retrain IVF once the index holds this many times its training set
+WHITEN_MIN_IMAGES = 200  # fewer images cannot estimate the feature covariance
+WHITEN_DIMS = 512
+WHITEN_POWER = 0.5  # divide each principal direction by sqrt(its singular value)
+UNKNOWN_REJECTION = 0.7  # suggested threshold: 70% of objects missing from the gallery score below it
 CALIBRATION_QUERIES = 512
 TARGET_AGREEMENT = 0.995  # calibration target, with margin over the 0.99 promised on new queries
 
@@ -55,6 +60,52 @@ class Entry:
     label: str
     source: str = ""
     thumbnail: bytes | None = None  # small JPEG
+
+
+@dataclass
+class Whitening:
+    """Database-side PCA whitening: ``x -> normalize((x - mean) @ projection)``.
+
+    Fitted on a gallery's own features (no labels) when the index is built, on request.
+    Generic features such as the starter model's share a few dominant directions, which
+    whitening evens out: on the drink gallery it lifts recall@1 of held-out images (5-fold)
+    from 0.731 to 0.784 and leave-one-out recall@1 from 0.801 to 0.862. It is off by default
+    because the same dominant directions separate products from everything else: on the
+    drink test photos, crops of tables, berries or a cat pass the whitened index's suggested
+    threshold more often than the raw features' (bench/results/starter_recall.txt, test_photos).
+    """
+
+    mean: np.ndarray  # (D,)
+    projection: np.ndarray  # (D, d)
+
+    @classmethod
+    def fit(cls, features: np.ndarray) -> "Whitening":
+        mean = features.mean(axis=0)
+        _, singular, vt = np.linalg.svd(features - mean, full_matrices=False)
+        keep = int(min(WHITEN_DIMS, np.sum(singular > 1e-6 * singular[0])))
+        projection = vt[:keep].T / singular[:keep] ** WHITEN_POWER
+        return cls(mean.astype(np.float32), projection.astype(np.float32))
+
+    @property
+    def input_dim(self) -> int:
+        return self.mean.shape[0]
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        return _normalize((features - self.mean) @ self.projection)
+
+
+def suggest_threshold(vectors: np.ndarray, labels: Sequence[str], metric_type: str) -> float | None:
+    """A recognition threshold for this gallery: the similarity below which 70% of objects
+    whose label is *not* in the gallery fall (each label left out in turn). ``None`` with
+    fewer than three labels."""
+    labels = np.asarray(labels)
+    if len(set(labels.tolist())) < 3:
+        return None
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(vectors), size=min(2000, len(vectors)), replace=False)
+    sims = vectors[rows] @ vectors.T  # unit vectors: cosine, also what L2 scores are turned into
+    sims[labels[rows][:, None] == labels[None, :]] = -np.inf
+    return round(float(np.quantile(sims.max(axis=1), UNKNOWN_REJECTION)), 4)
 
 
 def ivf_nlist(n: int) -> int:
@@ -171,8 +222,12 @@ class GalleryIndex:
         trained_size: int | None = None,
         search_params: dict[str, int] | None = None,
         calibrated_size: int | None = None,
+        whitening: Whitening | None = None,
+        suggested_rec_threshold: float | None = None,
     ):
         self._index = index
+        self.whitening = whitening
+        self.suggested_rec_threshold = suggested_rec_threshold
         self._entries = entries
         self._metric_type = metric_type
         self._index_type = index_type
@@ -216,7 +271,8 @@ class GalleryIndex:
 
     @property
     def dim(self) -> int:
-        return self._index.d
+        """Dimension of the features this index takes (before any whitening)."""
+        return self.whitening.input_dim if self.whitening else self._index.d
 
     @property
     def next_id(self) -> int:
@@ -245,6 +301,8 @@ class GalleryIndex:
             "feature_model": self.feature_model,
             "next_id": self.next_id,
             "search_params": self.search_params,
+            "whitened": self.whitening is not None,
+            "suggested_rec_threshold": self.suggested_rec_threshold,
         }
 
     # --- construction and mutation (each returns a new index) -------------------------
@@ -260,7 +318,10 @@ class GalleryIndex:
         thumbnails: Sequence[bytes | None] | None = None,
         feature_model: str | None = None,
         first_id: int = 0,
+        whiten: bool = False,
     ) -> "GalleryIndex":
+        """``whiten``: fit :class:`Whitening` on these features (needs >= 200 of them; ignored
+        below that) and suggest a recognition threshold for the whitened similarities."""
         if index_type not in INDEX_TYPES:
             raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
         if metric_type not in METRIC_TYPES:
@@ -270,6 +331,9 @@ class GalleryIndex:
             raise ShiTuError(f"{len(features)} feature vectors but {len(labels)} labels")
         if len(features) == 0:
             raise ShiTuError("cannot build an index from an empty gallery")
+        whitening = Whitening.fit(features) if whiten and len(features) >= WHITEN_MIN_IMAGES else None
+        if whitening is not None:
+            features = whitening.apply(features)
         inner = _new_inner(features.shape[1], index_type, metric_type, len(features))
         if not inner.is_trained:
             inner.train(features)
@@ -285,6 +349,8 @@ class GalleryIndex:
             next_id=int(ids[-1]) + 1,
             feature_model=feature_model,
             trained_size=len(features),
+            whitening=whitening,
+            suggested_rec_threshold=suggest_threshold(features, labels, metric_type) if whitening else None,
         )
         result._keep = inner  # keep the inner index alive as long as the wrapper
         return result
@@ -308,6 +374,8 @@ class GalleryIndex:
                 f"these features have {features.shape[1]} dimensions but the index has {self.dim}: "
                 "it was built with a different recognition model"
             )
+        if self.whitening is not None:
+            features = self.whitening.apply(features)
         ids = np.arange(self._next_id, self._next_id + len(features), dtype=np.int64)
         new_entries = dict(self._entries)
         new_entries.update(_make_entries(ids, labels, sources, thumbnails))
@@ -369,11 +437,11 @@ class GalleryIndex:
         if isinstance(inner, faiss.IndexIVF):
             inner.make_direct_map()
         ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        vecs = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, self.dim), "float32")
+        vecs = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, inner.d), "float32")
         return ids, np.asarray(vecs, dtype=np.float32)
 
     def _rebuilt(self, ids: np.ndarray, vecs: np.ndarray, entries: dict[int, Entry], *, next_id: int) -> "GalleryIndex":
-        inner = _new_inner(self.dim, self.index_type, self.metric_type, len(vecs))
+        inner = _new_inner(self._index.d, self.index_type, self.metric_type, len(vecs))
         if not inner.is_trained:
             inner.train(vecs)
         index = faiss.IndexIDMap2(inner)
@@ -401,6 +469,8 @@ class GalleryIndex:
             trained_size=trained_size or self.trained_size,
             search_params=None if recalibrate else self.search_params,
             calibrated_size=self.calibrated_size,
+            whitening=self.whitening,
+            suggested_rec_threshold=self.suggested_rec_threshold,
         )
 
     # --- search --------------------------------------------------------------------------
@@ -409,7 +479,8 @@ class GalleryIndex:
 
         Similarities are cosine similarities for both metrics (L2 distances between unit
         vectors are converted: cos = 1 - d²/2), so one threshold means the same thing
-        whatever the metric. Missing neighbours have id -1.
+        whatever the metric (in the whitened space for whitened indices, where
+        :attr:`suggested_rec_threshold` applies). Missing neighbours have id -1.
         """
         features = _normalize(features)
         if features.shape[1] != self.dim:
@@ -417,6 +488,8 @@ class GalleryIndex:
                 f"query features have {features.shape[1]} dimensions but the index has {self.dim}: "
                 "it was built with a different recognition model"
             )
+        if self.whitening is not None:
+            features = self.whitening.apply(features)
         k = max(1, min(int(topk), len(self)))
         scores, ids = self._index.search(features, k)
         if self.metric_type == "L2":
@@ -443,6 +516,7 @@ class GalleryIndex:
                 "trained_size": self.trained_size,
                 "search_params": self.search_params,
                 "calibrated_size": self.calibrated_size,
+                "suggested_rec_threshold": self.suggested_rec_threshold,
                 "entries": {
                     str(e.id): {
                         "source": e.source,
@@ -452,6 +526,9 @@ class GalleryIndex:
                 },
             }
             (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+            if self.whitening is not None:
+                with open(tmp / WHITENING_FILE, "wb") as fh:
+                    np.savez(fh, mean=self.whitening.mean, projection=self.whitening.projection)
             replace_dir(tmp, save_dir)
         finally:
             if tmp.exists():
@@ -489,6 +566,10 @@ class GalleryIndex:
             thumb = m.get("thumbnail")
             entries[i] = Entry(i, label, m.get("source", ""), base64.b64decode(thumb) if thumb else None)
         next_id = max(int(meta.get("next_id", 0)), max(id_map, default=-1) + 1)
+        whitening = None
+        if (index_dir / WHITENING_FILE).exists():
+            with np.load(index_dir / WHITENING_FILE) as w:
+                whitening = Whitening(w["mean"], w["projection"])
         return cls(
             index,
             entries,
@@ -499,6 +580,8 @@ class GalleryIndex:
             trained_size=meta.get("trained_size"),
             search_params=meta.get("search_params"),
             calibrated_size=meta.get("calibrated_size"),
+            whitening=whitening,
+            suggested_rec_threshold=meta.get("suggested_rec_threshold"),
         )
 
 

@@ -111,6 +111,13 @@ class ShiTuPipeline:
             return self.config.rec_threshold
         return self.recognition.default_threshold
 
+    def rec_threshold_for(self, index: GalleryIndex) -> float:
+        """The threshold used when a call gives none: a whitened index's own suggestion (its
+        similarities live on another scale), else the pipeline default."""
+        if index.suggested_rec_threshold is not None and self.config.rec_threshold == 0.5:
+            return index.suggested_rec_threshold
+        return self.default_rec_threshold
+
     def _create(self, choice: ModelChoice):
         import paddlex
 
@@ -179,13 +186,15 @@ class ShiTuPipeline:
         *,
         skip_invalid: bool = False,
         progress: Progress | None = None,
+        whiten: bool = False,
     ) -> GalleryIndex:
         """Embed a gallery and index it.
 
         ``gallery_imgs``/``gallery_label``: a root dir and a label file (PaddleX), a list of
         images and a list of labels, or a :class:`GalleryBatch`. Unusable lines raise
         :class:`ShiTuError` listing their line numbers, unless ``skip_invalid`` (then they
-        are left out and reported in ``index.skipped``).
+        are left out and reported in ``index.skipped``). ``whiten``: fit database-side
+        whitening on the gallery (200+ images; see :class:`~shitu.index.Whitening`).
         """
         batch = self._as_batch(gallery_imgs, gallery_label)
         feats, items, skipped = self._embed_batch(batch, skip_invalid, progress)
@@ -197,6 +206,7 @@ class ShiTuPipeline:
             sources=[i.source for i in items],
             thumbnails=[i.thumbnail for i in items],
             feature_model=self.feature_model,
+            whiten=whiten,
         )
         index.skipped = skipped
         return index
@@ -253,7 +263,7 @@ class ShiTuPipeline:
         self._check_compatible(gallery)
         opts = {
             "det_threshold": self.default_det_threshold if det_threshold is None else float(det_threshold),
-            "rec_threshold": self.default_rec_threshold if rec_threshold is None else float(rec_threshold),
+            "rec_threshold": self.rec_threshold_for(gallery) if rec_threshold is None else float(rec_threshold),
             "rec_topk": self.config.rec_topk if rec_topk is None else int(rec_topk),
             "whole_image": whole_image or self.config.whole_image,
             "nms_iou": self.config.nms_iou if nms_iou is UNSET else nms_iou,

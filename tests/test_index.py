@@ -230,3 +230,26 @@ def test_dimension_mismatch_is_explained(data):
         idx.add(np.ones((1, 8), "float32"), ["x"])
     with pytest.raises(ShiTuError, match="different recognition model"):
         idx.search(np.ones((1, 8), "float32"))
+
+
+@pytest.mark.parametrize("index_type", TYPES)
+def test_whitened_index_round_trip(tmp_path, index_type):
+    x, labels = clustered(300, dim=48, centers=30, spread=0.6, seed=8)
+    idx = GalleryIndex.build(x, labels, index_type=index_type, whiten=True)
+    assert idx.whitening is not None and idx.dim == 48 and idx.summary()["whitened"]
+    assert idx.suggested_rec_threshold is not None
+    assert idx.search(x[:10], topk=1)[1][:, 0].tolist() == list(range(10))
+    extra = clustered(2, dim=48, centers=30, spread=0.6, seed=9)[0]
+    grown = idx.add(extra, ["new a", "new b"]).remove([0, 1])
+    assert grown.search(extra, topk=1)[1][:, 0].tolist() == [300, 301], "added raw features are whitened too"
+    grown.save(tmp_path / "w")
+    back = GalleryIndex.load(tmp_path / "w")
+    assert back.whitening is not None and back.suggested_rec_threshold == idx.suggested_rec_threshold
+    np.testing.assert_allclose(back.search(x, topk=3)[0], grown.search(x, topk=3)[0], atol=1e-5)
+    assert (back.search(x, topk=3)[1] == grown.search(x, topk=3)[1]).all()
+
+
+def test_whitening_needs_enough_images():
+    x, labels = clustered(50, dim=48, seed=8)
+    idx = GalleryIndex.build(x, labels, index_type="Flat", whiten=True)
+    assert idx.whitening is None and idx.suggested_rec_threshold is None

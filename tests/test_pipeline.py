@@ -272,3 +272,18 @@ def test_concurrent_predictions_do_not_mix(pipeline, index, sample_queries):
     for t in threads:
         t.join()
     assert errors == [] and mismatches == []
+
+
+def test_whitened_index_uses_its_own_threshold(pipeline, sample_queries, tmp_path):
+    from shitu.sample import write_gallery
+
+    root = tmp_path / "big"
+    label_file = write_gallery(root, per_class=34)  # 204 images: enough to fit whitening
+    whitened = pipeline.build_index(gallery_imgs=str(root), gallery_label=str(label_file), whiten=True)
+    assert whitened.whitening is not None and len(whitened) == 204
+    assert pipeline.rec_threshold_for(whitened) == whitened.suggested_rec_threshold < pipeline.default_rec_threshold
+    correct = 0
+    for label, query in zip(LABELS, sample_queries[1:]):
+        (res,) = pipeline.predict(str(query), index=whitened, whole_image="always")  # threshold from the index
+        correct += any(o.whole_image and o.label == label for o in res.objects)
+    assert correct >= 5
