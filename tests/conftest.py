@@ -16,7 +16,6 @@ from shitu.engine import Engine
 from shitu.pipeline import ShiTuPipeline
 
 MODEL_CACHE = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "drink_dataset"
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
