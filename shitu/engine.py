@@ -128,7 +128,7 @@ class Engine:
         current = self.store.get(name)
         self._check_compatible(current, name)
         # Embedding is the slow part and needs no lock; the append itself is serialised.
-        feats, items, skipped = self.pipeline._embed_batch(batch, skip_invalid, progress)
+        feats, items, skipped = self.pipeline.embed_gallery(batch, skip_invalid, progress)
         holder: dict[str, list[int]] = {}
 
         def change(latest: GalleryIndex) -> GalleryIndex:

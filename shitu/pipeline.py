@@ -33,6 +33,7 @@ from shitu.gallery import (
     GalleryBatch,
     GalleryItem,
     ImageInput,
+    SkippedLine,
     list_image_files,
     load_image,
     make_thumbnail,
@@ -197,7 +198,7 @@ class ShiTuPipeline:
         whitening on the gallery (200+ images; see :class:`~shitu.index.Whitening`).
         """
         batch = self._as_batch(gallery_imgs, gallery_label)
-        feats, items, skipped = self._embed_batch(batch, skip_invalid, progress)
+        feats, items, skipped = self.embed_gallery(batch, skip_invalid, progress)
         index = GalleryIndex.build(
             feats,
             [i.label for i in items],
@@ -223,7 +224,7 @@ class ShiTuPipeline:
         """A new index with the gallery appended (the given one is not modified)."""
         base = self._as_index(index)
         batch = self._as_batch(gallery_imgs, gallery_label)
-        feats, items, skipped = self._embed_batch(batch, skip_invalid, progress)
+        feats, items, skipped = self.embed_gallery(batch, skip_invalid, progress)
         new = base.add(
             feats,
             [i.label for i in items],
@@ -368,8 +369,11 @@ class ShiTuPipeline:
             "give gallery_imgs as a root dir with gallery_label as a label file, or two lists of equal length"
         )
 
-    def _embed_batch(self, batch: GalleryBatch, skip_invalid: bool, progress: Progress | None):
-        """Decode and embed every item; bad images are collected, never silently dropped."""
+    def embed_gallery(
+        self, batch: GalleryBatch, skip_invalid: bool, progress: Progress | None = None
+    ) -> tuple[np.ndarray, list[GalleryItem], list[SkippedLine]]:
+        """Decode and embed every item: ``(features, items kept, skipped lines)``. Unusable
+        images raise (listing every bad line) unless ``skip_invalid``; never silently dropped."""
         skipped = list(batch.skipped)
         decoded: list[tuple[GalleryItem, np.ndarray]] = []
         total = len(batch.items)
@@ -377,8 +381,6 @@ class ShiTuPipeline:
             try:
                 rgb = load_image(item.image, max_pixels=self.settings.max_image_pixels)
             except ShiTuError as exc:
-                from shitu.gallery import SkippedLine
-
                 skipped.append(SkippedLine(item.line_no, item.source, exc.message))
                 continue
             item.thumbnail = make_thumbnail(rgb)
