@@ -78,6 +78,7 @@ TEXT: dict[str, dict[str, str]] = {
         "metric_type": "Metric",
         "skip_invalid": "Skip unreadable lines (and list them)",
         "overwrite": "Replace an existing index with this name",
+        "whiten": "Whiten features (200+ images; better ranking, weaker rejection of unknown objects)",
         "build_btn": "Build",
         "active_index": "Active index",
         "refresh": "Refresh",
@@ -186,6 +187,7 @@ TEXT: dict[str, dict[str, str]] = {
         "metric_type": "度量方式",
         "skip_invalid": "跳过无法读取的行（并列出原因）",
         "overwrite": "覆盖同名索引",
+        "whiten": "特征白化（需 200 张以上；排序更准，但对未知物体的拒识较弱）",
         "build_btn": "开始建库",
         "active_index": "当前索引",
         "refresh": "刷新",
@@ -348,6 +350,15 @@ def _index_dropdown(engine: Engine, value: str | None = None) -> dict[str, Any]:
 
 
 # --- Recognize ------------------------------------------------------------------------------
+def threshold_for_index(engine: Engine, name: str | None) -> dict[str, Any]:
+    """The recognition-threshold slider follows the chosen index: a whitened index suggests
+    its own threshold (its similarities are on another scale)."""
+    try:
+        return gr.update(value=engine.pipeline.rec_threshold_for(engine.index(name)))
+    except ShiTuError:
+        return gr.update()
+
+
 @user_errors
 def recognize_image(
     engine: Engine,
@@ -509,6 +520,7 @@ def build_index(
     metric_type: str = "IP",
     skip_invalid: bool = True,
     overwrite: bool = False,
+    whiten: bool = False,
     request: gr.Request | None = None,
     progress: gr.Progress = gr.Progress(),
 ) -> tuple[str, dict, dict]:
@@ -523,6 +535,7 @@ def build_index(
         overwrite=bool(overwrite),
         skip_invalid=bool(skip_invalid),
         progress=_progress_callback(progress),
+        whiten=bool(whiten),
     )
     engine.set_active(report.index)
     summary = change_summary(engine, report, lang_of(request), built=True)
@@ -843,7 +856,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                             rec_threshold = gr.Slider(
                                 0.0,
                                 1.0,
-                                value=pipeline.default_rec_threshold,
+                                value=threshold_for_index(engine, active).get("value", pipeline.default_rec_threshold),
                                 step=0.01,
                                 label=I18N("rec_threshold"),
                                 info=I18N("rec_threshold_info"),
@@ -903,6 +916,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 with gr.Row():
                     build_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))
                     build_overwrite = gr.Checkbox(value=False, label=I18N("overwrite"))
+                    build_whiten = gr.Checkbox(value=False, label=I18N("whiten"))
                 build_btn = gr.Button(I18N("build_btn"), variant="primary", elem_id="build-btn")
                 build_summary = gr.Markdown(elem_id="build-summary")
             # ---------------------------------------------------------------- Manage index
@@ -978,10 +992,20 @@ def build_demo(engine: Engine) -> gr.Blocks:
             lambda name: engine.set_active(name) if name else None, rec_index, None, api_visibility="private"
         )
         tab_recognize.select(lambda: _index_dropdown(engine), None, rec_index, api_visibility="private")
+        rec_index.change(bind(threshold_for_index), rec_index, rec_threshold, api_visibility="private")
 
         build_btn.click(
             bind(build_index),
-            [build_files, build_labels, build_name, build_type, build_metric, build_skip, build_overwrite],
+            [
+                build_files,
+                build_labels,
+                build_name,
+                build_type,
+                build_metric,
+                build_skip,
+                build_overwrite,
+                build_whiten,
+            ],
             [build_summary, rec_index, manage_index],
             api_name="build_index",
         )

@@ -372,8 +372,8 @@ def test_demo_has_four_tabs_and_named_endpoints(engine, shop):
 def test_bound_handlers_keep_what_gradio_injects(engine):
     from gradio.helpers import special_args
 
-    _, progress_index, _, _ = special_args(ui._bind(ui.build_index, engine), [None] * 7)
-    assert progress_index == 8  # after the 7 inputs and the request
+    _, progress_index, _, _ = special_args(ui._bind(ui.build_index, engine), [None] * 8)
+    assert progress_index == 9  # after the 8 inputs and the request
     click = gr.EventData(None, {"index": [0, 0], "value": 3, "row_value": [3, "x", "y"]})
     inputs, _, event_index, _ = special_args(
         ui._bind(ui.toggle_selection, engine), ["shop", "", None], event_data=click
@@ -404,3 +404,17 @@ def test_ui_asks_for_the_api_token_when_one_is_set(engine):
     assert client.post("/login/", data={"username": "me", "password": "wrong"}).status_code == 400
     assert client.post("/login/", data={"username": "me", "password": "s3cret"}).status_code == 200
     assert client.get("/config").status_code == 200
+
+
+def test_threshold_slider_follows_the_index(engine, sample_gallery):
+    from shitu.gallery import read_label_file
+    from shitu.ui import threshold_for_index
+
+    root, labels = sample_gallery
+    engine.build("plain", read_label_file(labels, root), index_type="Flat")
+    index = engine.index("plain")
+    index.suggested_rec_threshold = 0.25  # as a whitened index would suggest
+    assert threshold_for_index(engine, "plain")["value"] == 0.25
+    index.suggested_rec_threshold = None
+    assert threshold_for_index(engine, "plain")["value"] == engine.pipeline.default_rec_threshold
+    assert "value" not in threshold_for_index(engine, "no-such-index")
