@@ -31,7 +31,6 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,7 +39,7 @@ from shitu import net
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.engine import Engine
 from shitu.errors import ShiTuError, StarterModelUnavailable
-from shitu.gallery import GalleryBatch, GalleryItem
+from shitu.gallery import GalleryBatch, GalleryItem, check_image_bytes
 from shitu.results import ShiTuResult
 
 log = logging.getLogger(__name__)
@@ -200,7 +199,7 @@ def read_image_field(value: str, where: str, engine: Engine) -> bytes:
         )
     else:
         data = _decode_base64(text, where)
-    check_image_header(data, where, engine.settings.max_image_pixels)
+    check_image_bytes(data, where, engine.settings.max_image_pixels)
     return data
 
 
@@ -215,20 +214,6 @@ def _decode_base64(text: str, where: str) -> bytes:
     if not data:
         raise ShiTuError(f"{where} is empty")
     return data
-
-
-def check_image_header(data: bytes, where: str, max_pixels: int) -> None:
-    """Refuse bytes that are not an image, or whose header claims more than ``max_pixels``
-    (a decompression bomb), without decoding the pixels."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            width, height = im.size
-    except Image.DecompressionBombError:
-        raise ShiTuError(f"{where} claims too many pixels to decode safely", status=413) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise ShiTuError(f"{where} is not an image file (or not a format this server reads)") from None
-    if width * height > max_pixels:
-        raise ShiTuError(f"{where} is {width}x{height} pixels; the limit is {max_pixels:,} pixels", status=413)
 
 
 def pairs_to_batch(pairs: list[ImageLabelPair], engine: Engine) -> GalleryBatch:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -245,23 +247,39 @@ def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, ndarray
             raise ShiTuError(f"image not found: {path}", status=404) from exc
         except OSError as exc:
             raise ShiTuError(f"cannot read image {path}: {exc.strerror}") from exc
+    with _reading(name), Image.open(io.BytesIO(data)) as im:
+        return _pil_to_rgb(im, max_pixels, name)
+
+
+def check_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """Refuse bytes that are not an image, or whose header claims more than ``max_pixels``,
+    from the header alone (nothing is decoded)."""
+    with _reading(name), Image.open(io.BytesIO(data)) as im:
+        _check_size(im, max_pixels, name)
+
+
+@contextmanager
+def _reading(name: str) -> Iterator[None]:
+    """PIL's many ways of saying "cannot read this" become one clear :class:`ShiTuError`."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return _pil_to_rgb(im, max_pixels, name)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ShiTuError(f"{name} is not a readable image") from exc
-    except Image.DecompressionBombError as exc:
-        raise ShiTuError(f"{name} is too large to decode safely") from exc
+        yield
+    except Image.DecompressionBombError:
+        raise ShiTuError(f"{name} claims too many pixels to decode safely", status=413) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ShiTuError(f"{name} is not an image, or not a readable image format") from None
 
 
-def _pil_to_rgb(im: Image.Image, max_pixels: int, name: str) -> np.ndarray:
+def _check_size(im: Image.Image, max_pixels: int, name: str) -> None:
     width, height = im.size
     if width * height > max_pixels:
         raise ShiTuError(f"{name} is {width}x{height} pixels; the limit is {max_pixels:,} pixels", status=413)
     if width < 1 or height < 1:
         raise ShiTuError(f"{name} is empty")
-    im = ImageOps.exif_transpose(im)
-    return np.asarray(im.convert("RGB"))
+
+
+def _pil_to_rgb(im: Image.Image, max_pixels: int, name: str) -> np.ndarray:
+    _check_size(im, max_pixels, name)
+    return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
 def list_image_files(directory: str | Path) -> list[Path]:
