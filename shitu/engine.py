@@ -126,7 +126,7 @@ class Engine:
     ) -> ChangeReport:
         name = self.resolve_name(name)
         current = self.store.get(name)
-        self._check_compatible(current, name)
+        self.pipeline.check_compatible(current, name)
         # Embedding is the slow part and needs no lock; the append itself is serialised.
         feats, items, skipped = self.pipeline.embed_gallery(batch, skip_invalid, progress)
         holder: dict[str, list[int]] = {}
@@ -167,14 +167,6 @@ class Engine:
     def _report(self, name: str, index: GalleryIndex, ids: list[int], skipped: list[SkippedLine]) -> ChangeReport:
         return ChangeReport(name, ids, list(skipped), index.summary(), index.id_map)
 
-    def _check_compatible(self, index: GalleryIndex, name: str) -> None:
-        if not self.compatible(index):
-            raise ShiTuError(
-                f"index {name!r} was built with {index.feature_model}, but the active recognition model is "
-                f"{self.pipeline.feature_model}; rebuild it first",
-                status=409,
-            )
-
     # --- recognition ------------------------------------------------------------------------
     def recognize(
         self, image: ImageInput, index: str | None = None, *, rgb: bool = True, **options: Any
@@ -182,24 +174,15 @@ class Engine:
         """Recognise one image against a named index (default: the active one).
 
         ``image``: bytes, a path, a PIL image or an array (RGB unless ``rgb=False``).
-        ``options``: det_threshold, rec_threshold, rec_topk, whole_image, nms_iou.
+        ``options``: det_threshold, rec_threshold, rec_topk, whole_image, nms_iou (see
+        :meth:`ShiTuPipeline.options`).
         """
         name = self.resolve_name(index)
         gallery = self.store.get(name)
-        self._check_compatible(gallery, name)
+        self.pipeline.check_compatible(gallery, name)
+        opts = self.pipeline.options(gallery, **options)
         arr = load_image(image, max_pixels=self.settings.max_image_pixels, ndarray_bgr=not rgb)
-        pl = self.pipeline
-        opts = {
-            "det_threshold": pl.default_det_threshold,
-            "rec_threshold": pl.rec_threshold_for(gallery),
-            "rec_topk": pl.config.rec_topk,
-            "whole_image": pl.config.whole_image,
-            "nms_iou": pl.config.nms_iou,
-        }
-        opts.update({k: v for k, v in options.items() if v is not None or k == "nms_iou"})
-        if int(opts["rec_topk"]) < 1:
-            raise ShiTuError("topk must be at least 1")
-        result = pl.recognize(arr, gallery, **opts)
+        result = self.pipeline.recognize(arr, gallery, **opts)
         result.index_name = name
         return result
 

@@ -261,16 +261,15 @@ class ShiTuPipeline:
         if index is None:
             index = self.default_index if self.default_index is not None else self.config.index
         gallery = self._as_index(index)
-        self._check_compatible(gallery)
-        opts = {
-            "det_threshold": self.default_det_threshold if det_threshold is None else float(det_threshold),
-            "rec_threshold": self.rec_threshold_for(gallery) if rec_threshold is None else float(rec_threshold),
-            "rec_topk": self.config.rec_topk if rec_topk is None else int(rec_topk),
-            "whole_image": whole_image or self.config.whole_image,
-            "nms_iou": self.config.nms_iou if nms_iou is UNSET else nms_iou,
-        }
-        if opts["rec_topk"] < 1:
-            raise ShiTuError("rec_topk must be at least 1")
+        self.check_compatible(gallery)
+        opts = self.options(
+            gallery,
+            det_threshold=det_threshold,
+            rec_threshold=rec_threshold,
+            rec_topk=rec_topk,
+            whole_image=whole_image,
+            nms_iou=nms_iou,
+        )
         for name, loader in iter_inputs(input, self.settings.max_image_pixels):
             yield self.recognize(loader(), gallery, input_path=name, **opts)
 
@@ -321,12 +320,37 @@ class ShiTuPipeline:
             models={"detection": self.detection.describe(), "recognition": self.recognition.describe()},
         )
 
+    def options(
+        self,
+        index: GalleryIndex,
+        *,
+        det_threshold: float | None = None,
+        rec_threshold: float | None = None,
+        rec_topk: int | None = None,
+        whole_image: str | None = None,
+        nms_iou: float | None | object = UNSET,
+    ) -> dict[str, Any]:
+        """Per-call options for :meth:`recognize`, with the defaults filled in (``None``/unset
+        means "the default"; ``nms_iou=None`` turns cross-box NMS off)."""
+        opts = {
+            "det_threshold": self.default_det_threshold if det_threshold is None else float(det_threshold),
+            "rec_threshold": self.rec_threshold_for(index) if rec_threshold is None else float(rec_threshold),
+            "rec_topk": self.config.rec_topk if rec_topk is None else int(rec_topk),
+            "whole_image": whole_image or self.config.whole_image,
+            "nms_iou": self.config.nms_iou if nms_iou is UNSET else nms_iou,
+        }
+        if opts["rec_topk"] < 1:
+            raise ShiTuError("rec_topk must be at least 1")
+        return opts
+
     # --- helpers -----------------------------------------------------------------------------
-    def _check_compatible(self, index: GalleryIndex) -> None:
+    def check_compatible(self, index: GalleryIndex, name: str | None = None) -> None:
+        """Refuse an index whose vectors come from another recognition model."""
         if index.feature_model and index.feature_model != self.feature_model:
+            which = f"index {name!r}" if name else "this index"
             raise ShiTuError(
-                f"this index was built with {index.feature_model}, but the active recognition model is "
-                f"{self.feature_model}; rebuild the index with the active model",
+                f"{which} was built with {index.feature_model}, but the active recognition model is "
+                f"{self.feature_model}; rebuild it with the active model",
                 status=409,
             )
 
