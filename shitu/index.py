@@ -237,7 +237,9 @@ class GalleryIndex:
         self.skipped: list = []  # gallery lines left out by the build that made this index
         if search_params is None:
             # new or foreign index: measure which search parameters keep it exact enough
-            self.search_params = calibrate_search(index, self.vectors()[1], metric_type) if len(entries) else {}
+            # (exact Flat indices have nothing to tune: skip copying their vectors out)
+            approximate = len(entries) > 0 and not isinstance(_inner(index), faiss.IndexFlat)
+            self.search_params = calibrate_search(index, self.vectors()[1], metric_type) if approximate else {}
             self.calibrated_size = index.ntotal
         else:
             self.search_params = dict(search_params)
