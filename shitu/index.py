@@ -32,6 +32,7 @@ import yaml
 
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.errors import NotFound, ShiTuError
+from shitu.fsutil import recover_dir, replace_dir
 
 VECTOR_FILE = "vector.index"
 ID_MAP_FILE = "id_map.yaml"
@@ -531,7 +532,7 @@ class GalleryIndex:
             if self.whitening is not None:
                 with open(tmp / WHITENING_FILE, "wb") as fh:
                     np.savez(fh, mean=self.whitening.mean, projection=self.whitening.projection)
-            replace_dir(tmp, save_dir)
+            replace_index_dir(tmp, save_dir)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -602,28 +603,10 @@ def _make_entries(ids: np.ndarray, labels: Sequence[str], sources, thumbnails) -
     return entries
 
 
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap ``new`` into ``target``'s place, keeping files in ``target`` that are not ours.
-
-    The window where ``target`` is missing is two renames long; :func:`recover_dir` puts
-    the old copy back if a crash hits exactly there.
-    """
+def replace_index_dir(new: Path, target: Path) -> None:
+    """Swap ``new`` into ``target``'s place, keeping files in ``target`` that are not ours."""
     if target.exists():
         for f in target.iterdir():
             if f.name not in OUR_FILES and not (new / f.name).exists():
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
-
-
-def recover_dir(target: Path) -> None:
-    """Undo a save interrupted between its two renames."""
-    if target.exists():
-        return
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds:
-        olds[-1].rename(target)
+    replace_dir(new, target)

@@ -41,7 +41,8 @@ from shitu.gallery import (
 )
 from shitu.index import GalleryIndex
 from shitu.models import ModelChoice, resolve_detection, resolve_recognition
-from shitu.results import RecognizedObject, ShiTuResult, box_iou
+from shitu.geometry import box_iou
+from shitu.results import RecognizedObject, ShiTuResult
 
 log = logging.getLogger(__name__)
 

