@@ -32,7 +32,7 @@ import yaml
 
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.errors import NotFound, ShiTuError
-from shitu.fsutil import recover_dir, replace_dir
+from shitu.fsutil import replace_dir
 
 VECTOR_FILE = "vector.index"
 ID_MAP_FILE = "id_map.yaml"

@@ -39,9 +39,9 @@ from shitu.gallery import (
     make_thumbnail,
     read_label_file,
 )
+from shitu.geometry import box_iou
 from shitu.index import GalleryIndex
 from shitu.models import ModelChoice, resolve_detection, resolve_recognition
-from shitu.geometry import box_iou
 from shitu.results import RecognizedObject, ShiTuResult
 
 log = logging.getLogger(__name__)
