@@ -4,22 +4,25 @@
 >>> pipeline = create_pipeline("PP-ShiTuV2", device="cpu")  # doctest: +SKIP
 """
 
+from shitu.engine import Engine
 from shitu.errors import NotFound, ShiTuError, StarterModelUnavailable
 from shitu.index import GalleryIndex
-from shitu.pipeline import ShiTuPipeline, create_pipeline
-from shitu.results import RecognizedObject, ShiTuResult
+from shitu.paddlex_api import ShiTuPipeline, create_pipeline
+from shitu.results import Recognition, RecognizedObject, ShiTuResult
 
 IndexData = GalleryIndex  # PaddleX's name for the same thing
 
 __all__ = [
+    "Engine",
     "GalleryIndex",
     "IndexData",
     "NotFound",
     "RecognizedObject",
+    "Recognition",
     "ShiTuError",
     "ShiTuPipeline",
     "ShiTuResult",
     "StarterModelUnavailable",
     "create_pipeline",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

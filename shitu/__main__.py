@@ -2,7 +2,7 @@
 
 python -m shitu build --gallery-root drinks/ --labels drinks/gallery.txt --index drinks
 python -m shitu predict drinks/test_images/ --index drinks --out output/
-python -m shitu remove --index drinks --ids 3 17
+python -m shitu remove --index drinks --ids 3 17 20-25
 python -m shitu info --index drinks
 python -m shitu serve --port 8080
 python -m shitu get-config --save-path ./my_pipeline
@@ -18,8 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shitu.config import INDEX_TYPES, METRIC_TYPES, WHOLE_IMAGE_MODES, PipelineConfig, Settings
-from shitu.errors import ShiTuError
-from shitu.index import VECTOR_FILE, GalleryIndex
+from shitu.engine import Engine
+from shitu.errors import ShiTuError, Unavailable
+from shitu.gallery import read_label_file
+from shitu.index import parse_ids, read_id_file
 
 
 class _Bar:
@@ -36,7 +38,10 @@ class _Bar:
             bar = self.bars[what] = tqdm(total=total, desc=what, unit="img", leave=True)
         bar.update(done - bar.n)
 
-    def close(self) -> None:
+    def __enter__(self) -> "_Bar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         for bar in self.bars.values():
             bar.close()
 
@@ -47,18 +52,20 @@ def _settings(args) -> Settings:
     )
 
 
-def _engine(args):
-    from shitu.engine import Engine
-
-    engine = Engine(_settings(args))
-    for stage, info in engine.models().items():
-        if isinstance(info, dict):
-            print(f"{stage}: {info['description']}", file=sys.stderr)
+def _engine(args, *, say_models: bool = True) -> Engine:
+    # the CLI is one short-lived process: run PaddleX in it (no worker process to start)
+    engine = Engine(_settings(args), isolate=False)
+    if say_models:
+        for stage, info in engine.models().items():
+            if isinstance(info, dict):
+                print(f"{stage}: {info['description']}", file=sys.stderr)
     return engine
 
 
-def _is_dir_index(value: str) -> bool:
-    return (Path(value) / VECTOR_FILE).exists() or "/" in value or "\\" in value
+def _index_ref(value: str) -> str | Path:
+    """``--index``: a name in the data dir, or a directory path (PaddleX layout) when it
+    contains a path separator (write ``./name`` for a directory in the current folder)."""
+    return Path(value) if ("/" in value or "\\" in value) else value
 
 
 def _print_report(report) -> None:
@@ -72,96 +79,80 @@ def _print_report(report) -> None:
 
 def cmd_build(args) -> int:
     engine = _engine(args)
-    from shitu.gallery import read_label_file
-
     batch = read_label_file(args.labels, args.gallery_root)
-    bar = _Bar()
-    try:
-        if _is_dir_index(args.index):
-            index = engine.pipeline.build_index(
-                batch, index_type=args.index_type, metric_type=args.metric_type, skip_invalid=args.skip_invalid,
-                progress=bar, whiten=args.whiten,
-            )  # fmt: skip
-            index.save(args.index)
-            print(f"saved {len(index)} entries to {args.index}")
-            for s in index.skipped:
-                print(f"  skipped {s}")
-            return 0
+    with _Bar() as bar:
         report = engine.build(
-            args.index, batch, index_type=args.index_type, metric_type=args.metric_type, overwrite=args.overwrite,
-            skip_invalid=args.skip_invalid, progress=bar, whiten=args.whiten,
+            _index_ref(args.index), batch, index_type=args.index_type, metric_type=args.metric_type,
+            overwrite=args.overwrite, skip_invalid=args.skip_invalid, progress=bar, whiten=args.whiten,
         )  # fmt: skip
-    finally:
-        bar.close()
     _print_report(report)
     return 0
 
 
 def cmd_append(args) -> int:
     engine = _engine(args)
-    from shitu.gallery import read_label_file
-
     batch = read_label_file(args.labels, args.gallery_root)
-    bar = _Bar()
-    try:
-        if _is_dir_index(args.index):
-            index = engine.pipeline.append_index(batch, index=args.index, skip_invalid=args.skip_invalid, progress=bar)
-            index.save(args.index)
-            print(f"{args.index}: now {len(index)} entries")
-            return 0
-        report = engine.add(args.index, batch, skip_invalid=args.skip_invalid, progress=bar)
-    finally:
-        bar.close()
+    with _Bar() as bar:
+        report = engine.add(_index_ref(args.index), batch, skip_invalid=args.skip_invalid, progress=bar)
     _print_report(report)
     return 0
 
 
+def _ids(args) -> list[int]:
+    if args.ids and args.ids_file:
+        raise ShiTuError("give --ids or --ids-file, not both")
+    if args.ids_file:
+        return read_id_file(args.ids_file)
+    if not args.ids:
+        raise ShiTuError("give --ids (e.g. 3 7 192-197) or --ids-file")
+    return parse_ids(" ".join(args.ids))
+
+
 def cmd_remove(args) -> int:
-    from shitu.pipeline import parse_ids
-
-    if not (args.ids or args.ids_file):
-        raise ShiTuError("give --ids or --ids-file")
-    ids = parse_ids(args.ids or args.ids_file)
-    if _is_dir_index(args.index):
-        index = GalleryIndex.load(args.index).remove(ids)
-        index.save(args.index)
-    else:
-        from shitu.engine import Engine
-
-        index = Engine(_settings(args)).remove(args.index, ids)
+    ids = _ids(args)
+    index = _engine(args, say_models=False).remove(_index_ref(args.index), ids)
     print(f"{args.index}: now {len(index)} entries")
+    return 0
+
+
+def cmd_relabel(args) -> int:
+    ids = _ids(args)
+    _engine(args, say_models=False).relabel(_index_ref(args.index), ids, args.label)
+    print(f"{args.index}: {len(ids)} entr{'y' if len(ids) == 1 else 'ies'} now labelled {args.label!r}")
     return 0
 
 
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
+    from shitu.results import ShiTuResult
+
     engine = _engine(args)
-    index = args.index if _is_dir_index(args.index) else engine.store.get(args.index)
-    options = {"det_threshold": args.det_threshold, "rec_threshold": args.rec_threshold, "rec_topk": args.topk}
-    options["whole_image"] = args.whole_image
+    options = {"det_threshold": args.det_threshold, "rec_threshold": args.rec_threshold, "rec_topk": args.topk,
+               "whole_image": args.whole_image}  # fmt: skip
     if args.no_nms or args.nms_iou is not None:
         options["nms_iou"] = None if args.no_nms else args.nms_iou
     inputs = args.input if len(args.input) > 1 else args.input[0]
-    results = engine.pipeline.predict(inputs, index=index, **options)
-    for res in tqdm(results, desc="recognising", unit="img", file=sys.stderr):
+    results = engine.recognize_many(inputs, _index_ref(args.index), **options)
+    for rec in tqdm(results, desc="recognising", unit="img", file=sys.stderr):
         boxes = ", ".join(
-            f"{o.label or 'unrecognised'}" + (f" {o.score:.2f}" if o.recognized else "") for o in res.objects
+            f"{o.label or 'unknown'}" + (f" {o.score:.2f}" if o.recognized else "") for o in rec.objects
         )
-        tqdm.write(f"{res.input_path}: {boxes or 'nothing found'}")
+        tqdm.write(f"{rec.input_path}: {boxes or 'nothing found'}")
         if args.out:
+            res = ShiTuResult(rec)
             res.save_to_json(args.out)
             res.save_to_img(args.out)
         if args.json:
-            print(json.dumps(res.to_dict(), ensure_ascii=False))
+            print(json.dumps(rec.to_dict(), ensure_ascii=False))
     return 0
 
 
 def cmd_info(args) -> int:
-    if args.index and _is_dir_index(args.index):
-        print(json.dumps(GalleryIndex.load(args.index).summary(), indent=2, ensure_ascii=False))
+    engine = _engine(args, say_models=False)
+    if args.index and isinstance(_index_ref(args.index), Path):
+        print(json.dumps(engine.index(_index_ref(args.index)).summary(), indent=2, ensure_ascii=False))
         return 0
-    engine = _engine(args)
     info = {"models": engine.models(), "data_dir": str(engine.settings.data_dir), "indices": {}}
     for name in [args.index] if args.index else engine.index_names():
         info["indices"][name] = engine.index(name).summary()
@@ -171,7 +162,6 @@ def cmd_info(args) -> int:
 
 def cmd_serve(args) -> int:
     from shitu.api import serve
-    from shitu.engine import Engine
 
     serve(Engine(_settings(args)), host=args.host, port=args.port)
     return 0
@@ -186,13 +176,13 @@ def cmd_get_config(args) -> int:
 def cmd_setup(args) -> int:
     """Prepare models and the sample index now (for images/containers built ahead of time)."""
     engine = _engine(args)
-    engine.pipeline._models()
+    engine.prepare_models()
     print("sample index:", engine.ensure_sample_index())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shitu", description="PP-ShiTuV2 recognition studio")
+    parser = argparse.ArgumentParser(prog="shitu", description="PP-ShiTuV2 recognition studio")
     parser.add_argument("--data-dir", type=Path, help="indices and model cache (default: $SHITU_DATA_DIR)")
     parser.add_argument("--config", type=Path, help="PaddleX PP-ShiTuV2 pipeline YAML")
     parser.add_argument("--device", help="cpu, gpu:0, ...")
@@ -205,12 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    index_help = "a named index in the data dir, or a directory path (PaddleX layout)"
+    index_help = "a named index in the data dir, or a directory path such as ./my_index (PaddleX layout)"
     p = add("build", cmd_build, "build an index from a gallery folder and a label file")
     p.add_argument("--gallery-root", required=True, type=Path)
     p.add_argument("--labels", required=True, type=Path, help="PaddleX label file: 'path label' per line")
     p.add_argument("--index", required=True, help=index_help)
-    p.add_argument("--index-type", choices=INDEX_TYPES, default="HNSW32")
+    p.add_argument("--index-type", choices=INDEX_TYPES, default="Flat", help="Flat: exact (default)")
     p.add_argument("--metric-type", choices=METRIC_TYPES, default="IP")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--skip-invalid", action="store_true", help="leave out unusable lines instead of failing")
@@ -224,8 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("remove", cmd_remove, "remove entries by id")
     p.add_argument("--index", required=True, help=index_help)
-    p.add_argument("--ids", nargs="+", type=int)
-    p.add_argument("--ids-file", type=Path, help="text file with one id per line")
+    p.add_argument("--ids", nargs="+", help="ids and ranges, e.g. 3 7 192-197")
+    p.add_argument("--ids-file", type=Path, help="text file with one id (or range) per line")
+
+    p = add("relabel", cmd_relabel, "give entries a new label")
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("--ids", nargs="+", help="ids and ranges, e.g. 3 7 192-197")
+    p.add_argument("--ids-file", type=Path, help="text file with one id (or range) per line")
+    p.add_argument("--label", required=True)
 
     p = add("predict", cmd_predict, "recognise images (files, dirs, URLs)")
     p.add_argument("input", nargs="+")
@@ -258,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except ShiTuError as exc:
+    except Unavailable as exc:  # try again later / fix the installation
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 3
+    except ShiTuError as exc:  # fix the input
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
 

@@ -25,22 +25,33 @@ import io
 import logging
 import re
 import uuid
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shitu import net
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.engine import Engine
-from shitu.errors import ShiTuError, StarterModelUnavailable
+from shitu.errors import (
+    Conflict,
+    FetchTimeout,
+    Forbidden,
+    NotFound,
+    RateLimited,
+    ShiTuError,
+    StarterModelUnavailable,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from shitu.gallery import GalleryBatch, GalleryItem, check_image_bytes
-from shitu.results import ShiTuResult
+from shitu.results import Recognition
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,10 @@ T = TypeVar("T")
 # --- schemas (PaddleX's field names) ---------------------------------------------------------
 
 
+# "" is refused with 422 instead of meaning "the default"; the engine takes a str only as a name
+IndexKey = Annotated[str, StringConstraints(min_length=1)]
+
+
 class ImageLabelPair(BaseModel):
     image: str = Field(description="Base64 of the image file's bytes, or an http(s) URL the server can reach")
     label: str = Field(description="The label this image is an example of")
@@ -62,7 +77,7 @@ class ImageLabelPair(BaseModel):
 
 class BuildIndexRequest(BaseModel):
     imageLabelPairs: list[ImageLabelPair]
-    indexKey: str | None = Field(None, description="Name for the new index; a unique key is generated if omitted")
+    indexKey: IndexKey | None = Field(None, description="Name for the new index; a unique key is generated if omitted")
     indexType: Literal[INDEX_TYPES] = Field("Flat", description="faiss index type")
     metricType: Literal[METRIC_TYPES] = Field("IP", description="Similarity: inner product (cosine) or L2")
 
@@ -75,12 +90,12 @@ class BuildIndexResult(BaseModel):
 
 class AddImagesRequest(BaseModel):
     imageLabelPairs: list[ImageLabelPair]
-    indexKey: str | None = Field(None, description="Index to change; the active index if omitted")
+    indexKey: IndexKey | None = Field(None, description="Index to change; SHITU_DEFAULT_INDEX if omitted")
 
 
 class RemoveImagesRequest(BaseModel):
-    ids: list[int] = Field(description="Vector ids to remove (see idMap or GET /shitu-index/{indexKey})")
-    indexKey: str | None = Field(None, description="Index to change; the active index if omitted")
+    ids: list[StrictInt] = Field(description="Vector ids to remove (see idMap or GET /shitu-index/{indexKey})")
+    indexKey: IndexKey | None = Field(None, description="Index to change; SHITU_DEFAULT_INDEX if omitted")
 
 
 class IndexChangeResult(BaseModel):
@@ -90,7 +105,7 @@ class IndexChangeResult(BaseModel):
 
 class InferRequest(BaseModel):
     image: str = Field(description="Base64 of the image file's bytes, or an http(s) URL the server can reach")
-    indexKey: str | None = Field(None, description="Index to search; the active index if omitted")
+    indexKey: IndexKey | None = Field(None, description="Index to search; SHITU_DEFAULT_INDEX if omitted")
     detThreshold: float | None = Field(None, ge=0, le=1, description="Detection score threshold")
     recThreshold: float | None = Field(None, ge=0, le=1, description="Recognition similarity threshold")
     hammingRadius: float | None = Field(None, description="Accepted for PaddleX compatibility; unused (float indices)")
@@ -230,7 +245,7 @@ def pairs_to_batch(pairs: list[ImageLabelPair], engine: Engine) -> GalleryBatch:
     return GalleryBatch(items=items)
 
 
-def result_to_infer(result: ShiTuResult, visualize: bool) -> InferResult:
+def result_to_infer(result: Recognition, visualize: bool) -> InferResult:
     objects = [
         DetectedObject(
             bbox=[round(float(v), 2) for v in obj.bbox],
@@ -323,13 +338,32 @@ def describe_validation(errors: list[dict[str, Any]]) -> tuple[int, str]:
     return 422, "invalid request: " + "; ".join(parts) + more
 
 
+HTTP_STATUS: tuple[tuple[type[ShiTuError], int], ...] = (  # most specific first
+    (NotFound, 404),
+    (Conflict, 409),
+    (TooLarge, 413),
+    (Forbidden, 403),
+    (Unauthorized, 401),
+    (RateLimited, 429),
+    (FetchTimeout, 408),
+    (Unavailable, 503),
+    (ShiTuError, 400),
+)
+
+
+def http_status(exc: ShiTuError) -> int:
+    """The one place where the domain's error kinds become HTTP status codes."""
+    return next(code for kind, code in HTTP_STATUS if isinstance(exc, kind))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every failure becomes an ``{logId, errorCode, errorMsg}`` envelope with that HTTP status."""
 
     @app.exception_handler(ShiTuError)
     async def _shitu_error(request: Request, exc: ShiTuError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return _error(exc.status, exc.message, headers)
+        status = http_status(exc)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return _error(status, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -380,14 +414,14 @@ def create_api(engine: Engine | None = None) -> FastAPI:
             return
         given = credentials.credentials if credentials else ""
         if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
-            raise ShiTuError("this endpoint needs the header 'Authorization: Bearer <SHITU_API_TOKEN>'", status=401)
+            raise Unauthorized("this endpoint needs the header 'Authorization: Bearer <SHITU_API_TOKEN>'")
 
     mutating = {"dependencies": [Depends(require_token)], "responses": ERROR_RESPONSES}
 
     @app.post("/shitu-index-build", response_model=Envelope[BuildIndexResult], tags=["PaddleX"], **mutating)
     def build_index(body: BuildIndexRequest) -> dict[str, Any]:
         """Build a new index from image/label pairs (PaddleX ``buildIndex``)."""
-        key = engine.resolve_name(body.indexKey) if body.indexKey else uuid.uuid4().hex
+        key = body.indexKey or uuid.uuid4().hex
         batch = pairs_to_batch(body.imageLabelPairs, engine)
         report = engine.build(key, batch, index_type=body.indexType, metric_type=body.metricType, skip_invalid=False)
         return _ok(BuildIndexResult(indexKey=report.index, idMap=_id_map(report.id_map), imageCount=len(report.id_map)))
@@ -429,7 +463,7 @@ def create_api(engine: Engine | None = None) -> FastAPI:
         page = index.entries[offset : offset + limit]
         return _ok(
             IndexListing(
-                indexKey=engine.resolve_name(indexKey),
+                indexKey=indexKey,
                 imageCount=len(index),
                 labelCount=len(index.label_counts()),
                 indexType=index.index_type,
@@ -446,7 +480,8 @@ def create_api(engine: Engine | None = None) -> FastAPI:
         """Which models are active and which indices exist."""
         return _ok(
             HealthResult(
-                status="ok", models=engine.models(), indices=engine.index_names(), activeIndex=engine.active_index
+                status="ok", models=engine.models(), indices=engine.index_names(),
+                activeIndex=engine.settings.default_index,
             )
         )
 

@@ -9,11 +9,13 @@ that PaddleX ignores).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shitu.errors import ShiTuError
 
@@ -25,71 +27,69 @@ WHOLE_IMAGE_MODES = ("auto", "always", "never")
 
 
 def default_data_dir() -> Path:
-    """``$SHITU_DATA_DIR``; else ``/data/shitu`` where Spaces mounts persistent storage;
-    else ``~/.cache/shitu``."""
-    env = os.environ.get("SHITU_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
+    """``/data/shitu`` where Hugging Face Spaces mounts persistent storage, else ``~/.cache/shitu``
+    (``$SHITU_DATA_DIR`` overrides both)."""
     spaces = Path("/data")
     if spaces.is_dir() and os.access(spaces, os.W_OK):
         return spaces / "shitu"
     return Path.home() / ".cache" / "shitu"
 
 
-def _env_bool(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() in ("1", "true", "yes", "on")
+class SettingsError(ShiTuError):
+    """A ``SHITU_*`` environment variable (or setting) has a value that cannot be used."""
 
 
-@dataclass
-class Settings:
-    """Process-wide settings, from the environment (``SHITU_*``)."""
+class Settings(BaseSettings):
+    """Process-wide settings, read from ``SHITU_*`` environment variables.
 
-    data_dir: Path = field(default_factory=default_data_dir)
-    model_dir: Path | None = None  # SHITU_MODEL_DIR: model cache (default: <data_dir>/models)
-    pipeline_config: Path | None = None  # SHITU_PIPELINE_CONFIG: a PaddleX pipeline YAML
-    device: str | None = None  # SHITU_DEVICE: cpu, gpu:0, ...
-    offline: bool = False  # SHITU_OFFLINE=1: never try a model hub
-    rec_model: str | None = None  # SHITU_REC_MODEL: override the YAML's recognition model
-    api_token: str | None = None  # SHITU_API_TOKEN: bearer token for mutating endpoints
-    url_allowlist: tuple[str, ...] = ()  # SHITU_URL_ALLOWLIST: hosts allowed even if private
-    max_image_pixels: int = 40_000_000  # SHITU_MAX_IMAGE_PIXELS: decompression-bomb guard
-    max_request_bytes: int = 64 * 1024 * 1024  # SHITU_MAX_REQUEST_BYTES
-    default_index: str = "sample"  # SHITU_DEFAULT_INDEX
+    ``Settings.from_env(data_dir=...)`` overrides single values; a bad value raises
+    :class:`SettingsError` with one line naming the variable, e.g.
+    ``SHITU_MAX_IMAGE_PIXELS='abc': must be a whole number``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SHITU_", extra="forbid", validate_default=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="indices, sample gallery, model cache")
+    model_dir: Path | None = Field(None, description="model cache (default: <data_dir>/models)")
+    pipeline_config: Path | None = Field(None, description="a PaddleX PP-ShiTuV2 pipeline YAML")
+    device: str | None = Field(None, description="cpu, gpu:0, ... (default: PaddleX's choice)")
+    offline: bool = Field(False, description="never try a model hub")
+    rec_model: str | None = Field(None, description="override the YAML's recognition model")
+    api_token: str | None = Field(None, description="bearer token / UI password for changing indices")
+    url_allowlist: Annotated[tuple[str, ...], NoDecode] = Field((), description="hosts allowed even if private")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard")
+    max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest HTTP API request body")
+    default_index: str = Field("sample", description="the index used when a call names none")
+    isolate_models: bool = Field(
+        True, description="run PaddleX in a supervised worker process, so a native crash cannot kill the server"
+    )
+
+    @field_validator("url_allowlist", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(h.strip() for h in value.split(",") if h.strip())
+        return value
+
+    @field_validator("data_dir", "model_dir", "pipeline_config", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
-        env = os.environ
-        values: dict[str, Any] = {}
-        if env.get("SHITU_MODEL_DIR"):
-            values["model_dir"] = Path(env["SHITU_MODEL_DIR"]).expanduser()
-        if env.get("SHITU_PIPELINE_CONFIG"):
-            values["pipeline_config"] = Path(env["SHITU_PIPELINE_CONFIG"])
-        if env.get("SHITU_DEVICE"):
-            values["device"] = env["SHITU_DEVICE"]
-        values["offline"] = _env_bool("SHITU_OFFLINE")
-        if env.get("SHITU_REC_MODEL"):
-            values["rec_model"] = env["SHITU_REC_MODEL"]
-        if env.get("SHITU_API_TOKEN"):
-            values["api_token"] = env["SHITU_API_TOKEN"]
-        if env.get("SHITU_URL_ALLOWLIST"):
-            values["url_allowlist"] = tuple(h.strip() for h in env["SHITU_URL_ALLOWLIST"].split(",") if h.strip())
-        for name in ("max_image_pixels", "max_request_bytes"):
-            key = f"SHITU_{name.upper()}"
-            if env.get(key):
-                values[name] = int(env[key])
-        if env.get("SHITU_DEFAULT_INDEX"):
-            values["default_index"] = env["SHITU_DEFAULT_INDEX"]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        """The environment's settings, with ``overrides`` (``None`` values are ignored)."""
+        known = set(cls.model_fields)
+        unknown = set(overrides) - known
         if unknown:
             raise TypeError(f"unknown settings: {sorted(unknown)}")
-        settings = cls(**values)
-        settings.data_dir = Path(settings.data_dir).expanduser()
-        return settings
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = str(err["loc"][0]) if err.get("loc") else "?"
+            value = err.get("input")
+            raise SettingsError(f"SHITU_{name.upper()}={value!r}: {err['msg']}") from None
 
     @property
     def models_dir(self) -> Path:
@@ -112,13 +112,13 @@ class PipelineConfig:
     """The PP-ShiTuV2 pipeline YAML, as PaddleX reads and writes it.
 
     ``whole_image``, ``nms_iou`` and ``device`` are our additions (PaddleX ignores unknown
-    keys); ``None`` thresholds mean "the default of the active models".
+    keys); a ``None`` (YAML ``null``) threshold means "the active model's / the index's own".
     """
 
     detection: SubModule = field(default_factory=lambda: SubModule("PP-ShiTuV2_det"))
     recognition: SubModule = field(default_factory=lambda: SubModule("PP-ShiTuV2_rec", batch_size=8))
     det_threshold: float | None = None
-    rec_threshold: float = 0.5
+    rec_threshold: float | None = None
     rec_topk: int = 5
     index: str | None = None
     whole_image: str = "auto"
@@ -135,6 +135,10 @@ class PipelineConfig:
             raise ShiTuError(f"whole_image must be one of {WHOLE_IMAGE_MODES}")
         if self.rec_topk < 1:
             raise ShiTuError("rec_topk must be at least 1")
+        for name in ("det_threshold", "rec_threshold", "nms_iou"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ShiTuError(f"{name} must be between 0 and 1, not {value}")
         return self
 
     @classmethod
@@ -155,7 +159,7 @@ class PipelineConfig:
             detection=sub("Detection", base.detection),
             recognition=sub("Recognition", base.recognition),
             det_threshold=_opt_float(data.get("det_threshold")),
-            rec_threshold=float(data.get("rec_threshold", base.rec_threshold)),
+            rec_threshold=_opt_float(data.get("rec_threshold")),
             rec_topk=int(data.get("rec_topk", base.rec_topk)),
             index=None if index in (None, "None", "") else str(index),
             whole_image=str(data.get("whole_image", base.whole_image)),
@@ -184,6 +188,7 @@ class PipelineConfig:
             "index": self.index,
             # null = the detector's own default (PaddleX passes None through to the predictor)
             "det_threshold": self.det_threshold,
+            # null = the active model's or the index's own threshold (PaddleX's default YAML says 0.5)
             "rec_threshold": self.rec_threshold,
             "rec_topk": self.rec_topk,
             "SubModules": {

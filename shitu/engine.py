@@ -1,27 +1,49 @@
-"""The one in-process object behind the web UI, the HTTP API and the CLI.
+"""The one in-process object behind every front end.
 
-It owns the pipeline (models) and the named indices; UI handlers and API routes are thin
-calls into these methods, so all three front ends behave the same.
+The web UI, the HTTP API, the CLI and the PaddleX-compatible Python API (:mod:`shitu.paddlex_api`)
+are thin shells over :class:`Engine`; none of them touches the model runtime, the stores or
+an index file directly. The engine owns:
+
+* the models (:class:`~shitu.runtime.Runtime`), swapped under a lock — a request in flight
+  keeps the runtime it started with, and a replaced runtime is closed when its last request ends;
+* the indices: named ones in the data dir, and PaddleX-layout directories given by path (both
+  are :class:`~shitu.store.IndexStore` s, so there is one code path);
+* export/import, and the defaults of every per-call option (thresholds included).
+
+Data flows one way: image → :meth:`Runtime.analyze` (detect → crop → embed) →
+:func:`~shitu.matching.match_objects` (search → top-k → cross-box NMS) → :class:`Recognition`.
+
+Colour order: arrays given to the engine are **RGB** unless ``bgr=True``; the PaddleX API's
+``predict`` takes BGR arrays like PaddleX and says so (``bgr=True``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from shitu.config import PipelineConfig, Settings
-from shitu.errors import NotFound, ShiTuError
-from shitu.gallery import GalleryBatch, ImageInput, SkippedLine, load_image
-from shitu.index import GalleryIndex
-from shitu.pipeline import Progress, ShiTuPipeline, parse_ids
-from shitu.results import ShiTuResult
+import numpy as np
+
+from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODES, PipelineConfig, Settings
+from shitu.errors import Conflict, NotFound, ShiTuError, Unavailable
+from shitu.gallery import GalleryBatch, GalleryItem, ImageInput, SkippedLine, load_image, make_thumbnail
+from shitu.index import GalleryIndex, parse_ids
+from shitu.matching import match_objects
+from shitu.results import Recognition
+from shitu.runtime import Runtime
 from shitu.store import IndexStore, check_name
 
 log = logging.getLogger(__name__)
 
 SAMPLE_INDEX = "sample"
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+IndexRef = str | Path | GalleryIndex | None  # a name in the data dir, a directory, or an index object
 
 
 @dataclass
@@ -43,166 +65,492 @@ class ChangeReport:
         }
 
 
-class Engine:
-    """Models + named indices. Thread-safe; create one per process."""
+@dataclass(frozen=True)
+class Options:
+    """Per-call recognition options with every default filled in."""
 
-    def __init__(self, settings: Settings | None = None, pipeline: ShiTuPipeline | None = None):
+    det_threshold: float
+    rec_threshold: float
+    rec_topk: int
+    whole_image: str
+    nms_iou: float | None
+
+
+UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()  # "not given" where None means "off"
+
+
+class Engine:
+    """Models + indices. Thread-safe; create one per process and :meth:`close` it at the end.
+
+    ``config``: the pipeline YAML (default: ``settings.pipeline_config`` or PaddleX's defaults);
+    ``runtime``: share already-loaded models (tests); ``isolate``: run PaddleX in a worker
+    process (default: ``settings.isolate_models``).
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        config: PipelineConfig | None = None,
+        runtime: Runtime | None = None,
+        device: str | None = None,
+        isolate: bool | None = None,
+    ):
         self.settings = settings or Settings.from_env()
-        self.store = IndexStore(self.settings.indices_dir)
-        self.active_index = self.settings.default_index
-        self._pipeline = pipeline
-        self._pipeline_lock = threading.Lock()
+        if config is None:
+            config = PipelineConfig.load(self.settings.pipeline_config) if self.settings.pipeline_config else None
+        self.config = (config or PipelineConfig()).validate()
+        if self.settings.rec_model and not self.config.recognition.model_dir:
+            self.config.recognition.model_name = self.settings.rec_model
+        self._device = device
+        self._isolate = isolate
+        self.store = IndexStore(self.settings.indices_dir, lock_dir=self.settings.data_dir / "locks")
+        self._dir_stores: dict[Path, IndexStore] = {}
+        self._runtime = runtime
+        self._owns_runtime = runtime is None
+        self._rt_lock = threading.Lock()
+        self._in_flight: dict[int, int] = {}
+        self._retired: dict[int, Runtime] = {}
 
     # --- models -----------------------------------------------------------------------------
-    @property
-    def pipeline(self) -> ShiTuPipeline:
-        if self._pipeline is None:
-            with self._pipeline_lock:
-                if self._pipeline is None:
-                    self._pipeline = ShiTuPipeline(settings=self.settings)
-        return self._pipeline
+    def _current_runtime(self) -> Runtime:
+        if self._runtime is None:
+            with self._rt_lock:
+                if self._runtime is None:
+                    self._runtime = Runtime(self.config, self.settings, device=self._device, isolate=self._isolate)
+        return self._runtime
+
+    @contextlib.contextmanager
+    def _models(self) -> Iterator[Runtime]:
+        """The runtime for one request: the same from its start to its end, even across a switch."""
+        runtime = self._current_runtime()
+        with self._rt_lock:
+            runtime = self._runtime or runtime
+            self._in_flight[id(runtime)] = self._in_flight.get(id(runtime), 0) + 1
+        try:
+            yield runtime
+        finally:
+            with self._rt_lock:
+                self._in_flight[id(runtime)] -= 1
+                done = self._in_flight[id(runtime)] == 0 and id(runtime) in self._retired
+                if done:
+                    self._retired.pop(id(runtime))
+                    del self._in_flight[id(runtime)]
+            if done:
+                runtime.close()
 
     def models(self) -> dict[str, Any]:
-        return self.pipeline.models
+        """Which models are active and why."""
+        return self._current_runtime().models
+
+    def prepare_models(self) -> None:
+        """Load the predictors now (otherwise on first use)."""
+        with self._models() as runtime:
+            runtime.load()
+
+    @property
+    def feature_model(self) -> str:
+        return self._current_runtime().feature_model
+
+    def recognition_models(self) -> list[str]:
+        return list(REC_MODELS)
 
     def switch_recognition_model(self, model_name: str) -> dict[str, Any]:
-        """Use another recognition model (indices built with the old one must be rebuilt)."""
-        old = self.pipeline
-        config = PipelineConfig.from_dict(old.config.to_dict())
+        """Use another recognition model. The new one is loaded first; if it is not available,
+        nothing changes. Requests in flight finish on the old one, which is then closed."""
+        if model_name not in REC_MODELS:
+            raise ShiTuError(f"unknown recognition model {model_name!r}; choose one of {', '.join(REC_MODELS)}")
+        current = self._current_runtime()
+        config = PipelineConfig.from_dict(self.config.to_dict())
         config.recognition.model_name = model_name
         config.recognition.model_dir = None
-        new = ShiTuPipeline(config, self.settings, device=old.device)
+        new = Runtime(config, self.settings, device=current.device, isolate=current.isolated)
         if new.recognition.source == "starter" and model_name != "PP-ShiTuV2_rec":
-            raise ShiTuError(f"{model_name} is not available here: {new.recognition.reason}", status=409)
-        with self._pipeline_lock:
-            self._pipeline = new
+            new.close()
+            raise Unavailable(f"{model_name} is not available here: {new.recognition.reason}")
+        try:
+            new.load()
+        except Exception:
+            new.close()
+            raise
+        with self._rt_lock:
+            old = self._runtime
+            self._runtime = new
+            self.config = config
+            close_now = old is not None and self._owns_runtime and self._in_flight.get(id(old), 0) == 0
+            if old is not None and self._owns_runtime and not close_now:
+                self._retired[id(old)] = old
+            self._owns_runtime = True
+        if close_now and old is not None:
+            old.close()
         return new.models
 
-    # --- indices ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the model worker (if this engine started it)."""
+        with self._rt_lock:
+            runtime, self._runtime = self._runtime, None
+        if runtime is not None and self._owns_runtime:
+            runtime.close()
+
+    # --- thresholds and options ---------------------------------------------------------------
+    @property
+    def default_det_threshold(self) -> float:
+        return self._current_runtime().default_det_threshold
+
+    @property
+    def default_rec_threshold(self) -> float:
+        """The YAML's ``rec_threshold`` if it sets one, else the active model's default."""
+        return self._current_runtime().default_rec_threshold
+
+    def rec_threshold_for(self, index: GalleryIndex) -> float:
+        """The threshold used when a call gives none: the YAML's ``rec_threshold`` if it sets
+        one, else the index's own suggestion (a whitened index's similarities live on another
+        scale), else the active model's default."""
+        if self.config.rec_threshold is not None:
+            return self.config.rec_threshold
+        if index.suggested_rec_threshold is not None:
+            return index.suggested_rec_threshold
+        return self._current_runtime().default_rec_threshold
+
+    def options(
+        self,
+        index: GalleryIndex,
+        *,
+        det_threshold: float | None = None,
+        rec_threshold: float | None = None,
+        rec_topk: int | None = None,
+        whole_image: str | None = None,
+        nms_iou: float | None = UNSET,
+    ) -> Options:
+        """Per-call options with the defaults filled in. ``None`` (or not given) means "the
+        default"; only ``nms_iou=None`` means "off" (cross-box NMS disabled)."""
+
+        def number(name: str, value: Any, lo: float, hi: float) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise ShiTuError(f"{name} must be a number, not {value!r}")
+            if not lo <= float(value) <= hi:
+                raise ShiTuError(f"{name} must be between {lo} and {hi}, not {value}")
+            return float(value)
+
+        if rec_topk is not None and (isinstance(rec_topk, bool) or int(rec_topk) != rec_topk or rec_topk < 1):
+            raise ShiTuError(f"rec_topk must be a whole number of at least 1, not {rec_topk!r}")
+        mode = whole_image or self.config.whole_image
+        if mode not in WHOLE_IMAGE_MODES:
+            raise ShiTuError(f"whole_image must be one of {', '.join(WHOLE_IMAGE_MODES)}, not {mode!r}")
+        nms = self.config.nms_iou if nms_iou is UNSET else nms_iou
+        return Options(
+            det_threshold=self.default_det_threshold
+            if det_threshold is None
+            else number("det_threshold", det_threshold, 0, 1),
+            rec_threshold=self.rec_threshold_for(index)
+            if rec_threshold is None
+            else number("rec_threshold", rec_threshold, -1, 1),
+            rec_topk=self.config.rec_topk if rec_topk is None else int(rec_topk),
+            whole_image=mode,
+            nms_iou=None if nms is None else number("nms_iou", nms, 0, 1),
+        )
+
+    # --- where indices live -------------------------------------------------------------------
+    def locate(self, ref: str | Path | None) -> tuple[IndexStore, str]:
+        """Which store holds an index: a ``str`` is a *name* in the data dir (letters, digits,
+        ``_.-``; anything else is refused, so a name typed by a visitor can never reach another
+        path); a ``pathlib.Path`` is a PaddleX-layout directory anywhere (the CLI and the Python
+        API make one on purpose). ``None`` is the default index (``SHITU_DEFAULT_INDEX``)."""
+        if ref is None:
+            return self.store, check_name(self.settings.default_index)
+        if isinstance(ref, str):
+            return self.store, check_name(ref)
+        path = Path(ref).expanduser().resolve()
+        with self._rt_lock:
+            store = self._dir_stores.get(path.parent)
+            if store is None:
+                store = IndexStore(path.parent, strict_names=False, lock_dir=self.settings.data_dir / "locks")
+                self._dir_stores[path.parent] = store
+        return store, path.name
+
+    def display_name(self, ref: str | Path | None) -> str:
+        store, name = self.locate(ref)
+        return name if store is self.store else str(store.path(name))
+
+    def index(self, ref: IndexRef = None) -> GalleryIndex:
+        """The latest committed version of an index (an index object is returned as it is)."""
+        if isinstance(ref, GalleryIndex):
+            return ref
+        store, name = self.locate(ref)
+        return store.get(name)
+
     def index_names(self) -> list[str]:
         return self.store.names()
 
-    def resolve_name(self, name: str | None) -> str:
-        return check_name(name or self.active_index)
-
-    def index(self, name: str | None = None) -> GalleryIndex:
-        return self.store.get(self.resolve_name(name))
-
-    def set_active(self, name: str) -> None:
-        self.store.get(check_name(name))  # must exist
-        self.active_index = name
+    def exists(self, ref: str | Path | None) -> bool:
+        store, name = self.locate(ref)
+        return store.exists(name)
 
     def compatible(self, index: GalleryIndex) -> bool:
-        return not index.feature_model or index.feature_model == self.pipeline.feature_model
+        return not index.feature_model or index.feature_model == self.feature_model
 
-    def build(
+    def _check_compatible(self, index: GalleryIndex, runtime: Runtime, name: str | None) -> None:
+        if index.feature_model and index.feature_model != runtime.feature_model:
+            which = f"index {name!r}" if name else "this index"
+            raise Conflict(
+                f"{which} was built with {index.feature_model}, but the active recognition model is "
+                f"{runtime.feature_model}; rebuild it with the active model"
+            )
+
+    # --- gallery → vectors ----------------------------------------------------------------------
+    def embed_gallery(
+        self, batch: GalleryBatch, *, skip_invalid: bool = False, progress: Progress | None = None,
+        runtime: Runtime | None = None,
+    ) -> tuple[np.ndarray, list[GalleryItem], list[SkippedLine]]:  # fmt: skip
+        """Decode and embed every item: ``(features, items kept, skipped lines)``. Unusable
+        images raise (listing every bad line) unless ``skip_invalid``; never silently dropped."""
+        skipped = list(batch.skipped)
+        decoded: list[tuple[GalleryItem, np.ndarray]] = []
+        total = len(batch.items)
+        if progress:
+            progress(0, total, "reading images")
+        for n, item in enumerate(batch.items):
+            try:
+                rgb = load_image(item.image, max_pixels=self.settings.max_image_pixels)
+            except ShiTuError as exc:
+                skipped.append(SkippedLine(item.line_no, item.source, exc.message))
+                continue
+            item.thumbnail = make_thumbnail(rgb)
+            decoded.append((item, rgb))
+            if progress and (n % 16 == 0 or n + 1 == total):
+                progress(n + 1, total, "reading images")
+        GalleryBatch(items=[d[0] for d in decoded], skipped=[] if skip_invalid else skipped).require_clean()
+        with contextlib.ExitStack() as stack:
+            rt = runtime or stack.enter_context(self._models())
+            bs = max(8, self.config.recognition.batch_size)
+            feats = []
+            if progress:
+                progress(0, len(decoded), "embedding")
+            for start in range(0, len(decoded), bs):
+                chunk = decoded[start : start + bs]
+                feats.append(rt.embed([rgb for _, rgb in chunk], bs))
+                if progress:
+                    progress(min(start + bs, len(decoded)), len(decoded), "embedding")
+        return np.concatenate(feats), [item for item, _ in decoded], skipped
+
+    def build_index(
         self,
-        name: str,
         batch: GalleryBatch,
         *,
-        index_type: str = "HNSW32",
+        index_type: str = "Flat",
+        metric_type: str = "IP",
+        skip_invalid: bool = False,
+        progress: Progress | None = None,
+        whiten: bool = False,
+    ) -> GalleryIndex:
+        """A new, unsaved index of ``batch`` (see :meth:`build` to store it under a name)."""
+        if index_type not in INDEX_TYPES:
+            raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
+        if metric_type not in METRIC_TYPES:
+            raise ShiTuError(f"metric_type must be one of {', '.join(METRIC_TYPES)}, not {metric_type!r}")
+        with self._models() as runtime:
+            feats, items, skipped = self.embed_gallery(
+                batch, skip_invalid=skip_invalid, progress=progress, runtime=runtime
+            )
+            feature_model = runtime.feature_model
+        index = GalleryIndex.build(
+            feats,
+            [i.label for i in items],
+            index_type=index_type,
+            metric_type=metric_type,
+            sources=[i.source for i in items],
+            thumbnails=[i.thumbnail for i in items],
+            feature_model=feature_model,
+            whiten=whiten,
+        )
+        index.skipped = skipped
+        return index
+
+    def extend_index(
+        self, index: GalleryIndex, batch: GalleryBatch, *, skip_invalid: bool = False,
+        progress: Progress | None = None,
+    ) -> GalleryIndex:  # fmt: skip
+        """A new, unsaved index: ``index`` with ``batch`` appended (``index`` is not changed)."""
+        with self._models() as runtime:
+            self._check_compatible(index, runtime, None)
+            feats, items, skipped = self.embed_gallery(
+                batch, skip_invalid=skip_invalid, progress=progress, runtime=runtime
+            )
+        new = _append(index, feats, items)
+        new.skipped = skipped
+        return new
+
+    # --- stored indices -------------------------------------------------------------------------
+    def build(
+        self,
+        name: str | Path,
+        batch: GalleryBatch,
+        *,
+        index_type: str = "Flat",
         metric_type: str = "IP",
         overwrite: bool = False,
         skip_invalid: bool = True,
         progress: Progress | None = None,
         whiten: bool = False,
     ) -> ChangeReport:
-        name = check_name(name)
-        if not overwrite and self.store.exists(name):
-            raise ShiTuError(f"an index named {name!r} already exists; choose another name or overwrite it", status=409)
-        index = self.pipeline.build_index(
-            batch,
-            index_type=index_type,
-            metric_type=metric_type,
-            skip_invalid=skip_invalid,
-            progress=progress,
-            whiten=whiten,
-        )
-        self.store.put(name, index, overwrite=overwrite)
-        return self._report(name, index, [e.id for e in index.entries], index.skipped)
+        """Build an index and store it under ``name`` (a data-dir name or a directory)."""
+        store, key = self.locate(name)
+        if not overwrite and store.exists(key):
+            raise Conflict(f"an index named {key!r} already exists; choose another name or overwrite it")
+        index = self.build_index(
+            batch, index_type=index_type, metric_type=metric_type, skip_invalid=skip_invalid,
+            progress=progress, whiten=whiten,
+        )  # fmt: skip
+        store.put(key, index, overwrite=overwrite)
+        return self._report(self.display_name(name), index, [e.id for e in index.entries], index.skipped)
 
     def add(
-        self, name: str | None, batch: GalleryBatch, *, skip_invalid: bool = True, progress: Progress | None = None
-    ) -> ChangeReport:
-        name = self.resolve_name(name)
-        current = self.store.get(name)
-        self.pipeline.check_compatible(current, name)
-        # Embedding is the slow part and needs no lock; the append itself is serialised.
-        feats, items, skipped = self.pipeline.embed_gallery(batch, skip_invalid, progress)
-        holder: dict[str, list[int]] = {}
+        self, ref: str | Path | None, batch: GalleryBatch, *, skip_invalid: bool = True,
+        progress: Progress | None = None,
+    ) -> ChangeReport:  # fmt: skip
+        """Embed ``batch`` and append it to a stored index; ids are never reused."""
+        store, key = self.locate(ref)
+        with self._models() as runtime:
+            self._check_compatible(store.get(key), runtime, key)
+            # embedding is the slow part and needs no lock; the append itself is serialised
+            feats, items, skipped = self.embed_gallery(
+                batch, skip_invalid=skip_invalid, progress=progress, runtime=runtime
+            )
+        first: list[int] = []
 
         def change(latest: GalleryIndex) -> GalleryIndex:
-            first = latest.next_id
-            new = latest.add(
-                feats,
-                [i.label for i in items],
-                sources=[i.source for i in items],
-                thumbnails=[i.thumbnail for i in items],
-            )
-            holder["ids"] = list(range(first, new.next_id))
-            return new
+            first[:] = [latest.next_id]
+            return _append(latest, feats, items)
 
-        index = self.store.mutate(name, change)
-        return self._report(name, index, holder["ids"], skipped)
+        index = store.mutate(key, change)
+        return self._report(self.display_name(ref), index, list(range(first[0], index.next_id)), skipped)
 
-    def remove(self, name: str | None, ids: Any) -> GalleryIndex:
-        name = self.resolve_name(name)
+    def remove(self, ref: str | Path | None, ids: Any) -> GalleryIndex:
+        """Remove entries by id (a list, or text like ``"3, 7 192-197"``); unknown ids change nothing."""
+        store, key = self.locate(ref)
         wanted = parse_ids(ids)
-        return self.store.mutate(name, lambda latest: latest.remove(wanted))
+        return store.mutate(key, lambda latest: latest.remove(wanted))
 
-    def relabel(self, name: str | None, id_: int, label: str) -> GalleryIndex:
-        name = self.resolve_name(name)
-        return self.store.mutate(name, lambda latest: latest.relabel(int(id_), label))
+    def relabel(self, ref: str | Path | None, ids: Any, label: str) -> GalleryIndex:
+        """Give entries (one id, a list, or a range text) a new label."""
+        store, key = self.locate(ref)
+        wanted = parse_ids(ids)
+        label = (label or "").strip()
+        if not label:
+            raise ShiTuError("the new label is empty")
+
+        def change(latest: GalleryIndex) -> GalleryIndex:
+            missing = [i for i in wanted if i not in latest.id_map]
+            if missing:
+                raise NotFound(f"no entries with ids {', '.join(map(str, missing[:20]))}")
+            for id_ in wanted:
+                latest = latest.relabel(id_, label)
+            return latest
+
+        return store.mutate(key, change)
 
     def delete(self, name: str) -> None:
-        self.store.delete(name)
-        if self.active_index == name:
-            self.active_index = self.settings.default_index
+        store, key = self.locate(name)
+        store.delete(key)
 
     def rename(self, old: str, new: str) -> None:
-        self.store.rename(old, new)
-        if self.active_index == old:
-            self.active_index = new
+        store, key = self.locate(old)
+        if store is not self.store:
+            raise ShiTuError("only indices in the data dir can be renamed here")
+        store.rename(key, check_name(new))
+
+    def export_zip(self, name: str | None) -> bytes:
+        store, key = self.locate(name)
+        return store.export_zip(key)
+
+    def import_zip(self, name: str, data: bytes, *, overwrite: bool = False) -> GalleryIndex:
+        store, key = self.locate(name)
+        return store.import_zip(key, data, overwrite=overwrite)
 
     def _report(self, name: str, index: GalleryIndex, ids: list[int], skipped: list[SkippedLine]) -> ChangeReport:
         return ChangeReport(name, ids, list(skipped), index.summary(), index.id_map)
 
-    # --- recognition ------------------------------------------------------------------------
+    # --- recognition ---------------------------------------------------------------------------
     def recognize(
-        self, image: ImageInput, index: str | None = None, *, rgb: bool = True, **options: Any
-    ) -> ShiTuResult:
-        """Recognise one image against a named index (default: the active one).
+        self,
+        image: ImageInput,
+        index: IndexRef = None,
+        *,
+        bgr: bool = False,
+        input_path: str | None = None,
+        **options: Any,
+    ) -> Recognition:
+        """Recognise one image against an index (default: ``SHITU_DEFAULT_INDEX``).
 
-        ``image``: bytes, a path, a PIL image or an array (RGB unless ``rgb=False``).
-        ``options``: det_threshold, rec_threshold, rec_topk, whole_image, nms_iou (see
-        :meth:`ShiTuPipeline.options`).
+        ``image``: file bytes, a path, a PIL image or an array (**RGB** unless ``bgr=True``).
+        ``options``: ``det_threshold``, ``rec_threshold``, ``rec_topk``, ``whole_image``,
+        ``nms_iou`` (see :meth:`options`).
         """
-        name = self.resolve_name(index)
-        gallery = self.store.get(name)
-        self.pipeline.check_compatible(gallery, name)
-        opts = self.pipeline.options(gallery, **options)
-        arr = load_image(image, max_pixels=self.settings.max_image_pixels, ndarray_bgr=not rgb)
-        result = self.pipeline.recognize(arr, gallery, **opts)
-        result.index_name = name
-        return result
+        name = None if isinstance(index, GalleryIndex) else self.display_name(index)
+        gallery = self.index(index)
+        opts = self.options(gallery, **options)
+        rgb = load_image(image, max_pixels=self.settings.max_image_pixels, ndarray_bgr=bgr)
+        return self._recognize(rgb, gallery, name, opts, input_path)
 
-    # --- first start ------------------------------------------------------------------------
+    def _recognize(
+        self, rgb: np.ndarray, gallery: GalleryIndex, name: str | None, opts: Options, input_path: str | None
+    ) -> Recognition:
+        with self._models() as runtime:
+            self._check_compatible(gallery, runtime, name)
+            regions, feats, timings = runtime.analyze(rgb, opts.det_threshold, opts.whole_image)
+            models = {"detection": runtime.detection.describe(), "recognition": runtime.recognition.describe()}
+        t = time.perf_counter()
+        objects = match_objects(
+            regions, feats, gallery, rec_threshold=opts.rec_threshold, rec_topk=opts.rec_topk, nms_iou=opts.nms_iou
+        )
+        timings["search"] = time.perf_counter() - t
+        return Recognition(
+            input_path=input_path, image=rgb, objects=objects, timings=timings, models=models,
+            index_name=name, rec_threshold=opts.rec_threshold,
+        )  # fmt: skip
+
+    def recognize_many(
+        self, inputs: Any, index: IndexRef = None, *, bgr_arrays: bool = True, **options: Any
+    ) -> Iterator[Recognition]:
+        """Recognise every image of PaddleX-style ``inputs`` (arrays, PIL images, paths, URLs,
+        directories, ``{"img": ...}`` dicts, lists of these). Arguments, the index and the
+        options are checked *now*; images are read one at a time as the iterator is consumed."""
+        from shitu.inputs import iter_inputs
+
+        name = None if isinstance(index, GalleryIndex) else self.display_name(index)
+        gallery = self.index(index)
+        opts = self.options(gallery, **options)
+        with self._models() as runtime:
+            self._check_compatible(gallery, runtime, name)
+        sources = iter_inputs(inputs, self.settings, bgr_arrays=bgr_arrays)  # validates the input's shape now
+        return (self._recognize(load(), gallery, name, opts, src) for src, load in sources)
+
+    # --- first start ---------------------------------------------------------------------------
     def ensure_sample_index(self, progress: Progress | None = None) -> str | None:
         """Build the sample gallery's index if it is missing or was made by another model."""
+        from shitu.gallery import read_label_file
         from shitu.sample import ensure_sample_files
 
-        try:
+        with contextlib.suppress(ShiTuError):
             if self.store.exists(SAMPLE_INDEX) and self.compatible(self.store.get(SAMPLE_INDEX)):
                 return SAMPLE_INDEX
-        except ShiTuError:
-            pass  # damaged: rebuild below
         root, label_file, _queries = ensure_sample_files(self.settings)
-        from shitu.gallery import read_label_file
-
         try:
             self.build(SAMPLE_INDEX, read_label_file(label_file, root), index_type="Flat", overwrite=True,
                        skip_invalid=False, progress=progress)  # fmt: skip
-        except (ShiTuError, NotFound) as exc:
+        except ShiTuError as exc:
             log.warning("could not build the sample index: %s", exc)
             return None
         return SAMPLE_INDEX
+
+    def sample_queries(self) -> list[Path]:
+        """Example query photos of the sample gallery."""
+        from shitu.sample import ensure_sample_files
+
+        return ensure_sample_files(self.settings)[2]
+
+
+def _append(index: GalleryIndex, feats: np.ndarray, items: list[GalleryItem]) -> GalleryIndex:
+    return index.add(
+        feats, [i.label for i in items], sources=[i.source for i in items], thumbnails=[i.thumbnail for i in items]
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -38,28 +39,50 @@ def write_bytes_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path
     return path
 
 
-def replace_dir(new: Path, target: Path) -> None:
-    """Swap the complete directory ``new`` into ``target``'s place.
+def _journal(target: Path) -> Path:
+    return target.parent / f".{target.name}.swap"
 
-    The window where ``target`` is missing is two renames long; the old copy is renamed to
-    ``.<name>.old-<random>`` beside it and removed afterwards (:func:`recover_dir` undoes a
-    crash between the renames).
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Swap the complete directory ``new`` into ``target``'s place, crash-safely.
+
+    A journal beside ``target`` names the two directories for the two renames, so
+    :func:`recover_dir` can finish an interrupted swap (the new copy is complete before the
+    journal is written) and nothing else is ever taken for a committed state.
     """
     new, target = Path(new), Path(target)
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
+    if not target.exists():
         os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    journal = _journal(target)
+    write_bytes_atomic(journal, json.dumps({"new": new.name, "old": old.name}).encode())
+    os.replace(target, old)
+    os.replace(new, target)
+    journal.unlink(missing_ok=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_dir(target: Path) -> None:
-    """Undo a :func:`replace_dir` interrupted between its two renames."""
+    """Finish a :func:`replace_dir` that a crash interrupted, and remove its leftovers.
+
+    Only a journalled swap is ever completed; stray ``.<name>.old-*`` / ``.tmp-*`` copies are
+    deleted, never restored (a deleted or renamed directory stays gone).
+    """
     target = Path(target)
-    if target.exists():
-        return
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds:
-        olds[-1].rename(target)
+    journal = _journal(target)
+    if journal.exists():
+        try:
+            names = json.loads(journal.read_text())
+            new, old = target.parent / names["new"], target.parent / names["old"]
+        except (OSError, ValueError, KeyError, TypeError):
+            new = old = None
+        if new is not None and old is not None:
+            if not target.exists() and new.is_dir():
+                os.replace(new, target)  # the new copy was complete: roll forward
+            elif not target.exists() and old.is_dir():
+                os.replace(old, target)
+        journal.unlink(missing_ok=True)
+    for pattern in (f".{target.name}.old-*", f".{target.name}.tmp-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -550,7 +551,9 @@ class GalleryIndex:
             info = yaml.safe_load(info_path.read_text(encoding="utf-8")) or {}
             index = faiss.read_index(str(vector_path))
         except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError, yaml its own
-            raise ShiTuError(f"{index_dir} holds a damaged index: {exc}") from exc
+            # faiss's message quotes its C++ source and our paths: keep only what it is
+            raise ShiTuError(f"{vector_path.name if 'index' in str(exc).lower() else info_path.name} "
+                             f"cannot be read ({type(exc).__name__})") from None
         metric_type = info.get("metric_type")
         index_type = info.get("index_type")
         if metric_type not in METRIC_TYPES:
@@ -561,7 +564,12 @@ class GalleryIndex:
         if index.ntotal != len(id_map):
             raise ShiTuError(f"{index_dir}: {index.ntotal} vectors but {len(id_map)} labels in {info_path.name}")
         meta_path = index_dir / META_FILE
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else {}
+            if not isinstance(meta, dict) or not isinstance(meta.get("entries", {}), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            raise ShiTuError(f"{META_FILE} is damaged ({type(exc).__name__})") from None
         saved = meta.get("entries", {})
         entries = {}
         for i, label in id_map.items():
@@ -610,3 +618,50 @@ def replace_index_dir(new: Path, target: Path) -> None:
             if f.name not in OUR_FILES and not (new / f.name).exists():
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
     replace_dir(new, target)
+
+
+def parse_ids(value: Any) -> list[int]:
+    """Entry ids from a list, one id, or a text like ``"3, 7 12 192-197"`` (ranges included).
+    Booleans and fractions are refused, not taken for 1/0."""
+    if isinstance(value, str):
+        parts: list[Any] = value.replace(",", " ").split()
+    elif isinstance(value, (int, np.integer, float)):
+        parts = [value]
+    elif isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
+        parts = list(value)
+    else:
+        raise ShiTuError(f"{value!r} is not a list of entry ids")
+    ids: list[int] = []
+    for part in parts:
+        ids.extend(_one_id(part))
+    if not ids:
+        raise ShiTuError("no ids were given")
+    return list(dict.fromkeys(ids))
+
+
+def read_id_file(path: str | Path) -> list[int]:
+    """Ids from a text file: one id or range per line (first column); ``#`` starts a comment."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise NotFound(f"cannot read the id file {path.name}") from None
+    return parse_ids([ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
+
+
+def _one_id(part: Any) -> list[int]:
+    bad = ShiTuError(f"{part!r} is not an entry id (ids are whole numbers, or ranges like 192-197)")
+    if isinstance(part, (bool, np.bool_)) or isinstance(part, float) and not part.is_integer():
+        raise bad
+    if isinstance(part, (int, np.integer, float)):
+        return [int(part)]
+    text = str(part).strip()
+    lo, sep, hi = text.partition("-")
+    if sep and lo.strip().isdigit() and hi.strip().isdigit():
+        first, last = int(lo), int(hi)
+        if last < first or last - first > 100_000:
+            raise ShiTuError(f"{text!r} is not a usable id range")
+        return list(range(first, last + 1))
+    if text.lstrip("-").isdigit():
+        return [int(text)]
+    raise bad

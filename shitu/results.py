@@ -1,8 +1,20 @@
-"""Result value objects: what one prediction found, with PaddleX-style print/save methods."""
+"""What one prediction found: typed objects inside, PaddleX's result ``dict`` outside.
+
+* :class:`RecognizedObject` and :class:`Recognition` are what the engine, the UI and the HTTP
+  API work with.
+* :class:`ShiTuResult` is what the Python API returns: a ``dict`` in PaddleX's PP-ShiTuV2 schema
+  (``input_path``, ``input_img`` (BGR), ``boxes: [{labels, rec_scores, det_score, coordinate}]``;
+  an unrecognised box has ``labels: [None], rec_scores: [None]`` as in PaddleX), with PaddleX's
+  ``print`` / ``save_to_json`` / ``save_to_img`` / ``json`` / ``img`` / ``str``. Our extras live
+  under keys PaddleX does not use (``entry_ids``, ``det_label``, ``whole_image``,
+  ``best_candidate`` per box; ``index``, ``timings_ms``, ``models``, ``image_size`` per image).
+"""
 
 from __future__ import annotations
 
 import json
+import mimetypes
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,20 +24,22 @@ import numpy as np
 
 @dataclass
 class RecognizedObject:
-    """One detected box and what the gallery says it is.
+    """One box and what the gallery says it is.
 
-    ``labels``/``scores`` hold the top-k gallery matches above the recognition threshold,
-    best first; both are empty when nothing in the gallery is similar enough (the box is
-    then *unrecognised* — never labelled ``"None"``).
+    ``labels``/``scores``/``ids`` hold the top-k distinct gallery labels at or above the
+    recognition threshold, best first; all empty when nothing is similar enough (the box is
+    *unknown*). ``candidate`` is the best match whatever the threshold — the near miss of an
+    unknown box — as ``(label, score, id)``, or ``None`` for an empty gallery.
     """
 
     bbox: tuple[float, float, float, float]  # x1, y1, x2, y2 in original-image pixels
     det_score: float
     labels: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)  # gallery entry ids of the matches
-    det_label: str | None = None  # detector's own class name (e.g. Open Images), if any
+    ids: list[int] = field(default_factory=list)
+    det_label: str | None = None  # the detector's own class name, if any (internal, not an answer)
     whole_image: bool = False  # the box is the whole image, not a detection
+    candidate: tuple[str, float, int] | None = None
 
     @property
     def label(self) -> str | None:
@@ -40,20 +54,25 @@ class RecognizedObject:
         return bool(self.labels)
 
     def to_dict(self) -> dict[str, Any]:
+        """The box in PaddleX's schema, plus our extra keys."""
         return {
-            "bbox": [round(float(v), 2) for v in self.bbox],
+            "labels": list(self.labels) if self.labels else [None],
+            "rec_scores": [round(float(s), 4) for s in self.scores] if self.scores else [None],
             "det_score": round(float(self.det_score), 4),
+            "coordinate": [round(float(v), 2) for v in self.bbox],
+            "entry_ids": [int(i) for i in self.ids],
             "det_label": self.det_label,
             "whole_image": self.whole_image,
-            "rec_results": [
-                {"label": lab, "score": round(float(s), 4), "id": int(i)}
-                for lab, s, i in zip(self.labels, self.scores, self.ids)
-            ],
+            "best_candidate": (
+                {"label": self.candidate[0], "score": round(float(self.candidate[1]), 4), "id": int(self.candidate[2])}
+                if self.candidate
+                else None
+            ),
         }
 
 
 @dataclass
-class ShiTuResult:
+class Recognition:
     """Everything one image produced. ``image`` is RGB uint8."""
 
     input_path: str | None
@@ -62,52 +81,98 @@ class ShiTuResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     models: dict[str, str] = field(default_factory=dict)  # stage → active model description
     index_name: str | None = None
+    rec_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready, in PaddleX's schema without ``input_img``."""
         h, w = self.image.shape[:2]
         return {
             "input_path": self.input_path,
-            "image_size": [int(w), int(h)],
             "boxes": [o.to_dict() for o in self.objects],
+            "index": self.index_name,
+            "rec_threshold": self.rec_threshold,
+            "image_size": [int(w), int(h)],
             "timings_ms": {k: round(v * 1000, 2) for k, v in self.timings.items()},
             "models": self.models,
-            "index": self.index_name,
         }
 
-    @property
-    def json(self) -> dict[str, Any]:
-        return self.to_dict()
-
-    def __str__(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, indent=2)
-
-    def print(self) -> None:
-        print(self)
-
-    def _target(self, save_path: str | Path, suffix: str) -> Path:
-        path = Path(save_path)
-        if path.suffix.lower() != suffix and not (suffix == ".jpg" and path.suffix.lower() in (".jpeg", ".png")):
-            stem = Path(self.input_path).stem if self.input_path else "result"
-            path.mkdir(parents=True, exist_ok=True)
-            path = path / f"{stem}_res{suffix}"
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def save_to_json(self, save_path: str | Path) -> Path:
-        """Write the result as JSON; a directory gets ``<input stem>_res.json``."""
-        path = self._target(save_path, ".json")
-        path.write_text(str(self), encoding="utf-8")
-        return path
-
     def render(self):
-        """The image with boxes and labels drawn (PIL.Image)."""
+        """The image with boxes and labels drawn (PIL.Image); see :func:`shitu.render.draw_objects`."""
         from shitu.render import draw_objects
 
         return draw_objects(self.image, self.objects)
 
-    def save_to_img(self, save_path: str | Path) -> Path:
-        """Write the drawn image; a directory gets ``<input stem>_res.jpg``."""
-        path = self._target(save_path, ".jpg")
-        self.render().save(path, quality=92)
+
+class ShiTuResult(dict):
+    """PaddleX's PP-ShiTuV2 result: a ``dict`` with PaddleX's keys and methods.
+
+    >>> res["boxes"][0]["labels"][0], res["boxes"][0]["coordinate"]  # doctest: +SKIP
+    >>> res.print(); res.save_to_json("out/"); res.save_to_img("out/")  # doctest: +SKIP
+
+    :attr:`recognition` keeps the typed :class:`Recognition` it was made from.
+    """
+
+    def __init__(self, recognition: Recognition):
+        data = recognition.to_dict()
+        super().__init__(
+            {"input_path": data.pop("input_path"), "input_img": recognition.image[..., ::-1], **data}
+        )  # PaddleX's input_img is BGR
+        self.recognition = recognition
+        self._fallback_stem: str | None = None
+
+    # --- PaddleX's accessors ------------------------------------------------------------------
+    def _plain(self) -> dict[str, Any]:
+        return {k: v for k, v in self.items() if k != "input_img"}
+
+    @property
+    def json(self) -> dict[str, Any]:
+        """``{"res": <the result without input_img>}``, as PaddleX's ``.json``."""
+        return {"res": json.loads(json.dumps(self._plain(), ensure_ascii=False))}
+
+    @property
+    def str(self) -> dict[str, Any]:
+        return {"res": self._plain()}
+
+    @property
+    def img(self) -> dict[str, Any]:
+        """``{"res": PIL image with boxes and labels}``, as PaddleX's ``.img``."""
+        return {"res": self.recognition.render()}
+
+    def _to_str(self, json_format: bool = False, indent: int = 4, ensure_ascii: bool = False) -> str:
+        return json.dumps({"res": self._plain()}, indent=indent, ensure_ascii=ensure_ascii)
+
+    def print(self, json_format: bool = False, indent: int = 4, ensure_ascii: bool = False) -> None:
+        """Print the result as JSON (``format_json`` is accepted as PaddleX's docs spell it)."""
+        print(self._to_str(json_format, indent, ensure_ascii))
+
+    # --- saving ---------------------------------------------------------------------------------
+    def _stem(self) -> str:
+        if self.get("input_path"):
+            return Path(str(self["input_path"])).stem
+        if self._fallback_stem is None:
+            self._fallback_stem = f"{int(time.time())}_{np.random.randint(1000, 9999)}"
+        return self._fallback_stem
+
+    def save_to_json(self, save_path: str | Path, indent: int = 4, ensure_ascii: bool = False) -> Path:
+        """Write the JSON; a path that is not a ``.json`` file is a dir that gets ``<stem>_res.json``."""
+        path = Path(save_path)
+        if mimetypes.guess_type(str(path))[0] != "application/json":
+            path = path / f"{self._stem()}_res.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self._plain(), indent=indent, ensure_ascii=ensure_ascii), encoding="utf-8")
         return path
+
+    def save_to_img(self, save_path: str | Path) -> Path:
+        """Write the drawn image; a path without an image suffix is a dir that gets ``<stem>_res.jpg``."""
+        path = Path(save_path)
+        if path.suffix.lower() not in (".jpg", ".jpeg", ".png", ".bmp", ".webp"):
+            path = path / f"{self._stem()}_res.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image = self.recognition.render()
+        image.convert("RGB").save(path, quality=92) if path.suffix.lower() in (".jpg", ".jpeg") else image.save(path)
+        return path
+
+    # typed helpers
+    @property
+    def objects(self) -> list[RecognizedObject]:
+        return self.recognition.objects

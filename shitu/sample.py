@@ -7,7 +7,6 @@ queries are other crops of the same photos plus a two-object composite.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from PIL import Image, ImageEnhance
 
 from shitu.config import Settings
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # label → (skimage.data function, subject box as fractions x1, y1, x2, y2 of the photo)
 SAMPLE_SUBJECTS: dict[str, tuple[str, tuple[float, float, float, float]]] = {
     "猫 cat": ("chelsea", (0.15, 0.0, 0.85, 1.0)),
@@ -99,16 +97,9 @@ def write_queries(target: Path, seed: int = SEED + 1) -> list[Path]:
     return [composite, *paths]
 
 
-def _writable(path: Path) -> bool:
-    probe = path if path.exists() else path.parent
-    return os.access(probe, os.W_OK)
-
-
 def sample_dirs(settings: Settings) -> tuple[Path, Path]:
-    """``galleries/sample`` and ``assets/examples`` in the project, or the data dir if read-only."""
-    gallery, queries = PROJECT_ROOT / "galleries" / "sample", PROJECT_ROOT / "assets" / "examples"
-    if _writable(gallery.parent) and _writable(queries.parent):
-        return gallery, queries
+    """Where the generated sample gallery and queries live: the data dir (never the checkout or
+    the installed package, which may be read-only and must stay clean)."""
     return settings.data_dir / "sample" / "gallery", settings.data_dir / "sample" / "queries"
 
 

@@ -34,7 +34,8 @@ from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODE
 from shitu.engine import ChangeReport, Engine
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, SkippedLine, pairs_from_uploads, read_zip_gallery
-from shitu.results import ShiTuResult
+from shitu.index import parse_ids
+from shitu.results import Recognition
 
 MAX_TABLE_ROWS = 2000  # the entries table shows at most this many rows; filter by label for more
 MAX_PREVIEWS = 48  # thumbnails in the preview gallery
@@ -345,7 +346,7 @@ def _scratch_file(filename: str) -> Path:
 
 def _index_dropdown(engine: Engine, value: str | None = None) -> dict[str, Any]:
     names = engine.index_names()
-    wanted = value or engine.active_index
+    wanted = value or engine.settings.default_index
     return gr.update(choices=names, value=wanted if wanted in names else (names[0] if names else None))
 
 
@@ -354,7 +355,7 @@ def threshold_for_index(engine: Engine, name: str | None) -> dict[str, Any]:
     """The recognition-threshold slider follows the chosen index: a whitened index suggests
     its own threshold (its similarities are on another scale)."""
     try:
-        return gr.update(value=engine.pipeline.rec_threshold_for(engine.index(name)))
+        return gr.update(value=engine.rec_threshold_for(engine.index(name)))
     except ShiTuError:
         return gr.update()
 
@@ -379,7 +380,7 @@ def recognize_image(
     result = engine.recognize(
         image,
         index=index_name or None,
-        rgb=True,
+        bgr=False,
         det_threshold=None if det_threshold is None else float(det_threshold),
         rec_threshold=None if rec_threshold is None else float(rec_threshold),
         rec_topk=None if topk is None else int(topk),
@@ -391,7 +392,7 @@ def recognize_image(
     return result.render(), result_table(result, lang), timings_markdown(result, lang), str(path)
 
 
-def result_table(result: ShiTuResult, lang: str = "en") -> pd.DataFrame:
+def result_table(result: Recognition, lang: str = "en") -> pd.DataFrame:
     """One row per box; unrecognised boxes say so (never ``None``)."""
     rows = []
     for n, obj in enumerate(result.objects, start=1):
@@ -413,7 +414,7 @@ def result_table(result: ShiTuResult, lang: str = "en") -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def timings_markdown(result: ShiTuResult, lang: str = "en") -> str:
+def timings_markdown(result: Recognition, lang: str = "en") -> str:
     stages = " · ".join(
         f"{TEXT[lang].get('stage_' + stage, stage)} {seconds * 1000:.0f} ms"
         for stage, seconds in result.timings.items()
@@ -516,7 +517,7 @@ def build_index(
     files: Any,
     label_file: Any,
     name: str,
-    index_type: str = "HNSW32",
+    index_type: str = "Flat",
     metric_type: str = "IP",
     skip_invalid: bool = True,
     overwrite: bool = False,
@@ -537,7 +538,6 @@ def build_index(
         progress=_progress_callback(progress),
         whiten=bool(whiten),
     )
-    engine.set_active(report.index)
     summary = change_summary(engine, report, lang_of(request), built=True)
     return summary, _index_dropdown(engine, report.index), _index_dropdown(engine, report.index)
 
@@ -568,14 +568,8 @@ def previews(engine: Engine, name: str | None, ids: list[int]) -> list[tuple[Ima
 
 
 def parse_id_text(text: str | None) -> list[int]:
-    """``"3, 7 12"`` → ``[3, 7, 12]``; anything that is not a whole number is a user error."""
-    ids = []
-    for part in (text or "").replace(",", " ").split():
-        try:
-            ids.append(int(part))
-        except ValueError:
-            raise ShiTuError(f"{part!r} is not an entry id (ids are whole numbers)") from None
-    return ids
+    """``"3, 7 12 192-197"`` → ids (ranges expanded); blank → ``[]``."""
+    return parse_ids(text) if text and text.strip() else []
 
 
 def index_info(engine: Engine, name: str | None, lang: str = "en", shown: int | None = None) -> str:
@@ -584,7 +578,7 @@ def index_info(engine: Engine, name: str | None, lang: str = "en", shown: int | 
     text = _t(
         lang,
         "info",
-        name=engine.resolve_name(name),
+        name=name or engine.settings.default_index,
         entries=stats["entries"],
         labels=stats["labels"],
         index_type=stats["index_type"],
@@ -618,7 +612,7 @@ def open_index(engine: Engine, name: str | None, request: gr.Request | None = No
     if not name:  # e.g. the last index was just deleted
         empty = pd.DataFrame(columns=[_t(lang, "col_id"), _t(lang, "col_label"), _t(lang, "col_source")])
         return _t(lang, "no_indices"), empty, gr.update(choices=[], value=[]), [], ""
-    engine.set_active(name)
+    engine.index(name)  # must exist
     info, table, thumbs = _view(engine, name, None, None, lang)
     return info, table, _label_choices(engine, name), thumbs, ""
 
@@ -672,7 +666,7 @@ def remove_entries(
     engine.remove(name, ids)
     lang = lang_of(request)
     info, table, thumbs = _view(engine, name, labels, None, lang)
-    status = _t(lang, "removed", n=len(ids), name=engine.resolve_name(name), ids=", ".join(map(str, ids)))
+    status = _t(lang, "removed", n=len(ids), name=name, ids=", ".join(map(str, ids)))
     return status, info, table, thumbs, ""
 
 
@@ -720,9 +714,11 @@ def delete_index(engine: Engine, name: str | None, confirm: bool, request: gr.Re
 @user_errors
 def export_index(engine: Engine, name: str | None, request: gr.Request | None = None):
     """Write the index as a .zip: (status, download button with the file)."""
-    name = engine.resolve_name(name)
+    if not name:
+        raise ShiTuError("no index is selected")
+    data = engine.export_zip(name)
     path = _scratch_file(f"{name}.zip")
-    path.write_bytes(engine.store.export_zip(name))
+    path.write_bytes(data)
     return _t(lang_of(request), "exported", name=name), gr.update(value=str(path), visible=True)
 
 
@@ -733,7 +729,7 @@ def import_index(engine: Engine, file: Any, name: str, overwrite: bool = False, 
     if not paths:
         raise ShiTuError("no .zip was uploaded")
     name = (name or "").strip() or paths[0].stem
-    index = engine.store.import_zip(name, _read_upload(paths[0]), overwrite=bool(overwrite))
+    index = engine.import_zip(name, _read_upload(paths[0]), overwrite=bool(overwrite))
     stats = index.summary()
     status = _t(lang_of(request), "imported", name=name, entries=stats["entries"], labels=stats["labels"])
     return status, _index_dropdown(engine, name), _index_dropdown(engine, name)
@@ -796,7 +792,7 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
                 continue
             s = index.summary()
             ok = _t(lang, "usable") if engine.compatible(index) else "⚠️ " + _t(lang, "rebuild")
-            active = " ★" if name == engine.active_index else ""
+            active = " ★" if name == engine.settings.default_index else ""
             lines.append(
                 f"| {_md(name)}{active} | {s['entries']} | {s['labels']} | {s['index_type']} | "
                 f"{s['metric_type']} | {s['dim']} | `{s['feature_model']}` | {ok} |"
@@ -810,22 +806,21 @@ def switch_model(engine: Engine, model_name: str, request: gr.Request | None = N
     if model_name not in REC_MODELS:
         raise ShiTuError(f"unknown recognition model {model_name!r}")
     engine.switch_recognition_model(model_name)
-    return models_markdown(engine, request), gr.update(value=engine.pipeline.default_rec_threshold)
+    return models_markdown(engine, request), gr.update(value=engine.default_rec_threshold)
 
 
 # --- layout ---------------------------------------------------------------------------------
 def build_demo(engine: Engine) -> gr.Blocks:
     """The four-tab studio over ``engine``. Mount it with ``i18n=I18N, css=CSS`` (see app.py)."""
-    from shitu.sample import ensure_sample_files
-
     def bind(fn: Callable) -> Callable:
         return _bind(fn, engine)
 
-    _root, _labels, example_paths = ensure_sample_files(engine.settings)
+    example_paths = engine.sample_queries()
     example_paths = sorted(example_paths, key=lambda p: "two_objects" not in p.name)  # the richest first
-    pipeline = engine.pipeline
+    config = engine.config
     names = engine.index_names()
-    active = engine.active_index if engine.active_index in names else (names[0] if names else None)
+    default = engine.settings.default_index
+    active = default if default in names else (names[0] if names else None)
 
     with gr.Blocks(title="PP-ShiTuV2 Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(I18N("title"))
@@ -848,7 +843,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                             det_threshold = gr.Slider(
                                 0.05,
                                 0.95,
-                                value=pipeline.default_det_threshold,
+                                value=engine.default_det_threshold,
                                 step=0.01,
                                 label=I18N("det_threshold"),
                                 info=I18N("det_threshold_info"),
@@ -856,21 +851,21 @@ def build_demo(engine: Engine) -> gr.Blocks:
                             rec_threshold = gr.Slider(
                                 0.0,
                                 1.0,
-                                value=threshold_for_index(engine, active).get("value", pipeline.default_rec_threshold),
+                                value=threshold_for_index(engine, active).get("value", engine.default_rec_threshold),
                                 step=0.01,
                                 label=I18N("rec_threshold"),
                                 info=I18N("rec_threshold_info"),
                             )
-                            topk = gr.Slider(1, 10, value=pipeline.config.rec_topk, step=1, label=I18N("topk"))
+                            topk = gr.Slider(1, 10, value=config.rec_topk, step=1, label=I18N("topk"))
                             whole_image = gr.Radio(
                                 list(WHOLE_IMAGE_MODES),
-                                value=pipeline.config.whole_image,
+                                value=config.whole_image,
                                 label=I18N("whole_image"),
                                 info=I18N("whole_image_info"),
                             )
-                            use_nms = gr.Checkbox(value=pipeline.config.nms_iou is not None, label=I18N("use_nms"))
+                            use_nms = gr.Checkbox(value=config.nms_iou is not None, label=I18N("use_nms"))
                             nms_iou = gr.Slider(
-                                0.05, 0.95, value=pipeline.config.nms_iou or 0.5, step=0.05, label=I18N("nms_iou")
+                                0.05, 0.95, value=config.nms_iou or 0.5, step=0.05, label=I18N("nms_iou")
                             )
                     with gr.Column(scale=1):
                         result_image = gr.Image(
@@ -911,7 +906,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                     build_name = gr.Textbox(
                         label=I18N("index_name"), value="my_gallery", max_lines=1, elem_id="build-name"
                     )
-                    build_type = gr.Radio(list(INDEX_TYPES), value="HNSW32", label=I18N("index_type"))
+                    build_type = gr.Radio(list(INDEX_TYPES), value="Flat", label=I18N("index_type"))
                     build_metric = gr.Radio(list(METRIC_TYPES), value="IP", label=I18N("metric_type"))
                 with gr.Row():
                     build_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))
@@ -976,7 +971,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
                 with gr.Row():
                     rec_model = gr.Dropdown(
                         list(REC_MODELS),
-                        value=pipeline.config.recognition.model_name,
+                        value=config.recognition.model_name,
                         label=I18N("rec_model"),
                         info=I18N("switch_info"),
                         scale=3,
@@ -988,9 +983,6 @@ def build_demo(engine: Engine) -> gr.Blocks:
         rec_outputs = [result_image, result_table_df, timings, result_json]
         recognize_btn.click(bind(recognize_image), rec_inputs, rec_outputs, api_name="recognize")
         examples.load_input_event.then(bind(recognize_image), rec_inputs, rec_outputs, api_visibility="undocumented")
-        rec_index.input(
-            lambda name: engine.set_active(name) if name else None, rec_index, None, api_visibility="private"
-        )
         tab_recognize.select(lambda: _index_dropdown(engine), None, rec_index, api_visibility="private")
         rec_index.change(bind(threshold_for_index), rec_index, rec_threshold, api_visibility="private")
 

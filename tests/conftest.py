@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from shitu.config import Settings
+from shitu.config import PipelineConfig, Settings
 from shitu.engine import Engine
-from shitu.pipeline import ShiTuPipeline
+from shitu.paddlex_api import ShiTuPipeline
+from shitu.runtime import Runtime
 
 MODEL_CACHE = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
 
@@ -23,16 +24,24 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def pipeline(tmp_path_factory) -> ShiTuPipeline:
-    """The real pipeline with the offline starter pack (PaddleX predictors)."""
-    return ShiTuPipeline(settings=make_settings(tmp_path_factory.mktemp("pipeline-data")))
+def runtime(tmp_path_factory):
+    """The real offline starter pack run by PaddleX's predictors in a supervised worker process,
+    as the server runs them; loaded once per session."""
+    rt = Runtime(PipelineConfig(), make_settings(tmp_path_factory.mktemp("runtime-data")), isolate=True)
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory, runtime) -> ShiTuPipeline:
+    """The PaddleX-compatible API over an engine that shares the session's models."""
+    return ShiTuPipeline(Engine(make_settings(tmp_path_factory.mktemp("pipeline-data")), runtime=runtime))
 
 
 @pytest.fixture
-def engine(tmp_path, pipeline) -> Engine:
+def engine(tmp_path, runtime) -> Engine:
     """A fresh engine (empty data dir) sharing the session's loaded models."""
-    settings = make_settings(tmp_path / "data")
-    return Engine(settings, pipeline=pipeline)
+    return Engine(make_settings(tmp_path / "data"), runtime=runtime)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ client example does. No network is needed: URL tests use literal addresses and a
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import http.server
 import inspect
@@ -72,9 +71,9 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def fresh_engine(pipeline, data_dir: Path) -> Engine:
+def fresh_engine(runtime, data_dir: Path) -> Engine:
     """An engine on an empty data dir, sharing the session's models and their (offline) settings."""
-    return Engine(dataclasses.replace(pipeline.settings, data_dir=data_dir), pipeline=pipeline)
+    return Engine(runtime.settings.model_copy(update={"data_dir": data_dir}), runtime=runtime)
 
 
 def snapshot(engine: Engine) -> tuple:
@@ -84,7 +83,7 @@ def snapshot(engine: Engine) -> tuple:
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
     }
     memory = {name: engine.index(name).id_map for name in engine.index_names()}
-    return files, memory, engine.active_index
+    return files, memory, engine.settings.default_index
 
 
 def ok(resp) -> dict:
@@ -114,9 +113,9 @@ def top_label(result: dict) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def api_engine(tmp_path_factory, pipeline) -> Engine:
+def api_engine(tmp_path_factory, runtime) -> Engine:
     """One engine for the module (tests that change settings restore them with monkeypatch)."""
-    return fresh_engine(pipeline, tmp_path_factory.mktemp("api") / "data")
+    return fresh_engine(runtime, tmp_path_factory.mktemp("api") / "data")
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +130,7 @@ def base(client, api_engine, sample_gallery) -> str:
     body = {"imageLabelPairs": payload_pairs(gallery_pairs(sample_gallery)), "indexKey": "base"}
     result = ok(client.post(BUILD, json=body))
     assert result["imageCount"] == 24
-    api_engine.active_index = "base"
+    api_engine.settings.default_index = "base"
     return "base"
 
 
@@ -236,7 +235,7 @@ def test_build_without_key_generates_one_with_flat_ip_defaults(client, api_engin
     assert result["imageCount"] == 6
     listing = ok(client.get(f"/shitu-index/{key}"))
     assert (listing["indexType"], listing["metricType"]) == ("Flat", "IP")
-    assert listing["featureModel"] == api_engine.pipeline.feature_model
+    assert listing["featureModel"] == api_engine.feature_model
     assert listing["idMap"] == result["idMap"] and listing["labelCount"] == 6
     assert api_engine.index(key).id_map == {i: label for i, label in enumerate(LABELS)}
 
@@ -263,9 +262,9 @@ def test_add_then_remove_never_reuses_ids(client, small_index, sample_gallery):
     assert ok(client.get(f"/shitu-index/{key}"))["idMap"] == added["idMap"]
 
 
-def test_omitted_index_key_means_the_active_index(client, api_engine, small_index, sample_gallery, monkeypatch):
+def test_omitted_index_key_means_the_default_index(client, api_engine, small_index, sample_gallery, monkeypatch):
     key, _ = small_index
-    monkeypatch.setattr(api_engine, "active_index", key)
+    monkeypatch.setattr(api_engine.settings, "default_index", key)
     extra = gallery_pairs(sample_gallery, range(1))[5:]
     assert ok(client.post(ADD, json={"imageLabelPairs": payload_pairs(extra)}))["imageCount"] == 4
     assert ok(client.post(REMOVE, json={"ids": [0]}))["imageCount"] == 3
@@ -521,10 +520,10 @@ def test_gradio_mounted_at_root_does_not_shadow_the_api(api_engine, base):
 
 
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory, pipeline):
+def live_server(tmp_path_factory, runtime):
     import uvicorn
 
-    engine = fresh_engine(pipeline, tmp_path_factory.mktemp("live") / "data")
+    engine = fresh_engine(runtime, tmp_path_factory.mktemp("live") / "data")
     server = uvicorn.Server(uvicorn.Config(create_api(engine), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -567,7 +566,7 @@ def test_live_server_build_add_remove_infer(live_server, sample_gallery, sample_
     assert drawn.format == "JPEG" and drawn.size == Image.open(sample_queries[0]).size
     assert engine.index(key).id_map == {0: "猫 cat", 2: "咖啡 coffee", 3: "咖啡 coffee"}  # same object the UI uses
     # and from disk, as a restarted server would see it
-    assert Engine(engine.settings, pipeline=engine.pipeline).index(key).id_map == engine.index(key).id_map
+    assert Engine(engine.settings, runtime=engine._runtime).index(key).id_map == engine.index(key).id_map
 
 
 def test_live_server_concurrent_adds_and_streamed_limit(live_server, sample_gallery, monkeypatch):

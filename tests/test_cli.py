@@ -28,7 +28,7 @@ def test_build_predict_remove_info(cli_env, sample_gallery, sample_queries, caps
     assert main(["predict", str(query), "--index", "demo", "--out", str(out_dir), "--json", "--whole-image", "always",
                  "--rec-threshold", "0"]) == 0  # fmt: skip
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert any(b["whole_image"] and b["rec_results"][0]["label"] == "猫 cat" for b in printed["boxes"])
+    assert any(b["whole_image"] and b["labels"][0] == "猫 cat" for b in printed["boxes"])
     assert (out_dir / f"{query.stem}_res.json").exists() and (out_dir / f"{query.stem}_res.jpg").exists()
     ids_file = cli_env / "ids.txt"
     ids_file.write_text("0\n1\n", encoding="utf-8")

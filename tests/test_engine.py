@@ -23,8 +23,8 @@ def built(engine, sample_gallery) -> Engine:
     return engine
 
 
-def test_indices_survive_a_restart(built, pipeline):
-    again = Engine(built.settings, pipeline=pipeline)
+def test_indices_survive_a_restart(built, runtime):
+    again = Engine(built.settings, runtime=runtime)
     assert again.index_names() == ["drinks"]
     assert again.index("drinks").id_map == built.index("drinks").id_map
 
@@ -75,20 +75,20 @@ def test_concurrent_adds_and_removes_lose_nothing(built, sample_gallery):
     assert len(index) == 24 + 4 - 2
     assert sorted(v for v in index.id_map.values() if v.startswith("thread")) == [f"thread {k}" for k in range(4)]
     assert sorted(index.id_map)[-4:] == [24, 25, 26, 27], "each add got fresh ids"
-    reloaded = Engine(built.settings, pipeline=built.pipeline).index("drinks")
+    reloaded = Engine(built.settings, runtime=built._runtime).index("drinks")
     assert reloaded.id_map == index.id_map, "what is on disk is the last version"
 
 
 def test_rename_delete_export_import(built):
     built.rename("drinks", "drinks2")
     assert built.index_names() == ["drinks2"]
-    data = built.store.export_zip("drinks2")
+    data = built.export_zip("drinks2")
     built.delete("drinks2")
     assert built.index_names() == []
-    imported = built.store.import_zip("back", data)
+    imported = built.import_zip("back", data)
     assert len(imported) == 24 and built.index_names() == ["back"]
     with pytest.raises(ShiTuError, match="already exists"):
-        built.store.import_zip("back", data)
+        built.import_zip("back", data)
     with pytest.raises(ShiTuError, match="invalid index name"):
         built.build("../evil", GalleryBatch())
 

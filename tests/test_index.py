@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from shitu.errors import NotFound, ShiTuError
-from shitu.index import ALT_ID_MAP_FILE, ID_MAP_FILE, GalleryIndex, ivf_nlist, recover_dir
+from shitu.fsutil import recover_dir
+from shitu.index import ALT_ID_MAP_FILE, ID_MAP_FILE, GalleryIndex, ivf_nlist
 
 TYPES = ["Flat", "IVF", "HNSW32"]
 METRICS = ["IP", "L2"]
@@ -89,7 +90,6 @@ def test_ivf_retrains_when_it_outgrows_its_lists():
     x, labels = clustered(4000, seed=4)
     idx = GalleryIndex.build(x[:100], labels[:100], index_type="IVF")
     grown = idx.add(x[100:], labels[100:])
-    assert grown.index.index.nlist if hasattr(grown.index.index, "nlist") else True
     import faiss
 
     assert faiss.downcast_index(grown.index.index).nlist == ivf_nlist(4000) > ivf_nlist(100)
@@ -202,12 +202,26 @@ def test_failed_save_leaves_previous_version(tmp_path, data, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["i"], "no temporary leftovers"
 
 
-def test_recover_interrupted_swap(tmp_path, data):
+def test_recover_interrupted_swap_rolls_forward_to_the_complete_copy(tmp_path, data):
+    import json
+
     x, labels = data
     GalleryIndex.build(x[:10], labels[:10], index_type="Flat").save(tmp_path / "i")
+    GalleryIndex.build(x[:12], labels[:12], index_type="Flat").save(tmp_path / ".i.tmp-5678")  # the new copy
+    (tmp_path / ".i.swap").write_text(json.dumps({"new": ".i.tmp-5678", "old": ".i.old-1234abcd"}))
     (tmp_path / "i").rename(tmp_path / ".i.old-1234abcd")  # crash between the two renames
     recover_dir(tmp_path / "i")
-    assert len(GalleryIndex.load(tmp_path / "i")) == 10
+    assert len(GalleryIndex.load(tmp_path / "i")) == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["i"], "journal and old copy cleaned up"
+
+
+def test_leftovers_without_a_journal_are_never_restored(tmp_path, data):
+    """A deleted or renamed index must not come back from an old crash's leftovers."""
+    x, labels = data
+    GalleryIndex.build(x[:10], labels[:10], index_type="Flat").save(tmp_path / ".i.old-1234abcd")
+    GalleryIndex.build(x[:10], labels[:10], index_type="Flat").save(tmp_path / ".i.tmp-99")
+    recover_dir(tmp_path / "i")
+    assert list(tmp_path.iterdir()) == [], "leftovers removed, nothing resurrected"
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,10 @@ from PIL import Image
 
 from shitu import GalleryIndex, ShiTuError, create_pipeline
 from shitu.config import PipelineConfig
+from shitu.matching import merge_same_label
 from shitu.models import try_official
-from shitu.pipeline import ShiTuPipeline, merge_same_label
 from shitu.results import RecognizedObject, ShiTuResult
+from shitu.runtime import Runtime
 from shitu.sample import SAMPLE_SUBJECTS
 
 from .conftest import make_settings
@@ -80,7 +81,7 @@ def test_all_input_kinds(pipeline, index, sample_queries, tmp_path):
         labels = [next(o.label for o in r.objects if o.whole_image) for r in results]
         assert labels == [LABELS[0]] * len(inputs)
         dir_results = list(pipeline.predict(str(tmp_path / "dir"), index=index))
-        assert [Path(r.input_path).name for r in dir_results] == ["q.jpg", "r.jpg"]
+        assert [Path(r["input_path"]).name for r in dir_results] == ["q.jpg", "r.jpg"]
     finally:
         server.shutdown()
 
@@ -92,17 +93,17 @@ def test_topk_and_thresholds_are_honoured(pipeline, index, sample_queries):
     assert whole.scores == sorted(whole.scores, reverse=True)
     (res,) = pipeline.predict(str(sample_queries[1]), index=index, whole_image="always", rec_threshold=0.9999)
     assert all(not o.recognized for o in res.objects)
-    data = res.to_dict()
-    assert all(b["rec_results"] == [] for b in data["boxes"])
-    assert "None" not in json.dumps(data)
+    # PaddleX's schema for an unrecognised box, so code reading labels[0] keeps working
+    assert all(b["labels"] == [None] and b["rec_scores"] == [None] for b in res["boxes"])
+    assert all(b["best_candidate"]["score"] < 0.9999 for b in res["boxes"]), "the near miss is kept"
 
 
 def test_unrecognised_box_is_never_drawn_as_none(pipeline, index, sample_queries, tmp_path):
     (res,) = pipeline.predict(str(sample_queries[0]), index=index, whole_image="always", rec_threshold=0.9999)
     img = res.save_to_img(tmp_path)
     js = res.save_to_json(tmp_path / "out.json")
-    assert img.name == "query_two_objects_res.jpg" and Image.open(img).size == res.image.shape[1::-1]
-    assert json.loads(js.read_text(encoding="utf-8"))["boxes"][0]["rec_results"] == []
+    assert img.name == "query_two_objects_res.jpg" and Image.open(img).size == res["input_img"].shape[1::-1]
+    assert json.loads(js.read_text(encoding="utf-8"))["boxes"][0]["labels"] == [None]
     from shitu.render import caption
 
     assert {caption(o) for o in res.objects} == {"unknown"}
@@ -115,17 +116,19 @@ def test_whole_image_modes(pipeline, index, sample_queries):
 
     assert len(whole_boxes("always")[0]) == 1
     never, res = whole_boxes("never")
-    assert never == [] or not pipeline.detection.available
+    assert never == [] or pipeline.models["detection"]["source"] == "none"
     auto, res = whole_boxes("auto")
     assert len(auto) == (0 if any(not o.whole_image for o in res.objects) else 1)
 
 
-def test_det_threshold_is_passed_to_the_detector(pipeline, index, sample_queries, monkeypatch):
-    seen = []
-    real = pipeline.detect
-    monkeypatch.setattr(pipeline, "detect", lambda image, threshold: seen.append(threshold) or real(image, threshold))
-    list(pipeline.predict(str(sample_queries[0]), index=index, det_threshold=0.77))
-    assert seen == [0.77]
+def test_det_threshold_is_passed_to_the_detector(pipeline, index, sample_queries):
+    def detections(threshold):
+        (res,) = pipeline.predict(str(sample_queries[0]), index=index, det_threshold=threshold, whole_image="never")
+        return [o.det_score for o in res.objects]
+
+    low, high = detections(0.05), detections(0.6)
+    assert all(s >= 0.6 for s in high) and all(s >= 0.05 for s in low)
+    assert len(low) > len(high)
 
 
 def test_cross_box_nms_merges_same_label_only():
@@ -173,8 +176,12 @@ def test_index_from_another_model_is_refused(pipeline, index):
 
 
 def test_bad_inputs(pipeline, index, tmp_path):
-    with pytest.raises(ShiTuError, match="not found"):
-        list(pipeline.predict(str(tmp_path / "missing.jpg"), index=index))
+    with pytest.raises(ShiTuError, match="no such image"):
+        pipeline.predict(str(tmp_path / "missing.jpg"), index=index)  # raised now, not on next()
+    with pytest.raises(ShiTuError, match="no index"):
+        pipeline.predict(np.zeros((8, 8, 3), np.uint8), index=None)
+    with pytest.raises(TypeError):
+        pipeline.predict(np.zeros((8, 8, 3), np.uint8), index=index, rec_thresold=0.5)  # misspelt
     with pytest.raises(ShiTuError, match="img"):
         list(pipeline.predict({"image": "x"}, index=index))
     with pytest.raises(ShiTuError, match="no index"):
@@ -194,30 +201,31 @@ def test_seed_script_shape(pipeline, sample_gallery, tmp_path):
     index_data = pipeline.remove_index(remove_ids=[0, 1], index=index_data)
     index_data.save(str(tmp_path / "my.index"))
     out = list(pipeline.predict(str(root / "1" / "0.jpg"), index=str(tmp_path / "my.index")))
-    assert isinstance(out[0], ShiTuResult)
+    assert isinstance(out[0], ShiTuResult) and isinstance(out[0], dict)
     assert len(GalleryIndex.load(tmp_path / "my.index")) == 46
 
 
 # --- model resolution --------------------------------------------------------------------------
-def test_local_model_dir_from_yaml_wins(pipeline, tmp_path):
-    starter_dir = Path(pipeline.recognition.model_dir)
+def test_local_model_dir_from_yaml_wins(runtime, tmp_path):
+    starter_dir = Path(runtime.recognition.model_dir)
     shutil.copytree(starter_dir, tmp_path / "my_rec")
     config = PipelineConfig()
     config.recognition.model_dir = "my_rec"  # relative to the YAML file
     path = config.save(tmp_path / "PP-ShiTuV2.yaml")
-    local = create_pipeline(str(path), data_dir=tmp_path / "data", model_dir=pipeline.settings.models_dir, offline=True)
-    assert local.recognition.source == "local"
-    assert local.recognition.model_dir == str((tmp_path / "my_rec").resolve())
+    local = create_pipeline(str(path), data_dir=tmp_path / "data", model_dir=runtime.settings.models_dir, offline=True)
+    assert local.models["recognition"]["source"] == "local"
+    assert local.models["recognition"]["model_dir"] == "my_rec", "the dir's name, never a server path"
+    assert local.config.recognition.model_dir == str((tmp_path / "my_rec").resolve())
     config.recognition.model_dir = str(tmp_path / "nowhere")
     config.save(path)
     with pytest.raises(ShiTuError, match="not a PaddleX model dir"):
         create_pipeline(str(path), offline=True)
 
 
-def test_official_weights_in_paddlex_cache_are_preferred(pipeline, tmp_path, monkeypatch):
+def test_official_weights_in_paddlex_cache_are_preferred(runtime, tmp_path, monkeypatch):
     monkeypatch.setenv("PADDLE_PDX_CACHE_HOME", str(tmp_path / "pdx"))
-    shutil.copytree(pipeline.recognition.model_dir, tmp_path / "pdx" / "official_models" / "PP-ShiTuV2_rec")
-    official = ShiTuPipeline(settings=make_settings(tmp_path / "data"))
+    shutil.copytree(runtime.recognition.model_dir, tmp_path / "pdx" / "official_models" / "PP-ShiTuV2_rec")
+    official = Runtime(PipelineConfig(), make_settings(tmp_path / "data"), isolate=False)
     assert official.recognition.source == "official"
     assert official.feature_model == "official:PP-ShiTuV2_rec"
 
@@ -243,7 +251,7 @@ def test_concurrent_predictions_do_not_mix(pipeline, index, sample_queries):
     a succession of new threads (as web servers' thread pools do)."""
     images = [np.asarray(Image.open(q).convert("RGB")) for q in sample_queries[1:5]]
     expected = [
-        pipeline.recognize(im, index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1).to_dict()["boxes"]
+        pipeline.engine.recognize(im, index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1).to_dict()["boxes"]
         for im in images
     ]
     errors: list[BaseException] = []
@@ -253,13 +261,11 @@ def test_concurrent_predictions_do_not_mix(pipeline, index, sample_queries):
         for i in range(6):
             k = (i + offset) % len(images)
             try:
-                got = pipeline.recognize(images[k], index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1)
+                got = pipeline.engine.recognize(images[k], index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1)
             except BaseException as exc:  # noqa: BLE001 - collected and asserted below
                 errors.append(exc)
                 continue
-            if [b["rec_results"][0]["label"] for b in got.to_dict()["boxes"]] != [
-                b["rec_results"][0]["label"] for b in expected[k]
-            ]:
+            if [b["labels"][0] for b in got.to_dict()["boxes"]] != [b["labels"][0] for b in expected[k]]:
                 mismatches.append(k)
 
     for t in range(12):  # one new thread after another
@@ -281,9 +287,43 @@ def test_whitened_index_uses_its_own_threshold(pipeline, sample_queries, tmp_pat
     label_file = write_gallery(root, per_class=34)  # 204 images: enough to fit whitening
     whitened = pipeline.build_index(gallery_imgs=str(root), gallery_label=str(label_file), whiten=True)
     assert whitened.whitening is not None and len(whitened) == 204
-    assert pipeline.rec_threshold_for(whitened) == whitened.suggested_rec_threshold < pipeline.default_rec_threshold
+    engine = pipeline.engine
+    assert engine.rec_threshold_for(whitened) == whitened.suggested_rec_threshold < engine.default_rec_threshold
     correct = 0
     for label, query in zip(LABELS, sample_queries[1:]):
         (res,) = pipeline.predict(str(query), index=whitened, whole_image="always")  # threshold from the index
         correct += any(o.whole_image and o.label == label for o in res.objects)
     assert correct >= 5
+
+
+def test_explicit_threshold_is_used_as_given(pipeline, index, sample_queries):
+    """None means "the default"; an explicit 0.5 is 0.5 (it used to become the starter's 0.85)."""
+    (res,) = pipeline.predict(str(sample_queries[1]), index=index, whole_image="always", rec_threshold=0.5)
+    assert res["rec_threshold"] == 0.5
+    (res,) = pipeline.predict(str(sample_queries[1]), index=index, whole_image="always")
+    assert res["rec_threshold"] == pipeline.engine.default_rec_threshold != 0.5
+
+
+def test_paddlex_style_script_runs_unchanged(pipeline, index, sample_queries, tmp_path, capsys):
+    """What a PaddleX user writes, checked against PaddleX's own result class and schema."""
+    from paddlex.inference.pipelines.pp_shitu_v2.result import ShiTuResult as PaddleXResult
+
+    for res in pipeline.predict(str(sample_queries[0]), index=index):
+        label = res["boxes"][0]["labels"][0]
+        x1, y1, x2, y2 = res["boxes"][0]["coordinate"]
+        assert isinstance(res, dict) and (label is None or isinstance(label, str)) and x2 > x1 and y2 > y1
+        assert set(res.json["res"]) >= {"input_path", "boxes"}
+        assert "input_img" not in res.json["res"] and res["input_img"].shape[2] == 3
+        res.print(indent=2)
+        res.print(json_format=True, indent=4, ensure_ascii=False)
+        res.save_to_json(tmp_path, indent=4, ensure_ascii=False)
+        res.save_to_img(tmp_path)
+        assert res.img["res"].size == res["input_img"].shape[1::-1]
+        theirs = PaddleXResult(dict(res))  # PaddleX's own class accepts our dict ...
+        assert json.loads(theirs._to_str(json_format=True))["res"]["boxes"] == res.json["res"]["boxes"]
+        for box in res["boxes"]:  # ... and every box has PaddleX's keys and types
+            assert {"labels", "rec_scores", "det_score", "coordinate"} <= set(box)
+            assert len(box["labels"]) == len(box["rec_scores"]) and len(box["coordinate"]) == 4
+    out = capsys.readouterr().out
+    assert '"boxes"' in out and '"input_img"' not in out
+    assert (tmp_path / "query_two_objects_res.json").exists() and (tmp_path / "query_two_objects_res.jpg").exists()

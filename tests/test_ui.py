@@ -78,8 +78,8 @@ def test_build_from_uploaded_files_reports_skipped_lines(engine, uploads):
     assert "line 25" in summary and "no uploaded file has this name" in summary
     assert "line 26" in summary and "no label after the image path" in summary
     assert "猫 cat (4)" in summary  # labels with spaces and Chinese survive the round trip
-    # the new index becomes active, and both index pickers show it
-    assert engine.active_index == "shop"
+    # both index pickers of this visitor show the new index (nothing process-wide changes)
+    assert engine.settings.default_index == "sample"
     assert rec_dropdown["value"] == manage_dropdown["value"] == "shop"
     assert "shop" in rec_dropdown["choices"]
 
@@ -188,7 +188,6 @@ def test_existing_name_needs_overwrite(engine, shop, uploads):
 # --- Manage index --------------------------------------------------------------------------
 def test_manage_table_lists_entries_and_filters_by_label(engine, shop):
     info, table, label_filter, thumbs, selected = ui.open_index(engine, shop)
-    assert engine.active_index == shop
     assert list(table.columns) == ["id", "label", "source"]
     assert len(table) == 24 and table["id"].tolist() == ids_of(engine, shop)
     assert "photos/0_0.jpg" in table["source"].tolist()
@@ -257,7 +256,7 @@ def test_add_entries_to_an_index(engine, shop, sample_gallery, tmp_path):
 def test_rename_delete_export_import_round_trip(engine, shop, tmp_path):
     status, manage_dropdown, rec_dropdown = ui.rename_index(engine, shop, "store")
     assert "Renamed" in status and manage_dropdown["value"] == rec_dropdown["value"] == "store"
-    assert engine.index_names() == ["store"] and engine.active_index == "store"
+    assert engine.index_names() == ["store"]
     with pytest.raises(gr.Error, match="invalid index name"):
         ui.rename_index(engine, "store", "no spaces please")
     assert engine.index_names() == ["store"]
@@ -300,7 +299,7 @@ def test_recognize_held_out_view(engine, shop, sample_queries):
     for stage in ("detect", "embed", "search", "total"):
         assert stage in timings
     data = json.loads(Path(json_path).read_text(encoding="utf-8"))
-    assert data["index"] == shop and data["boxes"][0]["rec_results"][0]["label"] == LABELS[2]
+    assert data["index"] == shop and data["boxes"][0]["labels"][0] == LABELS[2]
 
 
 def test_recognize_two_objects_with_options(engine, shop, sample_queries):
@@ -343,7 +342,7 @@ def test_models_tab_shows_the_starter_pack(engine, shop):
     assert "`PP-ShiTuV2_rec`" in text and "offline starter pack" in text
     for package in ("paddlex", "paddlepaddle", "faiss", "gradio"):
         assert package in text
-    assert "| shop ★ | 24 | 6 | Flat | IP |" in text and "usable" in text
+    assert "| shop | 24 | 6 | Flat | IP |" in text and "usable" in text
     assert "模型" in ui.models_markdown(engine, FakeRequest("zh-CN"))
 
 
@@ -416,5 +415,5 @@ def test_threshold_slider_follows_the_index(engine, sample_gallery):
     index.suggested_rec_threshold = 0.25  # as a whitened index would suggest
     assert threshold_for_index(engine, "plain")["value"] == 0.25
     index.suggested_rec_threshold = None
-    assert threshold_for_index(engine, "plain")["value"] == engine.pipeline.default_rec_threshold
+    assert threshold_for_index(engine, "plain")["value"] == engine.default_rec_threshold
     assert "value" not in threshold_for_index(engine, "no-such-index")

@@ -1,0 +1,395 @@
+"""Model execution: where PaddleX's predictors live and run.
+
+:class:`Runtime` is the one object that calls PaddleX. It resolves which weights run (see
+:mod:`shitu.models`), then serves three calls — :meth:`Runtime.detect`, :meth:`Runtime.embed`
+and :meth:`Runtime.analyze` (detect → crop → embed in one round trip) — from a
+:class:`ModelHost` that holds the predictors. The host runs in one of two places:
+
+* ``isolate=True`` (servers): a supervised worker **process**. A native crash there (a segfault
+  in Paddle's kernels) costs one request a :class:`~shitu.errors.ModelCrashed` naming the
+  stage; the worker is started again for the next request and the web process never dies.
+  Images travel through a shared-memory block, so the isolation costs a memcpy, not a pickle.
+* ``isolate=False`` (library use, tests of the host itself): one inference **thread** in this
+  process. PaddleX predictors keep per-call state, and Paddle Inference fails with
+  "std::exception" when one predictor is driven from a succession of new threads, which is
+  what web servers' thread pools do — so every call goes through that one thread.
+
+Either way calls are serialised: one model call at a time per runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+from shitu.config import PipelineConfig, Settings
+from shitu.errors import ModelCrashed, ShiTuError, Unavailable
+from shitu.models import ModelChoice, resolve_detection, resolve_recognition
+
+log = logging.getLogger(__name__)
+
+MIN_CROP = 4  # pixels; smaller boxes cannot be embedded meaningfully
+SHARED_BYTES = 64 * 1024 * 1024  # images up to ~21 MP (RGB) travel by shared memory
+STAGES = ("idle", "loading models", "detection", "recognition")
+DEFAULT_FACTORY = "shitu.runtime:create_paddlex_predictors"
+
+Box = tuple[tuple[float, float, float, float], float, "str | None"]  # xyxy, score, detector class
+Region = tuple[tuple[float, float, float, float], float, "str | None", bool]  # a Box + "is the whole image"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a host needs to create the predictors (picklable, for the worker)."""
+
+    detection: tuple[str, str] | None  # (PaddleX model name, model dir); None: no detector
+    recognition: tuple[str, str]
+    device: str | None
+    rec_batch_size: int = 8
+    factory: str = DEFAULT_FACTORY  # "module:function" that creates the two predictors
+
+
+def create_paddlex_predictors(spec: ModelSpec) -> tuple[Any, Any]:
+    """PaddleX's own predictors for the spec: ``(detector or None, feature extractor)``."""
+    import paddlex
+
+    def create(name_dir: tuple[str, str]) -> Any:
+        kwargs: dict[str, Any] = {"model_name": name_dir[0], "model_dir": name_dir[1]}
+        if spec.device:
+            kwargs["device"] = spec.device
+        return paddlex.create_model(**kwargs)
+
+    return (create(spec.detection) if spec.detection else None), create(spec.recognition)
+
+
+def _load_factory(path: str) -> Callable[[ModelSpec], tuple[Any, Any]]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# --- the pure geometry between detection and embedding ------------------------------------------
+def clip_box(box: Sequence[float], w: int, h: int) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return (min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h))
+
+
+def select_regions(boxes: list[Box], w: int, h: int, whole_image: str, has_detector: bool) -> list[Region]:
+    """Clip detections to the image, drop ones too small to embed, and add the whole image as a
+    region (score 1) when ``whole_image`` asks for it: ``always``; ``auto`` when nothing usable
+    was detected; ``never`` only when there is no detector at all."""
+    kept: list[Region] = [(clip_box(b, w, h), s, lab, False) for b, s, lab in boxes]
+    kept = [r for r in kept if min(r[0][2] - r[0][0], r[0][3] - r[0][1]) >= MIN_CROP]
+    if whole_image == "always" or (not kept and (whole_image == "auto" or not has_detector)):
+        kept.append(((0.0, 0.0, float(w), float(h)), 1.0, None, True))
+    return kept
+
+
+def crop(image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+    x1, y1, x2, y2 = box
+    return image[int(y1) : int(np.ceil(y2)), int(x1) : int(np.ceil(x2))]
+
+
+# --- the host: predictors and the three calls ----------------------------------------------------
+class ModelHost:
+    """Holds the predictors; runs on the inference thread or in the worker process."""
+
+    def __init__(self, spec: ModelSpec, stage: Any = None):
+        self.spec = spec
+        self._stage = stage  # a shared int naming the running stage (worker mode), else None
+        self._det: Any = None
+        self._rec: Any = None
+
+    def _enter(self, stage: str) -> None:
+        if self._stage is not None:
+            self._stage.value = STAGES.index(stage)
+
+    def load(self) -> None:
+        if self._rec is None:
+            self._enter("loading models")
+            self._det, self._rec = _load_factory(self.spec.factory)(self.spec)
+            self._enter("idle")
+
+    def detect(self, image: np.ndarray, threshold: float) -> list[Box]:
+        """Main-body boxes of one RGB image (empty without a detector)."""
+        self.load()
+        if self._det is None:
+            return []
+        self._enter("detection")
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        (res,) = list(self._det.predict([bgr], threshold=threshold))
+        self._enter("idle")
+        return [
+            (tuple(float(v) for v in b["coordinate"]), float(b["score"]), b.get("label"))  # type: ignore[misc]
+            for b in res["boxes"]
+        ]
+
+    def embed(self, images: Sequence[np.ndarray], batch_size: int | None = None) -> np.ndarray:
+        """L2-normalised features (N, D) of RGB images."""
+        self.load()
+        self._enter("recognition")
+        bs = batch_size or self.spec.rec_batch_size
+        rows: list[np.ndarray] = []
+        for start in range(0, len(images), bs):
+            batch = [np.ascontiguousarray(im[..., ::-1]) for im in images[start : start + bs]]
+            results = list(self._rec.predict(batch, batch_size=len(batch)))
+            feats = [np.asarray(r["feature"], dtype=np.float32) for r in results]
+            if feats[0].ndim == 2 and feats[0].shape[0] == len(batch):
+                rows.append(feats[0])  # PaddleX 3.7.2 gives every result the whole batch's matrix
+            else:
+                rows.append(np.stack([f.reshape(-1) for f in feats]))
+        self._enter("idle")
+        out = np.concatenate(rows)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    def analyze(
+        self, image: np.ndarray, det_threshold: float, whole_image: str
+    ) -> tuple[list[Region], np.ndarray, dict[str, float]]:
+        """Detect → select regions → embed their crops: ``(regions, features, timings in s)``."""
+        h, w = image.shape[:2]
+        t0 = time.perf_counter()
+        regions = select_regions(self.detect(image, det_threshold), w, h, whole_image, self.spec.detection is not None)
+        t1 = time.perf_counter()
+        feats = self.embed([crop(image, r[0]) for r in regions])
+        t2 = time.perf_counter()
+        return regions, feats, {"detect": t1 - t0, "embed": t2 - t1}
+
+
+# --- where the host runs ---------------------------------------------------------------------------
+class _ThreadExecutor:
+    """The host on one inference thread of this process."""
+
+    def __init__(self, spec: ModelSpec):
+        self._host = ModelHost(spec)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shitu-paddle")
+
+    def call(self, op: str, *args: Any) -> Any:
+        return self._pool.submit(getattr(self._host, op), *args).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._host = None  # type: ignore[assignment] - frees the predictors
+
+
+def _pack(value: Any, shm: shared_memory.SharedMemory | None) -> Any:
+    """Put the (first) image into shared memory when it fits; the pipe carries only its shape."""
+    if shm is not None and isinstance(value, np.ndarray) and value.nbytes <= shm.size:
+        view = np.ndarray(value.shape, dtype=value.dtype, buffer=shm.buf)
+        view[...] = value
+        return ("__shm__", value.shape, value.dtype.str)
+    return value
+
+
+def _unpack(value: Any, shm: shared_memory.SharedMemory | None) -> Any:
+    if isinstance(value, tuple) and len(value) == 3 and value[0] == "__shm__" and shm is not None:
+        return np.ndarray(value[1], dtype=np.dtype(value[2]), buffer=shm.buf).copy()
+    return value
+
+
+def _worker_main(conn: Any, spec: ModelSpec, shm_name: str, stage: Any) -> None:
+    """The worker process: serve calls from the pipe until it closes."""
+    logging.basicConfig(level=logging.WARNING)
+    shm = shared_memory.SharedMemory(name=shm_name)
+    host = ModelHost(spec, stage)
+    try:
+        while True:
+            try:
+                op, args = conn.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                args = [_unpack(a, shm) for a in args]
+                conn.send(("ok", getattr(host, op)(*args)))
+            except ShiTuError as exc:
+                conn.send(("user", type(exc).__name__, exc.message))
+            except Exception as exc:  # noqa: BLE001 - reported to the caller, the worker lives on
+                conn.send(("error", type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc) else ""))
+    finally:
+        shm.close()
+
+
+class _ProcessExecutor:
+    """The host in a supervised worker process, restarted after a crash."""
+
+    def __init__(self, spec: ModelSpec):
+        self._spec = spec
+        self._ctx = mp.get_context("spawn")  # never fork a process that has loaded Paddle
+        self._lock = threading.Lock()
+        self._proc: Any = None
+        self._conn: Any = None
+        self._shm: shared_memory.SharedMemory | None = None
+        self._stage = self._ctx.Value("i", 0, lock=False)
+        self.restarts = 0
+
+    def _start(self) -> None:
+        if self._shm is None:
+            self._shm = shared_memory.SharedMemory(create=True, size=SHARED_BYTES)
+        parent, child = self._ctx.Pipe()
+        self._stage.value = 0
+        self._proc = self._ctx.Process(
+            target=_worker_main, args=(child, self._spec, self._shm.name, self._stage), daemon=True,
+            name="shitu-model-worker",
+        )  # fmt: skip
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    def call(self, op: str, *args: Any) -> Any:
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                self._start()
+            packed = [_pack(args[0], self._shm), *args[1:]] if args else []
+            try:
+                self._conn.send((op, packed))
+                reply = self._conn.recv()
+            except (EOFError, OSError, BrokenPipeError):
+                stage = STAGES[self._stage.value] if 0 <= self._stage.value < len(STAGES) else "model"
+                self._proc.join(timeout=5)
+                code = self._proc.exitcode
+                self._proc, self._conn = None, None
+                self.restarts += 1
+                how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                log.error("the model worker died in %s (%s); it restarts on the next request", stage, how)
+                raise ModelCrashed(
+                    f"the {stage} model crashed on this image ({how}); the service restarted it — "
+                    "try another image",
+                    stage=stage,
+                ) from None
+        if reply[0] == "ok":
+            return reply[1]
+        if reply[0] == "user":
+            raise ShiTuError(reply[2])
+        raise Unavailable(f"the models failed on this input ({reply[1]}: {reply[2]})")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+            if self._proc is not None:
+                self._proc.join(timeout=10)
+                if self._proc.is_alive():
+                    self._proc.kill()
+            self._proc = self._conn = None
+            if self._shm is not None:
+                self._shm.close()
+                self._shm.unlink()
+                self._shm = None
+
+
+class Runtime:
+    """The active detection and recognition models, and the one place they run.
+
+    Create it with a :class:`PipelineConfig`; it decides which weights run (local dir →
+    official → starter pack, see :mod:`shitu.models`) and says why in :attr:`models`.
+    Predictors load on first use. :meth:`close` stops the worker/thread and frees the models.
+    """
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        settings: Settings,
+        *,
+        device: str | None = None,
+        isolate: bool | None = None,
+        factory: str = DEFAULT_FACTORY,
+    ):
+        self.config = config.validate()
+        self.settings = settings
+        self.device = device or config.device or settings.device
+        self.recognition: ModelChoice = resolve_recognition(config, settings)
+        self.detection: ModelChoice = resolve_detection(config, settings)
+        self.isolated = settings.isolate_models if isolate is None else isolate
+        spec = ModelSpec(
+            detection=(self.detection.model_name, self.detection.model_dir) if self.detection.available else None,
+            recognition=(self.recognition.model_name, str(self.recognition.model_dir)),
+            device=self.device,
+            rec_batch_size=config.recognition.batch_size,
+            factory=factory,
+        )
+        self._executor: _ThreadExecutor | _ProcessExecutor = (
+            _ProcessExecutor(spec) if self.isolated else _ThreadExecutor(spec)
+        )
+        self._closed = False
+        log.info("recognition: %s", self.recognition.describe())
+        log.info("detection: %s", self.detection.describe())
+
+    # --- what runs ---------------------------------------------------------------------------
+    @property
+    def models(self) -> dict[str, Any]:
+        """Which models are active and why (for UIs, logs and the API)."""
+        return {
+            "detection": self.detection.to_dict(),
+            "recognition": self.recognition.to_dict(),
+            "device": self.device or "auto",
+            "isolated": self.isolated,
+        }
+
+    @property
+    def feature_model(self) -> str:
+        """Identifies the feature space; an index only matches queries from the same one."""
+        return self.recognition.fingerprint
+
+    @property
+    def default_det_threshold(self) -> float:
+        if self.config.det_threshold is not None:
+            return self.config.det_threshold
+        return self.detection.default_threshold or 0.5
+
+    @property
+    def default_rec_threshold(self) -> float:
+        """The YAML's ``rec_threshold`` when it sets one, else the active model's default."""
+        if self.config.rec_threshold is not None:
+            return self.config.rec_threshold
+        return self.recognition.default_threshold or 0.5
+
+    # --- calls ---------------------------------------------------------------------------------
+    def _call(self, op: str, *args: Any) -> Any:
+        if self._closed:
+            raise Unavailable("these models were replaced; retry the request")
+        return self._executor.call(op, *args)
+
+    def load(self) -> None:
+        """Create the predictors now (otherwise on first use)."""
+        self._call("load")
+
+    def detect(self, image: np.ndarray, threshold: float) -> list[Box]:
+        return self._call("detect", image, float(threshold))
+
+    def embed(self, images: Sequence[np.ndarray], batch_size: int | None = None) -> np.ndarray:
+        if not len(images):
+            raise ShiTuError("no images to embed")
+        return self._call("embed", list(images), batch_size)
+
+    def analyze(
+        self, image: np.ndarray, det_threshold: float, whole_image: str
+    ) -> tuple[list[Region], np.ndarray, dict[str, float]]:
+        return self._call("analyze", image, float(det_threshold), whole_image)
+
+    @property
+    def restarts(self) -> int:
+        """How often the worker process had to be restarted after a crash."""
+        return getattr(self._executor, "restarts", 0)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._executor.close()
+
+    def __del__(self) -> None:  # a forgotten runtime must not leak a worker or shared memory
+        try:
+            if not getattr(self, "_closed", True) and os.getpid() == _PID:
+                self.close()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown
+            pass
+
+
+_PID = os.getpid()
