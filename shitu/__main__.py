@@ -21,7 +21,7 @@ from shitu.config import INDEX_TYPES, METRIC_TYPES, WHOLE_IMAGE_MODES, PipelineC
 from shitu.engine import Engine
 from shitu.errors import ShiTuError, Unavailable
 from shitu.gallery import read_label_file
-from shitu.index import parse_ids, read_id_file
+from shitu.ids import parse_ids, read_id_file
 
 
 class _Bar:
@@ -262,5 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def main_exit() -> None:
+    """The ``shitu`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_exit()

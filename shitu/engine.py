@@ -33,11 +33,15 @@ import numpy as np
 from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODES, PipelineConfig, Settings
 from shitu.errors import Conflict, NotFound, ShiTuError, Unavailable
 from shitu.gallery import GalleryBatch, GalleryItem, ImageInput, SkippedLine, load_image, make_thumbnail
-from shitu.index import GalleryIndex, parse_ids
+from shitu.ids import parse_ids
+from shitu.index import GalleryIndex
 from shitu.matching import match_objects
 from shitu.results import Recognition
 from shitu.runtime import Runtime
 from shitu.store import IndexStore, check_name
+
+# GalleryIndex is part of the engine's surface: it is what PaddleX calls IndexData
+__all__ = ["ChangeReport", "Engine", "GalleryIndex", "Options", "Progress", "UNSET"]
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +108,7 @@ class Engine:
             self.config.recognition.model_name = self.settings.rec_model
         self._device = device
         self._isolate = isolate
-        self.store = IndexStore(self.settings.indices_dir, lock_dir=self.settings.data_dir / "locks")
+        self._store = IndexStore(self.settings.indices_dir, lock_dir=self.settings.data_dir / "locks")
         self._dir_stores: dict[Path, IndexStore] = {}
         self._runtime = runtime
         self._owns_runtime = runtime is None
@@ -257,9 +261,9 @@ class Engine:
         path); a ``pathlib.Path`` is a PaddleX-layout directory anywhere (the CLI and the Python
         API make one on purpose). ``None`` is the default index (``SHITU_DEFAULT_INDEX``)."""
         if ref is None:
-            return self.store, check_name(self.settings.default_index)
+            return self._store, check_name(self.settings.default_index)
         if isinstance(ref, str):
-            return self.store, check_name(ref)
+            return self._store, check_name(ref)
         path = Path(ref).expanduser().resolve()
         with self._rt_lock:
             store = self._dir_stores.get(path.parent)
@@ -270,7 +274,7 @@ class Engine:
 
     def display_name(self, ref: str | Path | None) -> str:
         store, name = self.locate(ref)
-        return name if store is self.store else str(store.path(name))
+        return name if store is self._store else str(store.path(name))
 
     def index(self, ref: IndexRef = None) -> GalleryIndex:
         """The latest committed version of an index (an index object is returned as it is)."""
@@ -280,7 +284,7 @@ class Engine:
         return store.get(name)
 
     def index_names(self) -> list[str]:
-        return self.store.names()
+        return self._store.names()
 
     def exists(self, ref: str | Path | None) -> bool:
         store, name = self.locate(ref)
@@ -455,7 +459,7 @@ class Engine:
 
     def rename(self, old: str, new: str) -> None:
         store, key = self.locate(old)
-        if store is not self.store:
+        if store is not self._store:
             raise ShiTuError("only indices in the data dir can be renamed here")
         store.rename(key, check_name(new))
 
@@ -532,7 +536,7 @@ class Engine:
         from shitu.sample import ensure_sample_files
 
         with contextlib.suppress(ShiTuError):
-            if self.store.exists(SAMPLE_INDEX) and self.compatible(self.store.get(SAMPLE_INDEX)):
+            if self._store.exists(SAMPLE_INDEX) and self.compatible(self._store.get(SAMPLE_INDEX)):
                 return SAMPLE_INDEX
         root, label_file, _queries = ensure_sample_files(self.settings)
         try:

@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import faiss
 import numpy as np
@@ -618,50 +617,3 @@ def replace_index_dir(new: Path, target: Path) -> None:
             if f.name not in OUR_FILES and not (new / f.name).exists():
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
     replace_dir(new, target)
-
-
-def parse_ids(value: Any) -> list[int]:
-    """Entry ids from a list, one id, or a text like ``"3, 7 12 192-197"`` (ranges included).
-    Booleans and fractions are refused, not taken for 1/0."""
-    if isinstance(value, str):
-        parts: list[Any] = value.replace(",", " ").split()
-    elif isinstance(value, (int, np.integer, float)):
-        parts = [value]
-    elif isinstance(value, Iterable) and not isinstance(value, (bytes, dict)):
-        parts = list(value)
-    else:
-        raise ShiTuError(f"{value!r} is not a list of entry ids")
-    ids: list[int] = []
-    for part in parts:
-        ids.extend(_one_id(part))
-    if not ids:
-        raise ShiTuError("no ids were given")
-    return list(dict.fromkeys(ids))
-
-
-def read_id_file(path: str | Path) -> list[int]:
-    """Ids from a text file: one id or range per line (first column); ``#`` starts a comment."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError):
-        raise NotFound(f"cannot read the id file {path.name}") from None
-    return parse_ids([ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")])
-
-
-def _one_id(part: Any) -> list[int]:
-    bad = ShiTuError(f"{part!r} is not an entry id (ids are whole numbers, or ranges like 192-197)")
-    if isinstance(part, (bool, np.bool_)) or isinstance(part, float) and not part.is_integer():
-        raise bad
-    if isinstance(part, (int, np.integer, float)):
-        return [int(part)]
-    text = str(part).strip()
-    lo, sep, hi = text.partition("-")
-    if sep and lo.strip().isdigit() and hi.strip().isdigit():
-        first, last = int(lo), int(hi)
-        if last < first or last - first > 100_000:
-            raise ShiTuError(f"{text!r} is not a usable id range")
-        return list(range(first, last + 1))
-    if text.lstrip("-").isdigit():
-        return [int(text)]
-    raise bad

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from shitu.config import PipelineConfig, Settings
-from shitu.engine import UNSET, Engine, Progress
+from shitu.engine import UNSET, Engine, GalleryIndex, Progress
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
-from shitu.index import GalleryIndex, parse_ids, read_id_file
+from shitu.ids import parse_ids, read_id_file
 from shitu.results import ShiTuResult
 
 

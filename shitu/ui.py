@@ -34,234 +34,13 @@ from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODE
 from shitu.engine import ChangeReport, Engine
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, SkippedLine, pairs_from_uploads, read_zip_gallery
-from shitu.index import parse_ids
+from shitu.ids import parse_ids
 from shitu.results import Recognition
+from shitu.ui_text import TEXT
 
 MAX_TABLE_ROWS = 2000  # the entries table shows at most this many rows; filter by label for more
 MAX_PREVIEWS = 48  # thumbnails in the preview gallery
 
-# --- text -----------------------------------------------------------------------------------
-# Static keys feed gr.I18n (translated in the browser); the rest are formatted by handlers.
-TEXT: dict[str, dict[str, str]] = {
-    "en": {
-        "title": "# PP-ShiTuV2 Studio",
-        "intro": "Recognize objects by comparing them with a gallery of labelled photos. "
-        "Try **Recognize** with the sample gallery, build your own in **Build index**, "
-        "and edit it in **Manage index**.",
-        "tab_recognize": "Recognize",
-        "tab_build": "Build index",
-        "tab_manage": "Manage index",
-        "tab_models": "Models & about",
-        "query_image": "Query image (upload, paste or webcam)",
-        "examples": "Examples (click one)",
-        "index_to_search": "Index to search",
-        "options": "Options",
-        "det_threshold": "Detection threshold",
-        "det_threshold_info": "Lower finds more, weaker boxes",
-        "rec_threshold": "Recognition threshold",
-        "rec_threshold_info": "Minimum similarity for a gallery match",
-        "topk": "Top-k labels per box",
-        "whole_image": "Whole-image box",
-        "whole_image_info": "auto: only if nothing is detected · always: add it too · never",
-        "use_nms": "Merge overlapping boxes with the same label (cross-box NMS)",
-        "nms_iou": "NMS IoU",
-        "recognize_btn": "Recognize",
-        "result_image": "Result",
-        "result_table": "Every box",
-        "result_json": "JSON result",
-        "build_help": "Upload the gallery photos (many files, or one .zip with folders) and a label file in "
-        "PaddleX format: one `relative/path.jpg label` per line, separated by a space or a tab; labels may "
-        "contain spaces. A .zip may carry its own `gallery.txt`, or use folder names as labels.",
-        "gallery_files": "Gallery images (many files) or one .zip",
-        "label_file": "Label file (gallery.txt)",
-        "index_name": "Index name",
-        "index_type": "Index type",
-        "metric_type": "Metric",
-        "skip_invalid": "Skip unreadable lines (and list them)",
-        "overwrite": "Replace an existing index with this name",
-        "whiten": "Whiten features (200+ images; better ranking, weaker rejection of unknown objects)",
-        "build_btn": "Build",
-        "active_index": "Active index",
-        "refresh": "Refresh",
-        "filter_labels": "Filter by label (empty: all)",
-        "entries": "Entries (click rows to select them)",
-        "previews": "Previews: selected rows, else the rows shown",
-        "selected_ids": "Ids to remove (click rows, or type e.g. 3, 7 12)",
-        "remove_btn": "Remove",
-        "clear_btn": "Clear selection",
-        "add_section": "Add entries",
-        "add_btn": "Add to index",
-        "rename_section": "Rename or delete",
-        "new_name": "New name",
-        "rename_btn": "Rename",
-        "confirm_delete": "Yes, delete this index",
-        "delete_btn": "Delete index",
-        "transfer_section": "Export or import (.zip, PaddleX layout)",
-        "export_btn": "Prepare export",
-        "download_btn": "Download .zip",
-        "import_file": "Index .zip (exported here, or a zipped PaddleX index dir)",
-        "import_name": "Import as",
-        "import_btn": "Import",
-        "rec_model": "Recognition model",
-        "switch_btn": "Switch model",
-        "switch_info": "Indices built with another model must be rebuilt before they can be searched.",
-        # dynamic text
-        "unrecognised": "unrecognised",
-        "whole_image_box": "whole image",
-        "col_box": "box #",
-        "col_label": "label",
-        "col_score": "score",
-        "col_topk": "top-k",
-        "col_bbox": "bbox (x1, y1, x2, y2)",
-        "col_detector": "detector",
-        "col_id": "id",
-        "col_source": "source",
-        "found": "{boxes} box(es), {recognised} recognised in index `{index}`",
-        "total": "total",
-        "stage_detect": "detect",
-        "stage_embed": "embed",
-        "stage_search": "search",
-        "source_local": "local model dir",
-        "source_official": "official PaddleX weights",
-        "source_starter": "offline starter pack",
-        "source_none": "not available",
-        "built": "### Index `{name}` built",
-        "added": "### Added {added} entries to `{name}`",
-        "index_stats": "**{entries}** images · **{labels}** labels · {index_type} / {metric_type}",
-        "labels_line": "Labels: {labels}",
-        "skipped": "**Skipped {n} line(s):**",
-        "no_skipped": "No lines were skipped.",
-        "try_it": "It is now the active index: try it in **Recognize**.",
-        "info": "**`{name}`** · {entries} entries · {labels} labels · {index_type} / {metric_type} · {dim}-d · "
-        "features: `{model}`",
-        "incompatible": "⚠️ Built with another recognition model: rebuild it, or switch the model back.",
-        "showing": "Showing {shown} of {total} entries.",
-        "removed": "Removed {n} from `{name}`: ids {ids}.",
-        "renamed": "Renamed `{old}` to `{new}`.",
-        "deleted": "Deleted `{name}`.",
-        "imported": "Imported `{name}`: {entries} entries, {labels} labels.",
-        "exported": "`{name}` is ready to download.",
-        "models_header": "### Active models",
-        "stage_detection": "Detection",
-        "stage_recognition": "Recognition",
-        "device": "Device",
-        "versions": "Versions",
-        "indices_header": "### Indices",
-        "indices_table": "| index | entries | labels | type | metric | dim | features | status |",
-        "usable": "usable",
-        "rebuild": "rebuild needed",
-        "no_indices": "No indices yet: build one in **Build index**.",
-        "data_dir": "Data dir",
-    },
-    "zh": {
-        "title": "# PP-ShiTuV2 图像识别工作台",
-        "intro": "把图片中的物体与带标签的图库逐一比对来识别。先在 **识别** 中用示例图库试一试，"
-        "再在 **建库** 中创建自己的图库，并在 **管理索引** 中编辑。",
-        "tab_recognize": "识别",
-        "tab_build": "建库",
-        "tab_manage": "管理索引",
-        "tab_models": "模型与关于",
-        "query_image": "查询图片（上传、粘贴或摄像头）",
-        "examples": "示例（点击试用）",
-        "index_to_search": "检索的索引",
-        "options": "选项",
-        "det_threshold": "检测阈值",
-        "det_threshold_info": "越低检出的框越多，也越不可靠",
-        "rec_threshold": "识别阈值",
-        "rec_threshold_info": "接受图库匹配的最低相似度",
-        "topk": "每个框的前 k 个标签",
-        "whole_image": "整图框",
-        "whole_image_info": "auto：未检出物体时使用 · always：总是加入 · never：不使用",
-        "use_nms": "合并同一标签的重叠框（跨框 NMS）",
-        "nms_iou": "NMS 交并比阈值",
-        "recognize_btn": "识别",
-        "result_image": "识别结果",
-        "result_table": "所有检测框",
-        "result_json": "JSON 结果",
-        "build_help": "上传图库图片（多个文件，或一个带文件夹的 .zip）和 PaddleX 格式的标签文件：每行一条 "
-        "`相对路径.jpg 标签`，用空格或制表符分隔，标签中可以有空格。.zip 内可自带 `gallery.txt`，"
-        "否则以文件夹名作为标签。",
-        "gallery_files": "图库图片（多个文件）或一个 .zip",
-        "label_file": "标签文件（gallery.txt）",
-        "index_name": "索引名称",
-        "index_type": "索引类型",
-        "metric_type": "度量方式",
-        "skip_invalid": "跳过无法读取的行（并列出原因）",
-        "overwrite": "覆盖同名索引",
-        "whiten": "特征白化（需 200 张以上；排序更准，但对未知物体的拒识较弱）",
-        "build_btn": "开始建库",
-        "active_index": "当前索引",
-        "refresh": "刷新",
-        "filter_labels": "按标签筛选（留空为全部）",
-        "entries": "条目（点击行以选中）",
-        "previews": "缩略图：选中的行，否则为当前显示的行",
-        "selected_ids": "要删除的 id（点击行，或输入如 3, 7 12）",
-        "remove_btn": "删除",
-        "clear_btn": "清除选择",
-        "add_section": "添加条目",
-        "add_btn": "添加到索引",
-        "rename_section": "重命名或删除",
-        "new_name": "新名称",
-        "rename_btn": "重命名",
-        "confirm_delete": "确认删除此索引",
-        "delete_btn": "删除索引",
-        "transfer_section": "导出或导入（.zip，PaddleX 目录结构）",
-        "export_btn": "准备导出",
-        "download_btn": "下载 .zip",
-        "import_file": "索引 .zip（本工具导出，或压缩的 PaddleX 索引目录）",
-        "import_name": "导入为",
-        "import_btn": "导入",
-        "rec_model": "识别模型",
-        "switch_btn": "切换模型",
-        "switch_info": "用其他模型建立的索引需要重建后才能检索。",
-        "unrecognised": "未识别",
-        "whole_image_box": "整图",
-        "col_box": "框 #",
-        "col_label": "标签",
-        "col_score": "得分",
-        "col_topk": "前 k 个",
-        "col_bbox": "位置 (x1, y1, x2, y2)",
-        "col_detector": "检测器",
-        "col_id": "id",
-        "col_source": "来源文件",
-        "found": "{boxes} 个框，{recognised} 个已识别（索引 `{index}`）",
-        "total": "合计",
-        "stage_detect": "检测",
-        "stage_embed": "提取特征",
-        "stage_search": "检索",
-        "source_local": "本地模型目录",
-        "source_official": "PaddleX 官方权重",
-        "source_starter": "离线入门模型包",
-        "source_none": "不可用",
-        "built": "### 索引 `{name}` 已建好",
-        "added": "### 已向 `{name}` 添加 {added} 个条目",
-        "index_stats": "**{entries}** 张图片 · **{labels}** 个标签 · {index_type} / {metric_type}",
-        "labels_line": "标签：{labels}",
-        "skipped": "**跳过了 {n} 行：**",
-        "no_skipped": "没有跳过任何行。",
-        "try_it": "它已成为当前索引：去 **识别** 试试吧。",
-        "info": "**`{name}`** · {entries} 个条目 · {labels} 个标签 · {index_type} / {metric_type} · {dim} 维 · "
-        "特征：`{model}`",
-        "incompatible": "⚠️ 该索引由其他识别模型建立：请重建，或切换回原模型。",
-        "showing": "显示 {total} 个条目中的 {shown} 个。",
-        "removed": "已从 `{name}` 删除 {n} 个条目：{ids}。",
-        "renamed": "已将 `{old}` 重命名为 `{new}`。",
-        "deleted": "已删除 `{name}`。",
-        "imported": "已导入 `{name}`：{entries} 个条目，{labels} 个标签。",
-        "exported": "`{name}` 可以下载了。",
-        "models_header": "### 当前模型",
-        "stage_detection": "检测",
-        "stage_recognition": "识别",
-        "device": "设备",
-        "versions": "版本",
-        "indices_header": "### 索引",
-        "indices_table": "| 索引 | 条目 | 标签 | 类型 | 度量 | 维度 | 特征 | 状态 |",
-        "usable": "可用",
-        "rebuild": "需要重建",
-        "no_indices": "还没有索引：请在 **建库** 中创建。",
-        "data_dir": "数据目录",
-    },
-}
 I18N = gr.I18n(**TEXT)
 CSS = """
 #result-table td, #entries-table td { white-space: normal; }
@@ -567,11 +346,6 @@ def previews(engine: Engine, name: str | None, ids: list[int]) -> list[tuple[Ima
     return out
 
 
-def parse_id_text(text: str | None) -> list[int]:
-    """``"3, 7 12 192-197"`` → ids (ranges expanded); blank → ``[]``."""
-    return parse_ids(text) if text and text.strip() else []
-
-
 def index_info(engine: Engine, name: str | None, lang: str = "en", shown: int | None = None) -> str:
     index = engine.index(name)
     stats = index.summary()
@@ -601,7 +375,7 @@ def _label_choices(engine: Engine, name: str | None) -> dict[str, Any]:
 def _view(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, lang: str):
     """(info markdown, entries table, previews) for what the Manage tab shows."""
     table = entries_table(engine, name, labels, lang)
-    ids = parse_id_text(selected) or [int(i) for i in table.iloc[:, 0].tolist()]  # the id column
+    ids = parse_ids(selected or "", allow_empty=True) or [int(i) for i in table.iloc[:, 0].tolist()]  # the id column
     return index_info(engine, name, lang, shown=len(table)), table, previews(engine, name, ids)
 
 
@@ -645,7 +419,7 @@ def toggle_selection(
     if not row:
         return selected or "", gr.update()
     clicked = int(row[0])
-    ids = parse_id_text(selected)
+    ids = parse_ids(selected or "", allow_empty=True)
     ids = [i for i in ids if i != clicked] if clicked in ids else [*ids, clicked]
     shown = ids or [int(i) for i in entries_table(engine, name, labels).iloc[:, 0].tolist()]
     return ", ".join(map(str, ids)), previews(engine, name, shown)
@@ -660,7 +434,7 @@ def remove_entries(
     request: gr.Request | None = None,
 ):
     """Remove the selected ids: (status, info, table, previews, selected ids cleared)."""
-    ids = parse_id_text(selected)
+    ids = parse_ids(selected or "", allow_empty=True)
     if not ids:
         raise ShiTuError("select rows in the table (or type ids) to remove first")
     engine.remove(name, ids)

@@ -19,6 +19,22 @@ from shitu.runtime import Runtime
 MODEL_CACHE = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full", action="store_true", help="also run the slow and browser tests (CI and README's test command do)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without ``--full``, a fast subset: tests marked ``slow`` or ``browser`` are skipped."""
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="slow/browser test: run with --full")
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("browser"):
+            item.add_marker(skip)
+
+
 def make_settings(data_dir: Path, **overrides) -> Settings:
     return Settings.from_env(data_dir=data_dir, model_dir=MODEL_CACHE, offline=True, **overrides)
 

@@ -2,8 +2,9 @@
 
 The app (``app.build_app``: HTTP API + Gradio UI on one port) runs under uvicorn in a
 background thread on loopback; Playwright drives Debian's ``/usr/bin/chromium``. Screenshots
-of every tab go to ``tests/artifacts/``; with ``SHITU_UPDATE_SCREENSHOTS=1`` (or when one is
-missing) they are also copied to ``docs/screenshots/`` for the user guide.
+of every tab go to ``$SHITU_TEST_ARTIFACTS`` (default: a folder in the system temp dir; the
+tests never write into the checkout); with ``SHITU_UPDATE_SCREENSHOTS=1`` they are also copied to
+``docs/screenshots/`` for the user guide.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +28,7 @@ pytestmark = pytest.mark.browser
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "tests" / "artifacts"
+ARTIFACTS = Path(os.environ.get("SHITU_TEST_ARTIFACTS") or Path(tempfile.gettempdir()) / "shitu-test-artifacts")
 DOC_SHOTS = REPO / "docs" / "screenshots"
 LABELS = list(SAMPLE_SUBJECTS)[:3]  # 猫 cat, 咖啡 coffee, 火箭 rocket
 TIMEOUT = 60_000  # ms; the first query may still be loading models
@@ -83,7 +85,7 @@ def shoot(page, name: str, *, doc: bool = True) -> None:
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     target = DOC_SHOTS / f"{name}.png"
-    if doc and (os.environ.get("SHITU_UPDATE_SCREENSHOTS") == "1" or not target.exists()):
+    if doc and os.environ.get("SHITU_UPDATE_SCREENSHOTS") == "1":
         DOC_SHOTS.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
 

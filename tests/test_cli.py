@@ -45,7 +45,20 @@ def test_index_directory_mode_and_config(cli_env, sample_gallery, capsys):
     assert main(["build", "--gallery-root", str(root), "--labels", str(labels), "--index", str(target),
                  "--index-type", "IVF", "--metric-type", "L2"]) == 0  # fmt: skip
     assert (target / "vector.index").exists() and (target / "id_map.yaml").exists()
-    assert main(["remove", "--index", str(target), "--ids", "5"]) == 0
+    assert main(["remove", "--index", str(target), "--ids", "5", "7-8"]) == 0
+    capsys.readouterr()
+    assert main(["append", "--gallery-root", str(root), "--labels", str(labels), "--index", str(target)]) == 0
+    assert "added 24" in capsys.readouterr().out
+    from shitu.index import GalleryIndex
+
+    on_disk = GalleryIndex.load(target)
+    assert len(on_disk) == 24 - 3 + 24 and {5, 7, 8}.isdisjoint(on_disk.id_map) and max(on_disk.id_map) == 47
+    assert main(["relabel", "--index", str(target), "--ids", "0-1", "--label", "renamed"]) == 0
+    assert GalleryIndex.load(target).id_map[1] == "renamed"
+    query = root / "1" / "0.jpg"
+    assert main(["predict", str(query), "--index", str(target), "--json", "--whole-image", "always"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["index"] == str(target.resolve()) and any(b["whole_image"] for b in printed["boxes"])
     assert main(["get-config", "--save-path", str(cli_env / "cfg")]) == 0
     assert (cli_env / "cfg" / "PP-ShiTuV2.yaml").read_text(encoding="utf-8").startswith("pipeline_name: PP-ShiTuV2")
 
@@ -53,6 +66,10 @@ def test_index_directory_mode_and_config(cli_env, sample_gallery, capsys):
 def test_user_errors_exit_2_with_a_message(cli_env, capsys):
     assert main(["remove", "--index", "nothing-here", "--ids", "1"]) == 2
     assert "no index named 'nothing-here'" in capsys.readouterr().err
+    assert main(["remove", "--index", "x", "--ids-file", str(cli_env / "missing.txt")]) == 2
+    assert "cannot read the id file missing.txt" in capsys.readouterr().err
+    assert main(["remove", "--index", "x", "--ids", "true"]) == 2
+    assert "not an entry id" in capsys.readouterr().err
     (cli_env / "bad.txt").write_text("missing.jpg label\n", encoding="utf-8")
     assert main(["build", "--gallery-root", str(cli_env), "--labels", str(cli_env / "bad.txt"), "--index", "x"]) == 2
     assert "line 1" in capsys.readouterr().err

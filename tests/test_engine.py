@@ -12,7 +12,7 @@ from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
 
 
 def snapshot(engine: Engine, name: str) -> tuple[dict, bytes, bytes]:
-    path = engine.store.path(name)
+    path = engine._store.path(name)
     return engine.index(name).id_map, (path / "vector.index").read_bytes(), (path / "id_map.yaml").read_bytes()
 
 
@@ -101,9 +101,9 @@ def test_recognize_named_index(built, sample_queries):
 
 def test_sample_index_is_built_once(engine, tmp_path):
     assert engine.ensure_sample_index() == "sample"
-    first = engine.store.path("sample").stat().st_mtime
+    first = engine._store.path("sample").stat().st_mtime
     assert engine.ensure_sample_index() == "sample"
-    assert engine.store.path("sample").stat().st_mtime == first
+    assert engine._store.path("sample").stat().st_mtime == first
     assert len(engine.index("sample").label_counts()) == 6
 
 
@@ -118,3 +118,41 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert settings.indices_dir == tmp_path / "d" / "indices"
     assert settings.models_dir == tmp_path / "d" / "models"
     assert settings.url_allowlist == ("images.local", "cdn.lan") and settings.max_image_pixels == 1000
+
+
+def test_model_switch_waits_for_the_request_in_flight(tmp_path, sample_gallery, sample_queries, runtime):
+    """A request started before a switch finishes on the model it started with; the old model is
+    closed (its thread stopped, its predictors freed) only afterwards; new requests use the new one."""
+    import numpy as np
+    from PIL import Image
+
+    from .conftest import make_settings
+
+    engine = Engine(make_settings(tmp_path / "data"), isolate=False)  # owns its models, so it may close them
+    root, labels = sample_gallery
+    engine.build("g", read_label_file(labels, root))
+    old = engine._runtime
+    started, release = threading.Event(), threading.Event()
+    real = old.analyze
+
+    def slow_analyze(*args):
+        started.set()
+        assert release.wait(30)
+        return real(*args)
+
+    old.analyze = slow_analyze
+    image = np.asarray(Image.open(sample_queries[1]).convert("RGB"))
+    results = []
+    worker = threading.Thread(target=lambda: results.append(engine.recognize(image, "g", whole_image="always")))
+    worker.start()
+    assert started.wait(30)
+    engine.switch_recognition_model("PP-ShiTuV2_rec")
+    assert engine._runtime is not old and not old._closed, "still serving the request in flight"
+    release.set()
+    worker.join(30)
+    assert results and any(o.whole_image for o in results[0].objects)
+    assert old._closed, "closed once its last request ended"
+    again = engine.recognize(image, "g", whole_image="always")
+    assert again.objects[0].labels == results[0].objects[0].labels
+    engine.close()
+    assert engine._runtime is None

@@ -116,6 +116,7 @@ def test_l2_threshold_uses_similarity(data):
     assert (ids == ip_ids).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("index_type", ["HNSW32", "IVF"])
 def test_approximate_search_matches_exact(index_type, metric):

@@ -245,6 +245,7 @@ def test_unreachable_hub_is_decided_quickly(tmp_path, monkeypatch):
     assert "no model hub reachable" in reason
 
 
+@pytest.mark.slow
 def test_concurrent_predictions_do_not_mix(pipeline, index, sample_queries):
     """The UI and the API call one pipeline from many threads. Unguarded, PaddleX predictors
     mixed up two threads' batches, and Paddle Inference raised "std::exception" when run from
@@ -280,6 +281,7 @@ def test_concurrent_predictions_do_not_mix(pipeline, index, sample_queries):
     assert errors == [] and mismatches == []
 
 
+@pytest.mark.slow
 def test_whitened_index_uses_its_own_threshold(pipeline, sample_queries, tmp_path):
     from shitu.sample import write_gallery
 
