@@ -35,13 +35,10 @@ import paddle
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shitu.config import Settings
-from shitu.starter.detector import (
-    build_ssd_detector,
-    ensure_starter_detector,
-    fetch_objectron_tflite,
-    postprocess_numpy,
-    ssd_anchors,
-)
+from shitu.starter.detector import ensure_starter_detector
+from shitu.starter.objectron import fetch_objectron_tflite
+from shitu.starter.ssd import postprocess_numpy, ssd_anchors
+from shitu.starter.tflite_to_paddle import build_ssd_detector
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -132,8 +129,8 @@ def main() -> None:
         t_logits = interpreter.get_tensor(out_details[cls_name])[0]
         with paddle.no_grad():
             outs = model.backbone(paddle.to_tensor(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
-        p_boxes = outs[model._box_output].numpy()[0]
-        p_logits = outs[model._score_output].numpy()[0]
+        p_boxes = outs[model.box_output].numpy()[0]
+        p_logits = outs[model.score_output].numpy()[0]
 
         d_reg = float(np.abs(t_boxes - p_boxes).max())
         d_logit = float(np.abs(t_logits - p_logits).max())
