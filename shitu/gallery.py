@@ -7,7 +7,10 @@ API, the CLI, the UI and the HTTP API reject bad input with the same messages.
 from __future__ import annotations
 
 import io
+import lzma
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,10 +19,24 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from shitu.errors import ShiTuError
+from shitu.errors import NotFound, ShiTuError, TooLarge
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 40_000_000
+# Past these the rest of the pipeline breaks (JPEG cannot encode a side over 65,500 px) or the
+# detector sees only a sliver; nobody photographs a product at 100:1.
+DEFAULT_MAX_SIDE = 30_000
+DEFAULT_MAX_ASPECT = 100.0
+
+# .zip galleries: limits on what members may unpack to (zip bombs)
+ZIP_MAX_TOTAL = 2 << 30
+ZIP_MAX_MEMBER = 64 << 20
+ZIP_MAX_RATIO = 200.0  # unpacked / packed size; photos barely compress, bombs reach 1000+
+ZIP_RATIO_FLOOR = 1 << 20  # members smaller than this may compress arbitrarily well
+ZIP_MAX_MEMBERS = 100_000
+ZIP_CHUNK = 1 << 20
+LABEL_FILE_MAX = 16 << 20
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
 
 ImageInput = str | Path | bytes | np.ndarray | Image.Image
 
@@ -130,20 +147,26 @@ def read_label_file(label_file: str | Path, root: str | Path | None = None) -> G
 
 
 def read_zip_gallery(
-    zip_file: str | Path | bytes, label_text: str | bytes | None = None, *, max_total: int = 2 << 30
+    zip_file: str | Path | bytes,
+    label_text: str | bytes | None = None,
+    *,
+    max_total: int = ZIP_MAX_TOTAL,
+    max_member: int = ZIP_MAX_MEMBER,
+    max_ratio: float = ZIP_MAX_RATIO,
 ) -> GalleryBatch:
     """A gallery from a .zip: with a label file (given, or a ``*.txt`` at the zip's top level)
-    its paths are looked up in the zip; without one, each image's folder name is its label."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(zip_file) if isinstance(zip_file, bytes) else zip_file)
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise ShiTuError(f"not a readable .zip file: {exc}") from exc
-    with archive:
-        infos = [i for i in archive.infolist() if not i.is_dir()]
-        if sum(i.file_size for i in infos) > max_total:
-            raise ShiTuError("the .zip unpacks to more than 2 GiB")
+    its paths are looked up in the zip; without one, each image's folder name is its label.
+
+    Members are unpacked in chunks and refused once one passes ``max_member`` bytes, all of
+    them together pass ``max_total``, or one unpacks to more than ``max_ratio`` times its packed
+    size (zip bombs), whatever the headers claim.
+    """
+    with _open_zip(zip_file) as archive:
+        reader = _ZipReader(archive, max_total=max_total, max_member=max_member, max_ratio=max_ratio)
         files: dict[str, zipfile.ZipInfo] = {}
-        for info in infos:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
             name = PurePosixPath(info.filename.replace("\\", "/"))
             if name.is_absolute() or ".." in name.parts or "__MACOSX" in name.parts:
                 continue
@@ -152,7 +175,7 @@ def read_zip_gallery(
             txts = [n for n in files if n.lower().endswith(".txt")]
             top = sorted(txts, key=lambda n: (n.count("/"), n))
             if top:
-                label_text = archive.read(files[top[0]])
+                label_text = reader.read(files[top[0]], limit=LABEL_FILE_MAX)
                 # label paths are relative to the label file's folder
                 prefix = str(PurePosixPath(top[0]).parent)
                 prefix = "" if prefix == "." else prefix + "/"
@@ -169,7 +192,7 @@ def read_zip_gallery(
                     batch.skipped.append(SkippedLine(line_no, path, "image not found in the .zip"))
                     continue
                 batch.items.append(
-                    GalleryItem(source=path, image=archive.read(files[key]), label=label, line_no=line_no)
+                    GalleryItem(source=path, image=reader.read(files[key]), label=label, line_no=line_no)
                 )
         else:
             for name in sorted(files):
@@ -179,8 +202,106 @@ def read_zip_gallery(
                 if len(parts) < 2:
                     batch.skipped.append(SkippedLine(None, name, "no folder name to use as label"))
                     continue
-                batch.items.append(GalleryItem(source=name, image=archive.read(files[name]), label=parts[-2]))
+                batch.items.append(GalleryItem(source=name, image=reader.read(files[name]), label=parts[-2]))
     return batch
+
+
+def _size(n: float) -> str:
+    """A byte count for messages: ``2 GiB``, ``64 MiB``, ``1,000 bytes``."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n):,} bytes"
+
+
+def _open_zip(zip_file: str | Path | bytes) -> zipfile.ZipFile:
+    """Open an archive, with one clear message per way it can be unreadable."""
+    try:
+        if isinstance(zip_file, (bytes, bytearray, memoryview)):
+            data = bytes(zip_file)
+            head = data[:4]
+            archive = zipfile.ZipFile(io.BytesIO(data))
+        else:
+            with open(zip_file, "rb") as fh:
+                head = fh.read(4)
+            archive = zipfile.ZipFile(zip_file)
+    except FileNotFoundError:
+        raise NotFound("the .zip file was not found") from None
+    except zipfile.BadZipFile:
+        if head.startswith(b"PK"):
+            # starts like a zip but its table of contents (at the end) is missing or broken
+            raise ShiTuError("the .zip is damaged: it is cut short or its table of contents is broken") from None
+        raise ShiTuError("not a .zip file: it could not be opened as a zip archive") from None
+    except (OSError, EOFError, ValueError, struct.error, NotImplementedError, zipfile.LargeZipFile):
+        raise ShiTuError("the .zip is damaged: its table of contents cannot be read") from None
+    if len(archive.infolist()) > ZIP_MAX_MEMBERS:
+        archive.close()
+        raise TooLarge(f"the .zip holds more than {ZIP_MAX_MEMBERS:,} files")
+    return archive
+
+
+class _ZipReader:
+    """Reads members of one archive within a shared budget (see :func:`read_zip_gallery`)."""
+
+    def __init__(self, archive: zipfile.ZipFile, *, max_total: int, max_member: int, max_ratio: float):
+        self.archive = archive
+        self.left = max_total
+        self.max_total = max_total
+        self.max_member = max_member
+        self.max_ratio = max_ratio
+
+    def _check(self, name: str, size: int, limit: int, packed: int) -> None:
+        if size > limit:
+            raise TooLarge(f"{name} in the .zip unpacks to more than {_size(limit)}, the limit per file")
+        if size > self.left:
+            raise TooLarge(f"the .zip unpacks to more than {_size(self.max_total)}, the limit for a whole .zip")
+        # small members may legitimately compress very well (text, flat images); past the
+        # floor, a huge ratio is what zip bombs are made of
+        if size > ZIP_RATIO_FLOOR and size > self.max_ratio * max(packed, 1):
+            raise TooLarge(
+                f"{name} in the .zip unpacks to over {self.max_ratio:g} times its packed size; "
+                "refused as a possible zip bomb"
+            )
+
+    def read(self, info: zipfile.ZipInfo, limit: int | None = None) -> bytes:
+        """One member's bytes, unpacked in chunks and stopped at the first limit passed."""
+        name = info.filename
+        limit = self.max_member if limit is None else min(limit, self.max_member)
+        if info.flag_bits & 0x41:  # traditional or strong encryption
+            raise ShiTuError(f"{name} in the .zip is encrypted; zip the gallery again without a password")
+        if info.compress_type not in ZIP_METHODS:
+            raise ShiTuError(
+                f"{name} in the .zip uses an unsupported compression method (#{info.compress_type}); "
+                "zip the gallery again with the standard (deflate) method"
+            )
+        # what the headers claim, before any work; then what it really unpacks to, as it goes
+        self._check(name, info.file_size, limit, info.compress_size)
+        body = bytearray()
+        member = None
+        try:
+            with self.archive.open(info) as member:
+                while chunk := member.read(ZIP_CHUNK):
+                    body += chunk
+                    self._check(name, len(body), limit, info.compress_size)
+        except zipfile.BadZipFile as exc:
+            # when the packed data runs out early zipfile reports a CRC error; its count of the
+            # bytes still expected tells the two apart
+            if getattr(member, "_left", 0) > 0:
+                raise ShiTuError(f"the .zip is damaged: {name} is cut short") from None
+            if "CRC" in str(exc):
+                raise ShiTuError(f"the .zip is damaged: {name} fails its checksum (CRC)") from None
+            raise ShiTuError(f"the .zip is damaged: {name} cannot be unpacked") from None
+        except EOFError:
+            raise ShiTuError(f"the .zip is damaged: {name} is cut short") from None
+        except (NotImplementedError, RuntimeError):
+            # zipfile's words for encrypted members and compression modules missing from Python
+            raise ShiTuError(
+                f"{name} in the .zip cannot be unpacked here (encrypted, or an unusual compression method)"
+            ) from None
+        except (OSError, ValueError, zlib.error, struct.error, lzma.LZMAError):
+            raise ShiTuError(f"the .zip is damaged: {name} cannot be unpacked") from None
+        self.left -= len(body)
+        return bytes(body)
 
 
 def _common_prefix(files: dict[str, zipfile.ZipInfo]) -> str:
@@ -218,25 +339,27 @@ def pairs_from_uploads(images: list[tuple[str, bytes | str | Path]], label_text:
     return batch
 
 
-def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, ndarray_bgr: bool = True) -> np.ndarray:
+def load_image(
+    src: ImageInput,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    ndarray_bgr: bool = True,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+) -> np.ndarray:
     """Decode any supported input to an RGB ``uint8`` array of shape (H, W, 3).
 
     ``ndarray`` inputs follow PaddleX's convention (BGR, as from ``cv2.imread``) unless
-    ``ndarray_bgr=False``. EXIF orientation is applied; images over ``max_pixels`` are
-    refused before decoding (decompression bombs).
+    ``ndarray_bgr=False``. EXIF orientation is applied; 16-bit and float images are scaled to
+    8 bits, transparent ones are put on white. Images over ``max_pixels`` are refused before
+    decoding (decompression bombs), as are images with a side over ``max_side`` or an aspect
+    ratio over ``max_aspect``:1.
     """
     if isinstance(src, np.ndarray):
-        arr = src
-        if arr.ndim == 2:
-            arr = np.stack([arr] * 3, axis=-1)
-        if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.size == 0:
-            raise ShiTuError(f"an image array must be HxWx3, got shape {src.shape}")
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        arr = arr[..., :3]
-        return np.ascontiguousarray(arr[..., ::-1] if ndarray_bgr else arr)
+        return _array_to_rgb(src, ndarray_bgr, max_side, max_aspect)
     if isinstance(src, Image.Image):
-        return _pil_to_rgb(src, max_pixels, "image")
+        with _reading("image"):
+            return _pil_to_rgb(src, max_pixels, "image", max_side, max_aspect)
     if isinstance(src, (bytes, bytearray, memoryview)):
         data, name = bytes(src), "uploaded data"
     else:
@@ -244,18 +367,25 @@ def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS, ndarray
         try:
             data, name = path.read_bytes(), path.name
         except FileNotFoundError as exc:
-            raise ShiTuError(f"image not found: {path}", status=404) from exc
+            raise NotFound(f"image not found: {path}") from exc
         except OSError as exc:
             raise ShiTuError(f"cannot read image {path}: {exc.strerror}") from exc
     with _reading(name), Image.open(io.BytesIO(data)) as im:
-        return _pil_to_rgb(im, max_pixels, name)
+        return _pil_to_rgb(im, max_pixels, name, max_side, max_aspect)
 
 
-def check_image_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-    """Refuse bytes that are not an image, or whose header claims more than ``max_pixels``,
-    from the header alone (nothing is decoded)."""
+def check_image_bytes(
+    data: bytes,
+    name: str,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+) -> None:
+    """Refuse bytes that are not an image, or whose header claims more than ``max_pixels``
+    (or a shape :func:`load_image` refuses), from the header alone (nothing is decoded)."""
     with _reading(name), Image.open(io.BytesIO(data)) as im:
-        _check_size(im, max_pixels, name)
+        _check_size(im.size, max_pixels, name, max_side, max_aspect)
 
 
 @contextmanager
@@ -264,22 +394,131 @@ def _reading(name: str) -> Iterator[None]:
     try:
         yield
     except Image.DecompressionBombError:
-        raise ShiTuError(f"{name} claims too many pixels to decode safely", status=413) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise TooLarge(f"{name} claims too many pixels to decode safely") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, EOFError):
         raise ShiTuError(f"{name} is not an image, or not a readable image format") from None
 
 
-def _check_size(im: Image.Image, max_pixels: int, name: str) -> None:
-    width, height = im.size
-    if width * height > max_pixels:
-        raise ShiTuError(f"{name} is {width}x{height} pixels; the limit is {max_pixels:,} pixels", status=413)
+def _check_size(size: tuple[int, int], max_pixels: int | None, name: str, max_side: int, max_aspect: float) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise TooLarge(f"{name} is {width}x{height} pixels; the limit is {max_pixels:,} pixels")
     if width < 1 or height < 1:
         raise ShiTuError(f"{name} is empty")
+    if max(width, height) > max_side:
+        raise TooLarge(f"{name} is {width}x{height} pixels; a side may be at most {max_side:,} pixels")
+    if max(width, height) > max_aspect * min(width, height):
+        raise ShiTuError(
+            f"{name} is {width}x{height} pixels: one side is over {max_aspect:g} times the other; "
+            "crop it to the object (strips this thin cannot be recognised)"
+        )
 
 
-def _pil_to_rgb(im: Image.Image, max_pixels: int, name: str) -> np.ndarray:
-    _check_size(im, max_pixels, name)
-    return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+def _oriented(im: Image.Image) -> Image.Image:
+    """Apply EXIF orientation; a malformed EXIF block must not make a readable photo fail."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except (SyntaxError, ValueError, KeyError, TypeError, struct.error):
+        return im
+
+
+def _pil_to_rgb(
+    im: Image.Image,
+    max_pixels: int,
+    name: str,
+    max_side: int = DEFAULT_MAX_SIDE,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+) -> np.ndarray:
+    _check_size(im.size, max_pixels, name, max_side, max_aspect)
+    im = _oriented(im)
+    mode = im.mode
+    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        # convert("RGB") clips these to 0..255: 16-bit greys turn white, 0..1 floats black
+        grey = _scale_to_uint8(np.asarray(im))
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+    if mode in ("RGBa", "La"):  # premultiplied alpha: over white is colour + (255 - alpha)
+        arr = np.asarray(im).astype(np.int16)
+        colour = arr[..., :-1] + (255 - arr[..., -1:])
+        return np.ascontiguousarray(np.broadcast_to(colour, (*colour.shape[:2], 3)).clip(0, 255).astype(np.uint8))
+    if mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        # transparent areas (cut-out product shots) go on white, not on whatever colour
+        # the invisible pixels happen to hold (often black)
+        rgba = im.convert("RGBA")
+        canvas = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        canvas.alpha_composite(rgba)
+        return np.asarray(canvas.convert("RGB"))
+    if mode == "1":
+        im = im.convert("L")  # 0/1 bits → 0/255
+    return np.asarray(im.convert("RGB"))  # P, L, CMYK (Adobe's inverted kind included), YCbCr, LAB, ...
+
+
+def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """One channel of any integer or float depth → ``uint8``, keeping relative brightness.
+
+    Integers: 16-bit types are divided by 257 (65535 → 255); wider types holding 8-bit values
+    are kept, holding 16-bit values divided by 257, anything else is stretched over its
+    actual range. Floats: 0..1 is scaled by 255, 0..255 kept,
+    any other range stretched over its actual range; NaN and infinities become black.
+    """
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.size == 0:
+        return np.zeros(arr.shape, np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        if arr.dtype.kind == "u" and arr.dtype.itemsize == 2:  # 16-bit, any byte order
+            return _from_16bit(arr)
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo >= 0 and hi <= 255:
+            return arr.astype(np.uint8)  # 8-bit data in a wider type
+        if lo >= 0 and hi <= 65535:
+            return _from_16bit(arr)  # PIL's 32-bit "I" mode holding a 16-bit image
+        return _stretch(arr.astype(np.float32), lo, hi)
+    values = arr.astype(np.float32)  # plenty for an 8-bit result, half float64's memory
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(arr.shape, np.uint8)
+    values = np.where(finite, values, 0.0)
+    lo, hi = float(values[finite].min()), float(values[finite].max())
+    if lo >= 0 and hi <= 1:
+        return np.round(values * 255).astype(np.uint8)
+    if lo >= 0 and hi <= 255:
+        return np.round(values).astype(np.uint8)
+    return _stretch(values, lo, hi, nonfinite=~finite)
+
+
+def _from_16bit(arr: np.ndarray) -> np.ndarray:
+    return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _stretch(values: np.ndarray, lo: float, hi: float, nonfinite: np.ndarray | None = None) -> np.ndarray:
+    """Map ``lo..hi`` linearly onto 0..255 (a constant image becomes mid-grey)."""
+    if hi <= lo:
+        out = np.full(values.shape, 128, np.uint8)
+    else:
+        out = np.round((values - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
+    if nonfinite is not None:
+        out[nonfinite] = 0
+    return out
+
+
+def _array_to_rgb(src: np.ndarray, bgr: bool, max_side: int, max_aspect: float) -> np.ndarray:
+    """An HxW, HxWx3 or HxWx4 array (BGR order when ``bgr``) → RGB ``uint8``."""
+    arr = src
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.stack([arr] * 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.size == 0:
+        raise ShiTuError(f"an image array must be HxWx3, got shape {src.shape}")
+    _check_size((arr.shape[1], arr.shape[0]), None, "the image array", max_side, max_aspect)
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
+            raise ShiTuError(f"an image array must hold numbers, got {arr.dtype}")
+        arr = _scale_to_uint8(arr)  # uint16 from cv2.IMREAD_UNCHANGED, floats from 0..1 pipelines
+    return np.ascontiguousarray(arr[..., ::-1] if bgr else arr)
 
 
 def list_image_files(directory: str | Path) -> list[Path]:
