@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import io
 import logging
 import re
@@ -30,12 +29,15 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, StrictInt, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shitu import net
+from shitu.access import AccessPolicy
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.engine import Engine
 from shitu.errors import (
@@ -166,7 +168,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, what in {
         400: "Bad input (invalid base64, not an image, empty pairs, invalid JSON, URL refused)",
         401: "Missing or wrong bearer token (only when SHITU_API_TOKEN is set)",
-        403: "Image URL resolves to a non-public address",
+        403: "Image URL resolves to a non-public address, or the server is read-only",
+        429: "Too many failed sign-ins from this address",
         404: "Unknown indexKey or ids",
         408: "Image URL did not answer in time",
         409: "indexKey already exists, or the index was built with another recognition model",
@@ -391,7 +394,11 @@ def install_error_handlers(app: FastAPI) -> None:
 # --- the app ---------------------------------------------------------------------------------
 
 
-def create_api(engine: Engine | None = None) -> FastAPI:
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None) -> FastAPI:
     """A FastAPI app serving ``engine``. Mount the Gradio UI on it at ``/`` if wanted.
 
     Routes are plain ``def`` functions, so FastAPI runs the blocking engine calls in its
@@ -406,15 +413,12 @@ def create_api(engine: Engine | None = None) -> FastAPI:
     app.state.engine = engine
     app.add_middleware(BodySizeLimit, engine=engine)
     install_error_handlers(app)
-    bearer = HTTPBearer(auto_error=False, description="Needed on mutating endpoints when SHITU_API_TOKEN is set")
+    access = policy or AccessPolicy.for_server(engine.settings.api_token, engine.settings.read_only, host=None)
+    app.state.access = access
+    bearer = HTTPBearer(auto_error=False, description="Needed on changing endpoints when SHITU_API_TOKEN is set")
 
-    def require_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        expected = engine.settings.api_token
-        if not expected:
-            return
-        given = credentials.credentials if credentials else ""
-        if not hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8")):
-            raise Unauthorized("this endpoint needs the header 'Authorization: Bearer <SHITU_API_TOKEN>'")
+    def require_token(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        access.check(credentials.credentials if credentials else None, _client(request))
 
     mutating = {"dependencies": [Depends(require_token)], "responses": ERROR_RESPONSES}
 
@@ -485,14 +489,38 @@ def create_api(engine: Engine | None = None) -> FastAPI:
             )
         )
 
+    @app.api_route(
+        "/shitu-{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        include_in_schema=False,
+    )  # fmt: skip
+    @app.api_route("/health", methods=["POST", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False)
+    def no_such_endpoint(request: Request) -> JSONResponse:
+        """Unknown API paths and wrong methods answer in the envelope (not the mounted UI's 404)."""
+        allowed: set[str] = set()
+        for route in app.router.routes:
+            if isinstance(route, APIRoute) and route.endpoint is not no_such_endpoint:
+                match, _ = route.matches(request.scope)
+                if match == Match.PARTIAL:
+                    allowed |= set(route.methods or ())
+        if allowed:
+            methods = ", ".join(sorted(allowed))
+            return _error(405, f"{request.method} is not allowed on {request.url.path}; use {methods}",
+                          {"Allow": methods})  # fmt: skip
+        return _error(404, f"not found: no endpoint {request.url.path} (see /docs)")
+
     return app
 
 
 def serve(engine: Engine | None = None, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
-    """Run the API alone with uvicorn (``python -m shitu serve``), after preparing the sample index."""
+    """Run the API alone with uvicorn (``shitu serve``), after preparing the sample index."""
     import uvicorn
 
     engine = engine or Engine()
     if engine.ensure_sample_index() is None:
         log.warning("the sample index could not be built; the API starts without it")
-    uvicorn.run(create_api(engine), host=host, port=port, log_level=log_level)
+    policy = AccessPolicy.for_server(engine.settings.api_token, engine.settings.read_only, host)
+    log.info("index changes: %s", policy.describe())
+    try:
+        uvicorn.run(create_api(engine, policy), host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()

@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     offline: bool = Field(False, description="never try a model hub")
     rec_model: str | None = Field(None, description="override the YAML's recognition model")
     api_token: str | None = Field(None, description="bearer token / UI password for changing indices")
+    read_only: bool | None = Field(
+        None, description="refuse index changes without the token (default: only on a public server)"
+    )
     url_allowlist: Annotated[tuple[str, ...], NoDecode] = Field((), description="hosts allowed even if private")
     max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard")
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest HTTP API request body")

@@ -11,7 +11,7 @@ from __future__ import annotations
 class ShiTuError(Exception):
     """A problem with what the caller asked for (bad file, bad argument, ...): fix the input."""
 
-    def __init__(self, message: str, status: int | None = None):  # TEMP: status until gallery/net move over
+    def __init__(self, message: str):
         super().__init__(message)
         self.message = message
 

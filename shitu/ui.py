@@ -30,6 +30,7 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
+from shitu.access import AccessPolicy
 from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODES
 from shitu.engine import ChangeReport, Engine
 from shitu.errors import ShiTuError
@@ -551,7 +552,6 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
     }
     lines.append(f"- **{_t(lang, 'device')}**: {_device(engine)}")
     lines.append(f"- **{_t(lang, 'versions')}**: " + " · ".join(f"{k} {v}" for k, v in versions.items()))
-    lines.append(f"- **{_t(lang, 'data_dir')}**: `{engine.settings.data_dir}`")
     lines.append(_t(lang, "indices_header"))
     names = engine.index_names()
     if not names:
@@ -584,10 +584,60 @@ def switch_model(engine: Engine, model_name: str, request: gr.Request | None = N
 
 
 # --- layout ---------------------------------------------------------------------------------
-def build_demo(engine: Engine) -> gr.Blocks:
-    """The four-tab studio over ``engine``. Mount it with ``i18n=I18N, css=CSS`` (see app.py)."""
+class SessionAccess:
+    """Which browser sessions have signed in (kept on the server, keyed by Gradio's session)."""
+
+    def __init__(self, policy: AccessPolicy):
+        self.policy = policy
+        self._signed_in: set[str] = set()
+
+    def allowed(self, request: gr.Request | None) -> bool:
+        return self.policy.open or (request is not None and request.session_hash in self._signed_in)
+
+    def guard(self, fn: Callable) -> Callable:
+        """``fn`` (a bound handler with a ``request`` parameter) refused unless changes are allowed."""
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            request = signature.bind_partial(*args, **kwargs).arguments.get("request")
+            if not self.allowed(request):
+                try:
+                    self.policy.check(None)
+                except ShiTuError as exc:
+                    raise gr.Error(exc.message, print_exception=False) from None
+            return fn(*args, **kwargs)
+
+        guarded.__signature__ = signature  # type: ignore[attr-defined]
+        return guarded
+
+    def sign_in(self, password: str, request: gr.Request | None = None) -> str:
+        client = request.client.host if request is not None and request.client else "?"
+        try:
+            self.policy.sign_in(password or "", client)
+        except ShiTuError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+        if request is not None:
+            self._signed_in.add(request.session_hash)
+        return _t(lang_of(request), "signed_in")
+
+    def sign_out(self, request: gr.Request | None = None) -> str:
+        if request is not None:
+            self._signed_in.discard(request.session_hash)
+        return _t(lang_of(request), "signed_out")
+
+
+def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
+    """The four-tab studio over ``engine``. Mount it with ``i18n=I18N, css=CSS`` (see app.py).
+
+    ``policy`` decides who may change indices (default: open, as on a private laptop)."""
+    access = SessionAccess(policy or AccessPolicy(token=None, restricted=False))
+
     def bind(fn: Callable) -> Callable:
         return _bind(fn, engine)
+
+    def change(fn: Callable) -> Callable:  # a handler that changes something: sign-in may be needed
+        return access.guard(_bind(fn, engine))
 
     example_paths = engine.sample_queries()
     example_paths = sorted(example_paths, key=lambda p: "two_objects" not in p.name)  # the richest first
@@ -599,6 +649,18 @@ def build_demo(engine: Engine) -> gr.Blocks:
     with gr.Blocks(title="PP-ShiTuV2 Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(I18N("title"))
         gr.Markdown(I18N("intro"))
+        if access.policy.restricted and not access.policy.token:
+            gr.Markdown(I18N("read_only_notice"), elem_id="read-only-notice")
+        elif access.policy.restricted:
+            with gr.Accordion(I18N("sign_in_section"), open=False, elem_id="sign-in"):
+                with gr.Row():
+                    password = gr.Textbox(label=I18N("access_token"), type="password", max_lines=1, scale=3)
+                    sign_in_btn = gr.Button(I18N("sign_in_btn"), scale=1)
+                    sign_out_btn = gr.Button(I18N("sign_out_btn"), scale=1)
+                sign_in_status = gr.Markdown(elem_id="sign-in-status")
+            sign_in_btn.click(access.sign_in, password, sign_in_status, api_name="sign_in")
+            password.submit(access.sign_in, password, sign_in_status, api_visibility="private")
+            sign_out_btn.click(access.sign_out, None, sign_in_status, api_name="sign_out")
         with gr.Tabs():
             # ---------------------------------------------------------------- Recognize
             with gr.Tab(I18N("tab_recognize"), id="recognize") as tab_recognize:
@@ -761,7 +823,7 @@ def build_demo(engine: Engine) -> gr.Blocks:
         rec_index.change(bind(threshold_for_index), rec_index, rec_threshold, api_visibility="private")
 
         build_btn.click(
-            bind(build_index),
+            change(build_index),
             [
                 build_files,
                 build_labels,
@@ -801,39 +863,39 @@ def build_demo(engine: Engine) -> gr.Blocks:
             api_name="clear_selection",
         )
         remove_btn.click(
-            bind(remove_entries),
+            change(remove_entries),
             [manage_index, selected, label_filter],
             [manage_status, info, entries, thumbs, selected],
             api_name="remove_entries",
         )
         add_btn.click(
-            bind(add_entries),
+            change(add_entries),
             [manage_index, add_files, add_labels, add_skip],
             [manage_status, info, entries, label_filter, thumbs],
             api_name="add_entries",
         )
         rename_btn.click(
-            bind(rename_index),
+            change(rename_index),
             [manage_index, new_name],
             [manage_status, manage_index, rec_index],
             api_name="rename_index",
         ).success(**open_event, api_visibility="private")
         delete_btn.click(
-            bind(delete_index),
+            change(delete_index),
             [manage_index, confirm_delete],
             [manage_status, manage_index, rec_index, confirm_delete],
             api_name="delete_index",
         ).success(**open_event, api_visibility="private")
-        export_btn.click(bind(export_index), manage_index, [manage_status, download_btn], api_name="export_index")
+        export_btn.click(change(export_index), manage_index, [manage_status, download_btn], api_name="export_index")
         import_btn.click(
-            bind(import_index),
+            change(import_index),
             [import_file, import_name, import_overwrite],
             [manage_status, manage_index, rec_index],
             api_name="import_index",
         ).success(**open_event, api_visibility="private")
 
         tab_models.select(bind(models_markdown), None, models_md, api_visibility="private")
-        switch_btn.click(bind(switch_model), rec_model, [models_md, rec_threshold], api_name="switch_model")
+        switch_btn.click(change(switch_model), rec_model, [models_md, rec_threshold], api_name="switch_model")
 
         demo.load(bind(models_markdown), None, models_md, api_visibility="private")
         if active:

@@ -459,9 +459,10 @@ def test_oversized_bodies_are_refused(client, api_engine, ctx, monkeypatch):
     assert_error(client.post(REMOVE, json={"ids": [999_999], "indexKey": ctx.key}), 404, "not in the index")
 
 
-def test_bearer_token_guards_mutating_endpoints(client, api_engine, small_index, ctx, monkeypatch):
+def test_bearer_token_guards_mutating_endpoints(api_engine, small_index, ctx, monkeypatch):
     key, _ = small_index
     monkeypatch.setattr(api_engine.settings, "api_token", "s3cret-token")
+    client = TestClient(api.create_api(api_engine))  # the access policy is decided when the app is made
     before = snapshot(api_engine)
     add = {"imageLabelPairs": _pairs(ctx.image), "indexKey": key}
     assert_error(client.post(BUILD, json={"imageLabelPairs": _pairs(ctx.image)}), 401, "Authorization: Bearer")

@@ -23,8 +23,10 @@ LABELS = list(SAMPLE_SUBJECTS)  # "猫 cat", "咖啡 coffee", ... (labels with s
 class FakeRequest:
     """Just what :func:`shitu.ui.lang_of` reads from a ``gr.Request``."""
 
-    def __init__(self, language: str):
+    def __init__(self, language: str, session_hash: str = "test"):
         self.headers = {"accept-language": language}
+        self.session_hash = session_hash
+        self.client = None
 
 
 def select_row(row: list) -> gr.SelectData:
@@ -392,17 +394,27 @@ def test_build_app_serves_ui_and_api_on_one_port(engine, shop):
     assert "i18n_translations" in config and "zh" in config["i18n_translations"]
 
 
-def test_ui_asks_for_the_api_token_when_one_is_set(engine):
-    from fastapi.testclient import TestClient
+def test_with_a_token_visitors_recognise_but_only_signed_in_sessions_change(engine, shop):
+    """The UI no longer locks everyone out: recognising is open, changes need a sign-in (see
+    tests/test_security.py for the same through Gradio's own endpoints)."""
+    import gradio as gr
 
-    from app import build_app
+    from shitu.access import AccessPolicy
+    from shitu.ui import SessionAccess
 
-    engine.settings.api_token = "s3cret"
-    client = TestClient(build_app(engine, prepare_sample=False))
-    assert client.get("/config").status_code == 401
-    assert client.post("/login/", data={"username": "me", "password": "wrong"}).status_code == 400
-    assert client.post("/login/", data={"username": "me", "password": "s3cret"}).status_code == 200
-    assert client.get("/config").status_code == 200
+    access = SessionAccess(AccessPolicy(token="s3cret", restricted=True))
+    remove = access.guard(ui._bind(ui.remove_entries, engine))
+    visitor, owner = FakeRequest("en", "v"), FakeRequest("en", "o")
+    with pytest.raises(gr.Error, match="access token"):
+        remove(shop, "0", None, request=visitor)
+    with pytest.raises(gr.Error, match="wrong access token"):
+        access.sign_in("nope", request=visitor)
+    assert "Signed in" in access.sign_in("s3cret", request=owner)
+    remove(shop, "0", None, request=owner)
+    assert 0 not in engine.index(shop).id_map
+    with pytest.raises(gr.Error):
+        remove(shop, "1", None, request=visitor)
+    assert 1 in engine.index(shop).id_map
 
 
 def test_threshold_slider_follows_the_index(engine, sample_gallery):
