@@ -819,7 +819,9 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         rec_outputs = [result_image, result_table_df, timings, result_json]
         recognize_btn.click(bind(recognize_image), rec_inputs, rec_outputs, api_name="recognize")
         examples.load_input_event.then(bind(recognize_image), rec_inputs, rec_outputs, api_visibility="undocumented")
-        tab_recognize.select(lambda: _index_dropdown(engine), None, rec_index, api_visibility="private")
+        # index choices are per visitor: refreshing the list keeps this visitor's choice
+        keep = lambda current: _index_dropdown(engine, current)  # noqa: E731
+        tab_recognize.select(keep, rec_index, rec_index, api_visibility="private")
         rec_index.change(bind(threshold_for_index), rec_index, rec_threshold, api_visibility="private")
 
         build_btn.click(
@@ -841,10 +843,10 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         view_outputs = [info, entries, label_filter, thumbs, selected]
         open_event = dict(fn=bind(open_index), inputs=manage_index, outputs=view_outputs)
         manage_index.input(**open_event, api_name="open_index")
-        refresh_btn.click(lambda: _index_dropdown(engine), None, manage_index, api_visibility="private").then(
+        refresh_btn.click(keep, manage_index, manage_index, api_visibility="private").then(
             **open_event, api_visibility="private"
         )
-        tab_manage.select(lambda: _index_dropdown(engine), None, manage_index, api_visibility="private").then(
+        tab_manage.select(keep, manage_index, manage_index, api_visibility="private").then(
             **open_event, api_visibility="private"
         )
         label_filter.input(
