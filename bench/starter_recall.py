@@ -26,10 +26,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shitu.config import Settings  # noqa: E402
+from shitu.config import (
+    PipelineConfig,  # noqa: E402
+    Settings,  # noqa: E402
+)
 from shitu.gallery import load_image, read_label_file  # noqa: E402
 from shitu.index import GalleryIndex, Whitening  # noqa: E402
-from shitu.pipeline import ShiTuPipeline  # noqa: E402
+from shitu.runtime import Runtime  # noqa: E402
 
 
 def loo_recall(features: np.ndarray, labels: np.ndarray) -> float:
@@ -57,14 +60,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=default)
     args = parser.parse_args()
     settings = Settings.from_env(offline=True, model_dir=os.environ.get("SHITU_MODEL_DIR"))
-    pipeline = ShiTuPipeline(settings=settings)
-    print("recognition:", pipeline.recognition.describe())
+    runtime = Runtime(PipelineConfig(), settings, isolate=False)
+    print("recognition:", runtime.recognition.describe())
     batch = read_label_file(args.data / "gallery.txt", args.data).require_clean()
     labels = np.array([i.label for i in batch.items])
     images = [load_image(i.image) for i in batch.items]
-    pipeline.embed(images[:8])  # warm-up
+    runtime.embed(images[:8])  # warm-up
     start = time.perf_counter()
-    feats = pipeline.embed(images, batch_size=16)
+    feats = runtime.embed(images, batch_size=16)
     elapsed = time.perf_counter() - start
     print(f"images: {len(images)}, labels: {len(set(labels))}, dim: {feats.shape[1]}")
     print(f"embedding: {len(images) / elapsed:.1f} images/s (batch 16, {os.cpu_count()} cores)")

@@ -17,9 +17,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shitu.config import Settings  # noqa: E402
+from shitu.engine import Engine  # noqa: E402
 from shitu.gallery import list_image_files, load_image  # noqa: E402
 from shitu.index import GalleryIndex  # noqa: E402
-from shitu.pipeline import ShiTuPipeline  # noqa: E402
 
 
 def main() -> None:
@@ -30,18 +30,19 @@ def main() -> None:
     parser.add_argument("--det", type=float, nargs="+", default=[0.25, 0.3, 0.4])
     parser.add_argument("--out", type=Path, help="save rendered images of the default setting here")
     args = parser.parse_args()
-    pipeline = ShiTuPipeline(settings=Settings.from_env(offline=True, model_dir=os.environ.get("SHITU_MODEL_DIR")))
+    engine = Engine(Settings.from_env(offline=True, model_dir=os.environ.get("SHITU_MODEL_DIR")), isolate=False)
     index = GalleryIndex.load(args.index)
-    print("detection:", pipeline.detection.describe())
-    print("recognition:", pipeline.recognition.describe())
+    for stage, info in engine.models().items():
+        if isinstance(info, dict):
+            print(f"{stage}:", info["description"])
     photos = [(p, load_image(p)) for p in list_image_files(args.data / "test_images")]
     totals: dict[str, list[float]] = {"detect": [], "embed": [], "search": []}
-    pipeline.recognize(photos[0][1], index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1)  # warm-up
+    engine.recognize(photos[0][1], index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1)  # warm-up
     for det in args.det:
         for whole in ("auto", "always"):
             print(f"\n=== det_threshold {det}, whole_image {whole}, rec_threshold 0 (top-1 shown with score)")
             for path, rgb in photos:
-                res = pipeline.recognize(
+                res = engine.recognize(
                     rgb, index, det_threshold=det, rec_threshold=0.0, rec_topk=1, whole_image=whole, nms_iou=None
                 )
                 for k, v in res.timings.items():
@@ -50,11 +51,9 @@ def main() -> None:
                     f"{'WHOLE' if o.whole_image else o.det_label}:{o.label} {o.score:.3f}" for o in res.objects
                 )
                 print(f"{path.name:20s} {boxes}")
-                if args.out and det == pipeline.default_det_threshold and whole == "auto":
+                if args.out and det == engine.default_det_threshold and whole == "auto":
                     args.out.mkdir(parents=True, exist_ok=True)
-                    final = pipeline.recognize(
-                        rgb, index, det_threshold=det, rec_threshold=pipeline.rec_threshold_for(index), rec_topk=5
-                    )
+                    final = engine.recognize(rgb, index, det_threshold=det)
                     final.render().save(args.out / f"{path.stem}.png")
     print(
         "\nmean CPU time per photo (ms): " + ", ".join(f"{k} {1000 * sum(v) / len(v):.1f}" for k, v in totals.items())
