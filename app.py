@@ -104,12 +104,20 @@ def build_app(engine: Engine | None = None, *, prepare_sample: bool = True, host
 def main() -> None:
     import uvicorn
 
+    from shitu.errors import ShiTuError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     port = int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT") or DEFAULT_PORT)
     host = default_host()
-    app = build_app(host=host)
+    try:
+        app = build_app(host=host)
+    except ShiTuError as exc:  # a bad setting or config: one line, not a traceback
+        raise SystemExit(f"error: {exc.message}") from None
     log.info("serving on http://%s:%d", host, port)
-    uvicorn.run(app, host=host, port=port)
+    try:
+        uvicorn.run(app, host=host, port=port)
+    finally:
+        app.state.engine.close()
 
 
 if __name__ == "__main__":
