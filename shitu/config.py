@@ -63,6 +63,19 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard")
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest HTTP API request body")
     default_index: str = Field("sample", description="the index used when a call names none")
+    model_mirror: str | None = Field(
+        None,
+        description="official-model mirror tried before PaddleX's own host: a base URL or a directory "
+        "holding <model>_infer.tar files in PaddleX's layout",
+    )
+    model_mirror_only: bool = Field(False, description="never contact PaddleX's own model host (behind a firewall)")
+    model_download_deadline: float = Field(
+        10.0, gt=0, le=600, description="seconds start-up waits for one official model download in all"
+    )
+    model_background_deadline: float = Field(
+        1800.0, gt=0, description="seconds a background download of official models may take in all"
+    )
+    model_max_bytes: int = Field(4 * 1024**3, gt=0, description="largest official model tar accepted")
     isolate_models: bool = Field(
         True, description="run PaddleX in a supervised worker process, so a native crash cannot kill the server"
     )

@@ -189,6 +189,35 @@ class Engine:
             old.close()
         return new.models
 
+    # --- official weights in the background (shitu.background) ---------------------------------
+    _official_downloads: Any = None  # an OfficialDownloads, created on first use
+    _official_guard = threading.Lock()
+
+    def _downloads(self) -> Any:
+        from shitu.background import OfficialDownloads
+
+        with Engine._official_guard:
+            if self._official_downloads is None:
+                self._official_downloads = OfficialDownloads()
+            return self._official_downloads
+
+    def prepare_official_in_background(self, *, switch: bool = True, rebuild_sample: bool = True) -> bool:
+        """Download the official weights the config names (for each stage now on the starter pack)
+        on a thread while the current models serve, then switch to them (requests in flight
+        finish on the old ones) and rebuild the sample index. ``False`` when nothing is missing,
+        the hub may not be tried (``SHITU_OFFLINE``), or a preparation is already running."""
+        return self._downloads().start(self, switch=switch, rebuild_sample=rebuild_sample)
+
+    def model_download_status(self) -> dict[str, Any]:
+        """The background preparation: ``state`` (idle, downloading, switching, switched, ready,
+        failed, nothing to do), ``reason``, per model ``{stage, state, done, total, reason}`` (bytes)
+        and, once switched, per stored index whether its vectors came from the active model."""
+        return self._downloads().status()
+
+    def wait_for_model_downloads(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds for the background preparation; ``True`` if it ended."""
+        return self._downloads().wait(timeout)
+
     def close(self) -> None:
         """Stop the model worker (if this engine started it)."""
         with self._rt_lock:

@@ -1,4 +1,5 @@
-"""Which weights run: local model dirs → official PaddleX weights → the offline starter pack.
+"""Which weights run: local model dirs → official PaddleX weights (cache → mirror → PaddleX's
+host, see :mod:`shitu.mirror`) → the offline starter pack.
 
 :func:`resolve_models` decides once per pipeline and explains its choice, so the UI, the
 API and the CLI can always say which models are active and why.
@@ -7,12 +8,11 @@ API and the CLI can always say which models are active and why.
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from shitu import mirror
 from shitu.config import PipelineConfig, Settings, SubModule
 from shitu.errors import ShiTuError, StarterModelUnavailable, Unavailable
 
@@ -65,41 +65,82 @@ class ModelChoice:
 
 
 _hub_lock = threading.Lock()
-_hub_failure: str | None = None  # remembered per process: the check costs seconds
+_hub_failure: str | None = None  # remembered per process: PaddleX's host did not answer at all
 
 
 def _official_cache_dir(model_name: str) -> Path:
-    home = Path(os.environ.get("PADDLE_PDX_CACHE_HOME", Path.home() / ".paddlex"))
-    return home / "official_models" / model_name
+    return mirror.cache_root() / model_name
 
 
 def _has_model_files(path: Path) -> bool:
-    return (path / "inference.yml").is_file() and any(
-        (path / f).is_file() for f in ("inference.pdiparams", "inference.json", "inference.pdmodel")
-    )
+    return mirror.is_model_dir(path)
 
 
-def try_official(model_name: str, offline: bool) -> tuple[Path | None, str]:
-    """PaddleX's cached or downloaded official model dir, else ``None`` and a one-line reason."""
+def try_official(
+    model_name: str,
+    offline: bool,
+    *,
+    settings: Settings | None = None,
+    deadline: float | None = None,
+    progress: mirror.Progress | None = None,
+    remember_failures: bool = True,
+) -> tuple[Path | None, str]:
+    """PaddleX's cached, or a freshly downloaded, official model dir; else ``None`` and a one-line reason.
+
+    Order: PaddleX's cache → ``SHITU_MODEL_MIRROR`` → PaddleX's own host (unless
+    ``SHITU_MODEL_MIRROR_ONLY``). Each download is bounded by ``deadline`` (default
+    ``SHITU_MODEL_DOWNLOAD_DEADLINE``), verified, and cached where PaddleX caches it.
+    """
     global _hub_failure
     cached = _official_cache_dir(model_name)
     if _has_model_files(cached):
         return cached, "official weights found in PaddleX's cache"
+    mirror_spec = settings.model_mirror if settings else None
+    mirror_only = bool(settings and settings.model_mirror_only)
+    wait = settings.model_download_deadline if settings else mirror.DEFAULT_DEADLINE
+    wait = deadline if deadline is not None else wait
+    max_bytes = settings.model_max_bytes if settings else mirror.DEFAULT_MAX_BYTES
+    reasons: list[str] = []
+    try:
+        source = mirror.Source.parse(mirror_spec) if mirror_spec else None
+    except ValueError as exc:
+        source = None
+        reasons.append(f"SHITU_MODEL_MIRROR is not usable ({exc})")
+    if source is not None:
+        if not (offline and not source.local):  # a local directory of tars needs no network
+            try:
+                path, seconds = mirror.fetch_official(
+                    model_name, source, deadline=wait, max_bytes=max_bytes, progress=progress,
+                    remember_unreachable=remember_failures,
+                )  # fmt: skip
+                return path, f"downloaded from {source.label} in {seconds:.1f} s"
+            except mirror.DownloadFailed as exc:
+                log.warning("official %s from the mirror: %s", model_name, exc.reason)
+                reasons.append(exc.reason)
     if offline:
-        return None, "SHITU_OFFLINE is set, so no model hub was tried"
+        hubs = "neither the mirror nor a model hub was" if source and not source.local else "no model hub was"
+        reasons.append(f"SHITU_OFFLINE is set, so {hubs} tried")
+        return None, "; ".join(reasons)
+    if mirror_only:
+        reasons.append("PaddleX's own host not tried (SHITU_MODEL_MIRROR_ONLY)")
+        return None, "; ".join(reasons)
     with _hub_lock:
-        if _hub_failure:
-            return None, _hub_failure
-        start = time.perf_counter()
-        try:
-            from paddlex.inference.utils.official_models import official_models
-
-            path = Path(official_models[model_name])
-            return path, f"downloaded by PaddleX in {time.perf_counter() - start:.0f}s"
-        except Exception as exc:  # noqa: BLE001 - PaddleX raises plain Exception here
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            _hub_failure = f"no model hub reachable ({first}; checked in {time.perf_counter() - start:.1f}s)"
-            return None, _hub_failure
+        if _hub_failure and remember_failures:
+            return None, "; ".join([*reasons, _hub_failure])
+    source = mirror.Source.parse(mirror.PADDLEX_BASE_URL, "PaddleX's host")
+    try:
+        path, seconds = mirror.fetch_official(
+            model_name, source, deadline=wait, max_bytes=max_bytes, progress=progress, remember_unreachable=False
+        )
+        return path, f"downloaded from {source.label} in {seconds:.1f} s"
+    except mirror.DownloadFailed as exc:
+        if exc.unreachable:
+            with _hub_lock:
+                _hub_failure = f"no model hub reachable ({exc.reason})"
+            reasons.append(_hub_failure)
+        else:
+            reasons.append(exc.reason)
+        return None, "; ".join(reasons)
 
 
 def _local(stage: str, sub: SubModule) -> ModelChoice:
@@ -117,7 +158,7 @@ def _local_or_official(stage: str, sub: SubModule, settings: Settings, threshold
         choice = _local(stage, sub)
         choice.default_threshold = threshold
         return choice
-    path, reason = try_official(sub.model_name, settings.offline)
+    path, reason = try_official(sub.model_name, settings.offline, settings=settings)
     if path is not None:
         return ModelChoice(stage, sub.model_name, str(path), "official", reason, threshold)
     return reason

@@ -242,7 +242,9 @@ def test_unreachable_hub_is_decided_quickly(tmp_path, monkeypatch):
     if path is not None:
         pytest.skip("a model hub is reachable from this machine")
     assert time.perf_counter() - start < 30
-    assert "no model hub reachable" in reason
+    # offline: no hub answers; online, a large model may not arrive within the start-up deadline
+    # (it is then fetched in the background, see tests/test_mirror.py)
+    assert "\n" not in reason and ("no model hub reachable" in reason or "deadline" in reason or "stalled" in reason)
 
 
 @pytest.mark.slow
