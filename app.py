@@ -86,6 +86,9 @@ def build_app(engine: Engine | None = None, *, prepare_sample: bool = True, host
     engine = engine or Engine()
     if prepare_sample and engine.ensure_sample_index() is None:
         log.warning("the sample index could not be built; Recognize needs an index from the Build tab")
+    # official weights missing (e.g. a slow hub): fetch them while the starter pack serves, then switch
+    if engine.prepare_official_in_background():
+        log.info("downloading official weights in the background; the Models tab shows progress")
     policy = AccessPolicy.for_server(engine.settings.api_token, engine.settings.read_only, host)
     log.info("index changes: %s", policy.describe())
     app = create_api(engine, policy)

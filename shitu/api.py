@@ -147,7 +147,8 @@ class HealthResult(BaseModel):
     status: str
     models: dict[str, Any]
     indices: list[str]
-    activeIndex: str
+    activeIndex: str = Field(description="SHITU_DEFAULT_INDEX: the index used when a request names none")
+    modelDownloads: dict[str, Any] = Field(description="Background download of official weights, if any")
 
 
 class Envelope(BaseModel, Generic[T]):
@@ -486,6 +487,7 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
             HealthResult(
                 status="ok", models=engine.models(), indices=engine.index_names(),
                 activeIndex=engine.settings.default_index,
+                modelDownloads=engine.model_download_status(),
             )
         )
 

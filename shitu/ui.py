@@ -553,6 +553,7 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
     lines.append(f"- **{_t(lang, 'device')}**: {_device(engine)}")
     lines.append(f"- **{_t(lang, 'versions')}**: " + " · ".join(f"{k} {v}" for k, v in versions.items()))
     lines.append(_t(lang, "indices_header"))
+    lines.extend(_download_lines(engine.model_download_status(), lang))
     names = engine.index_names()
     if not names:
         lines.append(_t(lang, "no_indices"))
@@ -572,6 +573,36 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
                 f"{s['metric_type']} | {s['dim']} | `{s['feature_model']}` | {ok} |"
             )
     return "\n".join(lines)
+
+
+def _download_lines(status: dict[str, Any], lang: str) -> list[str]:
+    """The background download of official weights, as the Models tab shows it."""
+    state = status.get("state")
+    if not state or state in ("idle", "nothing to do"):
+        return []
+    lines = [_t(lang, "downloads_header")]
+    for name, model in (status.get("models") or {}).items():
+        done, total = model.get("done") or 0, model.get("total") or 0
+        if model.get("state") == "downloading":
+            size = f"{done / 1e6:.0f} / {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
+            lines.append(f"- ⏳ `{name}`: {size} — " + _t(lang, "starter_meanwhile"))
+        else:
+            reason = f" — {_md(model['reason'])}" if model.get("reason") else ""
+            lines.append(f"- `{name}`: {_md(model.get('state', ''))}{reason}")
+    if state == "switched":
+        lines.append(_t(lang, "now_official"))
+        stale = [name for name, same in (status.get("indices") or {}).items() if not same]
+        if stale:
+            lines.append(_t(lang, "reembed", names=", ".join(f"`{n}`" for n in stale)))
+    elif state == "failed":
+        lines.append(_t(lang, "official_failed", reason=_md(status.get("reason") or "")))
+    return lines
+
+
+def refresh_models(engine: Engine, request: gr.Request | None = None):
+    """Timer tick while a download runs: (models markdown, timer on/off)."""
+    running = bool(engine.model_download_status().get("running"))
+    return models_markdown(engine, request), gr.Timer(active=running)
 
 
 @user_errors
@@ -897,6 +928,9 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         ).success(**open_event, api_visibility="private")
 
         tab_models.select(bind(models_markdown), None, models_md, api_visibility="private")
+        # while official weights download in the background, the Models tab shows their progress
+        download_timer = gr.Timer(2.0, active=bool(engine.model_download_status().get("running")))
+        download_timer.tick(bind(refresh_models), None, [models_md, download_timer], api_visibility="private")
         switch_btn.click(change(switch_model), rec_model, [models_md, rec_threshold], api_name="switch_model")
 
         demo.load(bind(models_markdown), None, models_md, api_visibility="private")

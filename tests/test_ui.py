@@ -429,3 +429,15 @@ def test_threshold_slider_follows_the_index(engine, sample_gallery):
     index.suggested_rec_threshold = None
     assert threshold_for_index(engine, "plain")["value"] == engine.default_rec_threshold
     assert "value" not in threshold_for_index(engine, "no-such-index")
+
+
+def test_models_tab_shows_background_download_progress_and_stale_indices():
+    downloading = {"state": "downloading", "running": True,
+                   "models": {"PP-ShiTuV2_rec": {"stage": "recognition", "state": "downloading",
+                                                 "done": 3_000_000, "total": 16_000_000}}}  # fmt: skip
+    text = "\n".join(ui._download_lines(downloading, "en"))
+    assert "3 / 16 MB" in text and "starter pack answers meanwhile" in text
+    switched = {"state": "switched", "models": {}, "indices": {"mine": False, "sample": True}}
+    text = "\n".join(ui._download_lines(switched, "zh"))
+    assert "官方权重" in text and "`mine`" in text and "`sample`" not in text
+    assert ui._download_lines({"state": "nothing to do"}, "en") == []
