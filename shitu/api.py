@@ -38,7 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shitu import net
 from shitu.access import AccessPolicy
-from shitu.config import INDEX_TYPES, METRIC_TYPES
+from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS
 from shitu.engine import Engine
 from shitu.errors import (
     Conflict,
@@ -149,6 +149,18 @@ class HealthResult(BaseModel):
     indices: list[str]
     activeIndex: str = Field(description="SHITU_DEFAULT_INDEX: the index used when a request names none")
     modelDownloads: dict[str, Any] = Field(description="Background download of official weights, if any")
+
+
+class ModelsResult(BaseModel):
+    active: dict[str, Any] = Field(description="Which detection and recognition models run, and why")
+    recognitionModels: list[dict[str, Any]] = Field(
+        description="The official recognisers with PaddleX's published size (MB), AliProducts recall@1 and speed"
+    )
+    downloads: dict[str, Any]
+
+
+class SwitchModelRequest(BaseModel):
+    modelName: Literal[REC_MODELS] = Field(description="The recognition model to use from now on")
 
 
 class Envelope(BaseModel, Generic[T]):
@@ -479,6 +491,26 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
                 idMap={str(e.id): e.label for e in page},
             )
         )
+
+    models_route = {"response_model": Envelope[ModelsResult], "tags": ["models"], "responses": ERROR_RESPONSES}
+
+    def _models_result() -> ModelsResult:
+        return ModelsResult(
+            active=engine.models(), recognitionModels=engine.recognition_models(),
+            downloads=engine.model_download_status(),
+        )  # fmt: skip
+
+    @app.get("/shitu-models", **models_route)
+    def list_models() -> dict[str, Any]:
+        """The active models (and where they came from) and the recognition models to choose from."""
+        return _ok(_models_result())
+
+    @app.post("/shitu-models/recognition", dependencies=[Depends(require_token)], **models_route)
+    def switch_recognition_model(body: SwitchModelRequest) -> dict[str, Any]:
+        """Switch the recognition model (409/503 and no change when it is not available here).
+        Indices built with another model must be rebuilt before they can be searched."""
+        engine.switch_recognition_model(body.modelName)
+        return _ok(_models_result())
 
     @app.get("/health", response_model=Envelope[HealthResult], tags=["service"])
     def health() -> dict[str, Any]:

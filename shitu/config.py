@@ -20,6 +20,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shitu.errors import ShiTuError
 
 REC_MODELS = ("PP-ShiTuV2_rec", "PP-ShiTuV2_rec_CLIP_vit_base", "PP-ShiTuV2_rec_CLIP_vit_large")
+# What PaddleX's model list publishes for the three official recognisers (PaddleX 3.0 docs:
+# AliProducts recall@1; inference time on an NVIDIA T4 (FP32) and on a Xeon Gold 5117 with 8 threads).
+REC_MODEL_FACTS: dict[str, dict[str, float]] = {
+    "PP-ShiTuV2_rec": {"size_mb": 16.3, "recall_at_1": 84.2, "gpu_ms": 5.2, "cpu_ms": 19.6},
+    "PP-ShiTuV2_rec_CLIP_vit_base": {"size_mb": 306.6, "recall_at_1": 88.69, "gpu_ms": 13.2, "cpu_ms": 285.5},
+    "PP-ShiTuV2_rec_CLIP_vit_large": {"size_mb": 1050.0, "recall_at_1": 91.03, "gpu_ms": 51.1, "cpu_ms": 1131.3},
+}
 DET_MODELS = ("PP-ShiTuV2_det",)
 INDEX_TYPES = ("HNSW32", "IVF", "Flat")
 METRIC_TYPES = ("IP", "L2")

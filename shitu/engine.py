@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODES, PipelineConfig, Settings
+from shitu.config import (
+    INDEX_TYPES,
+    METRIC_TYPES,
+    REC_MODEL_FACTS,
+    REC_MODELS,
+    WHOLE_IMAGE_MODES,
+    PipelineConfig,
+    Settings,
+)
 from shitu.errors import Conflict, NotFound, ShiTuError, Unavailable
 from shitu.gallery import GalleryBatch, GalleryItem, ImageInput, SkippedLine, load_image, make_thumbnail
 from shitu.ids import parse_ids
@@ -156,8 +164,16 @@ class Engine:
     def feature_model(self) -> str:
         return self._current_runtime().feature_model
 
-    def recognition_models(self) -> list[str]:
-        return list(REC_MODELS)
+    def recognition_models(self) -> list[dict[str, Any]]:
+        """The three official recognisers with PaddleX's published size, accuracy and speed, and
+        whether each is active or can be switched to here (its weights cached, mirrored or
+        downloadable; otherwise only the starter pack can stand in)."""
+        active = self.models()["recognition"]
+        return [
+            {"name": name, **REC_MODEL_FACTS[name], "active": active["model_name"] == name
+             and active["source"] != "starter"}  # fmt: skip
+            for name in REC_MODELS
+        ]
 
     def switch_recognition_model(self, model_name: str) -> dict[str, Any]:
         """Use another recognition model. The new one is loaded first; if it is not available,

@@ -593,3 +593,20 @@ def test_live_server_concurrent_adds_and_streamed_limit(live_server, sample_gall
                          headers={"Content-Type": "application/json"}, timeout=30)  # fmt: skip
     assert resp.status_code == 413 and resp.json()["errorCode"] == 413
     assert len(engine.index(key)) == 5
+
+
+def test_models_are_listed_with_size_and_speed_and_switching_is_guarded(api_engine, monkeypatch):
+    client = TestClient(api.create_api(api_engine))
+    listed = ok(client.get("/shitu-models"))
+    names = [m["name"] for m in listed["recognitionModels"]]
+    assert names == ["PP-ShiTuV2_rec", "PP-ShiTuV2_rec_CLIP_vit_base", "PP-ShiTuV2_rec_CLIP_vit_large"]
+    assert all(m["size_mb"] > 0 and m["cpu_ms"] > 0 for m in listed["recognitionModels"])
+    assert listed["active"]["recognition"]["source"] == "starter"
+    # offline here: CLIP cannot be fetched, so the switch is refused and nothing changes
+    refused = client.post("/shitu-models/recognition", json={"modelName": "PP-ShiTuV2_rec_CLIP_vit_base"})
+    assert refused.status_code == 503 and "not available" in refused.json()["errorMsg"]
+    assert api_engine.models()["recognition"]["model_name"] == "PP-ShiTuV2_rec"
+    assert client.post("/shitu-models/recognition", json={"modelName": "nope"}).status_code == 422
+    monkeypatch.setattr(api_engine.settings, "api_token", "t")
+    guarded = TestClient(api.create_api(api_engine))
+    assert guarded.post("/shitu-models/recognition", json={"modelName": "PP-ShiTuV2_rec"}).status_code == 401
