@@ -1,10 +1,10 @@
 """PaddleX's Python client example for the PP-ShiTuV2 serving API, run against this project.
 
 The request/response code is PaddleX's documented client as it stands; only the base URL, the
-image paths and their labels were changed so it uses the sample gallery that the app writes to
-galleries/sample and assets/examples on first start. Run it from the repository root while
-`python -m shitu serve` (port 8080) is running; for `python app.py`, change API_BASE_URL to the
-address app.py prints.
+image paths and their labels were changed so it uses the sample gallery that the app generates in
+its data dir on first start (`sample/gallery`, `sample/queries`). Run it from the data dir
+(`$SHITU_DATA_DIR`, default `~/.cache/shitu`) while `shitu serve` (port 8080) is running; for
+`python app.py`, change API_BASE_URL to the address app.py prints.
 """
 
 import base64
@@ -16,15 +16,15 @@ import requests
 API_BASE_URL = "http://127.0.0.1:8080"
 
 base_image_label_pairs = [
-    {"image": "./galleries/sample/0/0.jpg", "label": "猫 cat"},
-    {"image": "./galleries/sample/0/1.jpg", "label": "猫 cat"},
-    {"image": "./galleries/sample/1/0.jpg", "label": "咖啡 coffee"},
+    {"image": "./sample/gallery/0/0.jpg", "label": "猫 cat"},
+    {"image": "./sample/gallery/0/1.jpg", "label": "猫 cat"},
+    {"image": "./sample/gallery/1/0.jpg", "label": "咖啡 coffee"},
 ]
 image_label_pairs_to_add = [
-    {"image": "./galleries/sample/1/1.jpg", "label": "咖啡 coffee"},
+    {"image": "./sample/gallery/1/1.jpg", "label": "咖啡 coffee"},
 ]
 ids_to_remove = [1]
-infer_image_path = "./assets/examples/query_two_objects.jpg"
+infer_image_path = "./sample/queries/query_two_objects.jpg"
 output_image_path = "./out.jpg"
 
 for pair in base_image_label_pairs:
