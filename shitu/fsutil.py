@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -83,6 +84,17 @@ def recover_dir(target: Path) -> None:
             elif not target.exists() and old.is_dir():
                 os.replace(old, target)
         journal.unlink(missing_ok=True)
-    for pattern in (f".{target.name}.old-*", f".{target.name}.tmp-*"):
-        for leftover in target.parent.glob(pattern):
-            shutil.rmtree(leftover, ignore_errors=True)
+    # exactly this directory's own leftovers: ".a.old-*" would also match the copies of a
+    # directory named "a.old-1234abcd" (".a.old-1234abcd.tmp-*"), e.g. its interrupted swap
+    name = re.escape(target.name)
+    own = re.compile(rf"\.{name}\.(old|tmp)-\w+|\.\.{name}\.swap\.\w+")  # the last: the journal's temp file
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:  # a parent we may not list (a user's own index dir): nothing to clean
+        siblings = []
+    for leftover in siblings:
+        if own.fullmatch(leftover.name):
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)

@@ -6,7 +6,8 @@ and only then swaps it in, so a query always sees one complete version.
 Several processes may share a directory (the server and a CLI run beside it): every change
 takes an exclusive file lock on that index and first reloads it if another process committed
 since it was loaded (the version is the identity of the files on disk), so no acknowledged
-write is ever lost or overwritten. Readers notice a newer version with one ``stat``.
+write is ever lost or overwritten. Readers notice a newer version with one ``stat`` and reload
+it under the same lock, so a save in progress is never read half-done.
 
 An index that cannot be read is moved to ``.quarantine/`` once, reported clearly, and leaves
 every other index working.
@@ -24,6 +25,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,12 +125,16 @@ class IndexStore:
     # --- reading ------------------------------------------------------------------------------
     def names(self) -> list[str]:
         """Indices that exist (complete and not quarantined), sorted."""
-        out = []
+        out = set()
         for p in self.root.iterdir():
-            if p.name.startswith(".") or not p.is_dir():
-                continue
-            if (p / VECTOR_FILE).exists() or (self.root / f".{p.name}.swap").exists():
-                out.append(p.name)
+            if p.name.startswith(".") and p.name.endswith(".swap") and len(p.name) > 6:
+                # a save cut short between its two renames: the index exists once the swap is finished
+                with contextlib.suppress(ShiTuError):
+                    if self.exists(p.name[1:-5]):
+                        out.add(p.name[1:-5])
+            elif not p.name.startswith(".") and p.is_dir():
+                if (p / VECTOR_FILE).exists() or (self.root / f".{p.name}.swap").exists():
+                    out.add(p.name)
         return sorted(out)
 
     def exists(self, name: str) -> bool:
@@ -146,7 +152,9 @@ class IndexStore:
         cached = self._cache.get(name)
         if cached is not None and cached[0] == _version(self.path(name)) and cached[0] is not None:
             return cached[1]
-        with self._thread_lock(name):
+        # under the file lock: another process may be mid-save, and a directory read during its
+        # swap (or half from one version, half from the next) is not a damaged index
+        with self.locked(name):
             return self._load(name)
 
     def _load(self, name: str) -> GalleryIndex:
@@ -175,7 +183,7 @@ class IndexStore:
         self._cache.pop(name, None)
         if not self.strict_names:  # the user's own directory: never move it
             return DamagedIndex(f"index {name!r} cannot be read: {reason}")
-        target = self.root / ".quarantine" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target = self.root / ".quarantine" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         target.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             self.path(name).rename(target)
