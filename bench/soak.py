@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +44,7 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from shitu.api import serving  # noqa: E402
 from shitu.index import GalleryIndex  # noqa: E402
 from shitu.store import IndexStore  # noqa: E402
 
@@ -405,33 +403,6 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 # --- a server to soak ------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(app: Any, start_timeout: float = 120.0) -> Iterator[str]:
-    """Run an ASGI app under uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
-    thread.start()
-    deadline = time.monotonic() + start_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError("the server did not start")
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def main(argv: list[str] | None = None) -> int:

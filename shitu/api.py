@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import logging
 import re
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -543,6 +548,31 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         return _error(404, f"not found: no endpoint {request.url.path} (see /docs)")
 
     return app
+
+
+@contextlib.contextmanager
+def serving(app: Any, host: str = "127.0.0.1", start_timeout: float = 120.0) -> Iterator[str]:
+    """Run an ASGI app (the API, or ``app.build_app()``) under uvicorn on a free port in a thread;
+    yields its base URL (with a trailing ``/``). For notebooks, tests and benchmarks."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def serve(engine: Engine | None = None, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:

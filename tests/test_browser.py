@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from shitu.api import serving
 from shitu.sample import SAMPLE_SUBJECTS, write_gallery, write_queries
 
 pytestmark = pytest.mark.browser
@@ -32,32 +28,6 @@ ARTIFACTS = Path(os.environ.get("SHITU_TEST_ARTIFACTS") or Path(tempfile.gettemp
 DOC_SHOTS = REPO / "docs" / "screenshots"
 LABELS = list(SAMPLE_SUBJECTS)[:3]  # 猫 cat, 咖啡 coffee, 火箭 rocket
 TIMEOUT = 60_000  # ms; the first query may still be loading models
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the app did not start")
-        time.sleep(0.1)
-    try:
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def flat_upload(tmp_path: Path) -> tuple[list[Path], Path]:

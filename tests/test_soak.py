@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from bench.soak import format_report, run_soak, serving
+from bench.soak import format_report, run_soak
+from shitu.api import serving
 
 from .conftest import MODEL_CACHE
 
