@@ -1,0 +1,55 @@
+"""Smoke test of the benchmark scripts on tiny inputs: they run and write the report.
+
+No timing is asserted (timings depend on the machine); only that every section runs end to
+end on the generated sample photos and 2k synthetic vectors and that the report and plots
+are written. Does not need ../shared.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CACHE = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
+
+
+@pytest.mark.slow
+def test_bench_run_tiny_writes_report(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    env = {**os.environ, "SHITU_MODEL_DIR": str(MODEL_CACHE), "SHITU_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--tiny", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text(encoding="utf-8")
+    for heading in ("## 1. Query latency", "## 2. Gallery build", "## 3. Index scale", "## 4. HTTP",
+                    "## 5. Recognition quality", "## 6. Start-up", "## Goals"):  # fmt: skip
+        assert heading in text
+    assert "max abs diff" in text
+    for png in ("query_stages.png", "build_throughput.png", "index_recall_latency.png", "http_concurrency.png"):
+        assert (tmp_path / "benchmarks" / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_bench_helpers_on_synthetic_vectors() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run
+
+    x, q = run.clustered(2_000, 64, 20)
+    assert x.shape == (2_000, 64) and q.shape == (20, 64)
+    assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    labels = np.array([str(i // 10) for i in range(len(x))])
+    quality = run.recall_through_index(x, labels)
+    assert 0 <= quality["fold5"] <= 1 and 0 <= quality["loo"] <= 1 and quality["n"] == 2_000
+    plan = run.make_plan("tiny")
+    plan.index_queries = 10
+    rows = run.bench_index(plan, 2_000, dim=64)
+    assert {r["index"] for r in rows} == {"Flat", "IVF", "HNSW32"}
+    assert next(r for r in rows if r["index"] == "Flat")["recall"] == 1.0
