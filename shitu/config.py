@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     )
     model_mirror_only: bool = Field(False, description="never contact PaddleX's own model host (behind a firewall)")
     model_download_deadline: float = Field(
-        10.0, gt=0, le=600, description="seconds start-up waits for one official model download in all"
+        5.0, gt=0, le=600, description="seconds start-up waits for one official model download in all"
     )
     model_background_deadline: float = Field(
         1800.0, gt=0, description="seconds a background download of official models may take in all"

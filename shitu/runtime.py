@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import importlib
 import logging
-import multiprocessing as mp
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -180,10 +183,28 @@ class _ThreadExecutor:
         self._host = None  # type: ignore[assignment] - frees the predictors
 
 
+HEADER = 64  # bytes at the start of the shared block: the running stage (int64), then padding
+
+
+class _Stage:
+    """The running stage, kept in the shared block so the parent can name it after a crash."""
+
+    def __init__(self, shm: shared_memory.SharedMemory):
+        self._cell = np.ndarray((1,), dtype=np.int64, buffer=shm.buf)
+
+    @property
+    def value(self) -> int:
+        return int(self._cell[0])
+
+    @value.setter
+    def value(self, code: int) -> None:
+        self._cell[0] = code
+
+
 def _pack(value: Any, shm: shared_memory.SharedMemory | None) -> Any:
     """Put the (first) image into shared memory when it fits; the pipe carries only its shape."""
-    if shm is not None and isinstance(value, np.ndarray) and value.nbytes <= shm.size:
-        view = np.ndarray(value.shape, dtype=value.dtype, buffer=shm.buf)
+    if shm is not None and isinstance(value, np.ndarray) and value.nbytes <= shm.size - HEADER:
+        view = np.ndarray(value.shape, dtype=value.dtype, buffer=shm.buf, offset=HEADER)
         view[...] = value
         return ("__shm__", value.shape, value.dtype.str)
     return value
@@ -191,15 +212,31 @@ def _pack(value: Any, shm: shared_memory.SharedMemory | None) -> Any:
 
 def _unpack(value: Any, shm: shared_memory.SharedMemory | None) -> Any:
     if isinstance(value, tuple) and len(value) == 3 and value[0] == "__shm__" and shm is not None:
-        return np.ndarray(value[1], dtype=np.dtype(value[2]), buffer=shm.buf).copy()
+        return np.ndarray(value[1], dtype=np.dtype(value[2]), buffer=shm.buf, offset=HEADER).copy()
     return value
 
 
-def _worker_main(conn: Any, spec: ModelSpec, shm_name: str, stage: Any) -> None:
-    """The worker process: serve calls from the pipe until it closes."""
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Map the parent's block without adopting it: the parent unlinks it, and a resource tracker
+    of this process must not (it would, at this worker's exit, pulling it from under the next one)."""
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)  # Python >= 3.13
+    except TypeError:
+        from multiprocessing import resource_tracker
+
+        shm = shared_memory.SharedMemory(name=name)
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        return shm
+
+
+def _worker_entry(fd: int) -> None:
+    """The worker process (started by :class:`_ProcessExecutor` as ``python -c``): receive the spec
+    on the inherited socket, then serve calls until the parent closes it."""
     logging.basicConfig(level=logging.WARNING)
-    shm = shared_memory.SharedMemory(name=shm_name)
-    host = ModelHost(spec, stage)
+    conn = Connection(fd)
+    spec, shm_name = conn.recv()
+    shm = _attach(shm_name)
+    host = ModelHost(spec, _Stage(shm))
     try:
         while True:
             try:
@@ -218,46 +255,59 @@ def _worker_main(conn: Any, spec: ModelSpec, shm_name: str, stage: Any) -> None:
 
 
 class _ProcessExecutor:
-    """The host in a supervised worker process, restarted after a crash."""
+    """The host in a supervised worker process, restarted after a crash.
+
+    The worker is a fresh ``python -c`` process joined by a private socket pair — not a
+    ``multiprocessing`` child, which would re-run the parent's ``__main__`` (a script without a
+    main guard, a notebook, stdin) and inherit nothing useful anyway.
+    """
 
     def __init__(self, spec: ModelSpec):
         self._spec = spec
-        self._ctx = mp.get_context("spawn")  # never fork a process that has loaded Paddle
         self._lock = threading.Lock()
-        self._proc: Any = None
-        self._conn: Any = None
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
         self._shm: shared_memory.SharedMemory | None = None
-        self._stage = self._ctx.Value("i", 0, lock=False)
+        self._stage: _Stage | None = None
         self.restarts = 0
 
     def _start(self) -> None:
         if self._shm is None:
             self._shm = shared_memory.SharedMemory(create=True, size=SHARED_BYTES)
-        parent, child = self._ctx.Pipe()
+            self._stage = _Stage(self._shm)
+        assert self._stage is not None
         self._stage.value = 0
-        self._proc = self._ctx.Process(
-            target=_worker_main, args=(child, self._spec, self._shm.name, self._stage), daemon=True,
-            name="shitu-model-worker",
-        )  # fmt: skip
-        self._proc.start()
-        child.close()
-        self._conn = parent
+        ours, theirs = socket.socketpair()
+        code = (
+            f"import sys; sys.path[:0] = {[p for p in sys.path if p]!r}; "
+            f"from shitu.runtime import _worker_entry; _worker_entry({theirs.fileno()})"
+        )
+        self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), close_fds=True)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send((self._spec, self._shm.name))
 
     def call(self, op: str, *args: Any) -> Any:
         with self._lock:
-            if self._proc is None or not self._proc.is_alive():
+            if self._proc is None or self._proc.poll() is not None:
                 self._start()
+            assert self._conn is not None and self._proc is not None and self._stage is not None
             packed = [_pack(args[0], self._shm), *args[1:]] if args else []
             try:
                 self._conn.send((op, packed))
                 reply = self._conn.recv()
-            except (EOFError, OSError, BrokenPipeError):
-                stage = STAGES[self._stage.value] if 0 <= self._stage.value < len(STAGES) else "model"
-                self._proc.join(timeout=5)
-                code = self._proc.exitcode
+            except (EOFError, OSError):
+                code = self._stage.value
+                stage = STAGES[code] if 0 <= code < len(STAGES) else "model"
+                try:
+                    exit_code = self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    exit_code = self._proc.wait()
+                self._conn.close()
                 self._proc, self._conn = None, None
                 self.restarts += 1
-                how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                how = f"signal {-exit_code}" if exit_code < 0 else f"exit code {exit_code}"
                 log.error("the model worker died in %s (%s); it restarts on the next request", stage, how)
                 raise ModelCrashed(
                     f"the {stage} model crashed on this image ({how}); the service restarted it — "
@@ -275,11 +325,14 @@ class _ProcessExecutor:
             if self._conn is not None:
                 self._conn.close()
             if self._proc is not None:
-                self._proc.join(timeout=10)
-                if self._proc.is_alive():
+                try:
+                    self._proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
                     self._proc.kill()
+                    self._proc.wait()
             self._proc = self._conn = None
             if self._shm is not None:
+                self._stage = None
                 self._shm.close()
                 self._shm.unlink()
                 self._shm = None
