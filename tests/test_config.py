@@ -40,6 +40,7 @@ def test_values_are_parsed(monkeypatch, tmp_path):
         Settings.from_env(max_image_pixel=5)
 
 
+@pytest.mark.slow
 def test_the_app_and_the_cli_stop_with_one_line_on_a_bad_setting(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SHITU_MAX_IMAGE_PIXELS": "abc"}
     for argv in ([sys.executable, "app.py"], [sys.executable, "-m", "shitu", "info"]):

@@ -630,6 +630,7 @@ def _cached_objectron() -> Path | None:
     return None
 
 
+@pytest.mark.slow
 def test_real_objectron_model_converts_and_matches_reference(tmp_path, starter_detector_dir) -> None:
     import paddlex
 
@@ -691,6 +692,7 @@ def _predict_in_child(model_dir: Path, *images: Path) -> list[dict]:
     return json.loads(line.removeprefix("RESULT "))
 
 
+@pytest.mark.slow
 def test_exported_model_survives_no_detections_with_onednn(tmp_path) -> None:
     # Scores are sigmoids (<= 1) and NMS keeps score > floor, so a floor of 1 keeps nothing.
     tflite_path = tmp_path / "tiny.tflite"
@@ -705,6 +707,7 @@ def test_exported_model_survives_no_detections_with_onednn(tmp_path) -> None:
     assert [r["all"] for r in report] == [0, 0]
 
 
+@pytest.mark.slow
 def test_real_photo_without_detections_does_not_crash_paddlex(starter_detector_dir: Path) -> None:
     assert SEGFAULT_PHOTO.is_file()
     meta = json.loads((starter_detector_dir / "starter.json").read_text())

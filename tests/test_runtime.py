@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import MODEL_CACHE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +26,7 @@ rt.close()
 """
 
 
+@pytest.mark.slow
 def test_worker_starts_from_stdin_and_from_an_unguarded_script(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(SCRIPT.format(data=str(tmp_path / "a")), encoding="utf-8")

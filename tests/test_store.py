@@ -160,6 +160,7 @@ def keep(engine, template) -> tuple[dict, dict]:
 # --- 1. the CLI beside a running server --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_append_beside_a_running_server_loses_nothing(engine, template, sample_gallery, keep, tmp_path):
     root, _ = sample_gallery
     install(engine, "t1", template)
