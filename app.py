@@ -59,10 +59,10 @@ class EnvelopeForUnknownRoutes:
                     await send(start)  # not the UI's {"detail": ...}: pass it on unchanged
                     await send(message)
                     return
-                from shitu.api import _error
+                from shitu.api import error_response
 
                 reason = body.get("detail") or ("not found" if start["status"] == 404 else "method not allowed")
-                await _error(start["status"], f"{scope['path']}: {reason}")(scope, receive, send)
+                await error_response(start["status"], f"{scope['path']}: {reason}")(scope, receive, send)
                 return
             await send(message)
 

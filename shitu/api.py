@@ -205,7 +205,8 @@ def _ok(result: BaseModel) -> dict[str, Any]:
     return {"logId": str(uuid.uuid4()), "errorCode": 0, "errorMsg": "Success", "result": result}
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """PaddleX's error envelope ``{logId, errorCode, errorMsg}`` with that HTTP status."""
     log_id = str(uuid.uuid4())
     log.info("API error %s (logId %s): %s", status, log_id, message)
     return JSONResponse(
@@ -306,10 +307,10 @@ class BodySizeLimit:
             try:
                 size = int(declared)
             except ValueError:
-                await _error(400, "invalid Content-Length header")(scope, receive, send)
+                await error_response(400, "invalid Content-Length header")(scope, receive, send)
                 return
             if size > limit:
-                await _error(413, too_large)(scope, receive, send)
+                await error_response(413, too_large)(scope, receive, send)
                 return
         body = bytearray()
         while True:
@@ -318,7 +319,7 @@ class BodySizeLimit:
                 return
             body.extend(message.get("body", b""))
             if len(body) > limit:
-                await _error(413, too_large)(scope, receive, send)
+                await error_response(413, too_large)(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -384,20 +385,20 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _shitu_error(request: Request, exc: ShiTuError) -> JSONResponse:
         status = http_status(exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return _error(status, exc.message, headers)
+        return error_response(status, exc.message, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         status, message = describe_validation(list(exc.errors()))
-        return _error(status, message)
+        return error_response(status, message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(StarterModelUnavailable)
     async def _no_models(request: Request, exc: StarterModelUnavailable) -> JSONResponse:
-        return _error(503, f"the recognition models are not available: {exc}")
+        return error_response(503, f"the recognition models are not available: {exc}")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -543,9 +544,9 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
                     allowed |= set(route.methods or ())
         if allowed:
             methods = ", ".join(sorted(allowed))
-            return _error(405, f"{request.method} is not allowed on {request.url.path}; use {methods}",
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}; use {methods}",
                           {"Allow": methods})  # fmt: skip
-        return _error(404, f"not found: no endpoint {request.url.path} (see /docs)")
+        return error_response(404, f"not found: no endpoint {request.url.path} (see /docs)")
 
     return app
 
