@@ -43,22 +43,25 @@ def match_objects(
 def fill_matches(
     obj: RecognizedObject, scores: np.ndarray, ids: np.ndarray, index: GalleryIndex, threshold: float, topk: int
 ) -> None:
-    """Top-k distinct labels at or above the threshold, best first; the best of all as candidate."""
+    """The top-k distinct labels as candidates (best first, whatever their score); those at or
+    above the threshold are the answers; the best of all is the (near-miss) candidate."""
     seen: set[str] = set()
     for score, id_ in zip(scores, ids):
         if id_ < 0:
             continue
         label = index.entry(int(id_)).label
-        if obj.candidate is None:
-            obj.candidate = (label, float(score), int(id_))
-        if score < threshold or label in seen:
+        if label in seen:
             continue
         seen.add(label)
-        obj.labels.append(label)
-        obj.scores.append(float(score))
-        obj.ids.append(int(id_))
-        if len(obj.labels) == topk:
+        obj.candidates.append((label, float(score), int(id_)))
+        if score >= threshold:  # scores come best first, so the answers are a prefix
+            obj.labels.append(label)
+            obj.scores.append(float(score))
+            obj.ids.append(int(id_))
+        if len(obj.candidates) == topk:
             break
+    if obj.candidates:
+        obj.candidate = obj.candidates[0]
 
 
 def merge_same_label(objects: list[RecognizedObject], iou: float) -> list[RecognizedObject]:

@@ -34,20 +34,24 @@ CJK_FONT_CANDIDATES = (
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]  # fmt: skip
 UNRECOGNISED_COLOR = (150, 150, 150)
-UNRECOGNISED_TEXT = "unknown"
+DIMMED_TOWARD = (200, 200, 200)  # with a highlight, the other boxes are blended toward this grey
+DIM_MIX = 0.6  # how far toward it (0 keeps the colour, 1 is the grey)
 BLACK, WHITE = (0, 0, 0), (255, 255, 255)
 
-# Results are mostly looked at shrunk to fit a phone or the UI's 420-px box: captions are sized
-# so their text is still about DISPLAY_TEXT_PX high there.
-DISPLAY_SIDE = 400
-DISPLAY_TEXT_PX = 13
+# The few words drawn on images, per UI language (labels themselves are the user's own).
+CAPTION_WORDS: dict[str, dict[str, str]] = {
+    "en": {"unknown": "unknown", "maybe": "maybe"},
+    "zh": {"unknown": "未知", "maybe": "可能是"},
+}
+
+# Results are mostly looked at fitted in a phone's 360 x 360 box: captions are sized so their
+# font is about DISPLAY_TEXT_PX high there (images smaller than that are shown at their size).
+DISPLAY_SIDE = 360
+DISPLAY_TEXT_PX = 16
 MIN_FONT_SIZE = 12
 MAX_FONT_SIZE = 1000  # FreeType fails on glyphs tens of thousands of pixels high
 MAX_THICKNESS = 200
 MAX_LABEL_EM = 40  # longer captions are cut with "..." (unreadable anyway, and slow to render)
-# Gradio puts the image's name in a badge over its top-left corner: about 9 x 2.2 caption heights.
-BADGE_WIDTH_EM = 9
-BADGE_HEIGHT_EM = 2.2
 
 
 def _fc_match() -> str | None:
@@ -99,10 +103,34 @@ def color_for(label: str | None) -> tuple[int, int, int]:
     return PALETTE[sum(label.encode("utf-8")) % len(PALETTE)]
 
 
-def caption(obj: RecognizedObject) -> str:
+def _words(lang: str) -> dict[str, str]:
+    return CAPTION_WORDS["zh" if lang.lower().startswith("zh") else "en"]
+
+
+def _below(score: float, threshold: float | None) -> str:
+    """``0.84 < 0.85``: the score and the threshold it missed, with as many decimals (2 to 4) as
+    it takes to tell them apart; just the score when there is no threshold it is under."""
+    if threshold is None or not score < threshold:
+        return f"{score:.2f}"
+    for digits in (2, 3, 4):
+        shown, limit = f"{score:.{digits}f}", f"{threshold:.{digits}f}"
+        if shown != limit:
+            break
+    return f"{shown} < {limit}"
+
+
+def caption(obj: RecognizedObject, *, lang: str = "en", threshold: float | None = None) -> str:
+    """The text drawn for a box: ``label score`` when recognised; for an unknown box its near
+    miss (``unknown · maybe 农夫山泉 0.84 < 0.85``, ``threshold`` being the recognition threshold
+    it missed), or just ``unknown``. Never the detector's class name (``det_label`` is internal).
+    """
     if obj.recognized:
         return f"{obj.label} {obj.score:.2f}"
-    return UNRECOGNISED_TEXT
+    words = _words(lang)
+    if obj.candidate is None:
+        return words["unknown"]
+    label, score, _id = obj.candidate
+    return f"{words['unknown']} · {words['maybe']} {label} {_below(float(score), threshold)}"
 
 
 def _luminance(rgb: tuple[int, int, int]) -> float:
@@ -128,10 +156,10 @@ def text_color_for(fill: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def label_font_size(width: int, height: int) -> int:
-    """Caption size in image pixels: about ``DISPLAY_TEXT_PX`` once the image is shrunk to fit
-    ``DISPLAY_SIDE`` pixels, at most a quarter of the short side (strips), clamped to what
-    fonts can render."""
-    size = max(width, height) * DISPLAY_TEXT_PX / DISPLAY_SIDE
+    """Caption size in image pixels: about ``DISPLAY_TEXT_PX`` once the image is fitted in a
+    ``DISPLAY_SIDE`` square (a phone; smaller images are shown at their own size), at most a
+    quarter of the short side (strips), clamped to what fonts can render."""
+    size = max(width, height, DISPLAY_SIDE) * DISPLAY_TEXT_PX / DISPLAY_SIDE
     size = min(size, min(width, height) / 4)
     return int(min(MAX_FONT_SIZE, max(MIN_FONT_SIZE, round(size))))
 
@@ -142,17 +170,18 @@ def box_thickness(width: int, height: int) -> int:
     return int(min(MAX_THICKNESS, max(2, round(t))))
 
 
-def corner_badge(width: int, height: int) -> tuple[int, int, int, int]:
-    """The top-left area that viewers cover with their own badge (Gradio's image label):
-    captions are kept out of it."""
-    size = label_font_size(width, height)
-    return 0, 0, min(width, round(BADGE_WIDTH_EM * size)), min(height, round(BADGE_HEIGHT_EM * size))
+def dimmed(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """``rgb`` blended toward light grey: a box that is not the highlighted one."""
+    r, g, b = (round(c + (grey - c) * DIM_MIX) for c, grey in zip(rgb, DIMMED_TOWARD))
+    return r, g, b
 
 
 @dataclass(frozen=True)
 class LabelLayout:
-    """Where and how one caption is drawn: a filled ``rect`` (x1, y1, x2, y2) with ``text`` in
-    ``text_color`` at ``font_size``, its top-left text corner at ``origin``."""
+    """Where and how one caption is drawn: a ``rect`` (x1, y1, x2, y2; x2 and y2 exclusive)
+    filled with ``fill`` and edged ``border_width`` pixels wide in ``text_color`` (so a light
+    caption stands out on a white box), with ``text`` in ``text_color`` at ``font_size``, its
+    top-left text corner at ``origin``."""
 
     text: str
     font_size: int
@@ -160,6 +189,7 @@ class LabelLayout:
     origin: tuple[int, int]
     fill: tuple[int, int, int]
     text_color: tuple[int, int, int]
+    border_width: int = 1
 
 
 def _text_size(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str) -> tuple[int, int]:
@@ -209,14 +239,23 @@ def _clamped_box(bbox: Sequence[float], width: int, height: int) -> tuple[int, i
 
 
 def layout_label(
-    text: str, box: tuple[int, int, int, int], fill: tuple[int, int, int], width: int, height: int
+    text: str,
+    box: tuple[int, int, int, int],
+    fill: tuple[int, int, int],
+    width: int,
+    height: int,
+    *,
+    thickness: int | None = None,
+    avoid: Sequence[tuple[int, int, int, int]] = (),
 ) -> LabelLayout:
     """Place one caption for ``box`` (see :func:`_clamped_box`) in a ``width`` x ``height`` image.
 
     Above the box's top-left corner when there is room, else inside the box just below/right
-    of its corner; never in the viewer's corner badge, and never outside the image.
+    of its corner (clear of an outline ``thickness`` wide), else moved sideways above or below
+    the box; the first of these that covers none of the ``avoid`` rects (captions already
+    placed), or the first of all if each does. Never outside the image.
     """
-    thickness = box_thickness(width, height)
+    thickness = box_thickness(width, height) if thickness is None else thickness
     size = label_font_size(width, height)
     pad = max(1, round(size * 0.2))
     max_text = max(1, min(width - 2 * pad, MAX_LABEL_EM * size))
@@ -224,50 +263,79 @@ def layout_label(
     pad = max(1, round(size * 0.2))
     text_w, text_h = _text_size(_font(size), text)
     lw, lh = text_w + 2 * pad, text_h + 2 * pad
-    badge = corner_badge(width, height)
-    x1, y1, x2, y2 = box
+    x1, y1, _x2, y2 = box
 
     def at(x: float, y: float) -> tuple[int, int, int, int]:
         x, y = round(_clamp(x, 0, max(0, width - lw))), round(_clamp(y, 0, max(0, height - lh)))
         return x, y, x + lw, y + lh
 
-    candidates = [
-        (x1, y1 - lh),  # on top of the box, outside it
-        (x1 + thickness, y1 + thickness),  # inside, in its corner
-        (x1 + thickness, badge[3] + thickness),  # inside, below the viewer's badge
-        (badge[2] + thickness, y1 + thickness),  # inside, right of the viewer's badge
-    ]
-    rect = None
-    for x, y in candidates:
-        if x < 0 or y < 0 or x + lw > width or y + lh > height:
-            continue  # would have to be moved, which may put it over another box's text
-        candidate = at(x, y)
-        if not _overlaps(candidate, badge):
-            rect = candidate
-            break
-    if rect is None:  # a tiny image or box: inside the image is all that can be promised
-        rect = at(x1 + thickness, max(y1 + thickness, badge[3]))
-    return LabelLayout(text, size, rect, (rect[0] + pad, rect[1] + pad), fill, text_color_for(fill))
+    def fits(x: float, y: float) -> bool:
+        return x >= 0 and y >= 0 and x + lw <= width and y + lh <= height
+
+    above, inside, below = (x1, y1 - lh), (x1 + thickness, y1 + thickness), (x1, y2 + 1)
+    # best first: where it fits as placed (a whole-image box's goes inside, at the image's
+    # corner); then moved sideways, never up or down over the box's own contents; then moved
+    # into the image wherever that takes it (a tiny image or box)
+    places = [at(*p) for p in (above, inside) if fits(*p)]
+    places += [at(*p) for p in (above, below) if p[1] >= 0 and p[1] + lh <= height]
+    places.append(at(*inside))
+    rect = next((r for r in places if not any(_overlaps(r, other) for other in avoid)), places[0])
+    # one pixel once the image is fitted to the display, as the text is DISPLAY_TEXT_PX there
+    border = max(1, round(size / DISPLAY_TEXT_PX))
+    return LabelLayout(text, size, rect, (rect[0] + pad, rect[1] + pad), fill, text_color_for(fill), border)
 
 
-def draw_objects(image: np.ndarray | Image.Image, objects: Sequence[RecognizedObject]) -> Image.Image:
-    """Boxes and top-1 captions on a copy of an RGB image."""
+def draw_objects(
+    image: np.ndarray | Image.Image,
+    objects: Sequence[RecognizedObject],
+    *,
+    lang: str = "en",
+    threshold: float | None = None,
+    highlight: int | None = None,
+) -> Image.Image:
+    """Boxes and top-1 captions on a copy of an RGB image.
+
+    Unknown boxes are grey, captioned with their near miss against ``threshold`` (the
+    recognition threshold) in ``lang`` (see :func:`caption`). ``highlight`` is an index into
+    ``objects`` as given: that box is drawn thicker and on top, the others thinner and faded
+    toward grey; an index outside ``objects`` highlights nothing.
+    """
     canvas = image.copy().convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(image).convert("RGB")
     draw = ImageDraw.Draw(canvas)
     width, height = canvas.size
     thickness = box_thickness(width, height)
-    # unrecognised boxes first so recognised ones stay on top; all captions after all boxes,
-    # so no outline crosses a caption
-    ordered = sorted(objects, key=lambda o: o.recognized)
-    labels: list[LabelLayout] = []
-    for obj in ordered:
-        color = color_for(obj.label)
+    if highlight is not None and not 0 <= highlight < len(objects):
+        highlight = None
+    # unrecognised boxes first so recognised ones stay on top, the highlighted one last of all;
+    # all captions after all boxes, so no outline crosses a caption
+    order = sorted(range(len(objects)), key=lambda i: (i == highlight, objects[i].recognized))
+    lines: dict[int, tuple[tuple[int, int, int, int], tuple[int, int, int], int]] = {}  # box, colour, width
+    for i in order:
+        obj = objects[i]
+        color, line = color_for(obj.label), thickness
+        if highlight is not None:
+            if i == highlight:
+                line = min(MAX_THICKNESS, 2 * thickness)
+            else:
+                color, line = dimmed(color), max(1, thickness // 2)
         box = _clamped_box(obj.bbox, width, height)
-        draw.rectangle(box, outline=color, width=min(thickness, max(1, min(box[2] - box[0], box[3] - box[1]))))
-        labels.append(layout_label(caption(obj), box, color, width, height))
-    for label in labels:
+        draw.rectangle(box, outline=color, width=min(line, max(1, min(box[2] - box[0], box[3] - box[1]))))
+        lines[i] = box, color, line
+    # captions are placed top of the drawing order first, so theirs get the best places, clear
+    # of each other where possible, and drawn in the drawing order (the top one last)
+    labels: list[LabelLayout] = []
+    for i in reversed(order):
+        box, color, line = lines[i]
+        text = caption(objects[i], lang=lang, threshold=threshold)
+        labels.append(
+            layout_label(text, box, color, width, height, thickness=line, avoid=[label.rect for label in labels])
+        )
+    for label in reversed(labels):
+        x1, y1, x2, y2 = label.rect
         try:
-            draw.rectangle(label.rect, fill=label.fill)
+            draw.rectangle(
+                (x1, y1, x2 - 1, y2 - 1), fill=label.fill, outline=label.text_color, width=label.border_width
+            )
             draw.text(label.origin, label.text, fill=label.text_color, font=_font(label.font_size))
         except (OSError, ValueError) as exc:  # a font that cannot render it must not lose the boxes
             log.warning("could not draw the caption %r: %s", label.text, exc)

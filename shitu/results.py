@@ -29,7 +29,9 @@ class RecognizedObject:
     ``labels``/``scores``/``ids`` hold the top-k distinct gallery labels at or above the
     recognition threshold, best first; all empty when nothing is similar enough (the box is
     *unknown*). ``candidate`` is the best match whatever the threshold — the near miss of an
-    unknown box — as ``(label, score, id)``, or ``None`` for an empty gallery.
+    unknown box — as ``(label, score, id)``, or ``None`` for an empty gallery. ``candidates``
+    holds the top-k distinct labels *whatever* the threshold, best first, as ``(label, score,
+    id)``: what a person needs to judge an answer or a near miss.
     """
 
     bbox: tuple[float, float, float, float]  # x1, y1, x2, y2 in original-image pixels
@@ -40,6 +42,7 @@ class RecognizedObject:
     det_label: str | None = None  # the detector's own class name, if any (internal, not an answer)
     whole_image: bool = False  # the box is the whole image, not a detection
     candidate: tuple[str, float, int] | None = None
+    candidates: list[tuple[str, float, int]] = field(default_factory=list)
 
     @property
     def label(self) -> str | None:
@@ -68,6 +71,10 @@ class RecognizedObject:
                 if self.candidate
                 else None
             ),
+            "candidates": [
+                {"label": label, "score": round(float(score), 4), "id": int(id_)}
+                for label, score, id_ in self.candidates
+            ],
         }
 
 
@@ -96,11 +103,13 @@ class Recognition:
             "models": self.models,
         }
 
-    def render(self):
-        """The image with boxes and labels drawn (PIL.Image); see :func:`shitu.render.draw_objects`."""
+    def render(self, lang: str = "en", highlight: int | None = None):
+        """The image with boxes and labels drawn (PIL.Image), unknown boxes with their near miss
+        against :attr:`rec_threshold`, captions in ``lang``, ``highlight`` (an index into
+        :attr:`objects`) emphasised; see :func:`shitu.render.draw_objects`."""
         from shitu.render import draw_objects
 
-        return draw_objects(self.image, self.objects)
+        return draw_objects(self.image, self.objects, lang=lang, threshold=self.rec_threshold, highlight=highlight)
 
 
 class ShiTuResult(dict):

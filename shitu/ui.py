@@ -13,11 +13,13 @@ Static text is translated in the browser with ``gr.I18n`` (:data:`I18N`, passed 
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import io
 import json
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -32,12 +34,12 @@ from PIL import Image
 
 from shitu.access import AccessPolicy
 from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODES
-from shitu.engine import ChangeReport, Engine
+from shitu.engine import SAMPLE_INDEX, ChangeReport, Engine
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, SkippedLine, pairs_from_uploads, read_zip_gallery
 from shitu.ids import parse_ids
-from shitu.results import Recognition
-from shitu.ui_text import TEXT
+from shitu.results import Recognition, RecognizedObject
+from shitu.ui_text import STARTER_MODELS, TEXT
 
 MAX_TABLE_ROWS = 2000  # the entries table shows at most this many rows; filter by label for more
 MAX_PREVIEWS = 48  # thumbnails in the preview gallery
@@ -45,6 +47,30 @@ MAX_PREVIEWS = 48  # thumbnails in the preview gallery
 I18N = gr.I18n(**TEXT)
 CSS = """
 #result-table td, #entries-table td { white-space: normal; }
+#title h1 { margin-bottom: 0.2em; }
+.shitu-banner { padding: 8px 12px; border-radius: 8px; font-size: 0.95em; line-height: 1.4; }
+.shitu-banner.banner_starter { background: #fff7e0; border: 1px solid #f0c36d; color: #5c4400; }
+.shitu-banner.banner_official { background: #e9f7ef; border: 1px solid #7cc496; color: #1d4d2e; }
+.shitu-banner.banner_local { background: #eef2ff; border: 1px solid #a5b4fc; color: #2e3a78; }
+#examples .grid-wrap, #evidence .grid-wrap { height: auto !important; max-height: none !important;
+  min-height: 0 !important; }
+.shitu-progress { margin: 6px 0; }
+.shitu-progress .bar { height: 10px; border-radius: 5px; background: #e5e7eb; overflow: hidden; }
+.shitu-progress .fill { height: 100%; background: #ea580c; transition: width 0.3s ease; }
+.shitu-progress .fill.indeterminate { width: 35%; animation: shitu-slide 1.2s ease-in-out infinite; }
+.shitu-progress .text { font-size: 0.95em; margin-top: 4px; }
+.shitu-progress.done { color: #15803d; }
+@keyframes shitu-slide { from { margin-left: -35%; } to { margin-left: 100%; } }
+.shitu-inline-error { color: #b91c1c; background: #fef2f2; border: 1px solid #fecaca; border-radius: 6px;
+  padding: 6px 10px; }
+@media (max-width: 640px) {
+  #query-image, #query-image .image-container { height: 240px !important; max-height: 240px; }
+  #result-image, #result-image .image-container { height: auto !important; max-height: 60vh; }
+  .tab-container button, [role="tab"] { padding-left: 10px !important; padding-right: 10px !important; }
+  #title p { font-size: 0.9em; }
+  #result-table th:nth-child(3), #result-table td:nth-child(3),
+  #result-table th:nth-child(5), #result-table td:nth-child(5) { display: none; }
+}
 """
 
 
@@ -96,7 +122,8 @@ def _bind(fn: Callable, engine: Engine) -> Callable:
     return bound
 
 
-def _progress_callback(progress: gr.Progress | None) -> Callable[[int, int, str], None] | None:
+def _progress_callback(progress: Any) -> Callable[[int, int, str], None] | None:
+    """The engine's ``progress(done, total, what)`` fed to a ``gr.Progress`` or a :class:`LiveProgress`."""
     if progress is None:
         return None
 
@@ -104,6 +131,158 @@ def _progress_callback(progress: gr.Progress | None) -> Callable[[int, int, str]
         progress((done, total), desc=what)
 
     return report
+
+
+def _request_of(signature: inspect.Signature, args: tuple, kwargs: dict) -> Any:
+    try:
+        return signature.bind_partial(*args, **kwargs).arguments.get("request")
+    except TypeError:
+        return None
+
+
+def error_text(lang: str, message: str) -> str:
+    """A user error as the toast says it: UI messages are translated; the engine's own details
+    are kept as they are, after a translated lead-in."""
+    for key, text in TEXT["en"].items():
+        if key.startswith("err_") and text == message:
+            return _t(lang, key)
+    return message if lang == "en" else f"{_t(lang, 'could_not')}{message}"
+
+
+def _inline_error(lang: str, message: str) -> str:
+    return f'<div class="shitu-inline-error" role="alert">⚠️ {html.escape(error_text(lang, message))}</div>'
+
+
+def soft_errors(fn: Callable, n_outputs: int, *, status: int | None = None, on_error: Callable | None = None):
+    """Wire ``fn`` so that a user error is a toast (plus an inline message at output ``status``)
+    and every other output keeps its last good state: no red "Error" badges over the tab.
+
+    ``on_error(outputs, request)`` may replace some of the outputs (e.g. put a dropdown back).
+    Works for plain and generator handlers; Gradio sees ``fn``'s own signature."""
+    signature = inspect.signature(fn)
+
+    def fallback(exc: gr.Error, args: tuple, kwargs: dict) -> Any:
+        request = _request_of(signature, args, kwargs)
+        lang = lang_of(request)
+        gr.Warning(error_text(lang, str(exc.message)), title=_t(lang, "toast_title"))
+        outputs: list[Any] = [gr.skip()] * n_outputs
+        if status is not None:
+            outputs[status] = _inline_error(lang, str(exc.message))
+        if on_error is not None:
+            outputs = list(on_error(outputs, request))
+        return outputs[0] if n_outputs == 1 else tuple(outputs)
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def streaming(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error as exc:
+                yield fallback(exc, args, kwargs)
+
+        wrapped = streaming
+    else:
+
+        @functools.wraps(fn)
+        def plain(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except gr.Error as exc:
+                return fallback(exc, args, kwargs)
+
+        wrapped = plain
+    wrapped.__signature__ = signature  # type: ignore[attr-defined]
+    return wrapped
+
+
+class LiveProgress:
+    """How far a long job has got, as a bar a person can see from the first second on.
+
+    Callable like ``gr.Progress`` (``progress((done, total), desc=...)``), so the handlers are
+    the same for tests and for the browser; :meth:`html` draws it."""
+
+    def __init__(self, lang: str, stage: str = "starting"):
+        self.lang = lang
+        self.stage = stage
+        self.done = 0
+        self.total = 0
+        self.started = time.monotonic()
+
+    def __call__(self, value: Any = None, desc: str | None = None, **_: Any) -> None:
+        if isinstance(value, tuple) and len(value) == 2:
+            self.done, self.total = int(value[0]), int(value[1])
+        if desc:
+            self.stage = desc
+
+    def html(self, finished: bool = False) -> str:
+        elapsed = time.monotonic() - self.started
+        lang = self.lang
+        if finished:
+            return f'<div class="shitu-progress done">✓ {_t(lang, "progress_done", seconds=f"{elapsed:.1f}")}</div>'
+        stage = self.stage
+        if stage == "embedding" and self.total and self.done >= self.total:
+            stage = "saving"
+        label = TEXT[lang].get(f"progress_{stage}") or TEXT["en"].get(f"progress_{stage}") or stage
+        if self.total:
+            fraction = min(1.0, self.done / self.total)
+            text = f"{label}: {self.done} / {self.total} · {elapsed:.0f} s"
+            if 0 < self.done < self.total:
+                left = elapsed / self.done * (self.total - self.done) if stage == "embedding" else None
+                if left is not None:
+                    text += " · " + _t(lang, "progress_eta", seconds=f"{left:.0f}")
+            bar = f'<div class="fill" style="width:{fraction * 100:.1f}%"></div>'
+            aria = f'aria-valuemin="0" aria-valuemax="{self.total}" aria-valuenow="{self.done}"'
+        else:
+            text = f"{label} · {elapsed:.0f} s"
+            bar = '<div class="fill indeterminate"></div>'
+            aria = ""
+        return (
+            f'<div class="shitu-progress" role="progressbar" {aria} aria-label="{html.escape(label)}">'
+            f'<div class="bar">{bar}</div><div class="text">{html.escape(text)}</div></div>'
+        )
+
+
+def live_progress(fn: Callable, n_outputs: int, position: int, *, every: float = 0.3) -> Callable:
+    """Run ``fn`` (a handler with a ``progress`` parameter, returning its ``n_outputs - 1``
+    outputs) in a thread and stream a :class:`LiveProgress` bar to output ``position`` while it
+    works; the other outputs keep their state until the result arrives."""
+    signature = inspect.signature(fn)
+    params = [p for name, p in signature.parameters.items() if name != "progress"]
+
+    @functools.wraps(fn)
+    def streaming(*args: Any, **kwargs: Any) -> Any:
+        tracker = LiveProgress(lang_of(_request_of(signature, args, kwargs)))
+        box: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                box["result"] = fn(*args, progress=tracker, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the handler's thread
+                box["error"] = exc
+
+        def frame(progress_html: str, result: Any = None) -> tuple:
+            outputs = list(result) if result is not None else [gr.skip()] * (n_outputs - 1)
+            outputs.insert(position, progress_html)
+            return tuple(outputs)
+
+        worker = threading.Thread(target=work, name="shitu-ui-job", daemon=True)
+        worker.start()
+        shown = tracker.html()
+        yield frame(shown)
+        while worker.is_alive():
+            worker.join(every)
+            current = tracker.html()
+            if current != shown and worker.is_alive():
+                shown = current
+                yield frame(current)
+        if "error" in box:
+            raise box["error"]
+        result = box["result"]
+        yield frame(tracker.html(finished=True), result if isinstance(result, tuple) else (result,))
+
+    streaming.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    return streaming
 
 
 _SCRATCH: Path | None = None
@@ -131,6 +310,12 @@ def _index_dropdown(engine: Engine, value: str | None = None) -> dict[str, Any]:
 
 
 # --- Recognize ------------------------------------------------------------------------------
+MAX_EVIDENCE_PER_BOX = 3  # gallery photos shown next to each box's own crop
+EVIDENCE_SIDE = 256
+HIGHLIGHT_ROW = "background-color: #fde68a; font-weight: 600"
+UNKNOWN_ROW = "color: #6b7280"
+
+
 def threshold_for_index(engine: Engine, name: str | None) -> dict[str, Any]:
     """The recognition-threshold slider follows the chosen index: a whitened index suggests
     its own threshold (its similarities are on another scale)."""
@@ -152,10 +337,11 @@ def recognize_image(
     use_nms: bool = True,
     nms_iou: float = 0.5,
     request: gr.Request | None = None,
-) -> tuple[Image.Image, pd.DataFrame, str, str]:
-    """Recognise one image; returns (drawn image, table of boxes, timings markdown, JSON file path)."""
+) -> tuple[Image.Image, pd.DataFrame, str, str, list, dict]:
+    """Recognise one image: (drawn image, table of boxes, summary markdown, JSON file path,
+    evidence gallery, state for the highlight handlers)."""
     if image is None:
-        raise ShiTuError("upload, paste or take a picture first")
+        raise ShiTuError(TEXT["en"]["err_no_image"])
     lang = lang_of(request)
     result = engine.recognize(
         image,
@@ -169,29 +355,149 @@ def recognize_image(
     )
     path = _scratch_file("shitu_result.json")
     path.write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
-    return result.render(), result_table(result, lang), timings_markdown(result, lang), str(path)
+    items, owners = evidence(engine, result, lang)
+    state = {"result": result, "owners": owners, "lang": lang}
+    return (
+        result.render(lang=lang),
+        result_table(result, lang),
+        timings_markdown(result, lang),
+        str(path),
+        items,
+        state,
+    )
+
+
+def near_miss(obj: RecognizedObject, threshold: float | None, lang: str) -> str:
+    """``maybe 农夫山泉 0.840 < 0.85`` for an unknown box with a best candidate, else ``""``."""
+    if obj.recognized or obj.candidate is None:
+        return ""
+    label, score, _ = obj.candidate
+    below = f" < {threshold:.2f}" if threshold is not None else ""
+    return _t(lang, "maybe", label=label, score=f"{score:.3f}") + below
+
+
+def answer_text(obj: RecognizedObject, threshold: float | None, lang: str) -> str:
+    if obj.recognized:
+        return str(obj.label)
+    miss = near_miss(obj, threshold, lang)
+    return _t(lang, "unknown") + (f" — {miss}" if miss else "")
 
 
 def result_table(result: Recognition, lang: str = "en") -> pd.DataFrame:
-    """One row per box; unrecognised boxes say so (never ``None``)."""
+    """One row per box: the answer (or ``unknown`` with its near miss), its score, the top-k
+    candidates with those under the threshold marked, and the gallery ids that matched. The
+    detector's own class names stay in the JSON: they are not answers."""
+    threshold = result.rec_threshold
     rows = []
     for n, obj in enumerate(result.objects, start=1):
-        if obj.whole_image:
-            detector = _t(lang, "whole_image_box")
-        else:
-            detector = f"{obj.det_label or '?'} {obj.det_score:.2f}"
+        candidates = obj.candidates or ([obj.candidate] if obj.candidate else [])
+        marked = [
+            f"{label} {score:.3f} " + ("✓" if threshold is None or score >= threshold else "✗")
+            for label, score, _ in candidates
+        ]
         rows.append(
             {
                 _t(lang, "col_box"): n,
-                _t(lang, "col_label"): obj.label if obj.recognized else _t(lang, "unrecognised"),
+                _t(lang, "col_answer"): answer_text(obj, threshold, lang),
                 _t(lang, "col_score"): f"{obj.score:.3f}" if obj.recognized else "—",
-                _t(lang, "col_topk"): "; ".join(f"{lab} {s:.3f}" for lab, s in zip(obj.labels, obj.scores)) or "—",
-                _t(lang, "col_bbox"): ", ".join(str(round(float(v))) for v in obj.bbox),
-                _t(lang, "col_detector"): detector,
+                _t(lang, "col_candidates"): "; ".join(marked) or "—",
+                _t(lang, "col_ids"): ", ".join(f"#{i}" for i in (obj.ids or [c[2] for c in candidates[:1]])) or "—",
             }
         )
-    columns = [_t(lang, k) for k in ("col_box", "col_label", "col_score", "col_topk", "col_bbox", "col_detector")]
+    columns = [_t(lang, k) for k in ("col_box", "col_answer", "col_score", "col_candidates", "col_ids")]
     return pd.DataFrame(rows, columns=columns)
+
+
+def styled_result_table(result: Recognition, lang: str, highlight: int | None = None):
+    """:func:`result_table` with unknown rows greyed and the highlighted box's row marked."""
+    table = result_table(result, lang)
+
+    def style(row: pd.Series) -> list[str]:
+        n = int(row.name)
+        css = HIGHLIGHT_ROW if n == highlight else (UNKNOWN_ROW if not result.objects[n].recognized else "")
+        return [css] * len(row)
+
+    return table.style.apply(style, axis=1)
+
+
+def _crop(image: Any, bbox: tuple[float, float, float, float]) -> Image.Image:
+    """The box's part of an RGB array, a little wider, at most EVIDENCE_SIDE pixels."""
+    picture = Image.fromarray(image) if not isinstance(image, Image.Image) else image
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    pad_x, pad_y = (x2 - x1) * 0.04, (y2 - y1) * 0.04
+    left, top = max(0, int(x1 - pad_x)), max(0, int(y1 - pad_y))
+    right, bottom = min(picture.width, int(x2 + pad_x) + 1), min(picture.height, int(y2 + pad_y) + 1)
+    crop = picture.crop((left, top, max(right, left + 1), max(bottom, top + 1))).convert("RGB")
+    crop.thumbnail((EVIDENCE_SIDE, EVIDENCE_SIDE), Image.Resampling.LANCZOS)
+    return crop
+
+
+def evidence(engine: Engine, result: Recognition, lang: str = "en") -> tuple[list[tuple[Image.Image, str]], list[int]]:
+    """For every box, its own crop and the gallery photos it matched best (label, score and
+    entry id in the caption; those under the threshold marked), so a person can judge the
+    answer. Also returns, per item, the box it belongs to."""
+    if not result.objects:
+        return [], []
+    try:
+        index = engine.index(result.index_name)
+    except ShiTuError:
+        return [], []
+    threshold = result.rec_threshold
+    items: list[tuple[Image.Image, str]] = []
+    owners: list[int] = []
+    for n, obj in enumerate(result.objects):
+        items.append((_crop(result.image, obj.bbox), _t(lang, "ev_query", n=n + 1)))
+        owners.append(n)
+        candidates = obj.candidates or ([obj.candidate] if obj.candidate else [])
+        for label, score, id_ in candidates[:MAX_EVIDENCE_PER_BOX]:
+            try:
+                entry = index.entry(id_)
+            except ShiTuError:  # removed since
+                continue
+            if not entry.thumbnail:
+                continue
+            mark = "✓" if threshold is None or score >= threshold else "✗"
+            caption = f"{n + 1}: {label} {score:.3f} {mark} #{id_}"
+            items.append((Image.open(io.BytesIO(entry.thumbnail)), caption))
+            owners.append(n)
+    return items, owners
+
+
+def _box_at(result: Recognition, x: float, y: float) -> int | None:
+    """The smallest box that contains the point (where a person clicked), if any."""
+    inside = [
+        ((o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]), n)
+        for n, o in enumerate(result.objects)
+        if o.bbox[0] <= x <= o.bbox[2] and o.bbox[1] <= y <= o.bbox[3]
+    ]
+    return min(inside)[1] if inside else None
+
+
+def highlight(state: dict | None, box: int | None):
+    """(drawn image, styled table) with box ``box`` (0-based) emphasised, or unchanged."""
+    if not state or box is None or not (0 <= box < len(state["result"].objects)):
+        return gr.skip(), gr.skip()
+    result, lang = state["result"], state["lang"]
+    return result.render(lang=lang, highlight=box), styled_result_table(result, lang, box)
+
+
+def select_row(state: dict | None, evt: gr.SelectData):
+    """A click on a row of the result table highlights its box on the image."""
+    return highlight(state, evt.index[0] if isinstance(evt.index, (list, tuple)) else None)
+
+
+def select_on_image(state: dict | None, evt: gr.SelectData):
+    """A click on the result image highlights the box under it and its row."""
+    if not state or not isinstance(evt.index, (list, tuple)) or len(evt.index) != 2:
+        return gr.skip(), gr.skip()
+    return highlight(state, _box_at(state["result"], float(evt.index[0]), float(evt.index[1])))
+
+
+def select_evidence(state: dict | None, evt: gr.SelectData):
+    """A click on an evidence photo highlights the box it belongs to."""
+    owners = (state or {}).get("owners") or []
+    i = evt.index if isinstance(evt.index, int) else None
+    return highlight(state, owners[i] if i is not None and 0 <= i < len(owners) else None)
 
 
 def timings_markdown(result: Recognition, lang: str = "en") -> str:
@@ -207,7 +513,45 @@ def timings_markdown(result: Recognition, lang: str = "en") -> str:
         recognised=sum(o.recognized for o in result.objects),
         index=result.index_name,
     )
-    return f"{found}  \n{stages} · **{_t(lang, 'total')} {total:.0f} ms**"
+    threshold = (
+        f" · {_t(lang, 'threshold_used', threshold=f'{result.rec_threshold:.2f}')}" if result.rec_threshold else ""
+    )
+    return f"{found}{threshold}  \n{_t(lang, 'score_meaning')}  \n{stages} · **{_t(lang, 'total')} {total:.0f} ms**"
+
+
+def examples_for(engine: Engine, name: str | None, limit: int = 8) -> list[tuple[Any, str]]:
+    """Example queries that belong to the index being searched: the sample gallery's own query
+    photos, or for any other index a few of its gallery photos, one per label, spread over its
+    labels."""
+    if not name:
+        return []
+    if name == SAMPLE_INDEX:
+        queries = sorted(engine.sample_queries(), key=lambda p: "two_objects" not in p.name)  # the richest first
+        return [(str(p), p.stem.removeprefix("query_").replace("_", " ")) for p in queries[:limit]]
+    try:
+        index = engine.index(name)
+    except ShiTuError:
+        return []
+    first: dict[str, Any] = {}
+    for entry in index.entries:
+        if entry.thumbnail and entry.label not in first:
+            first[entry.label] = entry
+    picks = list(first.values())
+    step = max(1, len(picks) // limit)
+    return [(Image.open(io.BytesIO(e.thumbnail)), f"{e.label} · #{e.id}") for e in picks[::step][:limit]]
+
+
+def show_examples(engine: Engine, name: str | None):
+    """The example gallery for the chosen index."""
+    return examples_for(engine, name)
+
+
+def pick_example(evt: gr.SelectData):
+    """The clicked example becomes the query image."""
+    value = evt.value or {}
+    image = value.get("image") if isinstance(value, dict) else None
+    path = image.get("path") if isinstance(image, dict) else None
+    return path or gr.skip()
 
 
 # --- Build index ----------------------------------------------------------------------------
@@ -219,11 +563,13 @@ def _paths(files: Any) -> list[Path]:
     return [Path(getattr(f, "name", f)) for f in files if f]
 
 
-def gallery_from_uploads(files: Any, label_file: Any = None) -> GalleryBatch:
+def gallery_from_uploads(files: Any, label_file: Any = None, folder_labels: bool = False) -> GalleryBatch:
     """Uploaded images + label file, or one .zip (with or without a label file), as a batch.
 
     A ``.txt`` among the images is taken as the label file when none is given separately.
-    Browsers upload files without their folders, so two files with one name are refused.
+    Browsers upload files without their folders, so two files with one name are refused. A
+    .zip without a label file takes its folder names as labels, numbered folders only when
+    ``folder_labels`` confirms it.
     """
     paths = _paths(files)
     label_path = _paths(label_file)[0] if _paths(label_file) else None
@@ -233,13 +579,13 @@ def gallery_from_uploads(files: Any, label_file: Any = None) -> GalleryBatch:
             label_path = texts[0]
     paths = [p for p in paths if p != label_path]
     if not paths:
-        raise ShiTuError("no gallery files were uploaded: add the images (or one .zip) first")
+        raise ShiTuError(TEXT["en"]["err_no_gallery"])
     label_bytes = _read_upload(label_path) if label_path else None
     zips = [p for p in paths if p.suffix.lower() == ".zip"]
     if zips:
         if len(paths) > 1:
             raise ShiTuError("upload either one .zip or image files, not both")
-        batch = read_zip_gallery(str(zips[0]), label_bytes)
+        batch = read_zip_gallery(str(zips[0]), label_bytes, folder_labels=bool(folder_labels))
     else:
         if label_bytes is None:
             raise ShiTuError("the label file is missing: upload gallery.txt (one `path label` per line)")
@@ -276,7 +622,8 @@ def change_summary(engine: Engine, report: ChangeReport, lang: str = "en", *, bu
     lines.append(_t(lang, "labels_line", labels=shown + (" …" if len(counts) > 40 else "")))
     if report.skipped:
         lines.append(_t(lang, "skipped", n=len(report.skipped)))
-        lines.append("\n".join(_skipped_item(s) for s in report.skipped[:200]))
+        in_order = sorted(report.skipped, key=lambda s: (s.line_no is None, s.line_no or 0))
+        lines.append("\n".join(_skipped_item(s) for s in in_order[:200]))
     else:
         lines.append(_t(lang, "no_skipped"))
     if built:
@@ -302,12 +649,13 @@ def build_index(
     skip_invalid: bool = True,
     overwrite: bool = False,
     whiten: bool = False,
+    folder_labels: bool = False,
     request: gr.Request | None = None,
     progress: gr.Progress = gr.Progress(),
 ) -> tuple[str, dict, dict]:
     """Build a named index from uploads and make it active; returns (summary markdown,
     Recognize index dropdown, Manage index dropdown)."""
-    batch = gallery_from_uploads(files, label_file)
+    batch = gallery_from_uploads(files, label_file, folder_labels)
     report = engine.build(
         name,
         batch,
@@ -329,6 +677,16 @@ def entries_table(engine: Engine, name: str | None, labels: list[str] | None = N
     rows = [(e.id, e.label, e.source) for e in engine.index(name).entries if not wanted or e.label in wanted]
     columns = [_t(lang, "col_id"), _t(lang, "col_label"), _t(lang, "col_source")]
     return pd.DataFrame(rows[:MAX_TABLE_ROWS], columns=columns)
+
+
+def styled_entries(table: pd.DataFrame, selected: list[int]):
+    """The entries table with the selected rows highlighted (all of them, not just the last click)."""
+    chosen = set(selected)
+
+    def style(row: pd.Series) -> list[str]:
+        return [HIGHLIGHT_ROW if int(row.iloc[0]) in chosen else ""] * len(row)
+
+    return table.style.apply(style, axis=1) if chosen else table
 
 
 def previews(engine: Engine, name: str | None, ids: list[int]) -> list[tuple[Image.Image, str]]:
@@ -374,10 +732,11 @@ def _label_choices(engine: Engine, name: str | None) -> dict[str, Any]:
 
 
 def _view(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, lang: str):
-    """(info markdown, entries table, previews) for what the Manage tab shows."""
+    """(info markdown, entries table with the selection highlighted, previews) for the Manage tab."""
     table = entries_table(engine, name, labels, lang)
-    ids = parse_ids(selected or "", allow_empty=True) or [int(i) for i in table.iloc[:, 0].tolist()]  # the id column
-    return index_info(engine, name, lang, shown=len(table)), table, previews(engine, name, ids)
+    chosen = parse_ids(selected or "", allow_empty=True)
+    ids = chosen or [int(i) for i in table.iloc[:, 0].tolist()]  # the id column
+    return index_info(engine, name, lang, shown=len(table)), styled_entries(table, chosen), previews(engine, name, ids)
 
 
 @user_errors
@@ -414,16 +773,45 @@ def clear_selection(engine: Engine, name: str | None, labels: list[str] | None, 
 def toggle_selection(
     engine: Engine, name: str | None, selected: str | None, labels: list[str] | None, evt: gr.SelectData
 ):
-    """A click on a table row adds its id to the selection, or takes it out: (ids text, previews).
-    With nothing selected, the previews show the rows in the table again."""
+    """A click on a table row adds its id to the selection, or takes it out: (ids text, previews,
+    table with every selected row highlighted). With nothing selected, the previews show the
+    rows in the table again."""
     row = evt.row_value or []
     if not row:
-        return selected or "", gr.update()
+        return selected or "", gr.skip(), gr.skip()
     clicked = int(row[0])
     ids = parse_ids(selected or "", allow_empty=True)
     ids = [i for i in ids if i != clicked] if clicked in ids else [*ids, clicked]
-    shown = ids or [int(i) for i in entries_table(engine, name, labels).iloc[:, 0].tolist()]
-    return ", ".join(map(str, ids)), previews(engine, name, shown)
+    table = entries_table(engine, name, labels)
+    shown = ids or [int(i) for i in table.iloc[:, 0].tolist()]
+    return format_ids(ids), previews(engine, name, shown), styled_entries(table, ids)
+
+
+def format_ids(ids: list[int]) -> str:
+    """``1, 2, 3, 7`` as ``1-3, 7``: runs of three or more become ranges (parse_ids reads both)."""
+    parts: list[str] = []
+    run: list[int] = []
+    for id_ in sorted(set(ids)):
+        if run and id_ == run[-1] + 1:
+            run.append(id_)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) >= 3 else ", ".join(map(str, run)))
+        run = [id_]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) >= 3 else ", ".join(map(str, run)))
+    return ", ".join(parts)
+
+
+@user_errors
+def show_selection(
+    engine: Engine, name: str | None, selected: str | None, labels: list[str] | None, request: gr.Request | None = None
+):
+    """Typed ids (lists and ranges such as ``192-197``) are selected as clicks would: (info,
+    table with them highlighted, previews)."""
+    if not name:
+        return gr.skip(), gr.skip(), gr.skip()
+    return _view(engine, name, labels, selected, lang_of(request))
 
 
 @user_errors
@@ -437,7 +825,7 @@ def remove_entries(
     """Remove the selected ids: (status, info, table, previews, selected ids cleared)."""
     ids = parse_ids(selected or "", allow_empty=True)
     if not ids:
-        raise ShiTuError("select rows in the table (or type ids) to remove first")
+        raise ShiTuError(TEXT["en"]["err_select_first"])
     engine.remove(name, ids)
     lang = lang_of(request)
     info, table, thumbs = _view(engine, name, labels, None, lang)
@@ -452,15 +840,39 @@ def add_entries(
     files: Any,
     label_file: Any,
     skip_invalid: bool = True,
+    folder_labels: bool = False,
     request: gr.Request | None = None,
     progress: gr.Progress = gr.Progress(),
 ):
     """Append uploads to an index: (summary, info, table, label filter, previews)."""
-    batch = gallery_from_uploads(files, label_file)
+    batch = gallery_from_uploads(files, label_file, folder_labels)
     report = engine.add(name, batch, skip_invalid=bool(skip_invalid), progress=_progress_callback(progress))
     lang = lang_of(request)
     info, table, thumbs = _view(engine, name, None, None, lang)
     return change_summary(engine, report, lang, built=False), info, table, _label_choices(engine, name), thumbs
+
+
+@user_errors
+def relabel_entries(
+    engine: Engine,
+    name: str | None,
+    selected: str | None,
+    new_label: str,
+    labels: list[str] | None = None,
+    request: gr.Request | None = None,
+):
+    """Give the selected ids a new label: (status, info, table, label filter, previews, selected ids)."""
+    ids = parse_ids(selected or "", allow_empty=True)
+    if not ids:
+        raise ShiTuError(TEXT["en"]["err_select_first"])
+    label = (new_label or "").strip()
+    if not label:
+        raise ShiTuError(TEXT["en"]["err_no_label"])
+    engine.relabel(name, ids, label)
+    lang = lang_of(request)
+    info, table, thumbs = _view(engine, name, None, selected, lang)
+    status = _t(lang, "relabelled", n=len(ids), label=_md(label), ids=format_ids(ids))
+    return status, info, table, _label_choices(engine, name), thumbs, selected
 
 
 @user_errors
@@ -480,7 +892,7 @@ def delete_index(engine: Engine, name: str | None, confirm: bool, request: gr.Re
     if not name:
         raise ShiTuError("no index is selected")
     if not confirm:
-        raise ShiTuError(f"tick the confirmation box to delete {name!r}")
+        raise ShiTuError(TEXT["en"]["err_confirm_delete"])
     engine.delete(name)
     status = _t(lang_of(request), "deleted", name=name)
     return status, _index_dropdown(engine), _index_dropdown(engine), False
@@ -520,14 +932,41 @@ def _version(*dists: str) -> str:
     return "not installed"
 
 
-def _device(engine: Engine) -> str:
+def _device(engine: Engine, lang: str = "en") -> str:
     configured = engine.models().get("device") or "auto"
     try:
         import paddle
 
-        return f"{paddle.device.get_device()} (setting: {configured})"
+        return _t(lang, "device_line", device=paddle.device.get_device(), setting=configured)
     except Exception:  # noqa: BLE001 - the page must render even if paddle cannot say
         return str(configured)
+
+
+def _model_line(info: dict[str, Any], lang: str) -> str:
+    """What runs one stage, in words: the starter pack's converted models by what they are."""
+    source = str(info.get("source"))
+    known = STARTER_MODELS.get(str(info.get("model_dir") or ""), {})
+    what = known.get(lang) or known.get("en")
+    name = f"`{info.get('model_name')}`"
+    if source == "starter" and what:
+        return _t(lang, "starter_model", name=name, what=what)
+    where = f" (`{info['model_dir']}`)" if info.get("model_dir") and source != "official" else ""
+    return f"{name}{where}, {TEXT[lang].get('source_' + source, source)}"
+
+
+def models_banner(engine: Engine, request: gr.Request | None = None) -> str:
+    """One line at the top: which models answer, and what that means for accuracy."""
+    lang = lang_of(request)
+    models = engine.models()
+    sources = {str((models.get(stage) or {}).get("source")) for stage in ("detection", "recognition")}
+    if "starter" in sources:
+        key = "banner_starter"
+    elif sources == {"official"}:
+        key = "banner_official"
+    else:
+        key = "banner_local"
+    rec = (models.get("recognition") or {}).get("model_name")
+    return f'<div class="shitu-banner {key}">{_t(lang, key, model=html.escape(str(rec)))}</div>'
 
 
 @user_errors
@@ -538,19 +977,17 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
     lines = [_t(lang, "models_header")]
     for stage in ("detection", "recognition"):
         info = models.get(stage) or {}
-        where = f" — `{info['model_dir']}`" if info.get("model_dir") else ""
-        lines.append(
-            f"- **{_t(lang, 'stage_' + stage)}**: `{info.get('model_name')}`, "
-            f"{TEXT[lang].get('source_' + str(info.get('source')), info.get('source'))}{where}  \n"
-            f"  {_md(info.get('reason', ''))}"
-        )
+        reason = _md(info.get("reason", ""))
+        if lang != "en" and reason:
+            reason = f"{_t(lang, 'details_en')}{reason}"
+        lines.append(f"- **{_t(lang, 'stage_' + stage)}**: {_model_line(info, lang)}  \n  {reason}")
     versions = {
         "paddlex": _version("paddlex"),
         "paddlepaddle": _version("paddlepaddle", "paddlepaddle-gpu"),
         "faiss": _version("faiss-cpu", "faiss-gpu", "faiss"),
         "gradio": _version("gradio"),
     }
-    lines.append(f"- **{_t(lang, 'device')}**: {_device(engine)}")
+    lines.append(f"- **{_t(lang, 'device')}**: {_device(engine, lang)}")
     lines.append(f"- **{_t(lang, 'versions')}**: " + " · ".join(f"{k} {v}" for k, v in versions.items()))
     lines.append(_t(lang, "indices_header"))
     lines.extend(_download_lines(engine.model_download_status(), lang))
@@ -613,18 +1050,27 @@ def _download_lines(status: dict[str, Any], lang: str) -> list[str]:
 
 
 def refresh_models(engine: Engine, request: gr.Request | None = None):
-    """Timer tick while a download runs: (models markdown, timer on/off)."""
+    """Timer tick while a download runs: (models markdown, timer on/off, banner)."""
     running = bool(engine.model_download_status().get("running"))
-    return models_markdown(engine, request), gr.Timer(active=running)
+    return models_markdown(engine, request), gr.Timer(active=running), models_banner(engine, request)
 
 
 @user_errors
 def switch_model(engine: Engine, model_name: str, request: gr.Request | None = None):
-    """Switch the recognition model: (models markdown, recognition threshold slider)."""
+    """Switch the recognition model: (models markdown, recognition threshold slider, banner)."""
     if model_name not in REC_MODELS:
         raise ShiTuError(f"unknown recognition model {model_name!r}")
     engine.switch_recognition_model(model_name)
-    return models_markdown(engine, request), gr.update(value=engine.default_rec_threshold)
+    return (
+        models_markdown(engine, request),
+        gr.update(value=engine.default_rec_threshold),
+        models_banner(engine, request),
+    )
+
+
+def active_rec_model(engine: Engine) -> str:
+    """The recognition model that really runs (what the model dropdown must show)."""
+    return str(engine.models()["recognition"]["model_name"])
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -683,16 +1129,23 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
     def change(fn: Callable) -> Callable:  # a handler that changes something: sign-in may be needed
         return access.guard(_bind(fn, engine))
 
-    example_paths = engine.sample_queries()
-    example_paths = sorted(example_paths, key=lambda p: "two_objects" not in p.name)  # the richest first
+    def soft(fn: Callable, outputs: list, status: Any = None, on_error: Callable | None = None) -> Callable:
+        return soft_errors(fn, len(outputs), status=outputs.index(status) if status is not None else None,
+                           on_error=on_error)  # fmt: skip
+
+    def with_progress(fn: Callable, outputs: list, bar: Any) -> Callable:
+        """A long job: its progress streams to ``bar``, a user error lands there and in a toast."""
+        return soft(live_progress(fn, len(outputs), outputs.index(bar)), outputs, bar)
+
     config = engine.config
     names = engine.index_names()
     default = engine.settings.default_index
     active = default if default in names else (names[0] if names else None)
 
-    with gr.Blocks(title="PP-ShiTuV2 Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(I18N("title"))
-        gr.Markdown(I18N("intro"))
+    with gr.Blocks(title="ShiTu Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        with gr.Row(elem_id="header"):
+            gr.Markdown(I18N("title"), elem_id="title")
+        banner = gr.HTML(elem_id="models-banner")
         if access.policy.restricted and not access.policy.token:
             gr.Markdown(I18N("read_only_notice"), elem_id="read-only-notice")
         elif access.policy.restricted:
@@ -702,32 +1155,40 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                     sign_in_btn = gr.Button(I18N("sign_in_btn"), scale=1)
                     sign_out_btn = gr.Button(I18N("sign_out_btn"), scale=1)
                 sign_in_status = gr.Markdown(elem_id="sign-in-status")
-            sign_in_btn.click(access.sign_in, password, sign_in_status, api_name="sign_in")
-            password.submit(access.sign_in, password, sign_in_status, api_visibility="private")
+            sign_in_btn.click(soft(access.sign_in, [sign_in_status]), password, sign_in_status, api_name="sign_in")
+            password.submit(soft(access.sign_in, [sign_in_status]), password, sign_in_status, api_visibility="private")
             sign_out_btn.click(access.sign_out, None, sign_in_status, api_name="sign_out")
-        with gr.Tabs():
+        with gr.Tabs(elem_id="tabs"):
             # ---------------------------------------------------------------- Recognize
             with gr.Tab(I18N("tab_recognize"), id="recognize") as tab_recognize:
-                with gr.Row():
-                    with gr.Column(scale=1):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=300):
                         query = gr.Image(
                             label=I18N("query_image"),
                             sources=["upload", "webcam", "clipboard"],
                             type="numpy",
-                            height=360,
+                            height=320,
                             elem_id="query-image",
                         )
-                        rec_index = gr.Dropdown(names, value=active, label=I18N("index_to_search"), elem_id="rec-index")
-                        recognize_btn = gr.Button(I18N("recognize_btn"), variant="primary")
-                        with gr.Accordion(I18N("options"), open=False):
-                            det_threshold = gr.Slider(
-                                0.05,
-                                0.95,
-                                value=engine.default_det_threshold,
-                                step=0.01,
-                                label=I18N("det_threshold"),
-                                info=I18N("det_threshold_info"),
+                        with gr.Row():
+                            rec_index = gr.Dropdown(
+                                names, value=active, label=I18N("index_to_search"), elem_id="rec-index", scale=3
                             )
+                            recognize_btn = gr.Button(
+                                I18N("recognize_btn"), variant="primary", scale=2, elem_id="recognize-btn"
+                            )
+                        rec_status = gr.HTML(elem_id="rec-status")
+                        examples = gr.Gallery(
+                            examples_for(engine, active),
+                            label=I18N("examples"),
+                            columns=4,
+                            rows=1,
+                            height="auto",
+                            object_fit="contain",
+                            allow_preview=False,
+                            elem_id="examples",
+                        )
+                        with gr.Accordion(I18N("options"), open=False):
                             rec_threshold = gr.Slider(
                                 0.0,
                                 1.0,
@@ -737,6 +1198,14 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                                 info=I18N("rec_threshold_info"),
                             )
                             topk = gr.Slider(1, 10, value=config.rec_topk, step=1, label=I18N("topk"))
+                            det_threshold = gr.Slider(
+                                0.05,
+                                0.95,
+                                value=engine.default_det_threshold,
+                                step=0.01,
+                                label=I18N("det_threshold"),
+                                info=I18N("det_threshold_info"),
+                            )
                             whole_image = gr.Radio(
                                 list(WHOLE_IMAGE_MODES),
                                 value=config.whole_image,
@@ -747,23 +1216,33 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                             nms_iou = gr.Slider(
                                 0.05, 0.95, value=config.nms_iou or 0.5, step=0.05, label=I18N("nms_iou")
                             )
-                    with gr.Column(scale=1):
-                        result_image = gr.Image(
-                            label=I18N("result_image"),
-                            type="pil",
-                            format="jpeg",
-                            interactive=False,
-                            height=420,
-                            elem_id="result-image",
-                        )
-                        timings = gr.Markdown(elem_id="timings")
-                        result_json = gr.File(label=I18N("result_json"), interactive=False, height=60)
-                examples = gr.Examples(
-                    [[str(p)] for p in example_paths], inputs=[query], label=I18N("examples"), examples_per_page=8
-                )
-                result_table_df = gr.Dataframe(
-                    label=I18N("result_table"), interactive=False, wrap=True, elem_id="result-table"
-                )
+                    with gr.Column(scale=1, min_width=300):
+                        rec_hint = gr.Markdown(I18N("results_hint"), elem_id="results-hint")
+                        with gr.Column(visible=False, elem_id="results") as results_box:
+                            result_image = gr.Image(
+                                label=I18N("result_image"),
+                                show_label=False,
+                                type="pil",
+                                format="jpeg",
+                                interactive=False,
+                                buttons=[],  # nothing over the drawn captions; the JSON and a long press remain
+                                height=440,
+                                elem_id="result-image",
+                            )
+                            timings = gr.Markdown(elem_id="timings")
+                            evidence_gallery = gr.Gallery(
+                                label=I18N("evidence"),
+                                columns=4,
+                                height="auto",
+                                object_fit="contain",
+                                allow_preview=False,
+                                elem_id="evidence",
+                            )
+                            result_table_df = gr.Dataframe(
+                                label=I18N("result_table"), interactive=False, wrap=True, elem_id="result-table"
+                            )
+                            result_json = gr.File(label=I18N("result_json"), interactive=False, height=60)
+                rec_state = gr.State()
             # ---------------------------------------------------------------- Build index
             with gr.Tab(I18N("tab_build"), id="build"):
                 gr.Markdown(I18N("build_help"))
@@ -772,14 +1251,14 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                         label=I18N("gallery_files"),
                         file_count="multiple",
                         file_types=["image", ".zip", ".txt"],
-                        height=220,
+                        height=200,
                         elem_id="build-files",
                     )
                     build_labels = gr.File(
                         label=I18N("label_file"),
                         file_count="single",
                         file_types=[".txt"],
-                        height=220,
+                        height=200,
                         elem_id="build-labels",
                     )
                 with gr.Row():
@@ -792,7 +1271,9 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                     build_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))
                     build_overwrite = gr.Checkbox(value=False, label=I18N("overwrite"))
                     build_whiten = gr.Checkbox(value=False, label=I18N("whiten"))
+                    build_folders = gr.Checkbox(value=False, label=I18N("folder_labels"))
                 build_btn = gr.Button(I18N("build_btn"), variant="primary", elem_id="build-btn")
+                build_progress = gr.HTML(elem_id="build-progress")
                 build_summary = gr.Markdown(elem_id="build-summary")
             # ---------------------------------------------------------------- Manage index
             with gr.Tab(I18N("tab_manage"), id="manage") as tab_manage:
@@ -810,12 +1291,21 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                         )
                     with gr.Column(scale=2):
                         thumbs = gr.Gallery(
-                            label=I18N("previews"), columns=4, height=420, allow_preview=True, elem_id="previews"
+                            label=I18N("previews"),
+                            columns=4,
+                            height=420,
+                            object_fit="contain",
+                            allow_preview=True,
+                            elem_id="previews",
                         )
                 with gr.Row():
                     selected = gr.Textbox(label=I18N("selected_ids"), max_lines=1, scale=4, elem_id="selected-ids")
                     remove_btn = gr.Button(I18N("remove_btn"), variant="stop", scale=1, elem_id="remove-btn")
                     clear_btn = gr.Button(I18N("clear_btn"), scale=1)
+                with gr.Row():
+                    new_label = gr.Textbox(label=I18N("new_label"), max_lines=1, scale=4, elem_id="new-label")
+                    relabel_btn = gr.Button(I18N("relabel_btn"), scale=2, elem_id="relabel-btn")
+                manage_progress = gr.HTML(elem_id="manage-progress")
                 manage_status = gr.Markdown(elem_id="manage-status")
                 with gr.Accordion(I18N("add_section"), open=False):
                     with gr.Row():
@@ -826,15 +1316,19 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                             height=160,
                         )
                         add_labels = gr.File(label=I18N("label_file"), file_types=[".txt"], height=160)
-                    add_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))
+                    with gr.Row():
+                        add_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))
+                        add_folders = gr.Checkbox(value=False, label=I18N("folder_labels"))
                     add_btn = gr.Button(I18N("add_btn"), variant="primary")
                 with gr.Accordion(I18N("rename_section"), open=False):
                     with gr.Row():
                         new_name = gr.Textbox(label=I18N("new_name"), max_lines=1)
                         rename_btn = gr.Button(I18N("rename_btn"))
                     with gr.Row():
-                        confirm_delete = gr.Checkbox(value=False, label=I18N("confirm_delete"))
-                        delete_btn = gr.Button(I18N("delete_btn"), variant="stop")
+                        confirm_delete = gr.Checkbox(
+                            value=False, label=I18N("confirm_delete"), elem_id="confirm-delete"
+                        )
+                        delete_btn = gr.Button(I18N("delete_btn"), variant="stop", elem_id="delete-btn")
                 with gr.Accordion(I18N("transfer_section"), open=False):
                     with gr.Row():
                         export_btn = gr.Button(I18N("export_btn"))
@@ -851,42 +1345,52 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                 with gr.Row():
                     rec_model = gr.Dropdown(
                         list(REC_MODELS),
-                        value=config.recognition.model_name,
+                        value=active_rec_model(engine),
                         label=I18N("rec_model"),
                         info=I18N("switch_info"),
                         scale=3,
+                        elem_id="rec-model",
                     )
                     switch_btn = gr.Button(I18N("switch_btn"), scale=1)
                 gr.Markdown(recognition_models_table(engine), elem_id="rec-models-table")
 
         # ---------------------------------------------------------------- events
         rec_inputs = [query, rec_index, det_threshold, rec_threshold, topk, whole_image, use_nms, nms_iou]
-        rec_outputs = [result_image, result_table_df, timings, result_json]
-        recognize_btn.click(bind(recognize_image), rec_inputs, rec_outputs, api_name="recognize")
-        examples.load_input_event.then(bind(recognize_image), rec_inputs, rec_outputs, api_visibility="undocumented")
+        rec_outputs = [result_image, result_table_df, timings, result_json, evidence_gallery, rec_state,
+                       results_box, rec_hint, rec_status]  # fmt: skip
+
+        def recognize_and_show(*args: Any, **kwargs: Any) -> tuple:
+            return (*bind(recognize_image)(*args, **kwargs), gr.update(visible=True), gr.update(visible=False), "")
+
+        recognize_and_show.__signature__ = inspect.signature(bind(recognize_image))  # type: ignore[attr-defined]
+        recognize = soft(recognize_and_show, rec_outputs, rec_status)
+        recognize_btn.click(recognize, rec_inputs, rec_outputs, api_name="recognize")
+        examples.select(pick_example, None, query, api_visibility="private").then(
+            recognize, rec_inputs, rec_outputs, api_visibility="private"
+        )
+        result_table_df.select(select_row, rec_state, [result_image, result_table_df], api_visibility="private")
+        result_image.select(select_on_image, rec_state, [result_image, result_table_df], api_visibility="private")
+        evidence_gallery.select(select_evidence, rec_state, [result_image, result_table_df], api_visibility="private")
         # index choices are per visitor: refreshing the list keeps this visitor's choice
         keep = lambda current: _index_dropdown(engine, current)  # noqa: E731
         tab_recognize.select(keep, rec_index, rec_index, api_visibility="private")
         rec_index.change(bind(threshold_for_index), rec_index, rec_threshold, api_visibility="private")
+        rec_index.change(bind(show_examples), rec_index, examples, api_visibility="private")
 
+        build_outputs = [build_summary, rec_index, manage_index, build_progress]
         build_btn.click(
-            change(build_index),
-            [
-                build_files,
-                build_labels,
-                build_name,
-                build_type,
-                build_metric,
-                build_skip,
-                build_overwrite,
-                build_whiten,
-            ],
-            [build_summary, rec_index, manage_index],
+            with_progress(change(build_index), build_outputs, build_progress),
+            [build_files, build_labels, build_name, build_type, build_metric, build_skip, build_overwrite,
+             build_whiten, build_folders],
+            build_outputs,
             api_name="build_index",
-        )
+            show_progress="hidden",
+            concurrency_limit=1,
+            concurrency_id="index-jobs",
+        )  # fmt: skip
 
         view_outputs = [info, entries, label_filter, thumbs, selected]
-        open_event = dict(fn=bind(open_index), inputs=manage_index, outputs=view_outputs)
+        open_event = dict(fn=soft(bind(open_index), view_outputs), inputs=manage_index, outputs=view_outputs)
         manage_index.input(**open_event, api_name="open_index")
         refresh_btn.click(keep, manage_index, manage_index, api_visibility="private").then(
             **open_event, api_visibility="private"
@@ -894,60 +1398,112 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         tab_manage.select(keep, manage_index, manage_index, api_visibility="private").then(
             **open_event, api_visibility="private"
         )
+        filter_outputs = [info, entries, thumbs]
         label_filter.input(
-            bind(filter_entries),
+            soft(bind(filter_entries), filter_outputs),
             [manage_index, label_filter, selected],
-            [info, entries, thumbs],
+            filter_outputs,
             api_name="filter_entries",
         )
+        toggle_outputs = [selected, thumbs, entries]
         entries.select(
-            bind(toggle_selection), [manage_index, selected, label_filter], [selected, thumbs], api_visibility="private"
+            soft(bind(toggle_selection), toggle_outputs),
+            [manage_index, selected, label_filter],
+            toggle_outputs,
+            api_visibility="private",
+            show_progress="hidden",
         )
+        selection_outputs = [info, entries, thumbs]
+        selected.submit(
+            soft(bind(show_selection), selection_outputs),
+            [manage_index, selected, label_filter],
+            selection_outputs,
+            api_visibility="private",
+        )
+        clear_outputs = [selected, info, entries, thumbs]
         clear_btn.click(
-            bind(clear_selection),
+            soft(bind(clear_selection), clear_outputs),
             [manage_index, label_filter],
-            [selected, info, entries, thumbs],
+            clear_outputs,
             api_name="clear_selection",
         )
+        remove_outputs = [manage_status, info, entries, thumbs, selected]
         remove_btn.click(
-            change(remove_entries),
+            soft(change(remove_entries), remove_outputs, manage_status),
             [manage_index, selected, label_filter],
-            [manage_status, info, entries, thumbs, selected],
+            remove_outputs,
             api_name="remove_entries",
         )
-        add_btn.click(
-            change(add_entries),
-            [manage_index, add_files, add_labels, add_skip],
-            [manage_status, info, entries, label_filter, thumbs],
-            api_name="add_entries",
+        relabel_outputs = [manage_status, info, entries, label_filter, thumbs, selected]
+        relabel_btn.click(
+            soft(change(relabel_entries), relabel_outputs, manage_status),
+            [manage_index, selected, new_label, label_filter],
+            relabel_outputs,
+            api_name="relabel_entries",
         )
+        add_outputs = [manage_status, info, entries, label_filter, thumbs, manage_progress]
+        add_btn.click(
+            with_progress(change(add_entries), add_outputs, manage_progress),
+            [manage_index, add_files, add_labels, add_skip, add_folders],
+            add_outputs,
+            api_name="add_entries",
+            show_progress="hidden",
+            concurrency_limit=1,
+            concurrency_id="index-jobs",
+        )
+        rename_outputs = [manage_status, manage_index, rec_index]
         rename_btn.click(
-            change(rename_index),
+            soft(change(rename_index), rename_outputs, manage_status),
             [manage_index, new_name],
-            [manage_status, manage_index, rec_index],
+            rename_outputs,
             api_name="rename_index",
         ).success(**open_event, api_visibility="private")
+        delete_outputs = [manage_status, manage_index, rec_index, confirm_delete]
         delete_btn.click(
-            change(delete_index),
+            soft(change(delete_index), delete_outputs, manage_status),
             [manage_index, confirm_delete],
-            [manage_status, manage_index, rec_index, confirm_delete],
+            delete_outputs,
             api_name="delete_index",
         ).success(**open_event, api_visibility="private")
-        export_btn.click(change(export_index), manage_index, [manage_status, download_btn], api_name="export_index")
+        export_outputs = [manage_status, download_btn]
+        export_btn.click(
+            soft(change(export_index), export_outputs, manage_status),
+            manage_index,
+            export_outputs,
+            api_name="export_index",
+        )
+        import_outputs = [manage_status, manage_index, rec_index, manage_progress]
         import_btn.click(
-            change(import_index),
+            with_progress(change(import_index), import_outputs, manage_progress),
             [import_file, import_name, import_overwrite],
-            [manage_status, manage_index, rec_index],
+            import_outputs,
             api_name="import_index",
+            show_progress="hidden",
         ).success(**open_event, api_visibility="private")
 
         tab_models.select(bind(models_markdown), None, models_md, api_visibility="private")
         # while official weights download in the background, the Models tab shows their progress
         download_timer = gr.Timer(2.0, active=bool(engine.model_download_status().get("running")))
-        download_timer.tick(bind(refresh_models), None, [models_md, download_timer], api_visibility="private")
-        switch_btn.click(change(switch_model), rec_model, [models_md, rec_threshold], api_name="switch_model")
+        download_timer.tick(bind(refresh_models), None, [models_md, download_timer, banner], api_visibility="private")
+        switch_outputs = [models_md, rec_threshold, banner, rec_model]
+
+        def put_back_model(outputs: list, _request: Any) -> list:  # a failed switch changes nothing
+            outputs[-1] = gr.update(value=active_rec_model(engine))
+            return outputs
+
+        def switch_and_show(*args: Any, **kwargs: Any) -> tuple:
+            return (*change(switch_model)(*args, **kwargs), gr.skip())
+
+        switch_and_show.__signature__ = inspect.signature(change(switch_model))  # type: ignore[attr-defined]
+        switch_btn.click(
+            soft(switch_and_show, switch_outputs, on_error=put_back_model),
+            rec_model,
+            switch_outputs,
+            api_name="switch_model",
+        )
 
         demo.load(bind(models_markdown), None, models_md, api_visibility="private")
+        demo.load(bind(models_banner), None, banner, api_visibility="private")
         if active:
             demo.load(**open_event, api_visibility="private")
     return demo

@@ -14,8 +14,12 @@ from PIL import Image
 
 from shitu.errors import ShiTuError, TooLarge
 from shitu.gallery import (
+    GalleryBatch,
+    SkippedLine,
     check_image_bytes,
+    in_line_order,
     load_image,
+    make_thumbnail,
     pairs_from_uploads,
     parse_label_lines,
     read_label_file,
@@ -89,6 +93,88 @@ def test_zip_folders_as_labels():
     batch = read_zip_gallery(buf.getvalue())
     assert sorted((i.source, i.label) for i in batch.items) == [("cola/1.jpg", "cola"), ("tea/2.png", "tea")]
     assert [s.source for s in batch.skipped] == ["loose.jpg"]
+
+
+def numbered_zip(*folders: str) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for n, folder in enumerate(folders):
+            zf.writestr(f"{folder}/{n}.jpg", jpeg())
+    return buf.getvalue()
+
+
+def test_zip_with_numbered_folders_and_no_label_file_is_refused():
+    with pytest.raises(ShiTuError) as info:
+        read_zip_gallery(numbered_zip("109", "0", "1", "2", "10"))
+    assert info.value.message == (
+        "the .zip has no label file, and its folders are numbered (0, 1, 2, …), not named: add a label file "
+        '(one "path label" per line) or confirm that the folder numbers are the labels'
+    )
+    with pytest.raises(ShiTuError, match=r"folders are numbered \(7\), not named"):
+        read_zip_gallery(numbered_zip("cola", "7"))  # one numbered folder among named ones is enough
+
+
+def test_zip_numbered_folders_are_labels_when_confirmed():
+    batch = read_zip_gallery(numbered_zip("0", "109", "cola"), folder_labels=True)
+    assert sorted((i.source, i.label) for i in batch.items) == [
+        ("0/0.jpg", "0"),
+        ("109/1.jpg", "109"),
+        ("cola/2.jpg", "cola"),
+    ]
+
+
+def test_zip_named_folders_need_no_confirmation():
+    batch = read_zip_gallery(numbered_zip("可乐", "green tea", "7up", "100plus"))
+    assert sorted(i.label for i in batch.items) == ["100plus", "7up", "green tea", "可乐"]
+
+
+def test_zip_numbered_folders_with_a_label_file_are_fine():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("gallery.txt", "0/a.jpg cola\n")
+        zf.writestr("0/a.jpg", jpeg())
+    assert [i.label for i in read_zip_gallery(buf.getvalue()).items] == ["cola"]
+
+
+def test_skipped_lines_are_in_line_order(tmp_path):
+    """Lines without a label are found while parsing, missing images later: listed by line."""
+    text = "missing1.jpg cola\nnolabel.jpg\nmissing3.jpg tea\n#\nnolabel5.jpg\n"
+    (tmp_path / "g.txt").write_text(text, "utf-8")
+    assert [s.line_no for s in read_label_file(tmp_path / "g.txt").skipped] == [1, 2, 3, 5]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("g.txt", text)
+    assert [s.line_no for s in read_zip_gallery(buf.getvalue()).skipped] == [1, 2, 3, 5]
+    assert [s.line_no for s in pairs_from_uploads([], text).skipped] == [1, 2, 3, 5]
+    batch = GalleryBatch(skipped=[SkippedLine(3, "c", "x"), SkippedLine(None, "z", "y"), SkippedLine(1, "a", "x")])
+    with pytest.raises(ShiTuError, match=r"line 1: x; line 3: x; z: y"):
+        batch.require_clean()
+    assert [s.line_no for s in in_line_order(batch.skipped)] == [1, 3, None]
+
+
+@pytest.mark.parametrize("size", [(640, 480), (300, 1200), (150, 100), (4032, 3024)])
+def test_thumbnails_show_the_whole_image_fitted_in_a_square(size):
+    """Never cropped: the aspect ratio is kept; shrunk to fit 224 px, small images not enlarged."""
+    width, height = size
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[:, :] = (40, 90, 200)
+    f = max(4, max(width, height) // 40)  # a frame a few thumbnail pixels wide: all of it only if uncropped
+    rgb[:f, :] = rgb[-f:, :] = rgb[:, :f] = rgb[:, -f:] = (250, 250, 0)
+    data = make_thumbnail(rgb)
+    thumb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    th, tw = thumb.shape[:2]
+    scale = min(224 / max(width, height), 1)
+    assert max(tw, th) == round(max(width, height) * scale)
+    assert abs(tw / th - width / height) < 0.02 * width / height + 1 / min(tw, th)
+    for edge in (thumb[0], thumb[-1], thumb[:, 0], thumb[:, -1]):
+        assert edge[:, :2].mean() > 150 and edge[:, 2].mean() < 130, "the frame survives on every side"
+    assert len(data) <= 15 << 10
+
+
+def test_busy_thumbnails_stay_modest():
+    noise = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)  # worst case for JPEG
+    data = make_thumbnail(noise)
+    assert Image.open(io.BytesIO(data)).size == (224, 224) and len(data) < 40 << 10
 
 
 def test_not_a_zip():

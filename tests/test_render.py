@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +12,23 @@ from PIL import Image
 
 from shitu.render import (
     CJK_FONT_CANDIDATES,
+    DISPLAY_SIDE,
     PALETTE,
     UNRECOGNISED_COLOR,
     _font,
+    _overlaps,
     box_thickness,
     caption,
     color_for,
     contrast_ratio,
-    corner_badge,
+    dimmed,
     draw_objects,
     find_cjk_font,
     label_font_size,
     layout_label,
     text_color_for,
 )
-from shitu.results import RecognizedObject
+from shitu.results import Recognition, RecognizedObject
 
 
 def glyph(text: str, font) -> np.ndarray:
@@ -67,15 +70,18 @@ def label_with_color(color) -> str:
 
 
 @pytest.mark.parametrize("size", [(4032, 3024), (3024, 4032), (1920, 1080), (640, 480), (300, 200), (160, 120)])
-def test_captions_are_legible_when_shrunk_to_a_phone(size):
-    """Shrunk to fit 400 px (a phone, the UI's result box), caption text stays about 12 px+."""
+def test_captions_are_legible_when_fitted_to_a_phone(size):
+    """Fitted in a phone's 360 x 360 box, the caption font is about 16 px (15 px at least)."""
     width, height = size
-    shown = 400 / max(width, height)
-    assert label_font_size(width, height) * min(shown, 1) >= 12  # small images are shown unscaled
+    assert DISPLAY_SIDE == 360
+    shown = min(360 / max(width, height), 1)  # small images are shown unscaled
     layout = layout_label(
         "可乐 cola 0.91", (width // 4, height // 2, width // 2, height - 1), PALETTE[0], width, height
     )
-    assert (layout.rect[3] - layout.rect[1]) * min(shown, 1) >= 15
+    assert layout.font_size * shown >= 15 and layout.font_size == label_font_size(width, height)
+    assert (layout.rect[3] - layout.rect[1]) * shown >= 18, "the caption's band, padding included"
+    if max(width, height) >= 360:
+        assert layout.font_size * shown <= 17, "not needlessly large either"
 
 
 @pytest.mark.parametrize("fill", [*PALETTE, UNRECOGNISED_COLOR])
@@ -96,19 +102,25 @@ def test_light_box_gets_dark_caption_text():
     assert len(text) and text.mean() < 80, "dark text on a light box"
 
 
-def test_whole_image_caption_stays_inside_and_clear_of_the_corner_badge():
-    width, height = 640, 480
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (4032, 3024), (300, 200)])
+def test_whole_image_caption_is_inside_at_the_top_left_and_fully_drawn(size):
+    width, height = size
     image = np.full((height, width, 3), 255, np.uint8)
-    whole = obj((0, 0, width, height), "可乐 cola")
-    drawn = np.asarray(draw_objects(image, [whole]))
+    whole = obj((0, 0, width, height), label_with_color(PALETTE[2]))
+    drawn = np.asarray(draw_objects(image, [whole])).astype(int)
     t = box_thickness(width, height)
-    _, _, badge_w, badge_h = corner_badge(width, height)
-    assert (drawn[t + 1 : badge_h, t + 1 : badge_w] == 255).all(), "nothing but the outline under the badge"
-    layout = layout_label(caption(whole), (0, 0, width - 1, height - 1), color_for("可乐 cola"), width, height)
+    layout = layout_label(caption(whole), (0, 0, width - 1, height - 1), PALETTE[2], width, height)
     x1, y1, x2, y2 = layout.rect
-    assert 0 < x1 < x2 <= width and badge_h <= y1 < y2 <= height
-    assert y1 < height / 4, "still near the box's corner"
-    assert (drawn[y1:y2, x1:x2] != 255).any()
+    assert (x1, y1) == (t, t), "just inside the outline, at the image's top-left"
+    assert x2 <= width and y2 <= height
+    band = drawn[y1:y2, x1:x2]
+    # every edge of the caption is drawn (its border, in the text colour), so none is cut off
+    for edge in (band[0], band[-1], band[:, 0], band[:, -1]):
+        assert (np.abs(edge - layout.text_color).sum(axis=-1) < 60).all()
+    inner = band[layout.border_width : -layout.border_width, layout.border_width : -layout.border_width]
+    is_fill = np.abs(inner - PALETTE[2]).sum(axis=-1) < 60
+    assert is_fill.mean() > 0.5 and (~is_fill).any(), "a filled caption with text on it"
+    assert (drawn[y2 + 2 : y2 + 20, x1 + 2 : x2 - 2] == 255).all(), "nothing else drawn below it"
 
 
 @pytest.mark.parametrize(
@@ -119,6 +131,99 @@ def test_captions_are_kept_inside_the_image(bbox):
         "a rather long product name 0.99", tuple(int(max(0, min(v, 639))) for v in bbox), PALETTE[2], 640, 480
     ).rect
     assert 0 <= x1 < x2 <= 640 and 0 <= y1 < y2 <= 480
+
+
+def test_unknown_box_shows_its_near_miss_in_both_languages():
+    miss = RecognizedObject(bbox=(10, 10, 90, 90), det_score=0.7, candidate=("农夫山泉", 0.8412, 3))
+    assert caption(miss, threshold=0.85) == "unknown · maybe 农夫山泉 0.84 < 0.85"
+    assert caption(miss, lang="zh", threshold=0.85) == "未知 · 可能是 农夫山泉 0.84 < 0.85"
+    assert caption(miss, lang="zh-CN") == caption(miss, lang="zh", threshold=None) == "未知 · 可能是 农夫山泉 0.84"
+    assert caption(miss) == "unknown · maybe 农夫山泉 0.84", "no threshold known: no '<'"
+    close = RecognizedObject(bbox=(10, 10, 90, 90), det_score=0.7, candidate=("cola", 0.8496, 3))
+    # 0.8496 would show as "0.85 < 0.85": as many decimals as it takes to tell them apart
+    assert caption(close, threshold=0.85) == "unknown · maybe cola 0.8496 < 0.8500"
+    nothing = RecognizedObject(bbox=(10, 10, 90, 90), det_score=0.7)
+    assert caption(nothing, threshold=0.85) == "unknown" and caption(nothing, lang="zh") == "未知"
+
+
+def test_near_miss_caption_is_what_is_drawn_and_the_box_is_grey():
+    width, height = 400, 300
+    image = np.full((height, width, 3), 255, np.uint8)
+    miss = RecognizedObject(bbox=(100, 120, 300, 280), det_score=0.7, candidate=("农夫山泉", 0.84, 3))
+    drawn = np.asarray(draw_objects(image, [miss], lang="zh", threshold=0.85)).astype(int)
+    assert (drawn[200, 100] == UNRECOGNISED_COLOR).all(), "greyed outline"
+    layout = layout_label("未知 · 可能是 农夫山泉 0.84 < 0.85", (100, 120, 300, 280), UNRECOGNISED_COLOR, width, height)
+    shorter = layout_label("未知", (100, 120, 300, 280), UNRECOGNISED_COLOR, width, height)
+    x1, y1, x2, y2 = layout.rect
+    assert x2 - x1 > 2 * (shorter.rect[2] - shorter.rect[0]), "the near miss makes a longer caption"
+    band = drawn[y1:y2, x1:x2]
+    assert (np.abs(band - UNRECOGNISED_COLOR).sum(axis=-1) < 30).mean() > 0.5, "drawn where laid out"
+    assert (drawn[y1 + 2 : y2 - 2, x2 - 8 : x2 - 2] != 255).any(), "drawn to its full width"
+
+
+def test_the_detectors_class_name_is_never_drawn():
+    image = np.full((200, 300, 3), 255, np.uint8)
+    known = obj((10, 40, 120, 190), "cola")
+    unknown = RecognizedObject(bbox=(150, 40, 290, 190), det_score=0.6, candidate=("tea", 0.5, 1))
+    named = [replace(o, det_label="bottle") for o in (known, unknown)]  # the same, with the detector's class
+    for plain, with_name in zip((known, unknown), named):
+        assert "bottle" not in caption(with_name, threshold=0.6)
+        assert caption(with_name, threshold=0.6) == caption(plain, threshold=0.6)
+    assert np.array_equal(
+        np.asarray(draw_objects(image, named, threshold=0.6)),
+        np.asarray(draw_objects(image, [known, unknown], threshold=0.6)),
+    )
+
+
+def test_highlight_thickens_one_box_and_fades_the_others():
+    width, height = 600, 400
+    image = np.full((height, width, 3), 255, np.uint8)
+    a_color, b_color = PALETTE[0], PALETTE[2]
+    a = obj((50, 100, 250, 350), label_with_color(a_color))
+    b = obj((350, 100, 550, 350), label_with_color(b_color))
+    t = box_thickness(width, height)
+    plain = np.asarray(draw_objects(image, [a, b])).astype(int)
+    lit = np.asarray(draw_objects(image, [a, b], highlight=1)).astype(int)  # index into the list given
+
+    def outline_width(drawn: np.ndarray, x: int, color) -> int:
+        """How many pixels of ``color`` run right from the box's left edge at mid-height."""
+        row = drawn[225, x : x + 40]
+        return int(np.argmax(np.abs(row - color).sum(axis=-1) > 30))
+
+    assert outline_width(plain, 350, b_color) == t and outline_width(lit, 350, b_color) == 2 * t
+    assert outline_width(plain, 50, a_color) == t
+    assert (lit[225, 50] == dimmed(a_color)).all() and outline_width(lit, 50, dimmed(a_color)) < t
+    assert contrast_ratio(dimmed(a_color), (255, 255, 255)) < contrast_ratio(a_color, (255, 255, 255))
+    assert not np.array_equal(lit[:, :300], plain[:, :300]), "the other box (and its caption) changed"
+    # out of range: nothing highlighted; the order is the list's, not the drawing order
+    assert np.array_equal(np.asarray(draw_objects(image, [a, b], highlight=7)), plain)
+    first = np.asarray(draw_objects(image, [a, b], highlight=0)).astype(int)
+    assert outline_width(first, 50, a_color) == 2 * t
+
+
+def test_recognition_render_passes_its_threshold_language_and_highlight():
+    image = np.full((300, 400, 3), 255, np.uint8)
+    miss = RecognizedObject(bbox=(100, 120, 300, 280), det_score=0.7, candidate=("农夫山泉", 0.84, 3))
+    result = Recognition(input_path=None, image=image, objects=[miss], rec_threshold=0.85)
+    expected = draw_objects(image, [miss], lang="zh", threshold=0.85, highlight=0)
+    assert np.array_equal(np.asarray(result.render(lang="zh", highlight=0)), np.asarray(expected))
+    assert not np.array_equal(np.asarray(result.render()), np.asarray(expected))
+    assert np.array_equal(np.asarray(result.render()), np.asarray(draw_objects(image, [miss], threshold=0.85)))
+
+
+def test_captions_that_would_collide_are_placed_apart():
+    width, height = 600, 400
+    first = layout_label("可乐 cola 0.91", (100, 100, 300, 300), PALETTE[0], width, height)
+    # a second box at the right edge: its caption cannot sit unmoved above or inside it
+    second_box = (420, 80, 599, 300)
+    alone = layout_label("unknown · maybe a long product name 0.84 < 0.85", second_box, PALETTE[1], width, height)
+    placed = layout_label(
+        "unknown · maybe a long product name 0.84 < 0.85", second_box, PALETTE[1], width, height, avoid=[first.rect]
+    )
+    assert _overlaps(alone.rect, first.rect), "the case this is about"
+    assert not _overlaps(placed.rect, first.rect)
+    x1, y1, x2, y2 = placed.rect
+    assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
 
 
 def test_long_caption_on_a_narrow_image_is_shortened():

@@ -6,6 +6,7 @@ surface as ``gr.Error`` (a toast) and leave every index as it was.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import zipfile
@@ -32,6 +33,15 @@ class FakeRequest:
 def select_row(row: list) -> gr.SelectData:
     """The event Gradio sends when a Dataframe cell of ``row`` is clicked."""
     return gr.SelectData(None, {"index": [0, 1], "value": row[1], "row_value": row, "selected": True})
+
+
+def highlighted_ids(table) -> list[int]:
+    """Ids of the rows a styled entries table highlights (a plain DataFrame highlights none)."""
+    if not hasattr(table, "export"):
+        return []
+    styles = table._compute().ctx  # (row, col) -> [(property, value)] as the browser gets them
+    rows = sorted({r for (r, _), props in styles.items() if any("background-color" in k for k, _ in props)})
+    return [int(table.data.iloc[r, 0]) for r in rows]
 
 
 @pytest.fixture
@@ -195,7 +205,7 @@ def test_manage_table_lists_entries_and_filters_by_label(engine, shop):
     assert "photos/0_0.jpg" in table["source"].tolist()
     assert "24 entries" in info and "6 labels" in info and "Flat / IP" in info
     assert [value for _, value in label_filter["choices"]] == sorted(LABELS)
-    assert len(thumbs) == 24 and thumbs[0][1] == f"#0 {LABELS[0]}" and thumbs[0][0].size[0] <= 96
+    assert len(thumbs) == 24 and thumbs[0][1] == f"#0 {LABELS[0]}" and max(thumbs[0][0].size) <= 224
     assert selected == ""
 
     info, table, thumbs = ui.filter_entries(engine, shop, [LABELS[1], LABELS[2]])
@@ -207,14 +217,16 @@ def test_manage_table_lists_entries_and_filters_by_label(engine, shop):
 def test_select_rows_then_remove_them(engine, shop):
     _, table, *_ = ui.open_index(engine, shop)
     rows = table.values.tolist()
-    selected, thumbs = ui.toggle_selection(engine, shop, "", None, select_row(rows[3]))
-    selected, thumbs = ui.toggle_selection(engine, shop, selected, None, select_row(rows[5]))
+    selected, thumbs, _ = ui.toggle_selection(engine, shop, "", None, select_row(rows[3]))
+    selected, thumbs, styled = ui.toggle_selection(engine, shop, selected, None, select_row(rows[5]))
     assert selected == "3, 5" and [c for _, c in thumbs] == [f"#3 {rows[3][1]}", f"#5 {rows[5][1]}"]
-    selected, thumbs = ui.toggle_selection(engine, shop, selected, None, select_row(rows[5]))  # deselects
-    selected, thumbs = ui.toggle_selection(engine, shop, selected, None, select_row(rows[3]))
+    assert highlighted_ids(styled) == [3, 5]  # every selected row is marked, not only the last click
+    selected, thumbs, _ = ui.toggle_selection(engine, shop, selected, None, select_row(rows[5]))  # deselects
+    selected, thumbs, styled = ui.toggle_selection(engine, shop, selected, None, select_row(rows[3]))
     assert selected == "" and len(thumbs) == 24  # nothing selected: previews of the whole table again
-    selected, _ = ui.toggle_selection(engine, shop, selected, None, select_row(rows[3]))
-    selected, _ = ui.toggle_selection(engine, shop, selected, None, select_row(rows[7]))
+    assert highlighted_ids(styled) == []
+    selected, *_ = ui.toggle_selection(engine, shop, selected, None, select_row(rows[3]))
+    selected, *_ = ui.toggle_selection(engine, shop, selected, None, select_row(rows[7]))
     assert selected == "3, 7"
 
     status, info, table, thumbs, cleared = ui.remove_entries(engine, shop, selected, None)
@@ -222,6 +234,43 @@ def test_select_rows_then_remove_them(engine, shop):
     assert 3 not in table["id"].tolist() and 7 not in table["id"].tolist() and len(table) == 22
     assert ids_of(engine, shop) == [i for i in range(24) if i not in (3, 7)]
     assert "22 entries" in info
+
+
+def test_relabel_selected_entries_and_select_by_typed_ranges(engine, shop):
+    info, styled, thumbs = ui.show_selection(engine, shop, "2-4, 9", None)
+    assert highlighted_ids(styled) == [2, 3, 4, 9] and [c.split(" ")[0] for _, c in thumbs] == ["#2", "#3", "#4", "#9"]
+    status, info, table, label_filter, thumbs, selected = ui.relabel_entries(engine, shop, "2-4, 9", "  新标签 new ")
+    assert "Relabelled 4 entries as **新标签 new**: ids 2-4, 9" in status and selected == "2-4, 9"
+    labels = {e.id: e.label for e in engine.index(shop).entries}
+    assert [labels[i] for i in (2, 3, 4, 9)] == ["新标签 new"] * 4 and labels[5] != "新标签 new"
+    assert "新标签 new" in [value for _, value in label_filter["choices"]]
+    with pytest.raises(gr.Error, match="type the new label"):
+        ui.relabel_entries(engine, shop, "1", "  ")
+    with pytest.raises(gr.Error, match="999"):
+        ui.relabel_entries(engine, shop, "1, 999", "x")
+    assert {e.id: e.label for e in engine.index(shop).entries} == labels  # a refused relabel changes nothing
+
+
+def test_selected_ids_read_back_as_ranges():
+    assert ui.format_ids([7, 1, 2, 3, 9, 10]) == "1-3, 7, 9, 10"
+    assert ui.format_ids([]) == ""
+    from shitu.ids import parse_ids
+
+    for ids in ([1, 2, 3, 7, 9, 10], [5], list(range(0, 40, 3)) + [41, 42, 43, 44]):
+        assert parse_ids(ui.format_ids(ids)) == sorted(ids)
+
+
+def test_zip_with_numbered_folders_needs_confirmation(engine, sample_gallery, tmp_path):
+    root, _ = sample_gallery
+    archive = tmp_path / "numbered.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(root.rglob("*.jpg")):
+            zf.write(path, path.relative_to(root).as_posix())  # 0/1.jpg ... no label file
+    with pytest.raises(gr.Error, match="folders are numbered"):
+        ui.build_index(engine, [str(archive)], None, "numbered", "Flat", "IP", True, False)
+    assert "numbered" not in engine.index_names()
+    ui.build_index(engine, [str(archive)], None, "numbered", "Flat", "IP", True, False, False, True)
+    assert set(engine.index("numbered").label_counts()) == {p.name for p in root.iterdir() if p.is_dir()}
 
 
 @pytest.mark.parametrize(
@@ -293,37 +342,93 @@ def test_rename_delete_export_import_round_trip(engine, shop, tmp_path):
 
 # --- Recognize -----------------------------------------------------------------------------
 def test_recognize_held_out_view(engine, shop, sample_queries):
-    image, table, timings, json_path = ui.recognize_image(engine, str(sample_queries[3]), shop)  # rocket
+    image, table, summary, json_path, evidence, state = ui.recognize_image(engine, str(sample_queries[3]), shop)
     assert image.size[0] > 0
-    assert list(table.columns) == ["box #", "label", "score", "top-k", "bbox (x1, y1, x2, y2)", "detector"]
-    assert table["label"].iloc[0] == LABELS[2]
+    assert list(table.columns) == ["#", "answer", "score", "top-k candidates (✗: below the threshold)", "id"]
+    assert table["answer"].iloc[0] == LABELS[2]
     assert "None" not in table.to_string()
     for stage in ("detect", "embed", "search", "total"):
-        assert stage in timings
+        assert stage in summary
+    assert "cosine similarities" in summary and "threshold" in summary
     data = json.loads(Path(json_path).read_text(encoding="utf-8"))
     assert data["index"] == shop and data["boxes"][0]["labels"][0] == LABELS[2]
+    assert data["boxes"][0]["det_label"] is not None or data["boxes"][0]["whole_image"]  # kept in the JSON ...
+    assert "detector" not in table.columns  # ... and not shown as if it were an answer
+    assert state["result"].index_name == shop and len(state["owners"]) == len(evidence)
 
 
-def test_recognize_two_objects_with_options(engine, shop, sample_queries):
-    _, table, *_ = ui.recognize_image(engine, str(sample_queries[0]), shop, None, None, 3, "never", True, 0.5)
-    assert {LABELS[0], LABELS[1]} <= set(table["label"])
-    assert all(len(cell.split("; ")) <= 3 for cell in table["top-k"])
+def test_evidence_shows_each_box_and_the_gallery_photos_it_matched(engine, shop, sample_queries):
+    _, table, _, _, evidence, state = ui.recognize_image(engine, str(sample_queries[0]), shop, None, None, 3)
+    result = state["result"]
+    index = engine.index(shop)
+    for n, obj in enumerate(result.objects):
+        captions = [caption for (_, caption), owner in zip(evidence, state["owners"]) if owner == n]
+        assert captions[0] == f"box {n + 1} (query)"  # the box's own crop first
+        matched = captions[1:]
+        assert 1 <= len(matched) <= ui.MAX_EVIDENCE_PER_BOX
+        label, score, id_ = obj.candidates[0]
+        assert matched[0] == f"{n + 1}: {label} {score:.3f} {'✓' if obj.recognized else '✗'} #{id_}"
+        assert index.entry(id_).label == label  # the photo shown is the entry named
+    recognised = [o for o in result.objects if o.recognized]
+    assert recognised and {o.label for o in recognised} <= set(LABELS)
 
 
-def test_unrecognised_boxes_say_so(engine, shop, sample_queries):
-    # a threshold nothing can reach: every box is unrecognised, shown as such and never as "None"
-    _, table, timings, _ = ui.recognize_image(engine, str(sample_queries[1]), shop, None, 1.0, 5, "auto", False, 0.5)
-    assert len(table) >= 1 and set(table["label"]) == {"unrecognised"}
-    assert set(table["score"]) == {"—"} and "None" not in table.to_string()
-    assert "0 recognised" in timings
+def test_unknown_boxes_show_their_near_miss(engine, shop, sample_queries):
+    # a threshold nothing can reach: every box is unknown, with its best candidate and the threshold
+    image, table, summary, _, evidence, state = ui.recognize_image(
+        engine, str(sample_queries[1]), shop, None, 1.0, 5, "auto", False, 0.5
+    )
+    assert len(table) >= 1 and "None" not in table.to_string()
+    for answer, obj in zip(table["answer"], state["result"].objects):
+        label, score, _ = obj.candidate
+        assert answer == f"unknown — maybe {label} {score:.3f} < 1.00"
+    assert set(table["score"]) == {"—"}
+    assert all(cell.count("✗") == len(cell.split("; ")) for cell in table.iloc[:, 3])  # all below: all marked
+    assert "0 recognised" in summary
+    assert all("✗" in caption for caption, owner in ((c, o) for (_, c), o in zip(evidence, state["owners"]))
+               if "(query)" not in caption)  # fmt: skip
 
 
 def test_recognize_in_chinese(engine, shop, sample_queries):
-    _, table, timings, _ = ui.recognize_image(
+    _, table, summary, *_ = ui.recognize_image(
         engine, str(sample_queries[1]), shop, None, 1.0, 5, "auto", True, 0.5, FakeRequest("zh-CN,zh;q=0.9")
     )
-    assert "标签" in table.columns and set(table["标签"]) == {"未识别"}
-    assert "合计" in timings
+    assert "结果" in table.columns and all(a.startswith("未知 — 可能是 ") for a in table["结果"])
+    assert "合计" in summary and "余弦相似度" in summary
+
+
+def test_clicks_on_a_row_the_image_or_the_evidence_highlight_the_same_box(engine, shop, sample_queries):
+    plain, _, _, _, evidence, state = ui.recognize_image(
+        engine, str(sample_queries[0]), shop, None, None, 3, "never", False, 0.5
+    )
+    objects = state["result"].objects
+    assert len(objects) >= 2
+    first, second = objects[0], objects[1]
+    by_row, styled_row = ui.select_row(state, gr.SelectData(None, {"index": [1, 0], "value": 2}))
+    x = (second.bbox[0] + second.bbox[2]) / 2
+    y = (second.bbox[1] + second.bbox[3]) / 2
+    if first.bbox[0] <= x <= first.bbox[2] and first.bbox[1] <= y <= first.bbox[3]:
+        pytest.skip("the boxes overlap at the second one's centre")
+    by_click, styled_click = ui.select_on_image(state, gr.SelectData(None, {"index": [x, y], "value": None}))
+    item = state["owners"].index(1)
+    by_evidence, _ = ui.select_evidence(state, gr.SelectData(None, {"index": item, "value": None}))
+    import numpy as np
+
+    assert np.array_equal(np.asarray(by_row), np.asarray(by_click))
+    assert np.array_equal(np.asarray(by_row), np.asarray(by_evidence))
+    assert not np.array_equal(np.asarray(by_row), np.asarray(plain))  # the drawing changed
+    for styled in (styled_row, styled_click):
+        marked = [r for (r, _), props in styled._compute().ctx.items() if any("#fde68a" in v for _, v in props)]
+        assert set(marked) == {1}
+    nowhere = ui.select_on_image(state, gr.SelectData(None, {"index": [-5, -5], "value": None}))
+    assert all(isinstance(v, type(gr.skip())) for v in nowhere) or nowhere == (gr.skip(), gr.skip())
+
+
+def test_examples_belong_to_the_index(engine, shop):
+    examples = ui.examples_for(engine, shop)
+    labels = {caption.split(" · ")[0] for _, caption in examples}
+    assert 1 <= len(examples) <= 8 and labels <= set(LABELS) and len(labels) == len(examples)
+    assert ui.examples_for(engine, "no-such-index") == []
 
 
 def test_recognize_errors_are_toasts(engine, shop, tmp_path):
@@ -337,11 +442,61 @@ def test_recognize_errors_are_toasts(engine, shop, tmp_path):
         ui.recognize_image(engine, str(corrupt), "nope")
 
 
+# --- user errors and progress, as wired into the page ---------------------------------------
+def test_a_user_error_keeps_every_output_and_says_so_inline(engine, shop, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(ui.gr, "Warning", lambda message, **kw: warnings.append(message))
+    remove = ui.soft_errors(ui._bind(ui.remove_entries, engine), 5, status=0)
+    status, *rest = remove(shop, "", None, request=FakeRequest("zh-CN"))
+    assert warnings == ["请先在表格中选中行（或输入 id）"]  # the UI's own message, translated
+    assert "shitu-inline-error" in status and "请先在表格中选中行" in status
+    assert all(isinstance(v, type(gr.skip())) for v in rest)  # the table and previews stay as they were
+    remove(shop, "3, 999", None)
+    assert "not in the index: 999" in warnings[-1]
+    assert ids_of(engine, shop) == list(range(24))
+
+
+def test_a_failed_model_switch_puts_the_dropdown_back(engine, monkeypatch):
+    monkeypatch.setattr(ui.gr, "Warning", lambda message, **kw: None)
+    demo = ui.build_demo(engine)
+    switch = next(fn for fn in demo.fns.values() if fn.api_name == "switch_model")
+    *_, dropdown = switch.fn("PP-ShiTuV2_rec_CLIP_vit_base")
+    assert dropdown["value"] == engine.models()["recognition"]["model_name"] == "PP-ShiTuV2_rec"
+
+
+def test_long_jobs_stream_a_progress_bar_from_the_start(engine, uploads):
+    files, labels = uploads
+    build = ui.live_progress(ui._bind(ui.build_index, engine), 4, 3, every=0.05)
+    frames = list(build(files, str(labels), "streamed", "Flat", "IP", True, False))
+    first, last = frames[0], frames[-1]
+    assert 'role="progressbar"' in first[3] and all(isinstance(v, type(gr.skip())) for v in first[:3])
+    counted = [f[3] for f in frames[1:-1] if "aria-valuenow" in f[3]]
+    assert counted, "the bar counts images while they are embedded"
+    assert "done in" in last[3] and "streamed" in last[0] and last[1]["value"] == "streamed"
+    assert "progress" not in inspect.signature(build).parameters  # Gradio must not inject its own
+
+
+def test_progress_bar_text():
+    bar = ui.LiveProgress("en")
+    assert "Reading the upload" in bar.html() and "indeterminate" in bar.html()
+    bar((40, 160), desc="embedding")
+    text = bar.html()
+    assert "Embedding images: 40 / 160" in text and 'aria-valuenow="40"' in text and "width:25.0%" in text
+    bar((160, 160), desc="embedding")
+    assert "Saving the index" in bar.html()
+    zh = ui.LiveProgress("zh")
+    zh((1, 2), desc="reading images")
+    assert "读取图片: 1 / 2" in zh.html()
+
+
 # --- Models & about ------------------------------------------------------------------------
 def test_models_tab_shows_the_starter_pack(engine, shop):
     text = ui.models_markdown(engine)
     assert engine.models()["recognition"]["source"] == "starter"  # the tests run offline
-    assert "`PP-ShiTuV2_rec`" in text and "offline starter pack" in text
+    assert "`PP-ShiTuV2_rec`, offline starter pack: ImageNet MobileNetV2 features" in text
+    banner = ui.models_banner(engine)
+    assert "Offline starter pack running" in banner and "lower accuracy" in banner
+    assert "离线入门模型包" in ui.models_banner(engine, FakeRequest("zh-CN"))
     for package in ("paddlex", "paddlepaddle", "faiss", "gradio"):
         assert package in text
     assert "| shop | 24 | 6 | Flat | IP |" in text and "usable" in text
@@ -373,8 +528,8 @@ def test_demo_has_four_tabs_and_named_endpoints(engine, shop):
 def test_bound_handlers_keep_what_gradio_injects(engine):
     from gradio.helpers import special_args
 
-    _, progress_index, _, _ = special_args(ui._bind(ui.build_index, engine), [None] * 8)
-    assert progress_index == 9  # after the 8 inputs and the request
+    _, progress_index, _, _ = special_args(ui._bind(ui.build_index, engine), [None] * 9)
+    assert progress_index == 10  # after the 9 inputs and the request
     click = gr.EventData(None, {"index": [0, 0], "value": 3, "row_value": [3, "x", "y"]})
     inputs, _, event_index, _ = special_args(
         ui._bind(ui.toggle_selection, engine), ["shop", "", None], event_data=click
