@@ -54,6 +54,8 @@ CSS = """
 .shitu-banner.banner_local { background: #eef2ff; border: 1px solid #a5b4fc; color: #2e3a78; }
 #examples .grid-wrap, #evidence .grid-wrap { height: auto !important; max-height: none !important;
   min-height: 0 !important; }
+#evidence .caption-label, #examples .caption-label { white-space: normal; overflow: visible;
+  text-overflow: clip; line-height: 1.25; max-width: 100%; }
 .shitu-progress { margin: 6px 0; }
 .shitu-progress .bar { height: 10px; border-radius: 5px; background: #e5e7eb; overflow: hidden; }
 .shitu-progress .fill { height: 100%; background: #ea580c; transition: width 0.3s ease; }
@@ -68,8 +70,6 @@ CSS = """
   #result-image, #result-image .image-container { height: auto !important; max-height: 60vh; }
   .tab-container button, [role="tab"] { padding-left: 10px !important; padding-right: 10px !important; }
   #title p { font-size: 0.9em; }
-  #result-table th:nth-child(3), #result-table td:nth-child(3),
-  #result-table th:nth-child(5), #result-table td:nth-child(5) { display: none; }
 }
 """
 
@@ -384,9 +384,9 @@ def answer_text(obj: RecognizedObject, threshold: float | None, lang: str) -> st
 
 
 def result_table(result: Recognition, lang: str = "en") -> pd.DataFrame:
-    """One row per box: the answer (or ``unknown`` with its near miss), its score, the top-k
-    candidates with those under the threshold marked, and the gallery ids that matched. The
-    detector's own class names stay in the JSON: they are not answers."""
+    """One row per box: the answer (or ``unknown`` with its near miss), its score and the top-k
+    candidates with those under the threshold marked (entry ids are in the evidence captions and
+    the JSON). The detector's own class names stay in the JSON: they are not answers."""
     threshold = result.rec_threshold
     rows = []
     for n, obj in enumerate(result.objects, start=1):
@@ -401,10 +401,9 @@ def result_table(result: Recognition, lang: str = "en") -> pd.DataFrame:
                 _t(lang, "col_answer"): answer_text(obj, threshold, lang),
                 _t(lang, "col_score"): f"{obj.score:.3f}" if obj.recognized else "—",
                 _t(lang, "col_candidates"): "; ".join(marked) or "—",
-                _t(lang, "col_ids"): ", ".join(f"#{i}" for i in (obj.ids or [c[2] for c in candidates[:1]])) or "—",
             }
         )
-    columns = [_t(lang, k) for k in ("col_box", "col_answer", "col_score", "col_candidates", "col_ids")]
+    columns = [_t(lang, k) for k in ("col_box", "col_answer", "col_score", "col_candidates")]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -1196,6 +1195,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                                 step=0.01,
                                 label=I18N("rec_threshold"),
                                 info=I18N("rec_threshold_info"),
+                                elem_id="rec-threshold",
                             )
                             topk = gr.Slider(1, 10, value=config.rec_topk, step=1, label=I18N("topk"))
                             det_threshold = gr.Slider(
@@ -1359,10 +1359,10 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         rec_outputs = [result_image, result_table_df, timings, result_json, evidence_gallery, rec_state,
                        results_box, rec_hint, rec_status]  # fmt: skip
 
+        @functools.wraps(bind(recognize_image))  # Gradio reads the type hints: the request is injected
         def recognize_and_show(*args: Any, **kwargs: Any) -> tuple:
             return (*bind(recognize_image)(*args, **kwargs), gr.update(visible=True), gr.update(visible=False), "")
 
-        recognize_and_show.__signature__ = inspect.signature(bind(recognize_image))  # type: ignore[attr-defined]
         recognize = soft(recognize_and_show, rec_outputs, rec_status)
         recognize_btn.click(recognize, rec_inputs, rec_outputs, api_name="recognize")
         examples.select(pick_example, None, query, api_visibility="private").then(
@@ -1491,10 +1491,10 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
             outputs[-1] = gr.update(value=active_rec_model(engine))
             return outputs
 
+        @functools.wraps(change(switch_model))
         def switch_and_show(*args: Any, **kwargs: Any) -> tuple:
             return (*change(switch_model)(*args, **kwargs), gr.skip())
 
-        switch_and_show.__signature__ = inspect.signature(change(switch_model))  # type: ignore[attr-defined]
         switch_btn.click(
             soft(switch_and_show, switch_outputs, on_error=put_back_model),
             rec_model,

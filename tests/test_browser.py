@@ -60,36 +60,68 @@ def shoot(page, name: str, *, doc: bool = True) -> None:
         shutil.copy(path, target)
 
 
-def test_build_query_remove_in_chromium(engine, tmp_path):
+# Records when a progress bar first appears under a selector: a build of nine photos may end
+# faster than a poll, so the page itself watches for it.
+WATCH_PROGRESS = """(selector) => {
+  window.__progressSeen = null; window.__clickedAt = performance.now();
+  const seen = () => document.querySelector(selector + ' [role=progressbar]');
+  const observer = new MutationObserver(() => {
+    const bar = seen();
+    if (bar && window.__progressSeen === null && bar.getBoundingClientRect().height > 0) {
+      window.__progressSeen = performance.now() - window.__clickedAt;
+      window.__progressText = bar.textContent;
+    }
+  });
+  observer.observe(document.body, {subtree: true, childList: true, characterData: true});
+}"""
+
+
+def launch(pw):
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is not installed (Debian package `chromium`)")
+    return pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+
+
+def no_error_badges(page) -> bool:
+    """Gradio's red "Error" status badges (what a user error used to leave over every output)."""
+    return not any(e.is_visible() for e in page.locator("[data-testid='status-tracker'] .error").all())
+
+
+def test_build_query_manage_in_chromium(engine, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
     expect = sync_api.expect
     from app import build_app
 
     (ARTIFACTS / "failure.png").unlink(missing_ok=True)
     files, labels = flat_upload(tmp_path)
-    composite = write_queries(tmp_path / "queries")[0]  # held-out views of the cat and the coffee, side by side
+    queries = write_queries(tmp_path / "queries")
+    composite = queries[0]  # held-out views of the cat and the coffee, side by side
 
     with serving(build_app(engine)) as url, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        browser = launch(pw)
         page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
         page.set_default_timeout(TIMEOUT)
         try:
             page.goto(url)
             expect(page.get_by_role("tab", name="Recognize")).to_be_visible()
+            expect(page.locator("#models-banner")).to_contain_text("Offline starter pack running")
 
-            # Build index: upload the images and the label file, name the index, build
-            page.get_by_role("tab", name="Build index").click()
+            # Build: upload the images and the label file, name the index, build; a progress bar
+            # shows within 2 s of the click, then the summary with the skipped line
+            page.get_by_role("tab", name="Build").click()
             page.locator("#build-files input[type=file]").set_input_files([str(f) for f in files])
             page.locator("#build-labels input[type=file]").set_input_files(str(labels))
             # each uploaded file shows as a row named after it once its upload has finished
             expect(page.locator("#build-files").get_by_role("row", name=files[-1].name)).to_be_visible()
             expect(page.locator("#build-labels").get_by_role("row", name="gallery.txt")).to_be_visible()
             page.get_by_label("Index name").fill("browser_demo")
-            page.get_by_role("button", name="Build", exact=True).click()
+            page.evaluate(WATCH_PROGRESS, "#build-progress")
+            page.get_by_role("button", name="Build index", exact=True).click()
             summary = page.locator("#build-summary")
             expect(summary).to_contain_text("browser_demo")
+            seen_after_ms = page.evaluate("window.__progressSeen")
+            assert seen_after_ms is not None and seen_after_ms < 2000, seen_after_ms
+            expect(page.locator("#build-progress")).to_contain_text("done in")
             expect(summary).to_contain_text("9 images")
             expect(summary).to_contain_text("Skipped 1 line(s)")
             expect(summary).to_contain_text("line 10 missing.jpg: no uploaded file has this name")
@@ -105,14 +137,65 @@ def test_build_query_remove_in_chromium(engine, tmp_path):
             expect(table).to_contain_text(LABELS[0])  # 猫 cat
             expect(table).to_contain_text(LABELS[1])  # 咖啡 coffee
             expect(page.locator("#timings")).to_contain_text("browser_demo")
+            # evidence: each box's own crop, then the gallery photos it matched, with id and score
+            rows = table.locator("[role=row].virtual-row")
+            boxes = rows.count()
+            assert boxes >= 2
+            evidence = page.locator("#evidence .thumbnail-item")
+            expect(evidence.first).to_be_visible()
+            captions = [c.strip() for c in page.locator("#evidence .caption-label").all_inner_texts()]
+            for n in range(1, boxes + 1):
+                assert f"box {n} (query)" in captions
+                assert any(c.startswith(f"{n}: ") and "#" in c for c in captions), captions
+            # a click on a row highlights that box on the image
+            before = page.locator("#result-image img").get_attribute("src")
+            table.locator("[data-testid='cell-1-1']").click()
+            expect(page.locator("#result-image img")).not_to_have_attribute("src", before)
             shoot(page, "recognize")
 
-            # Manage: select the row of one coffee photo by clicking it, remove it
-            page.get_by_role("tab", name="Manage index").click()
+            # an unknown box: with a threshold nothing reaches, the answer names its near miss
+            page.get_by_text("Options", exact=True).click()
+            page.locator("#rec-threshold input[type=number]").fill("1")
+            page.locator("#rec-threshold input[type=number]").press("Tab")
+            expect(page.locator("#rec-threshold input[type=range]")).to_have_value("1")
+            page.get_by_role("button", name="Recognize", exact=True).click()
+            expect(table).to_contain_text("unknown — maybe ")
+            expect(table).to_contain_text("< 1.00")
+            expect(page.locator("#evidence .caption-label").first).to_contain_text("box 1 (query)")
+
+            # Manage: a user error is a toast and an inline message; the table stays usable
+            page.get_by_role("tab", name="Manage").click()
             entries = page.locator("#entries-table")
             expect(entries).to_contain_text("1_2.jpg")
+            page.get_by_role("button", name="Remove", exact=True).click()
+            expect(page.get_by_text("select rows in the table (or type ids) first").first).to_be_visible()
+            expect(page.locator("#manage-status .shitu-inline-error")).to_be_visible()
+            assert no_error_badges(page)
+            expect(entries).to_be_visible()
+            entries.get_by_text("1_2.jpg", exact=True).click()  # still clickable
+            selected = page.locator("#selected-ids input, #selected-ids textarea")
+            expect(selected).to_have_value("5")
+            entries.get_by_text("1_2.jpg", exact=True).click()  # and deselected again
+            expect(selected).to_have_value("")
+
+            # typed ranges select rows (highlighted) and a relabel changes them all
+            selected.fill("0-2, 7")
+            selected.press("Enter")
+            expect(page.locator("#previews .thumbnail-item")).to_have_count(4)
+            page.get_by_label("New label for the selected ids").fill("relabelled cat")
+            page.get_by_role("button", name="Relabel selected").click()
+            expect(page.locator("#manage-status")).to_contain_text("Relabelled 4 entries")
+            expect(entries).to_contain_text("relabelled cat")
+            labels_now = {e.id: e.label for e in engine.index("browser_demo").entries}
+            assert [labels_now[i] for i in (0, 1, 2, 7)] == ["relabelled cat"] * 4
+            highlighted = page.locator("#entries-table [role=gridcell][style*='background']")
+            expect(highlighted.first).to_be_visible()
+
+            # remove one row by clicking it
+            page.get_by_role("button", name="Clear selection").click()
+            expect(selected).to_have_value("")
             entries.get_by_text("1_2.jpg", exact=True).click()
-            expect(page.locator("#selected-ids input, #selected-ids textarea")).to_have_value("5")
+            expect(selected).to_have_value("5")
             page.get_by_role("button", name="Remove", exact=True).click()
             expect(page.locator("#manage-status")).to_contain_text("Removed 1")
             expect(entries).not_to_contain_text("1_2.jpg")
@@ -121,27 +204,58 @@ def test_build_query_remove_in_chromium(engine, tmp_path):
             assert len(engine.index("browser_demo")) == 8
             shoot(page, "manage")
 
-            page.get_by_role("tab", name="Models & about").click()
+            # Delete without the tick: a toast; the checkbox stays clickable
+            page.get_by_text("Rename or delete").click()
+            page.get_by_role("button", name="Delete index").click()
+            expect(page.locator("#manage-status .shitu-inline-error")).to_contain_text("tick the confirmation")
+            assert no_error_badges(page)
+            page.get_by_label("Yes, delete this index").check()
+            expect(page.get_by_label("Yes, delete this index")).to_be_checked()
+            assert "browser_demo" in engine.index_names()
+
+            page.get_by_role("tab", name="Models").click()
             expect(page.locator("#models-info")).to_contain_text("PP-ShiTuV2_rec")
             expect(page.locator("#models-info")).to_contain_text("browser_demo")
             shoot(page, "models")
-
-            # The same page in Chinese: UI text follows the browser; an example click runs a query
-            zh = browser.new_page(locale="zh-CN", viewport={"width": 1280, "height": 900})
-            zh.set_default_timeout(TIMEOUT)
-            zh.goto(url)
-            expect(zh.get_by_role("tab", name="管理索引")).to_be_visible()
-            zh.get_by_role("tab", name="识别").click()
-            zh.locator("#rec-index input").click()
-            zh.get_by_role("option", name="sample").click()
-            zh.get_by_text("示例（点击试用）").wait_for()
-            zh.locator(".gallery-item, [data-testid='examples'] button").first.click()
-            expect(zh.locator("#result-table")).to_contain_text("咖啡 coffee")
-            expect(zh.locator("#result-table")).to_contain_text("标签")
-            shoot(zh, "recognize_zh")
         except Exception:
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+
+
+@pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
+def test_phone_recognize_flow(engine, locale):
+    """390 x 844: every tab reachable, an example → result → evidence, no sideways scrolling."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
+    expect = sync_api.expect
+    from app import build_app
+
+    zh = locale.startswith("zh")
+    with serving(build_app(engine)) as url, sync_api.sync_playwright() as pw:
+        browser = launch(pw)
+        page = browser.new_page(locale=locale, viewport={"width": 390, "height": 844}, device_scale_factor=2)
+        page.set_default_timeout(TIMEOUT)
+        try:
+            page.goto(url)
+            tabs = ["识别", "建库", "管理", "模型"] if zh else ["Recognize", "Build", "Manage", "Models"]
+            for name in tabs:
+                expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
+            expect(page.locator("#models-banner")).to_contain_text("离线入门模型包" if zh else "Offline starter pack")
+            page.locator("#examples .thumbnail-item").first.click()  # the sample index's own query photos
+            table = page.locator("#result-table")
+            expect(table).to_contain_text("咖啡 coffee")
+            expect(table).to_contain_text("结果" if zh else "answer")
+            first_caption = page.locator("#evidence .caption-label").first
+            expect(first_caption).to_contain_text("框 1（查询）" if zh else "box 1 (query)")
+            expect(page.locator("#result-image img")).to_be_visible()
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"the page scrolls sideways: {width} px wide"
+            shoot(page, f"phone_{locale[:2]}")
+        except Exception:
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "failure_phone.png"), full_page=True)
             raise
         finally:
             browser.close()

@@ -344,7 +344,7 @@ def test_rename_delete_export_import_round_trip(engine, shop, tmp_path):
 def test_recognize_held_out_view(engine, shop, sample_queries):
     image, table, summary, json_path, evidence, state = ui.recognize_image(engine, str(sample_queries[3]), shop)
     assert image.size[0] > 0
-    assert list(table.columns) == ["#", "answer", "score", "top-k candidates (✗: below the threshold)", "id"]
+    assert list(table.columns) == ["#", "answer", "score", "top-k candidates (✗: below the threshold)"]
     assert table["answer"].iloc[0] == LABELS[2]
     assert "None" not in table.to_string()
     for stage in ("detect", "embed", "search", "total"):
@@ -535,6 +535,22 @@ def test_bound_handlers_keep_what_gradio_injects(engine):
         ui._bind(ui.toggle_selection, engine), ["shop", "", None], event_data=click
     )
     assert inputs[:3] == ["shop", "", None] and isinstance(inputs[3], gr.SelectData) and event_index == 3
+
+
+def test_wired_handlers_still_get_the_request(engine):
+    """Wrappers (user errors, progress, sign-in) must keep the type hints Gradio reads, or the
+    request — the visitor's language and session — silently becomes None."""
+    from gradio.helpers import special_args
+
+    demo = ui.build_demo(engine)
+    request = gr.Request()
+    wired = {fn.api_name: fn for fn in demo.fns.values()}
+    for name in ("recognize", "build_index", "add_entries", "remove_entries", "relabel_entries", "switch_model",
+                 "import_index", "filter_entries"):  # fmt: skip
+        block = wired[name]
+        inputs, progress_index, *_ = special_args(block.fn, [None] * len(block.inputs), request=request)
+        assert request in inputs, name
+        assert progress_index is None, name  # our own bar, not Gradio's overlay on every output
 
 
 def test_build_app_serves_ui_and_api_on_one_port(engine, shop):
