@@ -135,9 +135,7 @@ def cmd_predict(args) -> int:
     inputs = args.input if len(args.input) > 1 else args.input[0]
     results = engine.recognize_many(inputs, _index_ref(args.index), **options)
     for rec in tqdm(results, desc="recognising", unit="img", file=sys.stderr):
-        boxes = ", ".join(
-            f"{o.label or 'unknown'}" + (f" {o.score:.2f}" if o.recognized else "") for o in rec.objects
-        )
+        boxes = ", ".join(f"{o.label or 'unknown'}" + (f" {o.score:.2f}" if o.recognized else "") for o in rec.objects)
         tqdm.write(f"{rec.input_path}: {boxes or 'nothing found'}")
         if args.out:
             res = ShiTuResult(rec)

@@ -1,4 +1,4 @@
-"""The HTTP API: PaddleX's four PP-ShiTuV2 serving endpoints, plus index listing and health.
+"""The HTTP API: PaddleX's four PP-ShiTuV2 serving endpoints, plus relabelling, index listing and health.
 
 Field names follow PaddleX's serving schema, so PaddleX clients work unchanged. Every route is
 a thin shell: decode and validate the request, call one :class:`~shitu.engine.Engine` method,
@@ -105,6 +105,12 @@ class RemoveImagesRequest(BaseModel):
     indexKey: IndexKey | None = Field(None, description="Index to change; SHITU_DEFAULT_INDEX if omitted")
 
 
+class RelabelImagesRequest(BaseModel):
+    ids: list[StrictInt] = Field(description="Vector ids to relabel (see idMap or GET /shitu-index/{indexKey})")
+    label: str = Field(description="The new label for every one of these entries (not empty)")
+    indexKey: IndexKey | None = Field(None, description="Index to change; SHITU_DEFAULT_INDEX if omitted")
+
+
 class IndexChangeResult(BaseModel):
     idMap: dict[str, str] = Field(description="Vector id → label, for every entry of the index after the change")
     imageCount: int
@@ -205,10 +211,14 @@ def _ok(result: BaseModel) -> dict[str, Any]:
     return {"logId": str(uuid.uuid4()), "errorCode": 0, "errorMsg": "Success", "result": result}
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """PaddleX's error envelope ``{logId, errorCode, errorMsg}`` with that HTTP status."""
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None, *, quiet: bool = False
+) -> JSONResponse:
+    """PaddleX's error envelope ``{logId, errorCode, errorMsg}`` with that HTTP status; logged
+    unless ``quiet`` (answers the log has already explained, e.g. "still starting")."""
     log_id = str(uuid.uuid4())
-    log.info("API error %s (logId %s): %s", status, log_id, message)
+    if not quiet:
+        log.info("API error %s (logId %s): %s", status, log_id, message)
     return JSONResponse(
         {"logId": log_id, "errorCode": status, "errorMsg": message}, status_code=status, headers=headers
     )
@@ -463,6 +473,13 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         index = engine.remove(body.indexKey, body.ids)
         return _ok(IndexChangeResult(idMap=_id_map(index.id_map), imageCount=len(index)))
 
+    @app.post("/shitu-index-relabel", response_model=Envelope[IndexChangeResult], tags=["indices"], **mutating)
+    def relabel_images(body: RelabelImagesRequest) -> dict[str, Any]:
+        """Give entries a new label, keeping their vectors and ids; an unknown id or an empty label
+        changes nothing. (Not in PaddleX's API: there a relabel is a remove and an add.)"""
+        index = engine.relabel(body.indexKey, body.ids, body.label)
+        return _ok(IndexChangeResult(idMap=_id_map(index.id_map), imageCount=len(index)))
+
     @app.post("/shitu-infer", response_model=Envelope[InferResult], tags=["PaddleX"], responses=ERROR_RESPONSES)
     def infer(body: InferRequest) -> dict[str, Any]:
         """Detect the main objects of an image and label each from the index (PaddleX ``infer``)."""
@@ -523,7 +540,9 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         """Which models are active and which indices exist."""
         return _ok(
             HealthResult(
-                status="ok", models=engine.models(), indices=engine.index_names(),
+                status="ok",
+                models=engine.models(),
+                indices=engine.index_names(),
                 activeIndex=engine.settings.default_index,
                 modelDownloads=engine.model_download_status(),
             )
@@ -585,7 +604,13 @@ def serve(engine: Engine | None = None, host: str = "127.0.0.1", port: int = 808
         log.warning("the sample index could not be built; the API starts without it")
     policy = AccessPolicy.for_server(engine.settings.api_token, engine.settings.read_only, host)
     log.info("index changes: %s", policy.describe())
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            await super().shutdown(sockets=sockets)
+            engine.close()  # here: after a SIGTERM, uvicorn re-raises it once run() ends, ending the process
+
     try:
-        uvicorn.run(create_api(engine, policy), host=host, port=port, log_level=log_level)
+        Server(uvicorn.Config(create_api(engine, policy), host=host, port=port, log_level=log_level)).run()
     finally:
         engine.close()

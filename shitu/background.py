@@ -109,13 +109,19 @@ class OfficialDownloads:
         ready = []
         for _stage, name in wanted:
             self._set(name, state="downloading")
+            said = []
 
-            def progress(done: int, total: int | None, name: str = name) -> None:
+            def progress(done: int, total: int | None, name: str = name, said: list = said) -> None:
                 self._set(name, done=done, total=total)
+                if not said:  # the host answered: worth a line (an unreachable one is said once, at the end)
+                    said.append(True)
+                    size = f" ({total / 1e6:.1f} MB)" if total else ""
+                    log.info("official weights: downloading %s%s in the background; the Models tab shows progress",
+                             name, size)  # fmt: skip
 
             path, reason = try_official(
                 name, settings.offline, settings=settings, deadline=settings.model_background_deadline,
-                progress=progress, remember_failures=False,
+                progress=progress, remember_failures=False, answer_within=mirror.BACKGROUND_ANSWER_TIMEOUT,
             )  # fmt: skip
             self._set(name, state="ready" if path else "failed", reason=reason)
             if path:
@@ -153,4 +159,12 @@ class OfficialDownloads:
         with self._lock:
             self.state, self.reason, self.indices = state, reason, indices
             self.finished_at = time.time()
-        log.info("official models: %s (%s)", state, reason)
+            why = list(dict.fromkeys(m["reason"] for m in self.models.values() if m["state"] == "failed"))
+        if state == "failed":
+            # calm: the starter pack serves; say why once and what would change it
+            log.info(
+                "official weights: not downloaded (%s); the starter pack keeps serving. Set SHITU_MODEL_MIRROR "
+                "to a reachable mirror, or SHITU_OFFLINE=1 to stop trying", "; ".join(why) or reason,
+            )  # fmt: skip
+        else:
+            log.info("official weights: %s (%s)", state, reason)

@@ -9,6 +9,10 @@ BOS host), so PaddleX itself finds the files later, with what PaddleX's download
 * one **total deadline** for the whole fetch (not per read: a server that drips bytes is cut
   off), enforced twice — socket timeouts shrink to the time left, and the caller stops waiting
   for the worker thread at the deadline even if a name lookup hangs;
+* a much shorter wait for the host to **answer at all** (``answer_within``: name lookup, connect
+  and the first response headers), so a start-up without network (a firewall that drops packets,
+  a name server that never replies, a proxy that accepts and stays silent) costs ~2 s, not the
+  whole download deadline;
 * a size cap, an optional ``<model>_infer.tar.sha256`` beside the tar, and a tar check (no
   absolute paths, no ``..``, no links leading out, the model files present and named for the
   model PaddleX will be asked for);
@@ -53,6 +57,11 @@ DEFAULT_MAX_BYTES = 4 * 1024**3  # the largest official recogniser (CLIP ViT-L) 
 CHUNK = 256 * 1024
 MAX_REDIRECTS = 3
 UNREACHABLE_TTL = 60.0  # seconds an unreachable host is not asked again (detection + recognition)
+# Seconds a host has to answer at all (name lookup + connect + response headers) before it counts
+# as unreachable: at start-up (a reachable hub answers in well under a second, even from far away:
+# about four round trips), and in the background, where the download itself may take minutes.
+ANSWER_TIMEOUT = 2.0
+BACKGROUND_ANSWER_TIMEOUT = 30.0
 USER_AGENT = "shitu-studio (model download)"
 
 Progress = Callable[[int, "int | None"], None]  # (bytes done, bytes in all or None)
@@ -123,11 +132,14 @@ def fetch_official(
     max_bytes: int = DEFAULT_MAX_BYTES,
     progress: Progress | None = None,
     remember_unreachable: bool = True,
+    answer_within: float | None = None,
 ) -> tuple[Path, float]:
     """Download, verify and cache ``<model>_infer.tar`` from ``source``: ``(model dir, seconds)``.
 
-    Returns at the latest ``deadline`` seconds after the call (plus a moment to clean up);
-    raises :class:`DownloadFailed` with a one-line reason, leaving nothing half-made in the cache.
+    Returns at the latest ``deadline`` seconds after the call (plus a moment to clean up), and
+    after ``answer_within`` seconds when the host has not answered at all by then (``None``: the
+    deadline only); raises :class:`DownloadFailed` with a one-line reason, leaving nothing
+    half-made in the cache.
     """
     start = time.monotonic()
     if remember_unreachable:
@@ -135,8 +147,16 @@ def fetch_official(
         if seen and time.monotonic() - seen[0] < UNREACHABLE_TTL:
             raise DownloadFailed(seen[1], unreachable=True)
     cancel = threading.Event()
+    answered = threading.Event()  # set by the worker once the host has sent response headers
     outcome: list[Path | BaseException] = []
     received = [0]
+
+    def unreachable(waited: float) -> DownloadFailed:
+        cancel.set()  # the worker cleans up its temporary dir and never commits
+        reason = f"{source.label} unreachable (no answer within {waited:g} s)"
+        if remember_unreachable:
+            _unreachable[source.base] = (time.monotonic(), reason)
+        return DownloadFailed(reason, unreachable=True)
 
     def track(done: int, total: int | None) -> None:
         received[0] = done
@@ -145,21 +165,22 @@ def fetch_official(
 
     def work() -> None:
         try:
-            outcome.append(_fetch_locked(model_name, source, start + deadline, max_bytes, track, cancel))
+            outcome.append(_fetch_locked(model_name, source, start + deadline, max_bytes, track, cancel, answered))
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
             outcome.append(exc)
 
     worker = threading.Thread(target=work, name=f"shitu-fetch-{model_name}", daemon=True)
     worker.start()
+    if answer_within is not None and answer_within < deadline:
+        worker.join(answer_within)
+        if not outcome and not answered.is_set() and not received[0]:
+            raise unreachable(answer_within)
     # the worker's sockets time out by the deadline; this bounds what they cannot (a name lookup)
-    worker.join(deadline + 2.0)
+    worker.join(max(0.0, start + deadline + 2.0 - time.monotonic()))
     if not outcome:
-        cancel.set()  # the worker cleans up its temporary dir and never commits
-        if not received[0]:
-            reason = f"{source.label} unreachable (no answer within {deadline:g} s)"
-            if remember_unreachable:
-                _unreachable[source.base] = (time.monotonic(), reason)
-            raise DownloadFailed(reason, unreachable=True)
+        if not received[0] and not answered.is_set():
+            raise unreachable(deadline)
+        cancel.set()
         raise DownloadFailed(f"{source.label} did not deliver {model_name} within {deadline:g} s")
     result = outcome[0]
     if isinstance(result, DownloadFailed):
@@ -183,7 +204,7 @@ def _model_lock(key: str) -> threading.Lock:
 
 def _fetch_locked(
     model_name: str, source: Source, until: float, max_bytes: int, progress: Progress | None,
-    cancel: threading.Event,
+    cancel: threading.Event, answered: threading.Event | None = None,
 ) -> Path:  # fmt: skip
     """One fetch per model at a time, in this process (a lock) and across processes (a file lock)."""
     import filelock
@@ -200,7 +221,7 @@ def _fetch_locked(
                 if is_model_dir(target):  # another process finished it meanwhile
                     return target
                 recover_dir(target)  # a crashed earlier download's temporary dirs
-                return _fetch(model_name, source, root, until, max_bytes, progress, cancel)
+                return _fetch(model_name, source, root, until, max_bytes, progress, cancel, answered)
         except filelock.Timeout:
             raise DownloadFailed(f"another process is still downloading {model_name}") from None
     except OSError as exc:
@@ -217,15 +238,17 @@ def _os_reason(exc: OSError) -> str:
 
 def _fetch(
     model_name: str, source: Source, root: Path, until: float, max_bytes: int, progress: Progress | None,
-    cancel: threading.Event,
+    cancel: threading.Event, answered: threading.Event | None = None,
 ) -> Path:  # fmt: skip
     name = archive_name(model_name)
+    if source.local and answered is not None:
+        answered.set()  # a directory has nothing to wait for
     work = root / f".{model_name}.tmp-{uuid.uuid4().hex[:12]}"  # recover_dir's pattern: cleaned after a crash
     work.mkdir()
     try:
-        expected = _read_checksum(source, name, until)
+        expected = _read_checksum(source, name, until, answered)
         archive = work / name
-        digest = _download(source, name, archive, until, max_bytes, progress, cancel)
+        digest = _download(source, name, archive, until, max_bytes, progress, cancel, answered)
         if expected is not None and digest != expected:
             raise DownloadFailed(f"{name} from {source.label} does not match its .sha256 file")
         model_dir = _unpack(archive, work / "x", model_name, source, max_bytes)
@@ -247,8 +270,11 @@ def _left(until: float) -> float:
     return left
 
 
-def _open(url: str, until: float, label: str, name: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    """GET ``url`` (following a few redirects): the connection and a 200 response."""
+def _open(
+    url: str, until: float, label: str, name: str, answered: threading.Event | None = None
+) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """GET ``url`` (following a few redirects): the connection and a 200 response. ``answered``
+    is set as soon as the host sends response headers (whatever their status)."""
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -267,6 +293,8 @@ def _open(url: str, until: float, label: str, name: str) -> tuple[http.client.HT
         except BaseException:
             conn.close()
             raise
+        if answered is not None:
+            answered.set()
         if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
             url = urljoin(url, resp.getheader("Location") or "")
             conn.close()
@@ -321,7 +349,7 @@ def _write(fh, data: bytes) -> None:  # noqa: ANN001 - a binary file
 
 def _download(
     source: Source, name: str, dest: Path, until: float, max_bytes: int, progress: Progress | None,
-    cancel: threading.Event,
+    cancel: threading.Event, answered: threading.Event | None = None,
 ) -> str:  # fmt: skip
     """Copy the tar to ``dest`` within the deadline and the size cap; its sha256 hex digest."""
     digest = hashlib.sha256()
@@ -339,7 +367,7 @@ def _download(
                 return reader.read(CHUNK)
         else:
             try:
-                conn, resp = _open(f"{source.base}/{name}", until, source.label, name)
+                conn, resp = _open(f"{source.base}/{name}", until, source.label, name, answered)
             except (OSError, http.client.HTTPException) as exc:
                 raise _net_failure(exc, source.label, name, 0, None) from exc
             length = resp.getheader("Content-Length")
@@ -394,7 +422,7 @@ def _download(
             conn.close()
 
 
-def _read_checksum(source: Source, name: str, until: float) -> str | None:
+def _read_checksum(source: Source, name: str, until: float, answered: threading.Event | None = None) -> str | None:
     """The hex digest in ``<name>.sha256`` beside the tar, or ``None`` when there is none."""
     if source.local:
         path = Path(source.base) / f"{name}.sha256"
@@ -404,7 +432,7 @@ def _read_checksum(source: Source, name: str, until: float) -> str | None:
     else:
         conn = None
         try:
-            conn, resp = _open(f"{source.base}/{name}.sha256", until, source.label, f"{name}.sha256")
+            conn, resp = _open(f"{source.base}/{name}.sha256", until, source.label, f"{name}.sha256", answered)
             if conn.sock is not None:
                 conn.sock.settimeout(_left(until))
             text = resp.read(4096).decode("utf-8", "replace")

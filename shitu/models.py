@@ -7,14 +7,17 @@ API and the CLI can always say which models are active and why.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shitu import mirror
 from shitu.config import PipelineConfig, Settings, SubModule
 from shitu.errors import ShiTuError, StarterModelUnavailable, Unavailable
+from shitu.fsutil import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,44 @@ class ModelChoice:
 
 _hub_lock = threading.Lock()
 _hub_failure: str | None = None  # remembered per process: PaddleX's host did not answer at all
+# ... and per data dir, for this long: a restart soon after a failed check does not wait for the
+# hub again (the background download, see shitu.background, still tries at once and switches)
+HUB_RECHECK_AFTER = 600.0
+HUB_CHECK_FILE = "hub-check.json"
+
+
+def _hub_memo(settings: Settings | None) -> Path | None:
+    return settings.data_dir / HUB_CHECK_FILE if settings is not None else None
+
+
+def _recent_hub_failure(settings: Settings | None, base: str) -> str | None:
+    """The reason of a failed hub check in this data dir less than ``HUB_RECHECK_AFTER`` ago."""
+    path = _hub_memo(settings)
+    if path is None:
+        return None
+    try:
+        memo = json.loads(path.read_text(encoding="utf-8"))
+        age = time.time() - float(memo["at"])
+        if memo.get("base") != base or not 0 <= age < HUB_RECHECK_AFTER or not isinstance(memo["reason"], str):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    when = "less than a minute ago" if age < 60 else f"{round(age / 60)} min ago"
+    return f"{memo['reason']} at the last check, {when} (start-ups check again after {HUB_RECHECK_AFTER / 60:g} min)"
+
+
+def _remember_hub_failure(settings: Settings | None, base: str, reason: str | None) -> None:
+    """Write (or, with ``reason=None``, clear) the data dir's memo; best effort."""
+    path = _hub_memo(settings)
+    if path is None:
+        return
+    try:
+        if reason is None:
+            path.unlink(missing_ok=True)
+            return
+        write_bytes_atomic(path, json.dumps({"base": base, "at": time.time(), "reason": reason}).encode("utf-8"))
+    except OSError:  # a read-only data dir: only this process remembers
+        pass
 
 
 def _official_cache_dir(model_name: str) -> Path:
@@ -84,12 +125,18 @@ def try_official(
     deadline: float | None = None,
     progress: mirror.Progress | None = None,
     remember_failures: bool = True,
+    answer_within: float | None = mirror.ANSWER_TIMEOUT,
 ) -> tuple[Path | None, str]:
     """PaddleX's cached, or a freshly downloaded, official model dir; else ``None`` and a one-line reason.
 
     Order: PaddleX's cache → ``SHITU_MODEL_MIRROR`` → PaddleX's own host (unless
     ``SHITU_MODEL_MIRROR_ONLY``). Each download is bounded by ``deadline`` (default
-    ``SHITU_MODEL_DOWNLOAD_DEADLINE``), verified, and cached where PaddleX caches it.
+    ``SHITU_MODEL_DOWNLOAD_DEADLINE``), verified, and cached where PaddleX caches it; a host
+    that does not answer at all within ``answer_within`` seconds counts as unreachable.
+
+    With ``remember_failures`` (start-up), an unreachable PaddleX host is not asked again by
+    this process, nor for ``HUB_RECHECK_AFTER`` seconds from the same data dir; the background
+    download (``remember_failures=False``) always asks.
     """
     global _hub_failure
     cached = _official_cache_dir(model_name)
@@ -111,7 +158,7 @@ def try_official(
             try:
                 path, seconds = mirror.fetch_official(
                     model_name, source, deadline=wait, max_bytes=max_bytes, progress=progress,
-                    remember_unreachable=remember_failures,
+                    remember_unreachable=remember_failures, answer_within=answer_within,
                 )  # fmt: skip
                 return path, f"downloaded from {source.label} in {seconds:.1f} s"
             except mirror.DownloadFailed as exc:
@@ -127,20 +174,29 @@ def try_official(
     with _hub_lock:
         if _hub_failure and remember_failures:
             return None, "; ".join([*reasons, _hub_failure])
-    source = mirror.Source.parse(mirror.PADDLEX_BASE_URL, "PaddleX's host")
+    base = mirror.PADDLEX_BASE_URL
+    if remember_failures:
+        recent = _recent_hub_failure(settings, base)
+        if recent:
+            return None, "; ".join([*reasons, recent])
+    source = mirror.Source.parse(base, "PaddleX's host")
     try:
         path, seconds = mirror.fetch_official(
-            model_name, source, deadline=wait, max_bytes=max_bytes, progress=progress, remember_unreachable=False
-        )
-        return path, f"downloaded from {source.label} in {seconds:.1f} s"
+            model_name, source, deadline=wait, max_bytes=max_bytes, progress=progress, remember_unreachable=False,
+            answer_within=answer_within,
+        )  # fmt: skip
     except mirror.DownloadFailed as exc:
         if exc.unreachable:
+            failure = f"no model hub reachable ({exc.reason})"
             with _hub_lock:
-                _hub_failure = f"no model hub reachable ({exc.reason})"
-            reasons.append(_hub_failure)
+                _hub_failure = failure
+            _remember_hub_failure(settings, base, failure)
+            reasons.append(failure)
         else:
             reasons.append(exc.reason)
         return None, "; ".join(reasons)
+    _remember_hub_failure(settings, base, None)  # reachable again
+    return path, f"downloaded from {source.label} in {seconds:.1f} s"
 
 
 def _local(stage: str, sub: SubModule) -> ModelChoice:

@@ -22,11 +22,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +62,63 @@ class ModelSpec:
     device: str | None
     rec_batch_size: int = 8
     factory: str = DEFAULT_FACTORY  # "module:function" that creates the two predictors
+
+
+# --- Paddle's and PaddleX's own output: kept to what a person can act on -------------------------
+# Printed on every start by Paddle 3.x / PaddleX 3.7 and actionable by no one: a Python warning at
+# import, glog INFO/WARNING lines from the C++ side, a debug print in a oneDNN kernel, PaddleX's
+# INFO lines and its model-hoster check (which explains nothing our own "models:" line does not).
+_NOISY_WARNINGS = (r"No ccache found", r"Tensor do not have 'place' interface")
+_NOISE = re.compile(
+    r"(?:\x1b\[[0-9;]*m)*(?:"
+    r"[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] "  # glog INFO / WARNING
+    r"|\w+CheckIfOneDNNSupport\s*$"
+    r"|--- Running (?:analysis|IR pass)"
+    r"|.*(?:UserWarning: No ccache found|Tensor do not have 'place' interface)"
+    r"|\s+warnings\.warn\("  # the source line Python prints under a warning
+    r"|\s*\[(?:TimeInfo|SignalInfo): \*\*\*"  # under Paddle's crash summary (we say which signal)
+    r")"
+)
+_HOSTER_CHECK = re.compile(r"model host(?:er|ing)", re.IGNORECASE)
+
+
+class _PaddleXNoise(logging.Filter):
+    """On PaddleX's logger: warnings and errors pass, except its model-hoster check."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and not _HOSTER_CHECK.search(str(record.msg))
+
+
+def quiet_paddle() -> None:
+    """Keep Paddle's and PaddleX's start-up noise out of the log (idempotent; call before Paddle is
+    imported). ``GLOG_minloglevel`` keeps glog's errors; set it yourself to see more."""
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    for message in _NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    pdx = logging.getLogger("paddlex")
+    if not any(isinstance(f, _PaddleXNoise) for f in pdx.filters):
+        pdx.addFilter(_PaddleXNoise())
+
+
+def _forward_output(stream: Any, pid: int) -> None:
+    """The worker's stdout and stderr, line by line, into this process's log without the noise;
+    a native crash's C++ stack (Paddle prints dozens of frames) is left out, its summary kept."""
+    in_stack = False
+    try:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip()
+            if "C++ Traceback (most recent call last)" in line:
+                in_stack = True
+            elif "Error Message Summary" in line:
+                in_stack = False
+                continue
+            if in_stack or not line.strip() or set(line.strip()) <= {"-", "="} or _NOISE.match(line):
+                continue
+            log.warning("model worker %d: %s", pid, line)
+    except (OSError, ValueError):  # the pipe closed under us
+        pass
+    finally:
+        stream.close()
 
 
 def create_paddlex_predictors(spec: ModelSpec) -> tuple[Any, Any]:
@@ -233,6 +292,7 @@ def _worker_entry(fd: int) -> None:
     """The worker process (started by :class:`_ProcessExecutor` as ``python -c``): receive the spec
     on the inherited socket, then serve calls until the parent closes it."""
     logging.basicConfig(level=logging.WARNING)
+    quiet_paddle()
     conn = Connection(fd)
     spec, shm_name = conn.recv()
     shm = _attach(shm_name)
@@ -282,8 +342,14 @@ class _ProcessExecutor:
             f"import sys; sys.path[:0] = {[p for p in sys.path if p]!r}; "
             f"from shitu.runtime import _worker_entry; _worker_entry({theirs.fileno()})"
         )
-        self._proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=(theirs.fileno(),), close_fds=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", code], pass_fds=(theirs.fileno(),), close_fds=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
         theirs.close()
+        threading.Thread(
+            target=_forward_output, args=(self._proc.stdout, self._proc.pid), name="shitu-worker-output", daemon=True
+        ).start()
         self._conn = Connection(ours.detach())
         self._conn.send((self._spec, self._shm.name))
 
@@ -310,8 +376,7 @@ class _ProcessExecutor:
                 how = f"signal {-exit_code}" if exit_code < 0 else f"exit code {exit_code}"
                 log.error("the model worker died in %s (%s); it restarts on the next request", stage, how)
                 raise ModelCrashed(
-                    f"the {stage} model crashed on this image ({how}); the service restarted it — "
-                    "try another image",
+                    f"the {stage} model crashed on this image ({how}); the service restarted it — try another image",
                     stage=stage,
                 ) from None
         if reply[0] == "ok":
@@ -338,6 +403,26 @@ class _ProcessExecutor:
                 self._shm = None
 
 
+_SOURCES = {"local": "a local model dir", "official": "official PaddleX weights",
+            "starter": "the offline starter pack", "none": "no model"}  # fmt: skip
+
+
+def models_line(recognition: ModelChoice, detection: ModelChoice) -> str:
+    """One log line: which models run and why, the shared reason said once."""
+    rec_why, det_why = recognition.reason.split("; "), detection.reason.split("; ")
+    shared: list[str] = []
+    for a, b in zip(rec_why, det_why):
+        if a != b:
+            break
+        shared.append(a)
+    if recognition.source == detection.source and shared:
+        return (
+            f"models: {_SOURCES[recognition.source]} for recognition ({recognition.model_name}) and detection "
+            f"({detection.model_name}) — {'; '.join(shared)}"
+        )
+    return f"models: recognition {recognition.describe()} | detection {detection.describe()}"
+
+
 class Runtime:
     """The active detection and recognition models, and the one place they run.
 
@@ -358,6 +443,7 @@ class Runtime:
         self.config = config.validate()
         self.settings = settings
         self.device = device or config.device or settings.device
+        quiet_paddle()  # the starter pack may be converted (by Paddle) right here
         self.recognition: ModelChoice = resolve_recognition(config, settings)
         self.detection: ModelChoice = resolve_detection(config, settings)
         self.isolated = settings.isolate_models if isolate is None else isolate
@@ -372,8 +458,7 @@ class Runtime:
             _ProcessExecutor(spec) if self.isolated else _ThreadExecutor(spec)
         )
         self._closed = False
-        log.info("recognition: %s", self.recognition.describe())
-        log.info("detection: %s", self.detection.describe())
+        log.info("%s", models_line(self.recognition, self.detection))
 
     # --- what runs ---------------------------------------------------------------------------
     @property

@@ -36,6 +36,7 @@ from shitu.sample import SAMPLE_SUBJECTS
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 LABELS = list(SAMPLE_SUBJECTS)
 BUILD, ADD, REMOVE, INFER = "/shitu-index-build", "/shitu-index-add", "/shitu-index-remove", "/shitu-infer"
+RELABEL = "/shitu-index-relabel"
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -210,12 +211,14 @@ def test_routes_run_in_the_threadpool_and_are_documented(client):
         if isinstance(route, APIRoute):
             assert not inspect.iscoroutinefunction(route.endpoint), route.path
     spec = client.get("/openapi.json").json()
-    assert {BUILD, ADD, REMOVE, INFER, "/shitu-index/{indexKey}", "/health"} <= set(spec["paths"])
+    assert {BUILD, ADD, REMOVE, RELABEL, INFER, "/shitu-index/{indexKey}", "/health"} <= set(spec["paths"])
     schemas = spec["components"]["schemas"]
     assert {"imageLabelPairs", "indexKey", "indexType", "metricType"} <= set(schemas["BuildIndexRequest"]["properties"])
     infer_fields = {"image", "indexKey", "detThreshold", "recThreshold", "topk", "visualize"}
     assert infer_fields <= set(schemas["InferRequest"]["properties"])
     assert "security" in spec["paths"][BUILD]["post"] and "security" not in spec["paths"][INFER]["post"]
+    assert "security" in spec["paths"][RELABEL]["post"]
+    assert {"ids", "label", "indexKey"} <= set(schemas["RelabelImagesRequest"]["properties"])
     assert client.get("/docs").status_code == 200
 
 
@@ -260,6 +263,26 @@ def test_add_then_remove_never_reuses_ids(client, small_index, sample_gallery):
     added = ok(client.post(ADD, json={"imageLabelPairs": payload_pairs(extra), "indexKey": key}))
     assert added == {"idMap": {"0": LABELS[0], "1": LABELS[0], "3": LABELS[2], "4": LABELS[3]}, "imageCount": 4}
     assert ok(client.get(f"/shitu-index/{key}"))["idMap"] == added["idMap"]
+
+
+def test_relabel_keeps_ids_and_vectors(client, api_engine, runtime, small_index, sample_queries):
+    key, id_map = small_index
+    assert id_map == {"0": LABELS[0], "1": LABELS[0], "2": LABELS[1]}
+    vectors_before = api_engine.index(key).vectors()
+    relabelled = ok(client.post(RELABEL, json={"ids": [0, 1], "label": "  tabby  ", "indexKey": key}))
+    assert relabelled == {"idMap": {"0": "tabby", "1": "tabby", "2": LABELS[1]}, "imageCount": 3}
+    assert ok(client.get(f"/shitu-index/{key}"))["idMap"] == relabelled["idMap"]
+    reloaded = Engine(api_engine.settings.model_copy(), runtime=runtime)  # what is on disk
+    assert reloaded.index(key).id_map == {0: "tabby", 1: "tabby", 2: LABELS[1]}
+    ids, vectors = api_engine.index(key).vectors()
+    assert (ids == vectors_before[0]).all() and (vectors == vectors_before[1]).all()
+    # recognition answers with the new label: a new view of the cat is now a "tabby"
+    body = {"image": b64(sample_queries[1]), "indexKey": key, "visualize": False, "recThreshold": 0}
+    infer = ok(client.post(INFER, json=body))
+    assert top_label(infer) == "tabby"
+    assert LABELS[0] not in {r["label"] for o in infer["detectedObjects"] for r in o["recResults"]}
+    # giving an entry the label it has is allowed and changes nothing
+    assert ok(client.post(RELABEL, json={"ids": [1], "label": "tabby", "indexKey": key})) == relabelled
 
 
 def test_omitted_index_key_means_the_default_index(client, api_engine, small_index, sample_gallery, monkeypatch):
@@ -385,6 +408,20 @@ BAD_INPUT = [
     ("remove-no-ids", REMOVE, lambda c: {"ids": [], "indexKey": c.key}, 400, "no ids"),
     ("remove-ids-not-numbers", REMOVE, lambda c: {"ids": ["first"], "indexKey": c.key}, 422, "ids[0]"),
     ("remove-every-entry", REMOVE, lambda c: {"ids": c.ids, "indexKey": c.key}, 400, "cannot remove every entry"),
+    ("relabel-unknown-key", RELABEL, lambda c: {"ids": [0], "label": "x", "indexKey": "no-such-index"}, 404,
+     "no index named 'no-such-index'"),
+    ("relabel-unknown-ids", RELABEL, lambda c: {"ids": [0, 999_999], "label": "x", "indexKey": c.key}, 404,
+     "no entries with ids 999999"),
+    ("relabel-no-ids", RELABEL, lambda c: {"ids": [], "label": "x", "indexKey": c.key}, 400, "no ids"),
+    ("relabel-ids-not-numbers", RELABEL, lambda c: {"ids": ["0-3"], "label": "x", "indexKey": c.key}, 422, "ids[0]"),
+    ("relabel-empty-label", RELABEL, lambda c: {"ids": [0], "label": "", "indexKey": c.key}, 400,
+     "the new label is empty"),
+    ("relabel-blank-label", RELABEL, lambda c: {"ids": [0], "label": " \t ", "indexKey": c.key}, 400,
+     "the new label is empty"),
+    ("relabel-no-label", RELABEL, lambda c: {"ids": [0], "indexKey": c.key}, 422, "label: Field required"),
+    ("relabel-label-not-text", RELABEL, lambda c: {"ids": [0], "label": 7, "indexKey": c.key}, 422, "label"),
+    ("relabel-bad-key", RELABEL, lambda c: {"ids": [0], "label": "x", "indexKey": "../x"}, 400,
+     "invalid index name"),
     ("infer-no-image", INFER, lambda c: {"indexKey": c.key}, 422, "image: Field required"),
     ("infer-empty-image", INFER, lambda c: {"image": "  "}, 400, "image is empty"),
     ("infer-invalid-base64", INFER, lambda c: {"image": "./demo4.jpg"}, 400, "nor valid base64"),
@@ -417,7 +454,7 @@ def test_bad_input_is_refused_and_changes_nothing(client, api_engine, ctx, path,
     assert snapshot(api_engine) == before
 
 
-@pytest.mark.parametrize("path", [BUILD, ADD, REMOVE, INFER])
+@pytest.mark.parametrize("path", [BUILD, ADD, REMOVE, RELABEL, INFER])
 def test_invalid_json_is_a_400(client, api_engine, base, path):
     before = snapshot(api_engine)
     resp = client.post(path, content=b'{"imageLabelPairs": [', headers={"Content-Type": "application/json"})
@@ -471,12 +508,14 @@ def test_bearer_token_guards_mutating_endpoints(api_engine, small_index, ctx, mo
     assert resp.headers["WWW-Authenticate"] == "Bearer"
     assert_error(client.post(REMOVE, json={"ids": [0], "indexKey": key}, headers={"Authorization": "s3cret-token"}),
                  401, "Bearer")  # fmt: skip
+    assert_error(client.post(RELABEL, json={"ids": [0], "label": "x", "indexKey": key}), 401, "Bearer")
     assert snapshot(api_engine) == before
     # reads stay open; the right token opens the rest
     assert ok(client.post(INFER, json={"image": ctx.image, "indexKey": key, "visualize": False}))
     assert ok(client.get(f"/shitu-index/{key}"))["imageCount"] == 3
     auth = {"Authorization": "Bearer s3cret-token"}
     assert ok(client.post(REMOVE, json={"ids": [0], "indexKey": key}, headers=auth))["imageCount"] == 2
+    assert ok(client.post(RELABEL, json={"ids": [1], "label": "x", "indexKey": key}, headers=auth))["idMap"]["1"] == "x"
 
 
 def test_url_guard_refuses_before_connecting(client, api_engine, image_server, monkeypatch):

@@ -73,3 +73,42 @@ def test_user_errors_exit_2_with_a_message(cli_env, capsys):
     (cli_env / "bad.txt").write_text("missing.jpg label\n", encoding="utf-8")
     assert main(["build", "--gallery-root", str(cli_env), "--labels", str(cli_env / "bad.txt"), "--index", "x"]) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_relabel_takes_ids_lists_and_ranges_and_refuses_bad_input(cli_env, sample_gallery, capsys):
+    root, labels = sample_gallery
+    assert main(["build", "--gallery-root", str(root), "--labels", str(labels), "--index", "demo"]) == 0
+    from shitu.engine import Engine
+
+    def id_map() -> dict[int, str]:
+        engine = Engine()  # a fresh engine: what is on disk
+        try:
+            return engine.index("demo").id_map
+        finally:
+            engine.close()
+
+    before = id_map()
+    capsys.readouterr()
+    # separate ids, a comma list and a range, in one --ids
+    assert main(["relabel", "--index", "demo", "--ids", "0", "2,3", "20-23", "--label", "renamed"]) == 0
+    assert "7 entries now labelled 'renamed'" in capsys.readouterr().out
+    after = id_map()
+    assert {i for i, label in after.items() if label == "renamed"} == {0, 2, 3, 20, 21, 22, 23}
+    assert {i: lab for i, lab in after.items() if lab != "renamed"} == {
+        i: lab for i, lab in before.items() if i not in {0, 2, 3, 20, 21, 22, 23}
+    }
+    ids_file = cli_env / "ids.txt"
+    ids_file.write_text("# first two\n0-1\n5\n", encoding="utf-8")
+    assert main(["relabel", "--index", "demo", "--ids-file", str(ids_file), "--label", "from file"]) == 0
+    assert [i for i, lab in id_map().items() if lab == "from file"] == [0, 1, 5]
+    # bad input: exit 2 with a message, and nothing changes
+    unchanged = id_map()
+    assert main(["relabel", "--index", "demo", "--ids", "1", "999", "--label", "x"]) == 2
+    assert "no entries with ids 999" in capsys.readouterr().err
+    assert main(["relabel", "--index", "demo", "--ids", "1", "--label", "  "]) == 2
+    assert "label is empty" in capsys.readouterr().err
+    assert main(["relabel", "--index", "demo", "--ids", "3-1", "--label", "x"]) == 2
+    assert "not a usable id range" in capsys.readouterr().err
+    assert main(["relabel", "--index", "nothing-here", "--ids", "1", "--label", "x"]) == 2
+    assert "no index named 'nothing-here'" in capsys.readouterr().err
+    assert id_map() == unchanged

@@ -1,0 +1,488 @@
+"""Start-up: the app answers from its first second, says what it is preparing, hands over to the
+real app without a restart, reports a failure once; the model-hub check is cheap; the log keeps to
+lines a person can act on.
+
+The wrapper is driven with a fake, slow builder (no models); one slow test runs ``python app.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import requests
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+import app as studio
+import shitu.models as models
+from shitu import mirror, runtime
+from shitu.config import Settings
+from shitu.errors import ShiTuError
+from shitu.models import try_official
+
+from .conftest import MODEL_CACHE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_until(check, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_503_envelope(resp, fragment: str, retry: bool = True) -> None:
+    body = resp.json()
+    assert resp.status_code == 503 and body["errorCode"] == 503, body
+    assert uuid.UUID(body["logId"]) and "result" not in body
+    assert fragment in body["errorMsg"], body["errorMsg"]
+    assert ("retry-after" in resp.headers) is retry
+
+
+class FakeEngine:
+    """What main's builder thread uses of the engine besides build_app."""
+
+    def __init__(self) -> None:
+        self.prepared = threading.Event()
+
+    def prepare_models(self) -> None:
+        self.prepared.set()
+
+    def close(self) -> None:
+        pass
+
+
+def real_app() -> tuple[FastAPI, list[str]]:
+    """A stand-in for build_app's app, whose lifespan (Gradio's queue starts there) is recorded."""
+    events: list[str] = []
+
+    @asynccontextmanager
+    async def lifespan(app):
+        events.append("startup")
+        yield
+        events.append("shutdown")
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/")
+    def page():
+        return {"ui": "the real one"}
+
+    @app.get("/health")
+    def health():
+        return {"errorCode": 0, "result": {"status": "ok"}}
+
+    return app, events
+
+
+@pytest.fixture
+def slow_builder(monkeypatch):
+    """Replaces app.build_app: reports two steps, then waits for the test to release it."""
+    release = threading.Event()
+    outcome: dict = {}
+
+    def build_app(engine, *, host=None, on_step=None):
+        on_step("preparing models: official weights if a model hub answers, else the offline starter pack")
+        assert release.wait(30)
+        on_step("preparing the sample gallery: embedding 3/24")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["app"]
+
+    monkeypatch.setattr(studio, "build_app", build_app)
+    return release, outcome
+
+
+# --- the starting page and the handover -----------------------------------------------------------
+def test_starting_page_and_503_until_ready_then_the_real_app(slow_builder):
+    release, outcome = slow_builder
+    app, events = real_app()
+    outcome["app"] = app
+    starting = studio.StartingApp()
+    engine = FakeEngine()
+    with TestClient(starting) as client:  # runs the lifespan, as uvicorn does
+        studio.prepare_in_background(starting, engine, "127.0.0.1", "http://127.0.0.1:1", threading.Event())
+        wait_until(lambda: "preparing models" in starting.step, "the first step")
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "ShiTu Studio is starting" in page.text and "preparing models / sample gallery" in page.text.lower()
+        assert "preparing models: official weights" in page.text  # the current step
+        assert '<meta http-equiv="refresh" content="2">' in page.text and page.headers["cache-control"] == "no-store"
+        assert "<script" not in page.text and "http" not in page.text.split("<body>")[1]  # self-contained
+        assert "ShiTu Studio is starting" in client.get("/some/ui/path").text
+        assert_503_envelope(client.get("/health"), "ShiTu Studio is starting (preparing models")
+        assert_503_envelope(client.post("/shitu-infer", json={"image": "x"}), "retry in a few seconds")
+        assert_503_envelope(client.get("/shitu-index/sample"), "starting")
+        assert_503_envelope(client.post("/gradio_api/queue/join", json={}), "starting")
+        assert_503_envelope(client.get("/docs"), "starting")
+        assert client.get("/health").headers["retry-after"] == "2"
+        assert events == []
+
+        release.set()
+        wait_until(lambda: starting.app is not None, "the handover")
+        assert events == ["startup"], "the real app's lifespan runs before it serves"
+        assert client.get("/").json() == {"ui": "the real one"}
+        assert client.get("/health").json()["result"]["status"] == "ok"
+        assert engine.prepared.wait(10), "the models are loaded once the app serves"
+    assert events == ["startup", "shutdown"], "the real app's lifespan ends with the server's"
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [(ShiTuError("recognition model_dir x is not a PaddleX model dir"), "recognition model_dir x is not a PaddleX "
+      "model dir"), (RuntimeError("boom"), "RuntimeError: boom")],
+    ids=["bad-input", "unexpected"],
+)  # fmt: skip
+def test_a_failed_start_is_shown_on_the_page_and_the_api_and_logged_once(slow_builder, caplog, error, message):
+    release, outcome = slow_builder
+    outcome["error"] = error
+    starting = studio.StartingApp()
+    caplog.set_level(logging.INFO)
+    with TestClient(starting) as client:
+        studio.prepare_in_background(starting, FakeEngine(), "127.0.0.1", "http://127.0.0.1:1", threading.Event())
+        release.set()
+        wait_until(lambda: starting.error is not None, "the failure")
+        page = client.get("/")
+        assert page.status_code == 503 and "ShiTu Studio could not start" in page.text
+        assert message in page.text and "http-equiv" not in page.text  # nothing to wait for
+        assert_503_envelope(client.get("/health"), f"ShiTu Studio could not start: {message}", retry=False)
+        assert_503_envelope(client.post("/shitu-index-remove", json={"ids": [1]}), message, retry=False)
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR, [r.getMessage() for r in said]
+    assert said[0].getMessage() == f"could not start: {message}"
+
+
+def test_the_real_apps_failing_lifespan_is_a_failed_start(slow_builder, caplog):
+    release, outcome = slow_builder
+
+    @asynccontextmanager
+    async def lifespan(app):
+        raise RuntimeError("queue did not start")
+        yield  # pragma: no cover
+
+    outcome["app"] = FastAPI(lifespan=lifespan)
+    starting = studio.StartingApp()
+    with TestClient(starting) as client:
+        studio.prepare_in_background(starting, FakeEngine(), "127.0.0.1", "http://127.0.0.1:1", threading.Event())
+        release.set()
+        wait_until(lambda: starting.error is not None, "the failure")
+        assert starting.app is None
+        assert_503_envelope(client.get("/health"), "queue did not start", retry=False)
+
+
+def test_without_a_lifespan_the_app_is_used_once_built():
+    """A server (or test client) that runs no lifespan still gets the real app."""
+    app, _ = real_app()
+    starting = studio.StartingApp()
+    client = TestClient(starting)  # not entered: no lifespan
+    assert client.get("/").status_code == 200 and "starting" in client.get("/").text
+    starting.ready(app)
+    assert client.get("/").json() == {"ui": "the real one"}
+
+
+def test_websockets_are_asked_to_come_back_later():
+    from starlette.websockets import WebSocketDisconnect
+
+    client = TestClient(studio.StartingApp())
+    with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/gradio_api/queue/ws"):
+        pass
+    assert closed.value.code == 1013
+
+
+# --- the CJK font is checked at start -------------------------------------------------------------
+def test_a_missing_cjk_font_is_one_warning_at_start(monkeypatch, caplog):
+    from shitu import render
+
+    monkeypatch.setattr(render, "find_cjk_font", lambda: None)
+    caplog.set_level(logging.INFO)
+    assert studio.check_cjk_font() is False
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "SHITU_FONT" in said[0].getMessage() and "apt-get install" in said[0].getMessage()
+
+    def finds_none_and_says_so():  # shitu.render warns itself: not said twice
+        logging.getLogger(render.__name__).warning("no CJK font found: ... or set SHITU_FONT.")
+
+    monkeypatch.setattr(render, "find_cjk_font", finds_none_and_says_so)
+    caplog.clear()
+    assert studio.check_cjk_font() is False
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+    monkeypatch.setattr(render, "find_cjk_font", lambda: "/usr/share/fonts/wqy.ttc")
+    caplog.clear()
+    assert studio.check_cjk_font() is True and not caplog.records
+
+
+def test_build_app_checks_the_font_before_anything_else(monkeypatch):
+    class Checked(Exception):
+        pass
+
+    def check():
+        raise Checked
+
+    monkeypatch.setattr(studio, "check_cjk_font", check)
+    with pytest.raises(Checked):
+        studio.build_app(prepare_sample=False)  # before any engine is made
+
+
+# --- the model-hub check ---------------------------------------------------------------------------
+@pytest.fixture
+def no_hub(tmp_path, monkeypatch):
+    """An empty PaddleX cache, no remembered failures, and PaddleX's host replaced by ``set_hub(url)``."""
+    monkeypatch.setenv("PADDLE_PDX_CACHE_HOME", str(tmp_path / "pdx"))
+    monkeypatch.setattr(mirror, "_unreachable", {})
+    monkeypatch.setattr(models, "_hub_failure", None)
+
+    def set_hub(url: str) -> Settings:
+        monkeypatch.setattr(mirror, "PADDLEX_BASE_URL", url)
+        monkeypatch.setattr(models, "_hub_failure", None)
+        return Settings.from_env(data_dir=tmp_path / "data", offline=False, model_download_deadline=10.0)
+
+    return set_hub
+
+
+@pytest.fixture
+def silent_host():
+    """Accepts connections (the kernel does) and never answers: a black hole behind a proxy."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/models"
+
+
+def test_the_start_up_check_waits_about_two_seconds_for_a_silent_hub_not_the_deadline(no_hub, silent_host):
+    assert inspect.signature(try_official).parameters["answer_within"].default == mirror.ANSWER_TIMEOUT <= 2.0
+    settings = no_hub(silent_host)
+    t0 = time.monotonic()
+    path, reason = try_official("PP-ShiTuV2_rec", False, settings=settings, answer_within=0.5)
+    took = time.monotonic() - t0
+    assert path is None and 0.4 < took < 2.0, took  # the download deadline is 10 s
+    host = silent_host.split("/")[2]
+    assert reason == f"no model hub reachable (PaddleX's host {host} unreachable (no answer within 0.5 s))"
+    # detection right after: not asked again in this process
+    t0 = time.monotonic()
+    assert try_official("PP-ShiTuV2_det", False, settings=settings)[1] == reason
+    assert time.monotonic() - t0 < 0.1
+
+
+def test_a_hanging_name_lookup_is_given_up_after_the_answer_timeout(no_hub, monkeypatch):
+    real = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if str(host).endswith(".invalid"):
+            time.sleep(5)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    settings = no_hub("https://hub.invalid/models")
+    t0 = time.monotonic()
+    path, reason = try_official("PP-ShiTuV2_rec", False, settings=settings, answer_within=0.5)
+    assert path is None and time.monotonic() - t0 < 2.0
+    assert "hub.invalid unreachable (no answer within 0.5 s)" in reason
+
+
+def test_a_failed_check_is_remembered_per_data_dir_for_a_while(no_hub, silent_host, tmp_path, monkeypatch):
+    settings = no_hub(silent_host)
+    _, first = try_official("PP-ShiTuV2_rec", False, settings=settings, answer_within=0.3)
+    memo = json.loads((tmp_path / "data" / models.HUB_CHECK_FILE).read_text(encoding="utf-8"))
+    assert memo["base"] == silent_host and memo["reason"] == first
+    # a restart (a new process: nothing remembered in memory) from the same data dir does not wait
+    monkeypatch.setattr(models, "_hub_failure", None)
+    t0 = time.monotonic()
+    path, again = try_official("PP-ShiTuV2_rec", False, settings=settings, answer_within=0.3)
+    assert path is None and time.monotonic() - t0 < 0.1
+    assert again == f"{first} at the last check, less than a minute ago (start-ups check again after 10 min)"
+    # ... except the background download, which always asks
+    monkeypatch.setattr(models, "_hub_failure", None)
+    t0 = time.monotonic()
+    try_official("PP-ShiTuV2_rec", False, settings=settings, answer_within=0.3, remember_failures=False)
+    assert time.monotonic() - t0 >= 0.25
+    # an old memo, one for another host, or an unreadable one is not used
+    memo_path = tmp_path / "data" / models.HUB_CHECK_FILE
+    for stale in (
+        {**memo, "at": time.time() - models.HUB_RECHECK_AFTER - 1},
+        {**memo, "base": "https://other.example/models"},
+        "not json",
+    ):
+        memo_path.write_text(stale if isinstance(stale, str) else json.dumps(stale), encoding="utf-8")
+        monkeypatch.setattr(models, "_hub_failure", None)
+        t0 = time.monotonic()
+        try_official("PP-ShiTuV2_rec", False, settings=settings, answer_within=0.3)
+        assert time.monotonic() - t0 >= 0.25, stale
+
+
+def test_a_successful_download_clears_the_memo(no_hub, tmp_path):
+    from .test_mirror import Mirror, tiny_tar
+
+    served = Mirror({"PP-ShiTuV2_rec_infer.tar": tiny_tar()})
+    try:
+        settings = no_hub(served.url())
+        memo = tmp_path / "data" / models.HUB_CHECK_FILE
+        memo.parent.mkdir(parents=True)
+        memo.write_text(json.dumps({"base": "elsewhere", "at": time.time(), "reason": "x"}), encoding="utf-8")
+        path, reason = try_official("PP-ShiTuV2_rec", False, settings=settings)
+        assert path is not None and "downloaded from PaddleX's host" in reason
+        assert not memo.exists()
+    finally:
+        served.close()
+
+
+# --- the log ---------------------------------------------------------------------------------------
+WORKER_OUTPUT = """\
+/usr/lib/python3/site-packages/paddle/utils/cpp_extension/extension_utils.py:712: UserWarning: No ccache found. \
+Please be aware that recompiling all source files may be required.
+  warnings.warn(warning_message)
+W1127 17:17:20.122947   839 eager_utils.cc:3584] Paddle static graph(PIR) not support input out tensor for now!!!!!
+I1127 17:17:21.000001   839 analysis_predictor.cc:100] ir_optim is turned off
+ReduceMeanCheckIfOneDNNSupport
+\x1b[1m\x1b[35m--- Running analysis [ir_graph_build_pass]\x1b[0m
+
+E1127 17:17:22.000001   839 something.cc:1] a real error
+Traceback (most recent call last):
+  File "x.py", line 1, in <module>
+ValueError: bad input
+--------------------------------------
+C++ Traceback (most recent call last):
+--------------------------------------
+0   paddle::AnalysisPredictor::Run()
+1   phi::SomeKernel()
+
+----------------------
+Error Message Summary:
+----------------------
+FatalError: `Segmentation fault` is detected by the operating system.
+  [TimeInfo: *** Aborted at 1795801286 (unix time) try "date -d @1795801286" if you are using GNU date ***]
+  [SignalInfo: *** SIGSEGV (@0x4e5) received by PID 1253 (TID 0x7f785d621b80) from PID 1253 ***]
+"""
+
+
+def test_worker_output_keeps_only_what_a_person_can_act_on(caplog):
+    caplog.set_level(logging.INFO)
+    runtime._forward_output(io.BytesIO(WORKER_OUTPUT.encode()), 4321)
+    assert [r.getMessage() for r in caplog.records] == [
+        "model worker 4321: E1127 17:17:22.000001   839 something.cc:1] a real error",
+        "model worker 4321: Traceback (most recent call last):",
+        'model worker 4321:   File "x.py", line 1, in <module>',
+        "model worker 4321: ValueError: bad input",
+        "model worker 4321: FatalError: `Segmentation fault` is detected by the operating system.",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_paddlex_logger_keeps_warnings_but_not_its_hoster_check(monkeypatch):
+    pdx = logging.getLogger("paddlex")
+    monkeypatch.setattr(pdx, "filters", [])
+    monkeypatch.delenv("GLOG_minloglevel", raising=False)
+    runtime.quiet_paddle()
+    runtime.quiet_paddle()
+    assert len(pdx.filters) == 1 and os.environ["GLOG_minloglevel"] == "2"
+
+    def passes(level: int, msg: str) -> bool:
+        return pdx.filter(logging.LogRecord("paddlex", level, "x.py", 1, msg, None, None))
+
+    assert not passes(logging.INFO, "Creating model: ('PP-ShiTuV2_det', None)")
+    assert not passes(logging.ERROR, "No available model hosting platforms detected. Please check your network.")
+    assert not passes(logging.WARNING, "Checking connectivity to the model hosters, this may take a while.")
+    assert passes(logging.WARNING, "The model is large; consider a GPU")
+    assert passes(logging.ERROR, "inference.json is broken")
+
+
+def test_one_models_line_says_which_and_why():
+    from shitu.models import ModelChoice
+
+    hub = "no model hub reachable (PaddleX's host h unreachable (host name not resolved))"
+    rec = ModelChoice("recognition", "PP-ShiTuV2_rec", "/m/rec", "starter", f"{hub}; using ImageNet MobileNetV2")
+    det = ModelChoice("detection", "PP-ShiTuV2_det", "/m/det", "starter", f"{hub}; using MediaPipe's SSD")
+    assert runtime.models_line(rec, det) == (
+        f"models: the offline starter pack for recognition (PP-ShiTuV2_rec) and detection (PP-ShiTuV2_det) — {hub}"
+    )
+    official = ModelChoice("recognition", "PP-ShiTuV2_rec", "/c/rec", "official", "official weights found in cache")
+    line = runtime.models_line(official, det)
+    assert line.startswith("models: recognition PP-ShiTuV2_rec — official") and "| detection" in line
+    assert "\n" not in line and "/m/" not in line and "/c/" not in line  # no server paths
+
+
+# --- the real thing --------------------------------------------------------------------------------
+NOISE = ("ccache", "PIR", "!!!!", "ReduceMean", "hosting platform", "hoster", "warnings.warn", "Traceback",
+         "leaked shared_memory", "FatalError", "Uvicorn running", "Waiting for application")  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_python_app_py_serves_a_starting_page_at_once_then_the_studio(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "SHITU_DATA_DIR": str(tmp_path / "data"),
+           "SHITU_MODEL_DIR": str(MODEL_CACHE), "SHITU_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env.pop("HOST", None)
+    log_path = tmp_path / "app.log"
+    base = f"http://127.0.0.1:{port}"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+        try:
+            t0 = time.monotonic()
+            seen: list[str] = []
+            while time.monotonic() - t0 < 240:
+                assert proc.poll() is None, log_path.read_text(errors="replace")
+                try:
+                    page = requests.get(f"{base}/", timeout=5)
+                    health = requests.get(f"{base}/health", timeout=5)
+                except requests.ConnectionError:
+                    time.sleep(0.1)
+                    continue
+                if "ShiTu Studio is starting" in page.text:
+                    seen.append("starting")
+                    assert health.status_code == 503 and health.headers["retry-after"] == "2"
+                    assert health.json()["errorCode"] == 503
+                elif "gradio" in page.text.lower():
+                    seen.append("ready")
+                    break
+                time.sleep(0.2)
+            first_answer = seen and seen[0]
+            assert first_answer == "starting" and seen[-1] == "ready", seen
+            assert health.status_code == 200 and health.json()["result"]["status"] == "ok"
+            assert requests.get(f"{base}/shitu-index/sample", timeout=10).json()["result"]["imageCount"] > 0
+            # the UI's events run: Gradio's queue started with the handed-over app's lifespan
+            from gradio_client import Client
+
+            ui = Client(f"{base}/", verbose=False)
+            names = list(ui.view_api(return_format="dict", print_info=False)["named_endpoints"])
+            if "/open_index" in names:
+                assert "24 entries" in str(ui.predict("sample", api_name="/open_index"))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    log = log_path.read_text(encoding="utf-8", errors="replace")
+    lines = [ln for ln in log.splitlines() if ln.strip()]
+    assert not [ln for ln in lines if any(n in ln for n in NOISE)], log
+    assert any("serving on http://127.0.0.1" in ln for ln in lines) and any("ready in" in ln for ln in lines), log
+    assert any("models: the offline starter pack for recognition" in ln for ln in lines), log
+    assert not [ln for ln in lines if " ERROR " in ln], log
+    assert len(lines) <= 6, log
