@@ -285,6 +285,16 @@ def live_progress(fn: Callable, n_outputs: int, position: int, *, every: float =
     return streaming
 
 
+def first_outputs(fn: Callable, n: int) -> Callable:
+    """``fn`` answering only its first ``n`` outputs (type hints kept for Gradio)."""
+
+    @functools.wraps(fn)
+    def first(*args: Any, **kwargs: Any) -> tuple:
+        return tuple(fn(*args, **kwargs)[:n])
+
+    return first
+
+
 _SCRATCH: Path | None = None
 
 
@@ -1132,6 +1142,12 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         return soft_errors(fn, len(outputs), status=outputs.index(status) if status is not None else None,
                            on_error=on_error)  # fmt: skip
 
+    def endpoint(name: str, fn: Callable, inputs: Any, outputs: Any, **kwargs: Any) -> None:
+        """A named endpoint for programmatic callers (gradio_client, ``/gradio_api/...``): the plain
+        handler, so a refusal is an error there, not a toast. The page's own events are private
+        and soft; a hidden trigger carries the endpoint."""
+        gr.Button(visible=False, elem_classes=["api-only"]).click(fn, inputs, outputs, api_name=name, **kwargs)
+
     def with_progress(fn: Callable, outputs: list, bar: Any) -> Callable:
         """A long job: its progress streams to ``bar``, a user error lands there and in a toast."""
         return soft(live_progress(fn, len(outputs), outputs.index(bar)), outputs, bar)
@@ -1154,7 +1170,10 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                     sign_in_btn = gr.Button(I18N("sign_in_btn"), scale=1)
                     sign_out_btn = gr.Button(I18N("sign_out_btn"), scale=1)
                 sign_in_status = gr.Markdown(elem_id="sign-in-status")
-            sign_in_btn.click(soft(access.sign_in, [sign_in_status]), password, sign_in_status, api_name="sign_in")
+            endpoint("sign_in", access.sign_in, password, sign_in_status)  # first: it keeps the plain name
+            sign_in_btn.click(
+                soft(access.sign_in, [sign_in_status]), password, sign_in_status, api_visibility="private"
+            )
             password.submit(soft(access.sign_in, [sign_in_status]), password, sign_in_status, api_visibility="private")
             sign_out_btn.click(access.sign_out, None, sign_in_status, api_name="sign_out")
         with gr.Tabs(elem_id="tabs"):
@@ -1358,13 +1377,47 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         rec_inputs = [query, rec_index, det_threshold, rec_threshold, topk, whole_image, use_nms, nms_iou]
         rec_outputs = [result_image, result_table_df, timings, result_json, evidence_gallery, rec_state,
                        results_box, rec_hint, rec_status]  # fmt: skip
+        build_inputs = [build_files, build_labels, build_name, build_type, build_metric, build_skip, build_overwrite,
+                        build_whiten, build_folders]  # fmt: skip
+        build_outputs = [build_summary, rec_index, manage_index, build_progress]
+        view_outputs = [info, entries, label_filter, thumbs, selected]
+        filter_outputs = [info, entries, thumbs]
+        clear_outputs = [selected, info, entries, thumbs]
+        remove_outputs = [manage_status, info, entries, thumbs, selected]
+        relabel_outputs = [manage_status, info, entries, label_filter, thumbs, selected]
+        add_inputs = [manage_index, add_files, add_labels, add_skip, add_folders]
+        add_outputs = [manage_status, info, entries, label_filter, thumbs, manage_progress]
+        rename_outputs = [manage_status, manage_index, rec_index]
+        delete_outputs = [manage_status, manage_index, rec_index, confirm_delete]
+        export_outputs = [manage_status, download_btn]
+        import_outputs = [manage_status, manage_index, rec_index, manage_progress]
+        switch_outputs = [models_md, rec_threshold, banner, rec_model]
+
+        # named endpoints first, so they keep the plain names: the same handlers, errors stay errors
+        endpoint("recognize", first_outputs(bind(recognize_image), 4), rec_inputs, rec_outputs[:4])
+        endpoint("build_index", change(build_index), build_inputs, build_outputs[:3],
+                 concurrency_limit=1, concurrency_id="index-jobs")  # fmt: skip
+        endpoint("open_index", bind(open_index), manage_index, view_outputs)
+        endpoint("filter_entries", bind(filter_entries), [manage_index, label_filter, selected], filter_outputs)
+        endpoint("clear_selection", bind(clear_selection), [manage_index, label_filter], clear_outputs)
+        endpoint("remove_entries", change(remove_entries), [manage_index, selected, label_filter], remove_outputs)
+        endpoint("relabel_entries", change(relabel_entries), [manage_index, selected, new_label, label_filter],
+                 relabel_outputs)  # fmt: skip
+        endpoint("add_entries", change(add_entries), add_inputs, add_outputs[:-1],
+                 concurrency_limit=1, concurrency_id="index-jobs")  # fmt: skip
+        endpoint("rename_index", change(rename_index), [manage_index, new_name], rename_outputs)
+        endpoint("delete_index", change(delete_index), [manage_index, confirm_delete], delete_outputs)
+        endpoint("export_index", change(export_index), manage_index, export_outputs)
+        endpoint("import_index", change(import_index), [import_file, import_name, import_overwrite],
+                 import_outputs[:-1])  # fmt: skip
+        endpoint("switch_model", change(switch_model), rec_model, switch_outputs[:-1])
 
         @functools.wraps(bind(recognize_image))  # Gradio reads the type hints: the request is injected
         def recognize_and_show(*args: Any, **kwargs: Any) -> tuple:
             return (*bind(recognize_image)(*args, **kwargs), gr.update(visible=True), gr.update(visible=False), "")
 
         recognize = soft(recognize_and_show, rec_outputs, rec_status)
-        recognize_btn.click(recognize, rec_inputs, rec_outputs, api_name="recognize")
+        recognize_btn.click(recognize, rec_inputs, rec_outputs, api_visibility="private")
         examples.select(pick_example, None, query, api_visibility="private").then(
             recognize, rec_inputs, rec_outputs, api_visibility="private"
         )
@@ -1377,33 +1430,29 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         rec_index.change(bind(threshold_for_index), rec_index, rec_threshold, api_visibility="private")
         rec_index.change(bind(show_examples), rec_index, examples, api_visibility="private")
 
-        build_outputs = [build_summary, rec_index, manage_index, build_progress]
         build_btn.click(
             with_progress(change(build_index), build_outputs, build_progress),
-            [build_files, build_labels, build_name, build_type, build_metric, build_skip, build_overwrite,
-             build_whiten, build_folders],
+            build_inputs,
             build_outputs,
-            api_name="build_index",
+            api_visibility="private",
             show_progress="hidden",
             concurrency_limit=1,
             concurrency_id="index-jobs",
         )  # fmt: skip
 
-        view_outputs = [info, entries, label_filter, thumbs, selected]
         open_event = dict(fn=soft(bind(open_index), view_outputs), inputs=manage_index, outputs=view_outputs)
-        manage_index.input(**open_event, api_name="open_index")
+        manage_index.input(**open_event, api_visibility="private")
         refresh_btn.click(keep, manage_index, manage_index, api_visibility="private").then(
             **open_event, api_visibility="private"
         )
         tab_manage.select(keep, manage_index, manage_index, api_visibility="private").then(
             **open_event, api_visibility="private"
         )
-        filter_outputs = [info, entries, thumbs]
         label_filter.input(
             soft(bind(filter_entries), filter_outputs),
             [manage_index, label_filter, selected],
             filter_outputs,
-            api_name="filter_entries",
+            api_visibility="private",
         )
         toggle_outputs = [selected, thumbs, entries]
         entries.select(
@@ -1420,64 +1469,56 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
             selection_outputs,
             api_visibility="private",
         )
-        clear_outputs = [selected, info, entries, thumbs]
         clear_btn.click(
             soft(bind(clear_selection), clear_outputs),
             [manage_index, label_filter],
             clear_outputs,
-            api_name="clear_selection",
+            api_visibility="private",
         )
-        remove_outputs = [manage_status, info, entries, thumbs, selected]
         remove_btn.click(
             soft(change(remove_entries), remove_outputs, manage_status),
             [manage_index, selected, label_filter],
             remove_outputs,
-            api_name="remove_entries",
+            api_visibility="private",
         )
-        relabel_outputs = [manage_status, info, entries, label_filter, thumbs, selected]
         relabel_btn.click(
             soft(change(relabel_entries), relabel_outputs, manage_status),
             [manage_index, selected, new_label, label_filter],
             relabel_outputs,
-            api_name="relabel_entries",
+            api_visibility="private",
         )
-        add_outputs = [manage_status, info, entries, label_filter, thumbs, manage_progress]
         add_btn.click(
             with_progress(change(add_entries), add_outputs, manage_progress),
-            [manage_index, add_files, add_labels, add_skip, add_folders],
+            add_inputs,
             add_outputs,
-            api_name="add_entries",
+            api_visibility="private",
             show_progress="hidden",
             concurrency_limit=1,
             concurrency_id="index-jobs",
         )
-        rename_outputs = [manage_status, manage_index, rec_index]
         rename_btn.click(
             soft(change(rename_index), rename_outputs, manage_status),
             [manage_index, new_name],
             rename_outputs,
-            api_name="rename_index",
+            api_visibility="private",
         ).success(**open_event, api_visibility="private")
-        delete_outputs = [manage_status, manage_index, rec_index, confirm_delete]
         delete_btn.click(
             soft(change(delete_index), delete_outputs, manage_status),
             [manage_index, confirm_delete],
             delete_outputs,
-            api_name="delete_index",
+            api_visibility="private",
         ).success(**open_event, api_visibility="private")
-        export_outputs = [manage_status, download_btn]
         export_btn.click(
             soft(change(export_index), export_outputs, manage_status),
             manage_index,
             export_outputs,
-            api_name="export_index",
+            api_visibility="private",
         )
-        import_outputs = [manage_status, manage_index, rec_index, manage_progress]
         import_btn.click(
             with_progress(change(import_index), import_outputs, manage_progress),
             [import_file, import_name, import_overwrite],
             import_outputs,
-            api_name="import_index",
+            api_visibility="private",
             show_progress="hidden",
         ).success(**open_event, api_visibility="private")
 
@@ -1485,7 +1526,6 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         # while official weights download in the background, the Models tab shows their progress
         download_timer = gr.Timer(2.0, active=bool(engine.model_download_status().get("running")))
         download_timer.tick(bind(refresh_models), None, [models_md, download_timer, banner], api_visibility="private")
-        switch_outputs = [models_md, rec_threshold, banner, rec_model]
 
         def put_back_model(outputs: list, _request: Any) -> list:  # a failed switch changes nothing
             outputs[-1] = gr.update(value=active_rec_model(engine))
@@ -1499,7 +1539,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
             soft(switch_and_show, switch_outputs, on_error=put_back_model),
             rec_model,
             switch_outputs,
-            api_name="switch_model",
+            api_visibility="private",
         )
 
         demo.load(bind(models_markdown), None, models_md, api_visibility="private")

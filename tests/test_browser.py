@@ -3,8 +3,8 @@
 The app (``app.build_app``: HTTP API + Gradio UI on one port) runs under uvicorn in a
 background thread on loopback; Playwright drives Debian's ``/usr/bin/chromium``. Screenshots
 of every tab go to ``$SHITU_TEST_ARTIFACTS`` (default: a folder in the system temp dir; the
-tests never write into the checkout); with ``SHITU_UPDATE_SCREENSHOTS=1`` they are also copied to
-``docs/screenshots/`` for the user guide.
+tests never write into the checkout). The user guide's screenshots come from
+``docs/make_screenshots.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("SHITU_TEST_ARTIFACTS") or Path(tempfile.gettempdir()) / "shitu-test-artifacts")
-DOC_SHOTS = REPO / "docs" / "screenshots"
 LABELS = list(SAMPLE_SUBJECTS)[:3]  # 猫 cat, 咖啡 coffee, 火箭 rocket
 TIMEOUT = 60_000  # ms; the first query may still be loading models
 
@@ -50,14 +49,9 @@ def flat_upload(tmp_path: Path) -> tuple[list[Path], Path]:
     return files, labels
 
 
-def shoot(page, name: str, *, doc: bool = True) -> None:
+def shoot(page, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    target = DOC_SHOTS / f"{name}.png"
-    if doc and os.environ.get("SHITU_UPDATE_SCREENSHOTS") == "1":
-        DOC_SHOTS.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, target)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
 # Records when a progress bar first appears under a selector: a build of nine photos may end

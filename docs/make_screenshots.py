@@ -1,0 +1,168 @@
+"""Regenerate the screenshots in README.md and docs/ui.md from the running studio.
+
+    python docs/make_screenshots.py                       # the built-in sample gallery only
+    python docs/make_screenshots.py --gallery ../shared/data/drink_dataset \
+        --query ../shared/data/drink_dataset/test_images/001.jpeg
+
+Starts the real app (``app.build_app``: HTTP API + Gradio UI) on loopback with a fresh data
+dir, drives Debian's ``/usr/bin/chromium`` with Playwright like a person would — build an index
+from an uploaded .zip (caught while its progress bar runs), recognise a photo, select rows on
+Manage, open Models — and writes desktop (1280 px) and phone (390 x 844) screenshots in English
+and Chinese to ``docs/screenshots/`` (or ``--out``). Needs the dev requirements and chromium.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+TIMEOUT = 180_000  # ms: a first query may still be loading models on a slow machine
+
+
+def gallery_zip(root: Path, limit: int, target: Path) -> Path:
+    """Every ``step``-th line of ``root/gallery.txt`` (at most ``limit``) and its images as one .zip,
+    as a person would upload a gallery."""
+    lines = [line for line in (root / "gallery.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    step = max(1, len(lines) // limit)
+    chosen = lines[::step][:limit]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for line in chosen:
+            rel = line.replace("\t", " ").split(" ", 1)[0]
+            zf.write(root / rel, rel)
+        zf.writestr("gallery.txt", "\n".join(chosen) + "\n")
+    target.write_bytes(buffer.getvalue())
+    return target
+
+
+def sample_zip(engine, target: Path) -> Path:
+    """The built-in sample gallery (generated in the data dir) as an uploadable .zip."""
+    from shitu.sample import ensure_sample_files
+
+    gallery, label_file, _ = ensure_sample_files(engine.settings)
+    with zipfile.ZipFile(target, "w") as zf:
+        for path in sorted(gallery.rglob("*.jpg")):
+            zf.write(path, path.relative_to(gallery).as_posix())
+        zf.write(label_file, "gallery.txt")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gallery", type=Path, help="a PaddleX gallery dir with gallery.txt (default: the sample)")
+    parser.add_argument("--limit", type=int, default=200, help="at most this many gallery images")
+    parser.add_argument("--query", type=Path, help="the photo to recognise (default: a sample query)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
+    args = parser.parse_args()
+
+    import os
+
+    work = Path(tempfile.mkdtemp(prefix="shitu-shots-"))
+    os.environ["SHITU_DATA_DIR"] = str(work / "data")
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=TIMEOUT)
+
+    from app import build_app
+    from shitu.api import serving
+    from shitu.engine import Engine
+
+    engine = Engine()
+    upload = gallery_zip(args.gallery, args.limit, work / "gallery.zip") if args.gallery else None
+    query = args.query
+    name = "demo"
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        with serving(build_app(engine)) as url, sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            upload = upload or sample_zip(engine, work / "sample.zip")
+            query = query or engine.sample_queries()[0]
+
+            def shot(page, filename: str, *, full: bool = True) -> None:
+                page.wait_for_timeout(400)  # let transitions settle
+                page.screenshot(path=str(args.out / filename), full_page=full)
+                print("wrote", args.out / filename)
+
+            page = browser.new_page(locale="en-US", viewport=DESKTOP)
+            page.set_default_timeout(TIMEOUT)
+            page.goto(url)
+            # Build: caught while the progress bar runs, then the summary
+            page.get_by_role("tab", name="Build").click()
+            page.locator("#build-files input[type=file]").set_input_files(str(upload))
+            expect(page.locator("#build-files").get_by_role("row", name=upload.name)).to_be_visible()
+            page.get_by_label("Index name").fill(name)
+            page.get_by_role("button", name="Build index", exact=True).click()
+            bar = page.locator("#build-progress [aria-valuenow]")
+            try:
+                bar.wait_for(timeout=20_000)
+                shot(page, "build.png", full=False)
+            except Exception:  # noqa: BLE001 - a tiny gallery may finish before a frame is caught
+                print("the build finished before its progress bar could be photographed")
+            expect(page.locator("#build-summary")).to_contain_text(name)
+            if not (args.out / "build.png").exists():
+                shot(page, "build.png")
+
+            # Recognize: the new index, one photo, evidence and table
+            page.get_by_role("tab", name="Recognize").click()
+            expect(page.locator("#rec-index input")).to_have_value(name)
+            page.locator("#query-image input[type=file]").set_input_files(str(query))
+            expect(page.locator("#query-image img")).to_be_visible()
+            page.get_by_role("button", name="Recognize", exact=True).click()
+            expect(page.locator("#evidence .thumbnail-item").first).to_be_visible()
+            shot(page, "recognize.png")
+
+            # Manage: a few rows selected by a typed range
+            page.get_by_role("tab", name="Manage").click()
+            selected = page.locator("#selected-ids input, #selected-ids textarea")
+            expect(page.locator("#entries-table")).to_be_visible()
+            selected.fill("1-3")
+            selected.press("Enter")
+            expect(page.locator("#previews .thumbnail-item")).to_have_count(3)
+            shot(page, "manage.png")
+
+            page.get_by_role("tab", name="Models").click()
+            expect(page.locator("#models-info")).to_contain_text(name)
+            shot(page, "models.png")
+            page.close()
+
+            # Chinese desktop and a phone in both languages: the Recognize flow
+            for locale, viewport, filename in (
+                ("zh-CN", DESKTOP, "recognize_zh.png"),
+                ("en-US", PHONE, "phone.png"),
+                ("zh-CN", PHONE, "phone_zh.png"),
+            ):
+                page = browser.new_page(
+                    locale=locale, viewport=viewport, device_scale_factor=2 if viewport is PHONE else 1
+                )
+                page.set_default_timeout(TIMEOUT)
+                page.goto(url)
+                page.locator("#rec-index input").click()
+                page.get_by_role("option", name=name).click()
+                page.locator("#query-image input[type=file]").set_input_files(str(query))
+                expect(page.locator("#query-image img")).to_be_visible()
+                page.locator("#recognize-btn").click()
+                expect(page.locator("#evidence .thumbnail-item").first).to_be_visible()
+                if viewport is PHONE:  # the result as a phone shows it: scrolled to the drawn image
+                    page.locator("#result-image").evaluate("e => e.scrollIntoView({block: 'start'})")
+                    shot(page, filename, full=False)
+                else:
+                    shot(page, filename)
+                page.close()
+            browser.close()
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
