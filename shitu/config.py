@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         1800.0, gt=0, description="seconds a background download of official models may take in all"
     )
     model_max_bytes: int = Field(4 * 1024**3, gt=0, description="largest official model tar accepted")
+    cpu_threads: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="Paddle Inference CPU math threads per model (default: PaddleX's 10, or fewer "
+        "when this process may use fewer cores: more threads than cores only adds contention)",
+    )
     isolate_models: bool = Field(
         True, description="run PaddleX in a supervised worker process, so a native crash cannot kill the server"
     )

@@ -23,7 +23,9 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,15 @@ from shitu.config import (
     Settings,
 )
 from shitu.errors import Conflict, NotFound, ShiTuError, Unavailable
-from shitu.gallery import GalleryBatch, GalleryItem, ImageInput, SkippedLine, load_image, make_thumbnail
+from shitu.gallery import (
+    GalleryBatch,
+    GalleryItem,
+    ImageInput,
+    SkippedLine,
+    in_line_order,
+    load_image,
+    make_thumbnail,
+)
 from shitu.ids import parse_ids
 from shitu.index import GalleryIndex
 from shitu.matching import match_objects
@@ -54,6 +64,8 @@ __all__ = ["ChangeReport", "Engine", "GalleryIndex", "Options", "Progress", "UNS
 log = logging.getLogger(__name__)
 
 SAMPLE_INDEX = "sample"
+DECODE_THREADS = 1  # reads, decodes and thumbnails images ahead of the models while they embed
+DECODE_WINDOW_BATCHES = 3  # how many batches of decoded images may wait for the models
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 IndexRef = str | Path | GalleryIndex | None  # a name in the data dir, a directory, or an index object
 
@@ -170,8 +182,11 @@ class Engine:
         downloadable; otherwise only the starter pack can stand in)."""
         active = self.models()["recognition"]
         return [
-            {"name": name, **REC_MODEL_FACTS[name], "active": active["model_name"] == name
-             and active["source"] != "starter"}  # fmt: skip
+            {
+                "name": name,
+                **REC_MODEL_FACTS[name],
+                "active": active["model_name"] == name and active["source"] != "starter",
+            }  # fmt: skip
             for name in REC_MODELS
         ]
 
@@ -352,35 +367,61 @@ class Engine:
         runtime: Runtime | None = None,
     ) -> tuple[np.ndarray, list[GalleryItem], list[SkippedLine]]:  # fmt: skip
         """Decode and embed every item: ``(features, items kept, skipped lines)``. Unusable
-        images raise (listing every bad line) unless ``skip_invalid``; never silently dropped."""
+        images raise (listing every bad line) unless ``skip_invalid``; never silently dropped.
+
+        One pass over each image, pipelined: a decode thread reads, decodes and thumbnails
+        images a bounded window ahead, while the models embed the previous batch; memory holds
+        that window, not the whole gallery. Progress counts images embedded."""
         skipped = list(batch.skipped)
-        decoded: list[tuple[GalleryItem, np.ndarray]] = []
+        kept: list[GalleryItem] = []
+        feats: list[np.ndarray] = []
         total = len(batch.items)
-        if progress:
-            progress(0, total, "reading images")
-        for n, item in enumerate(batch.items):
+        bs = max(8, self.config.recognition.batch_size)
+        max_pixels = self.settings.max_image_pixels
+
+        def prepare(item: GalleryItem) -> tuple[GalleryItem, np.ndarray | None, str | None]:
             try:
-                rgb = load_image(item.image, max_pixels=self.settings.max_image_pixels)
+                rgb = load_image(item.image, max_pixels=max_pixels)
             except ShiTuError as exc:
-                skipped.append(SkippedLine(item.line_no, item.source, exc.message))
-                continue
+                return item, None, exc.message
             item.thumbnail = make_thumbnail(rgb)
-            decoded.append((item, rgb))
-            if progress and (n % 16 == 0 or n + 1 == total):
-                progress(n + 1, total, "reading images")
-        GalleryBatch(items=[d[0] for d in decoded], skipped=[] if skip_invalid else skipped).require_clean()
+            return item, rgb, None
+
+        if progress:
+            progress(0, total, "embedding")
         with contextlib.ExitStack() as stack:
             rt = runtime or stack.enter_context(self._models())
-            bs = max(8, self.config.recognition.batch_size)
-            feats = []
-            if progress:
-                progress(0, len(decoded), "embedding")
-            for start in range(0, len(decoded), bs):
-                chunk = decoded[start : start + bs]
-                feats.append(rt.embed([rgb for _, rgb in chunk], bs))
+            pool = stack.enter_context(ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="shitu-decode"))
+            todo = iter(batch.items)
+            window: deque[Future] = deque()
+            chunk: list[tuple[GalleryItem, np.ndarray]] = []
+            done = 0
+
+            def embed(pairs: list[tuple[GalleryItem, np.ndarray]]) -> None:
+                if skip_invalid or len(skipped) == len(batch.skipped):  # a bad image stops the work, not the scan
+                    feats.append(rt.embed([rgb for _, rgb in pairs], bs))
+                    kept.extend(item for item, _ in pairs)
                 if progress:
-                    progress(min(start + bs, len(decoded)), len(decoded), "embedding")
-        return np.concatenate(feats), [item for item, _ in decoded], skipped
+                    progress(done, total, "embedding")
+
+            while True:
+                while len(window) < bs * DECODE_WINDOW_BATCHES and (item := next(todo, None)) is not None:
+                    window.append(pool.submit(prepare, item))
+                if not window:
+                    break
+                item, rgb, error = window.popleft().result()
+                done += 1
+                if rgb is None:
+                    skipped.append(SkippedLine(item.line_no, item.source, error or "unreadable"))
+                else:
+                    chunk.append((item, rgb))
+                if len(chunk) == bs:
+                    embed(chunk)
+                    chunk = []
+            if chunk:
+                embed(chunk)
+        GalleryBatch(items=kept, skipped=[] if skip_invalid else skipped).require_clean()
+        return np.concatenate(feats), kept, in_line_order(skipped)
 
     def build_index(
         self,

@@ -156,3 +156,46 @@ def test_model_switch_waits_for_the_request_in_flight(tmp_path, sample_gallery, 
     assert again.objects[0].labels == results[0].objects[0].labels
     engine.close()
     assert engine._runtime is None
+
+
+def test_pipelined_gallery_embedding_keeps_order_and_reports_every_bad_line(engine, runtime, sample_gallery):
+    """Decoding runs ahead of the models on threads: the features must still be each line's own,
+    in line order, and a bad image anywhere must be reported with every other bad one."""
+    import numpy as np
+
+    from shitu.gallery import load_image
+
+    root, labels = sample_gallery
+    batch = read_label_file(labels, root)
+    seen: list[tuple[int, int, str]] = []
+    feats, kept, skipped = engine.embed_gallery(batch, progress=lambda d, t, w: seen.append((d, t, w)))
+    assert [i.source for i in kept] == [i.source for i in batch.items] and not skipped
+    one_by_one = np.concatenate([runtime.embed([load_image(i.image)]) for i in batch.items])
+    assert np.abs(feats - one_by_one).max() < 1e-5  # the same vector for the same line
+    assert all(i.thumbnail for i in kept)
+    assert seen[0] == (0, len(batch.items), "embedding") and seen[-1][0] == len(batch.items)
+    assert [d for d, *_ in seen] == sorted(d for d, *_ in seen)
+
+    bad = GalleryBatch(items=list(read_label_file(labels, root).items))
+    for n in (17, 3):
+        bad.items[n] = GalleryItem(f"broken{n}.jpg", b"not an image", "x", line_no=bad.items[n].line_no)
+    with pytest.raises(ShiTuError, match=r"2 gallery line\(s\) are unusable: line 4: .*; line 18: "):
+        engine.embed_gallery(bad)
+    feats, kept, skipped = engine.embed_gallery(bad, skip_invalid=True)
+    assert [s.line_no for s in skipped] == [4, 18] and len(kept) == len(bad.items) - 2 == len(feats)
+
+
+def test_paddle_math_threads_follow_the_machine(tmp_path):
+    """PaddleX's default of 10 CPU math threads oversubscribes small machines; we use at most the
+    cores this process may run on, or SHITU_CPU_THREADS."""
+    from shitu.config import PipelineConfig
+    from shitu.runtime import PADDLEX_CPU_THREADS, Runtime, usable_cores
+    from tests.conftest import make_settings
+
+    default = min(usable_cores(), PADDLEX_CPU_THREADS)
+    for settings, expected in ((make_settings(tmp_path), default), (make_settings(tmp_path, cpu_threads=3), 3)):
+        rt = Runtime(PipelineConfig(), settings, isolate=False)
+        try:
+            assert rt._executor._host.spec.cpu_threads == expected
+        finally:
+            rt.close()
