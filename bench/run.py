@@ -851,31 +851,44 @@ def write_report(results: dict, plan: Plan, out: Path, plot_dir: Path, argv: lis
             L += [""]
             steps = pro["steps"]
             bound = b["images"] / steps["predictor"]
+            extra_share = (
+                100 * (steps["decode"] + steps["thumbs"]) / sum(steps[k] for k in ("decode", "thumbs", "predictor"))
+            )
+            ablation = "; ".join(
+                f"{r['name'].split(' (')[0].replace('`', '')}: {r['speedup']:.2f}×" for r in pro["rows"][1:]
+            )
+            ablation = f"against the old path, {ablation}" if ablation else "see the ablation"
             L += [
                 "### What would reach ≥ 2×",
                 "",
                 f"The predictor alone (PaddleX preprocessing + Paddle Inference, on decoded arrays) runs at "
                 f"{bound:.1f} img/s = **{bound / b['pdx_ips']:.2f}× PaddleX's whole build**: that is the ceiling for "
-                f"any change outside the model call, however well decode ({steps['decode']:.1f} s) and thumbnails "
-                f"({steps['thumbs']:.1f} s) are hidden behind it. The engine now pipelines them (a decode thread a "
-                "bounded window ahead of the models, progress per embedded image, memory bounded by the window "
-                "instead of the whole decoded gallery) and caps Paddle's math threads at the usable cores. On 2 cores "
-                "there is no idle core to overlap onto — the predictor already keeps both busy — so neither change "
-                "buys throughput on a quiet machine (ablation above); the thread cap helps when other work shares "
-                "the cores (oversubscription: 10 threads on 2 cores). Reaching 2× would take a faster model call — a "
-                "smaller input, int8 quantisation, another runtime — which changes the features, so it would no "
-                "longer be PaddleX's model side by side; or more cores.",
+                "any change outside the model call. Our build also does per image what PaddleX's does not: a PIL "
+                f"decode with EXIF orientation and size guards ({steps['decode']:.1f} s; PaddleX reads with OpenCV) "
+                f"and a thumbnail for the studio ({steps['thumbs']:.1f} s) — {extra_share:.0f}% of the steps. The "
+                "engine now runs them on a decode thread a bounded window ahead of the models (memory: that window "
+                "instead of every decoded image; progress per embedded image) and caps Paddle's math threads at the "
+                f"usable cores: {ablation}. On {os.cpu_count()} cores Paddle's math threads already keep the CPU "
+                "busy, so the decode work is only partly hidden. Reaching 2× would take a faster model call — a "
+                "smaller input, int8 quantisation, another runtime — which changes the features (no longer "
+                "PaddleX's model side by side), or more cores.",
                 "",
             ]
         L += [f"![build throughput]({rel}/build_throughput.png)", ""]
         best = max([b["ratio"]] + [row["vs_pdx"] for row in (pro or {}).get("rows", [])])
+        why = ""
+        if pro:
+            ceiling = b["images"] / pro["steps"]["predictor"] / b["pdx_ips"]
+            why = (
+                f"; best variant {best:.2f}× — the predictor alone is the ceiling ({ceiling:.2f}× PaddleX's build) "
+                "and our build also decodes with guards and makes thumbnails (profile, ablation)"
+            )
         goals.append(
             (
                 "Build ≥ 2× PaddleX's throughput",
                 verdict(b["ratio"] >= 2),
                 f"ours {b['ratio']:.2f}× ({b['ours_ips']:.1f} vs {b['pdx_ips']:.1f} img/s; short by "
-                f"{(2 - b['ratio']) * 100:.0f} pts); best variant {best:.2f}× — the predictor is ≥ 90% of the time and "
-                "keeps both cores busy (profile, ablation)",
+                f"{(2 - b['ratio']) * 100:.0f} pts){why}",
             )
         )
 
