@@ -1427,7 +1427,10 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         # index choices are per visitor: refreshing the list keeps this visitor's choice
         keep = lambda current: _index_dropdown(engine, current)  # noqa: E731
         tab_recognize.select(keep, rec_index, rec_index, api_visibility="private")
-        rec_index.change(bind(threshold_for_index), rec_index, rec_threshold, api_visibility="private")
+        # the threshold follows the visitor's own choice of index (and a new build), not every refresh
+        # of the list, which would undo a threshold the visitor has just set
+        follow_threshold = dict(fn=bind(threshold_for_index), inputs=rec_index, outputs=rec_threshold)
+        rec_index.input(**follow_threshold, api_visibility="private")
         rec_index.change(bind(show_examples), rec_index, examples, api_visibility="private")
 
         build_btn.click(
@@ -1438,7 +1441,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
             show_progress="hidden",
             concurrency_limit=1,
             concurrency_id="index-jobs",
-        )  # fmt: skip
+        ).then(**follow_threshold, api_visibility="private")  # fmt: skip
 
         open_event = dict(fn=soft(bind(open_index), view_outputs), inputs=manage_index, outputs=view_outputs)
         manage_index.input(**open_event, api_visibility="private")
