@@ -343,6 +343,7 @@ class _ProcessExecutor:
         self._conn: Connection | None = None
         self._shm: shared_memory.SharedMemory | None = None
         self._stage: _Stage | None = None
+        self._closed = False
         self.restarts = 0
 
     def _start(self) -> None:
@@ -369,6 +370,8 @@ class _ProcessExecutor:
 
     def call(self, op: str, *args: Any) -> Any:
         with self._lock:
+            if self._closed:  # shutting down: never start a worker (and a memory block) nobody will free
+                raise Unavailable("the models are shutting down")
             if self._proc is None or self._proc.poll() is not None:
                 self._start()
             assert self._conn is not None and self._proc is not None and self._stage is not None
@@ -401,6 +404,7 @@ class _ProcessExecutor:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._conn is not None:
                 self._conn.close()
             if self._proc is not None:

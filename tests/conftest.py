@@ -7,6 +7,7 @@ The starter models are cached in ``$SHITU_TEST_MODEL_DIR`` (default
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("slow") or item.get_closest_marker("browser"):
             item.add_marker(skip)
+
+
+def wait_until(check, what: str, limit: float = 120.0):
+    """Poll ``check`` until it returns something truthy (a bounded wait, not a timing assertion)."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"gave up waiting for {what}")
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:

@@ -9,6 +9,7 @@ tests never write into the checkout). The user guide's screenshots come from
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -76,6 +77,19 @@ def launch(pw):
     return pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
 
 
+@contextlib.contextmanager
+def shot_on_failure(browser, page, name: str):
+    """Close ``browser`` at the end; on a failure first save the page as ``<name>.png``."""
+    try:
+        yield
+    except Exception:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+        raise
+    finally:
+        browser.close()
+
+
 def no_error_badges(page) -> bool:
     """Gradio's red "Error" status badges (what a user error used to leave over every output)."""
     return not any(e.is_visible() for e in page.locator("[data-testid='status-tracker'] .error").all())
@@ -95,7 +109,7 @@ def test_build_query_manage_in_chromium(engine, tmp_path):
         browser = launch(pw)
         page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
         page.set_default_timeout(TIMEOUT)
-        try:
+        with shot_on_failure(browser, page, "failure"):
             page.goto(url)
             expect(page.get_by_role("tab", name="Recognize")).to_be_visible()
             expect(page.locator("#models-banner")).to_contain_text("Offline starter pack running")
@@ -221,12 +235,6 @@ def test_build_query_manage_in_chromium(engine, tmp_path):
             expect(page.locator("#models-info")).to_contain_text("PP-ShiTuV2_rec")
             expect(page.locator("#models-info")).to_contain_text("browser_demo")
             shoot(page, "models")
-        except Exception:
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
 
 
 @pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
@@ -241,7 +249,7 @@ def test_phone_recognize_flow(engine, locale):
         browser = launch(pw)
         page = browser.new_page(locale=locale, viewport={"width": 390, "height": 844}, device_scale_factor=2)
         page.set_default_timeout(TIMEOUT)
-        try:
+        with shot_on_failure(browser, page, "failure_phone"):
             page.goto(url)
             tabs = ["识别", "建库", "管理", "模型"] if zh else ["Recognize", "Build", "Manage", "Models"]
             for name in tabs:
@@ -257,9 +265,3 @@ def test_phone_recognize_flow(engine, locale):
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= 390, f"the page scrolls sideways: {width} px wide"
             shoot(page, f"phone_{locale[:2]}")
-        except Exception:
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(ARTIFACTS / "failure_phone.png"), full_page=True)
-            raise
-        finally:
-            browser.close()

@@ -14,7 +14,6 @@ import shutil
 import socket
 import tarfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from shitu.gallery import read_label_file
 from shitu.models import resolve_recognition, try_official
 from shitu.sample import SAMPLE_SUBJECTS
 
-from .conftest import MODEL_CACHE
+from .conftest import MODEL_CACHE, wait_until
 
 REC = "PP-ShiTuV2_rec"
 DET = "PP-ShiTuV2_det"
@@ -360,15 +359,6 @@ def test_official_models_from_mirror_end_to_end(
 
 
 # --- background preparation ---------------------------------------------------------------------
-def wait_until(check, what: str, limit: float = 120.0):
-    """Poll ``check`` until it returns something truthy (a bounded wait, not a timing assertion)."""
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def test_background_download_switches_when_ready(official_tars, serve, tmp_path, sample_gallery, sample_queries):

@@ -38,3 +38,20 @@ def test_worker_starts_from_stdin_and_from_an_unguarded_script(tmp_path):
         assert done.stdout.count("top-level code ran") == 1, "the worker must not re-run the parent's script"
         assert "features (1, 1280) restarts 0" in done.stdout
         assert "leaked shared_memory" not in done.stderr
+
+
+def test_a_closed_worker_never_starts_again(tmp_path):
+    """A request racing a shutdown must not start a new worker whose shared memory nobody frees."""
+    import numpy as np
+
+    from shitu.config import PipelineConfig
+    from shitu.errors import Unavailable
+    from shitu.runtime import Runtime
+    from tests.conftest import make_settings
+
+    rt = Runtime(PipelineConfig(), make_settings(tmp_path), isolate=True)
+    executor = rt._executor  # a call that got past the runtime's own check just before close()
+    rt.close()
+    with pytest.raises(Unavailable, match="shutting down"):
+        executor.call("embed", [np.zeros((32, 32, 3), np.uint8)], None)
+    assert executor._proc is None and executor._shm is None

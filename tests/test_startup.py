@@ -34,19 +34,11 @@ from shitu.config import Settings
 from shitu.errors import ShiTuError
 from shitu.models import try_official
 
-from .conftest import MODEL_CACHE
+from .conftest import MODEL_CACHE, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def wait_until(check, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def assert_503_envelope(resp, fragment: str, retry: bool = True) -> None:
