@@ -533,9 +533,7 @@ class Engine:
             missing = [i for i in wanted if i not in latest.id_map]
             if missing:
                 raise NotFound(f"no entries with ids {', '.join(map(str, missing[:20]))}")
-            for id_ in wanted:
-                latest = latest.relabel(id_, label)
-            return latest
+            return latest.relabel(wanted, label)
 
         return store.mutate(key, change)
 

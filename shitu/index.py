@@ -424,13 +424,16 @@ class GalleryIndex:
             raise ShiTuError(f"faiss removed {removed} of {len(wanted)} vectors; the index is unchanged")
         return self._derive(index, new_entries, next_id=self._next_id)
 
-    def relabel(self, id_: int, label: str) -> "GalleryIndex":
+    def relabel(self, ids: int | Sequence[int], label: str) -> "GalleryIndex":
+        """A copy with entries ``ids`` (one or many) under ``label``; vectors and ids unchanged.
+        One copy of the faiss index however many ids change."""
         label = label.strip()
         if not label:
             raise ShiTuError("a label cannot be empty")
-        entry = self.entry(id_)
         entries = dict(self._entries)
-        entries[entry.id] = Entry(entry.id, label, entry.source, entry.thumbnail)
+        for id_ in [ids] if isinstance(ids, (int, np.integer)) else ids:
+            entry = self.entry(int(id_))
+            entries[entry.id] = Entry(entry.id, label, entry.source, entry.thumbnail)
         return self._derive(faiss.clone_index(self._index), entries, next_id=self._next_id)
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
@@ -551,8 +554,10 @@ class GalleryIndex:
             index = faiss.read_index(str(vector_path))
         except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError, yaml its own
             # faiss's message quotes its C++ source and our paths: keep only what it is
-            raise ShiTuError(f"{vector_path.name if 'index' in str(exc).lower() else info_path.name} "
-                             f"cannot be read ({type(exc).__name__})") from None
+            raise ShiTuError(
+                f"{vector_path.name if 'index' in str(exc).lower() else info_path.name} "
+                f"cannot be read ({type(exc).__name__})"
+            ) from None
         metric_type = info.get("metric_type")
         index_type = info.get("index_type")
         if metric_type not in METRIC_TYPES:

@@ -268,3 +268,21 @@ def test_whitening_needs_enough_images():
     x, labels = clustered(50, dim=48, seed=8)
     idx = GalleryIndex.build(x, labels, index_type="Flat", whiten=True)
     assert idx.whitening is None and idx.suggested_rec_threshold is None
+
+
+def test_relabel_many_entries_at_once_keeps_vectors_and_ids():
+    import numpy as np
+
+    from shitu.index import GalleryIndex
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 16)).astype(np.float32)
+    index = GalleryIndex.build(feats, [f"l{i % 5}" for i in range(50)], index_type="Flat")
+    changed = index.relabel([3, 7, 8, 9], "  new  ")
+    labels = {e.id: e.label for e in changed.entries}
+    assert [labels[i] for i in (3, 7, 8, 9)] == ["new"] * 4 and labels[4] == "l4"
+    assert {e.id: e.label for e in index.entries}[3] == "l3"  # the original is untouched
+    assert np.array_equal(changed.vectors()[1], index.vectors()[1]) and changed.id_map.keys() == index.id_map.keys()
+    assert {e.id: e.label for e in index.relabel(5, "one").entries}[5] == "one"
+    with pytest.raises(ShiTuError):
+        index.relabel([3, 999], "x")
