@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shitu.app")
 DEFAULT_PORT = 7860
+GRACEFUL_SHUTDOWN_S = 5  # after a SIGTERM, open connections get this long before they are closed
 RETRY_AFTER_S = 2  # the starting page reloads, and API clients are asked to retry, this often
 
 
@@ -363,6 +364,19 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("faiss.loader", "httpx", "httpcore", "urllib3", "gradio", "matplotlib", "PIL"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(_quiet_shutdown)
+
+
+def _quiet_shutdown(record: logging.LogRecord) -> bool:
+    """At a SIGTERM, open event streams (a browser tab) are cut after ``GRACEFUL_SHUTDOWN_S``: that
+    is the plan, not an error — one line instead of uvicorn's ERROR and a traceback per stream."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, asyncio.CancelledError) or "timeout graceful shutdown" in str(exc or ""):
+        return False
+    if "timeout graceful shutdown exceeded" in record.getMessage():
+        log.info("stopping: closed the connections still open after %d s", GRACEFUL_SHUTDOWN_S)
+        return False
+    return True
 
 
 def prepare_in_background(
@@ -405,6 +419,7 @@ def prepare_in_background(
         except Exception as exc:  # noqa: BLE001 - the first request will say it again, to the person asking
             if not stopping.is_set():
                 log.warning("the models could not be loaded yet: %s", getattr(exc, "message", exc))
+        after_step()
 
     thread = threading.Thread(target=run, name="shitu-prepare", daemon=True)
     thread.start()
@@ -432,6 +447,7 @@ def main() -> None:
     class Server(uvicorn.Server):
         async def startup(self, sockets: Any = None) -> None:
             await super().startup(sockets=sockets)
+            restore_signal_handlers()  # a step may have imported Paddle before the loop could be reached
             if self.started and starting.app is None:
                 log.info("serving on %s (a 'starting' page until the models and the sample gallery are ready)", url)
 
@@ -442,22 +458,26 @@ def main() -> None:
             stopping.set()
             engine.close()
 
-    config = uvicorn.Config(starting, host=host, port=port, log_level="warning", lifespan="on")
+    # an open browser tab (Gradio's event stream) would otherwise hold a SIGTERM off for ever, until
+    # the process is killed without closing the model worker
+    config = uvicorn.Config(
+        starting, host=host, port=port, log_level="warning", lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )  # fmt: skip
     if access_log:
         logging.getLogger("uvicorn.access").setLevel(logging.INFO)
     server = Server(config)
 
-    def keep_graceful_shutdown() -> None:
+    def restore_signal_handlers() -> None:
         """Importing Paddle (the starter pack does, on the building thread) installs Paddle's own
-        SIGTERM handler over uvicorn's, which would kill the server without closing the model
-        worker; put uvicorn's back (on the loop: signal handlers are set on the main thread)."""
+        C-level SIGTERM handler over uvicorn's, which would kill the server without closing the
+        model worker (and its shared memory); set uvicorn's again. Python still reports uvicorn's
+        handler then, so this cannot be conditional. Main thread only."""
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, server.handle_exit)
 
-        def restore() -> None:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) == server.handle_exit:
-                    signal.signal(sig, server.handle_exit)
-
-        starting.call_in_loop(restore)
+    def keep_graceful_shutdown() -> None:
+        starting.call_in_loop(restore_signal_handlers)  # on the loop: the main thread
 
     prepare_in_background(starting, engine, host, url, stopping, after_step=keep_graceful_shutdown)
     try:
