@@ -611,6 +611,7 @@ def serve(engine: Engine | None = None, host: str = "127.0.0.1", port: int = 808
             engine.close()  # here: after a SIGTERM, uvicorn re-raises it once run() ends, ending the process
 
     try:
-        Server(uvicorn.Config(create_api(engine, policy), host=host, port=port, log_level=log_level)).run()
+        Server(uvicorn.Config(create_api(engine, policy), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5)).run()  # fmt: skip
     finally:
         engine.close()
