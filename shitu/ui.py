@@ -16,6 +16,7 @@ import functools
 import html
 import inspect
 import io
+import itertools
 import json
 import shutil
 import tempfile
@@ -467,7 +468,7 @@ def evidence(engine: Engine, result: Recognition, lang: str = "en") -> tuple[lis
                 continue
             mark = "✓" if threshold is None or score >= threshold else "✗"
             caption = f"{n + 1}: {label} {score:.3f} {mark} #{id_}"
-            items.append((Image.open(io.BytesIO(entry.thumbnail)), caption))
+            items.append((thumbnail_image(entry.thumbnail), caption))
             owners.append(n)
     return items, owners
 
@@ -547,7 +548,7 @@ def examples_for(engine: Engine, name: str | None, limit: int = 8) -> list[tuple
             first[entry.label] = entry
     picks = list(first.values())
     step = max(1, len(picks) // limit)
-    return [(Image.open(io.BytesIO(e.thumbnail)), f"{e.label} · #{e.id}") for e in picks[::step][:limit]]
+    return [(thumbnail_image(e.thumbnail), f"{e.label} · #{e.id}") for e in picks[::step][:limit]]
 
 
 def show_examples(engine: Engine, name: str | None):
@@ -698,6 +699,11 @@ def styled_entries(table: pd.DataFrame, selected: list[int]):
     return table.style.apply(style, axis=1) if chosen else table
 
 
+def thumbnail_image(data: bytes) -> Image.Image:
+    """An entry's stored JPEG thumbnail as an image for a gallery component."""
+    return Image.open(io.BytesIO(data))
+
+
 def previews(engine: Engine, name: str | None, ids: list[int]) -> list[tuple[Image.Image, str]]:
     """Thumbnails with ``#id label`` captions (entries without a stored thumbnail are left out)."""
     index = engine.index(name)
@@ -708,7 +714,7 @@ def previews(engine: Engine, name: str | None, ids: list[int]) -> list[tuple[Ima
         except ShiTuError:
             continue
         if entry.thumbnail:
-            out.append((Image.open(io.BytesIO(entry.thumbnail)), f"#{entry.id} {entry.label}"))
+            out.append((thumbnail_image(entry.thumbnail), f"#{entry.id} {entry.label}"))
         if len(out) >= MAX_PREVIEWS:
             break
     return out
@@ -799,15 +805,9 @@ def toggle_selection(
 def format_ids(ids: list[int]) -> str:
     """``1, 2, 3, 7`` as ``1-3, 7``: runs of three or more become ranges (parse_ids reads both)."""
     parts: list[str] = []
-    run: list[int] = []
-    for id_ in sorted(set(ids)):
-        if run and id_ == run[-1] + 1:
-            run.append(id_)
-            continue
-        if run:
-            parts.append(f"{run[0]}-{run[-1]}" if len(run) >= 3 else ", ".join(map(str, run)))
-        run = [id_]
-    if run:
+    # consecutive ids share ``id - position``: one group per run
+    for _, group in itertools.groupby(enumerate(sorted(set(ids))), key=lambda pair: pair[1] - pair[0]):
+        run = [id_ for _, id_ in group]
         parts.append(f"{run[0]}-{run[-1]}" if len(run) >= 3 else ", ".join(map(str, run)))
     return ", ".join(parts)
 
@@ -1099,7 +1099,7 @@ class SessionAccess:
 
         @functools.wraps(fn)
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            request = signature.bind_partial(*args, **kwargs).arguments.get("request")
+            request = _request_of(signature, args, kwargs)
             if not self.allowed(request):
                 try:
                     self.policy.check(None)
