@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     isolate_models: bool = Field(
         True, description="run PaddleX in a supervised worker process, so a native crash cannot kill the server"
     )
+    history_versions: int = Field(
+        10, ge=0, le=10_000,
+        description="previous versions kept per named index, to list, compare and restore (0: keep none)",
+    )  # fmt: skip
 
     @field_validator("url_allowlist", mode="before")
     @classmethod

@@ -11,6 +11,17 @@ it under the same lock, so a save in progress is never read half-done.
 
 An index that cannot be read is moved to ``.quarantine/`` once, reported clearly, and leaves
 every other index working.
+
+Every committed change is a *version* of the index: the index dir holds a small
+``shitu_version.json`` (its number, UTC time, what was done — ``build``, ``add 3``,
+``remove 2``, ``relabel 1``, ``import``, ``restore v4`` —, entry and label counts, feature
+model), written into the new copy before the swap, so it commits with it. The copy a save
+replaces is not deleted but renamed (O(1), by the journalled swap of
+:func:`shitu.fsutil.replace_dir`, under the index's lock) to ``.history/<name>/<number>/``;
+at most ``keep_versions`` earlier versions are kept, the oldest are deleted beyond that. A
+restore makes an earlier version current again *as a new version*, so it can be undone too.
+A directory without a version file (PaddleX's layout, or one saved by other code) counts as
+one version after the newest kept one.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -28,11 +40,23 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO, Any
+
+import yaml
 
 from shitu.errors import Conflict, DamagedIndex, NotFound, ShiTuError, TooLarge
-from shitu.fsutil import recover_dir
-from shitu.index import ALT_ID_MAP_FILE, ID_MAP_FILE, OUR_FILES, VECTOR_FILE, GalleryIndex
+from shitu.fsutil import discard_dir, planned_swap, recover_dir, replace_dir
+from shitu.index import (
+    ALT_ID_MAP_FILE,
+    ID_MAP_FILE,
+    META_FILE,
+    OUR_FILES,
+    VECTOR_FILE,
+    VERSION_FILE,
+    GalleryIndex,
+)
 
 try:  # POSIX; elsewhere only threads in one process are serialised
     import fcntl
@@ -45,7 +69,11 @@ NAME_RE = re.compile(r"^[\w][\w.\-]*$")
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 180  # file names are limited to 255 bytes; leave room for ".<name>.old-xxxxxxxx"
 MAX_IMPORT_BYTES = 4 << 30
+HISTORY_DIR = ".history"  # <root>/.history/<name>/<number>/: earlier versions of each index
+KEEP_VERSIONS = 10  # earlier versions kept per index (Settings.history_versions)
+CHANGES_SHOWN = 100  # entries listed per kind (added, removed, relabelled) by IndexStore.changes
 Version = tuple[int, int, int]
+_NUMBER_RE = re.compile(r"[1-9][0-9]{0,8}")
 
 
 def check_name(name: str | None) -> str:
@@ -75,12 +103,28 @@ def _version(path: Path) -> Version | None:
 
 class IndexStore:
     """Named indices under ``root``. ``strict_names=False`` is for a user's own directory
-    (PaddleX layout) whose name we did not choose; its lock files then go to ``lock_dir``."""
+    (PaddleX layout) whose name we did not choose; its lock files then go to ``lock_dir``.
 
-    def __init__(self, root: str | Path, *, strict_names: bool = True, lock_dir: str | Path | None = None):
+    ``keep_versions``: earlier versions kept per index (0: none; every change still gets a
+    number). A user's own directory (``strict_names=False``) keeps no history and gets no
+    version file: nothing is ever written into the user's folder beside the index itself, and
+    keeping its versions under the data dir instead would mean copying whole indices across
+    file systems on every change instead of one rename. Its :meth:`versions` is the current one.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        strict_names: bool = True,
+        lock_dir: str | Path | None = None,
+        keep_versions: int = KEEP_VERSIONS,
+    ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.strict_names = strict_names
+        self.versioned = strict_names  # version files and history: only for indices we name
+        self.keep_versions = max(0, int(keep_versions)) if strict_names else 0
         self._lock_dir = Path(lock_dir) if lock_dir else self.root / ".locks"
         self._cache: dict[str, tuple[Version | None, GalleryIndex]] = {}
         self._locks: dict[str, threading.RLock] = {}
@@ -191,30 +235,40 @@ class IndexStore:
         return DamagedIndex(f"index {name!r} is damaged ({reason}); it was set aside, rebuild or import it again")
 
     # --- writing ------------------------------------------------------------------------------
-    def put(self, name: str, index: GalleryIndex, *, overwrite: bool = True) -> GalleryIndex:
+    def put(self, name: str, index: GalleryIndex, *, overwrite: bool = True, action: str = "build") -> GalleryIndex:
+        """Store ``index`` under ``name`` as a new version (``action`` says what made it)."""
         name = self.check(name)
         with self.locked(name):
             if not overwrite and self.exists(name):
                 raise Conflict(f"an index named {name!r} already exists")
-            index.save(self.path(name))
+            self._commit(name, index, action)
             self._cache[name] = (_version(self.path(name)), index)
         return index
 
-    def mutate(self, name: str, change: Callable[[GalleryIndex], GalleryIndex]) -> GalleryIndex:
+    def mutate(
+        self, name: str, change: Callable[[GalleryIndex], GalleryIndex], *, action: str | None = None
+    ) -> GalleryIndex:
         """Apply ``change`` to the latest committed version under the index's lock; save, then
-        swap in. If ``change`` raises, nothing on disk or in memory changes."""
+        swap in. If ``change`` raises, nothing on disk or in memory changes. The new version's
+        ``action`` is, unless given, what changed: ``add 3``, ``remove 2, relabel 1``, ..."""
         name = self.check(name)
         with self.locked(name):
-            new = change(self._load(name))
-            new.save(self.path(name))
+            old = self._load(name)
+            new = change(old)
+            self._commit(name, new, action or describe_change(old.id_map, new.id_map))
             self._cache[name] = (_version(self.path(name)), new)
             return new
 
     def delete(self, name: str) -> None:
+        """Delete an index and its history (the history first: a crash in between leaves the
+        index without its history, never a history without its index)."""
         name = self.check(name)
         with self.locked(name):
             if not self.exists(name):
                 raise NotFound(f"no index named {name!r}")
+            if self.versioned:
+                discard_dir(self._history_root(name))
+                self._tidy_history(name)
             trash = self.root / f".{name}.old-deleted"
             shutil.rmtree(trash, ignore_errors=True)
             self.path(name).rename(trash)
@@ -232,9 +286,202 @@ class IndexStore:
             if self.exists(new):
                 raise Conflict(f"an index named {new!r} already exists")
             self.path(old).rename(self.path(new))
+            if self.versioned:  # the history goes with the index (a stale one under the new name first goes)
+                discard_dir(self._history_root(new))
+                if self._history_root(old).exists():
+                    os.rename(self._history_root(old), self._history_root(new))
+                self._tidy_history(old)
+                self._tidy_history(new)
             cached = self._cache.pop(old, None)
             if cached is not None:
                 self._cache[new] = cached
+
+    # --- versions -----------------------------------------------------------------------------
+    def _history_root(self, name: str) -> Path:
+        return self.root / HISTORY_DIR / name
+
+    def _kept(self, name: str) -> dict[int, Path]:
+        """Every earlier version on disk: number → directory (leftovers and trash excluded)."""
+        try:
+            found = list(self._history_root(name).iterdir())
+        except OSError:
+            return {}
+        return {int(p.name): p for p in found if _NUMBER_RE.fullmatch(p.name) and p.is_dir()}
+
+    def _history(self, name: str) -> tuple[int, dict[int, Path]]:
+        """(the current version's number, the earlier versions kept: number → dir, newest first)."""
+        if not self.versioned:
+            return 1, {}
+        kept = self._kept(name)
+        record = _read_record(self.path(name))
+        current = record["version"] if record else max(kept, default=0) + 1
+        older = sorted((n for n in kept if n < current), reverse=True)[: self.keep_versions]
+        return current, {n: kept[n] for n in older}
+
+    def _tidy_history(self, name: str) -> None:
+        """Remove what an interrupted history move, prune or delete of ``name`` left (under its lock)."""
+        root = self._history_root(name)
+        trash = re.compile(rf"\.{re.escape(name)}\.trash-\w+")
+        candidates = [p for p in _listing(root) if p.name.startswith(".")]
+        candidates += [p for p in _listing(root.parent) if trash.fullmatch(p.name)]
+        for p in candidates:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink(missing_ok=True)
+
+    def _prune(self, name: str) -> None:
+        """Delete the earlier versions beyond ``keep_versions`` (and any not older than the
+        current). Runs after a commit, so it never raises: what it cannot delete now, it
+        deletes after the next change."""
+        _, wanted = self._history(name)
+        for number, path in self._kept(name).items():
+            if number not in wanted:
+                try:
+                    discard_dir(path)
+                except OSError as exc:
+                    log.warning("could not delete version %s of index %r: %s", number, name, exc)
+        self._tidy_history(name)
+        with contextlib.suppress(OSError):
+            self._history_root(name).rmdir()  # only when empty
+
+    def _commit(self, name: str, index: GalleryIndex, action: str) -> dict[str, Any]:
+        """Save ``index`` as the next version of ``name`` (under its lock); the replaced copy
+        becomes an earlier version. Returns the new version's record."""
+        path = self.path(name)
+        if not self.versioned:
+            index.save(path)
+            return _version_record(index, 1, action)
+        self._tidy_history(name)
+        if (path / VECTOR_FILE).exists():
+            current, _ = self._history(name)
+            keep = self._history_root(name) / str(current) if self.keep_versions else None
+        else:  # a new index: whatever history is left under this name is not its own
+            discard_dir(self._history_root(name))
+            current, keep = 0, None
+        record = _version_record(index, current + 1, action)
+        with planned_swap(path, keep_old=keep, add_files={VERSION_FILE: _json_bytes(record)}):
+            index.save(path)
+        self._prune(name)
+        return record
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """The current version and the earlier ones kept, newest first: ``version``,
+        ``current``, ``time`` (UTC, ISO 8601), ``action``, ``entries``, ``labels``,
+        ``feature_model``, ``index_type``, ``metric_type``."""
+        name = self.check(name)
+        with self.locked(name):
+            if not self.exists(name):
+                raise NotFound(f"no index named {name!r}")
+            current, older = self._history(name)
+            path = self.path(name)
+            record = _read_record(path) if self.versioned else None
+            if record is None:
+                record = {**_version_record(self._load(name), current, None), "time": _mtime(path)}
+            out = [{"version": current, "current": True, **_public(record)}]
+            for number, older_path in older.items():
+                found = _read_record(older_path)
+                if found is None or found["version"] != number:
+                    found = _describe_dir(older_path, number)
+                out.append({"version": number, "current": False, **_public(found)})
+        return out
+
+    def changes(
+        self, name: str, version: int, against: int | None = None, *, limit: int = CHANGES_SHOWN
+    ) -> dict[str, Any]:
+        """What changed from version ``against`` (default: the one just before) to ``version``,
+        from their id maps (no faiss index is read): ids ``added`` and ``removed`` with their
+        labels, ids ``relabelled`` (``from`` → ``to``); each kind's ``..._count`` and its first
+        ``limit`` entries in id order. ``against=0`` compares with an empty index. Either
+        version may be the newer one: ``changes(name, 3, against=current)`` is what restoring
+        version 3 would change."""
+        name = self.check(name)
+        version = _number(version, "version")
+        against = version - 1 if against is None else _number(against, "against", zero=True)
+        with self.locked(name):
+            if not self.exists(name):
+                raise NotFound(f"no index named {name!r}")
+            current, older = self._history(name)
+            dirs = {current: self.path(name), **older}
+            self._require(name, version, dirs, current)
+            if against:
+                self._require(name, against, dirs, current)
+            record = (_read_record(dirs[version]) if self.versioned else None) or {}
+            # open under the lock: a later prune or save cannot take the files from under the read
+            with contextlib.ExitStack() as opening:
+                after_fh = opening.enter_context(_open_id_map(dirs[version]))
+                before_fh = opening.enter_context(_open_id_map(dirs[against])) if against else None
+                handles = opening.pop_all()
+        with handles:
+            after = _read_id_map(after_fh, version)
+            before = _read_id_map(before_fh, against) if before_fh else {}
+        return {
+            "index": name,
+            "version": version,
+            "against": against,
+            "action": record.get("action") if record.get("version") == version else None,
+            "time": record.get("time") if record.get("version") == version else None,
+            **diff_id_maps(before, after, limit=max(0, int(limit))),
+        }
+
+    def _require(self, name: str, number: int, dirs: dict[int, Path], current: int) -> None:
+        if number in dirs:
+            return
+        if not self.versioned:
+            raise NotFound(f"{name!r} is a directory of your own: only indices in the data dir keep earlier versions")
+        kept = sorted(dirs)
+        if number > current:
+            raise NotFound(f"index {name!r} has no version {number}: the current one is {current}")
+        shown = f"versions {kept[0]}–{kept[-1]}" if len(kept) > 1 else f"version {kept[0]}"
+        raise NotFound(
+            f"version {number} of index {name!r} is no longer kept: it keeps {shown} "
+            f"(at most {self.keep_versions} earlier ones)"
+        )
+
+    def restore(self, name: str, version: int) -> tuple[GalleryIndex, dict[str, Any]]:
+        """Make an earlier version current again, as a new version (``restore vN``): the
+        restored copy is checked before anything is replaced, the current one becomes an
+        earlier version (so the restore can be undone), and readers in every process see it at
+        once. Ids handed out since stay retired (its ``next_id`` never goes back).
+        Returns ``(index, its version record)``."""
+        name = self.check(name)
+        version = _number(version, "version")
+        with self.locked(name):
+            latest = self._load(name)  # NotFound / DamagedIndex as for any change
+            current, older = self._history(name)
+            if version == current:
+                raise ShiTuError(f"version {version} is already the current version of index {name!r}")
+            self._require(name, version, {current: self.path(name), **older}, current)
+            source = older[version]
+            path = self.path(name)
+            stage = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"  # recover_dir's pattern: cleaned after a crash
+            stage.mkdir()
+            try:
+                for f in source.iterdir():
+                    if f.is_file() and f.name != VERSION_FILE:
+                        shutil.copyfile(f, stage / f.name)  # a new file: every reader sees a new version
+                _retire_ids_below(stage, latest.next_id)
+                try:
+                    index = GalleryIndex.load(stage)
+                except ShiTuError as exc:
+                    raise DamagedIndex(
+                        f"version {version} of index {name!r} cannot be read: {exc.message.replace(str(stage), 'it')}"
+                    ) from None
+                except Exception as exc:  # noqa: BLE001 - a damaged file, whatever the library says
+                    raise DamagedIndex(
+                        f"version {version} of index {name!r} cannot be read ({type(exc).__name__})"
+                    ) from None
+                record = {**_version_record(index, current + 1, f"restore v{version}"), "restored_from": version}
+                keep = self._history_root(name) / str(current) if self.keep_versions else None
+                self._tidy_history(name)
+                replace_dir(stage, path, keep_old=keep, add_files={VERSION_FILE: _json_bytes(record)})
+            finally:
+                if stage.exists():
+                    shutil.rmtree(stage, ignore_errors=True)
+            self._cache[name] = (_version(path), index)
+            self._prune(name)
+        return index, record
 
     # --- moving indices in and out -----------------------------------------------------------
     def export_zip(self, name: str) -> bytes:
@@ -246,7 +493,7 @@ class IndexStore:
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
                 for fname in OUR_FILES:
                     f = self.path(name) / fname
-                    if f.exists():
+                    if f.exists() and fname != VERSION_FILE:  # the version belongs to this store's history
                         zf.write(f, f"{name}/{fname}")
             return buf.getvalue()
 
@@ -265,7 +512,7 @@ class IndexStore:
                 raise ShiTuError(f"the .zip has no {ID_MAP_FILE}: not an index export")
             budget = MAX_IMPORT_BYTES
             for fname in (*OUR_FILES, ALT_ID_MAP_FILE):
-                if fname in members:
+                if fname in members and fname != VERSION_FILE:
                     budget -= _extract_capped(archive, members[fname], Path(tmp) / fname, budget)
             try:
                 index = GalleryIndex.load(tmp)  # validates before anything is replaced
@@ -275,7 +522,146 @@ class IndexStore:
                 raise ShiTuError(exc.message.replace(tmp, "the .zip")) from None
             except Exception as exc:  # noqa: BLE001 - a damaged member, whatever the library says
                 raise ShiTuError(f"the .zip does not hold a usable index ({type(exc).__name__})") from None
-        return self.put(name, index, overwrite=overwrite)
+        return self.put(name, index, overwrite=overwrite, action="import")
+
+
+def describe_change(before: dict[int, str], after: dict[int, str]) -> str:
+    """A version's action from two id maps: ``add 3``, ``remove 2, relabel 1``, ``no change``."""
+    diff = diff_id_maps(before, after, limit=0)
+    kinds = (("add", "added_count"), ("remove", "removed_count"), ("relabel", "relabelled_count"))
+    parts = [f"{word} {diff[key]}" for word, key in kinds if diff[key]]
+    return ", ".join(parts) or "no change"
+
+
+def diff_id_maps(before: dict[int, str], after: dict[int, str], *, limit: int = CHANGES_SHOWN) -> dict[str, Any]:
+    """Ids added / removed (with their labels) and relabelled (``from`` → ``to``) going from
+    ``before`` to ``after``: each kind's count and its first ``limit`` entries in id order."""
+    added = sorted(after.keys() - before.keys())
+    removed = sorted(before.keys() - after.keys())
+    relabelled = sorted(i for i in after.keys() & before.keys() if after[i] != before[i])
+    return {
+        "entries_before": len(before),
+        "entries_after": len(after),
+        "added_count": len(added),
+        "removed_count": len(removed),
+        "relabelled_count": len(relabelled),
+        "added": [{"id": i, "label": after[i]} for i in added[:limit]],
+        "removed": [{"id": i, "label": before[i]} for i in removed[:limit]],
+        "relabelled": [{"id": i, "from": before[i], "to": after[i]} for i in relabelled[:limit]],
+        "limit": limit,
+    }
+
+
+def _number(value: Any, what: str, *, zero: bool = False) -> int:
+    """A version number: ``4``, ``"4"`` or ``"v4"`` (``0`` = an empty index, where allowed)."""
+    text = str(value).strip().lower().removeprefix("v") if not isinstance(value, bool) else ""
+    if text.isascii() and text.isdigit() and (int(text) >= 1 or (zero and int(text) == 0)):
+        return int(text)
+    raise ShiTuError(f"{what} must be a version number such as 3 or v3, not {str(value)[:40]!r}")
+
+
+def _version_record(index: GalleryIndex, number: int, action: str | None) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "version": number,
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "action": action,
+        "entries": len(index),
+        "labels": len(index.label_counts()),
+        "feature_model": index.feature_model,
+        "index_type": index.index_type,
+        "metric_type": index.metric_type,
+    }
+
+
+_PUBLIC_KEYS = ("time", "action", "entries", "labels", "feature_model", "index_type", "metric_type")
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record.get(k) for k in _PUBLIC_KEYS}
+
+
+def _json_bytes(data: Any) -> bytes:
+    return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
+
+
+def _read_record(index_dir: Path) -> dict[str, Any] | None:
+    """The version file of an index dir, or ``None`` if it has none (or an unusable one)."""
+    try:
+        record = json.loads((index_dir / VERSION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    number = record.get("version") if isinstance(record, dict) else None
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        return None
+    return record
+
+
+def _mtime(index_dir: Path) -> str | None:
+    try:
+        stamp = os.stat(index_dir / VECTOR_FILE).st_mtime
+    except OSError:
+        return None
+    return datetime.fromtimestamp(stamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _describe_dir(index_dir: Path, number: int) -> dict[str, Any]:
+    """A record for an earlier version saved without one (read from its id map and metadata)."""
+    record: dict[str, Any] = {"version": number, "time": _mtime(index_dir), "action": None}
+    with contextlib.suppress(ShiTuError, OSError):
+        with _open_id_map(index_dir) as fh:
+            info = _load_yaml(fh, number)
+        id_map = info.get("id_map") or {}
+        record.update(entries=len(id_map), labels=len(set(map(str, id_map.values()))),
+                      index_type=info.get("index_type"), metric_type=info.get("metric_type"))  # fmt: skip
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        record["feature_model"] = json.loads((index_dir / META_FILE).read_text(encoding="utf-8")).get("feature_model")
+    return record
+
+
+def _open_id_map(index_dir: Path) -> IO[bytes]:
+    for fname in (ID_MAP_FILE, ALT_ID_MAP_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            return open(index_dir / fname, "rb")
+    raise DamagedIndex(f"{index_dir.name} has no {ID_MAP_FILE}")
+
+
+def _load_yaml(fh: IO[bytes], number: int) -> dict[str, Any]:
+    try:
+        info = yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 - a safe loader
+    except yaml.YAMLError:
+        raise DamagedIndex(f"the id map of version {number} cannot be read") from None
+    if not isinstance(info, dict):
+        raise DamagedIndex(f"the id map of version {number} cannot be read")
+    return info
+
+
+def _read_id_map(fh: IO[bytes], number: int) -> dict[int, str]:
+    id_map = _load_yaml(fh, number).get("id_map") or {}
+    try:
+        return {int(k): str(v) for k, v in id_map.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise DamagedIndex(f"the id map of version {number} cannot be read") from None
+
+
+def _retire_ids_below(index_dir: Path, next_id: int) -> None:
+    """Make a restored copy hand out ids from ``next_id`` on: ids given out since it was
+    current stay retired (the next id is in our metadata; PaddleX's layout has none)."""
+    path = index_dir / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, ValueError):
+        return  # a damaged file: loading the copy says so
+    if isinstance(meta, dict) and int(meta.get("next_id") or 0) < next_id:
+        meta["next_id"] = int(next_id)
+        path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+
+
+def _listing(path: Path) -> list[Path]:
+    try:
+        return list(path.iterdir())
+    except OSError:
+        return []
 
 
 def _extract_capped(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, budget: int) -> int:
