@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from shitu.adapt import ADAPT_MODES
 from shitu.config import INDEX_TYPES, METRIC_TYPES, WHOLE_IMAGE_MODES, PipelineConfig, Settings
 from shitu.engine import Engine
 from shitu.errors import ShiTuError, Unavailable
@@ -75,6 +76,25 @@ def _print_report(report) -> None:
     for s in data["skipped"]:
         where = f"line {s['line']}" if s["line"] else s["source"]
         print(f"  skipped {where}: {s['reason']}")
+    _print_calibration(data)
+
+
+def _print_calibration(summary: dict) -> None:
+    """What the index learnt from its gallery and the threshold it will use."""
+    a = summary.get("adaptation")
+    if a:
+        state = "on" if a["applied"] else "off"
+        print(f"adaptation ({a['mode']}): {state} — {a['reason']}")
+    c = summary.get("calibration")
+    if c:
+        print(f"threshold {c['threshold']:.3f} ({'picked by the user' if c['chosen_by'] == 'user' else 'calibrated'}): "
+              f"{c['correct_accepted']:.1%} of known objects answered correctly and accepted (top-1 without a "
+              f"threshold {c['top1']:.1%}), {c['unknown_rejected']:.1%} of unknown objects rejected "
+              f"({c['protocol']}, {c['known_queries']} queries"
+              + (f"; {c['changes_since']} entries changed since: run 'shitu calibrate'" if c["changes_since"] else "")
+              + ")")  # fmt: skip
+    elif "calibration" in summary:
+        print("no calibration: the gallery needs 3+ labels and 10+ entries whose label has a second photo")
 
 
 def cmd_build(args) -> int:
@@ -84,6 +104,7 @@ def cmd_build(args) -> int:
         report = engine.build(
             _index_ref(args.index), batch, index_type=args.index_type, metric_type=args.metric_type,
             overwrite=args.overwrite, skip_invalid=args.skip_invalid, progress=bar, whiten=args.whiten,
+            adapt=args.adapt,
         )  # fmt: skip
     _print_report(report)
     return 0
@@ -158,6 +179,85 @@ def cmd_info(args) -> int:
     return 0
 
 
+# --- index versions: versions / changes / restore ---
+
+
+def cmd_versions(args) -> int:
+    versions = _engine(args, say_models=False).versions(_index_ref(args.name))
+    if args.json:
+        print(json.dumps(versions, indent=2, ensure_ascii=False))
+        return 0
+    for v in versions:
+        print(f"v{v['version']:<4} {'current' if v['current'] else '       '}  {v['time'] or '?':20}  "
+              f"{v['action'] or '?':18} {v['entries']} entries, {v['labels']} labels")  # fmt: skip
+    return 0
+
+
+def cmd_changes(args) -> int:
+    engine = _engine(args, say_models=False)
+    c = engine.version_changes(_index_ref(args.name), args.version, args.against, limit=args.limit)
+    if args.json:
+        print(json.dumps(c, indent=2, ensure_ascii=False))
+        return 0
+    against = f"v{c['against']}" if c["against"] else "an empty index"
+    print(f"{c['index']} v{c['version']} ({c['action'] or 'unknown change'}) against {against}: "
+          f"{c['added_count']} added, {c['removed_count']} removed, {c['relabelled_count']} relabelled; "
+          f"{c['entries_before']} -> {c['entries_after']} entries")  # fmt: skip
+    for kind, sign in (("added", "+"), ("removed", "-"), ("relabelled", "~")):
+        for e in c[kind]:
+            print(f"  {sign} {e['id']}  " + (f"{e['from']} -> {e['to']}" if kind == "relabelled" else e["label"]))
+        if c[f"{kind}_count"] > len(c[kind]):
+            print(f"  {sign} ... and {c[f'{kind}_count'] - len(c[kind])} more (--limit)")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    report = _engine(args, say_models=False).restore(_index_ref(args.name), args.version)
+    s = report.summary
+    print(f"{report.index}: version {s['restored_from']} restored as version {s['version']} "
+          f"({s['entries']} entries, {s['labels']} labels)")  # fmt: skip
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    engine = _engine(args, say_models=False)
+    with _Bar() as bar:
+        index = engine.calibrate(_index_ref(args.index), adapt=args.adapt, progress=bar)
+    summary = index.summary()
+    if args.json:
+        curve = index.calibration.to_dict() if index.calibration else None
+        print(json.dumps({**summary, "curve": curve}, ensure_ascii=False, indent=2))
+        return 0
+    print(f"index {engine.display_name(_index_ref(args.index))!r}: {summary['entries']} entries, "
+          f"{summary['labels']} labels")  # fmt: skip
+    _print_calibration(summary)
+    if index.calibration:
+        print("threshold | correct & accepted | wrong & accepted | unknown rejected")
+        points = index.calibration.points
+        for p in points[:: max(1, len(points) // 12)]:
+            print(f"{p.threshold:9.3f} | {p.correct_accepted:18.1%} | {p.wrong_accepted:16.1%} | "
+                  f"{p.unknown_rejected:.1%}")  # fmt: skip
+    return 0
+
+
+def cmd_teach(args) -> int:
+    try:
+        box = [float(v) for v in args.box.replace(",", " ").split()]
+    except ValueError:
+        raise ShiTuError("--box takes four numbers: x1,y1,x2,y2 (e.g. from 'shitu predict --json')") from None
+    report = _engine(args).teach(_index_ref(args.index), args.image, box, args.label, source=str(args.image))
+    s = report.summary
+    print(f"added #{s['taught_id']} ({args.label}) to {report.index!r}: {s['entries']} entries, {s['labels']} labels")
+    _print_calibration(s)
+    return 0
+
+
+def cmd_threshold(args) -> int:
+    index = _engine(args, say_models=False).set_threshold(_index_ref(args.index), args.value)
+    _print_calibration(index.summary())
+    return 0
+
+
 def cmd_serve(args) -> int:
     from shitu.api import serve
 
@@ -203,6 +303,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--skip-invalid", action="store_true", help="leave out unusable lines instead of failing")
     p.add_argument("--whiten", action="store_true", help="fit database-side whitening on the gallery (200+ images)")
+    p.add_argument("--adapt", choices=ADAPT_MODES, default="auto",
+                   help="fit the features to the gallery's labels: auto (where held-out recall improves), on, off")
+
+    p = add("calibrate", cmd_calibrate, "refit an index's projection and remeasure its threshold curve")
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("--adapt", choices=ADAPT_MODES, help="default: the mode the index was built with")
+    p.add_argument("--json", action="store_true", help="print the summary and the whole curve as JSON")
+
+    p = add("teach", cmd_teach, "add one box of an image (e.g. a wrong or unknown result) under the right label")
+    p.add_argument("image", type=Path)
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("--box", required=True, help="x1,y1,x2,y2 in image pixels (a bbox of 'shitu predict --json')")
+    p.add_argument("--label", required=True)
+
+    p = add("threshold", cmd_threshold, "set an index's own recognition threshold (a point on its curve)")
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("value", type=float)
 
     p = add("append", cmd_append, "add a gallery to an existing index")
     p.add_argument("--gallery-root", required=True, type=Path)
@@ -235,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("info", cmd_info, "show active models and index statistics")
     p.add_argument("--index", help=index_help)
+
+    p = add("versions", cmd_versions, "list an index's versions (every change is one), newest first")
+    p.add_argument("name", help=index_help)
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+
+    p = add("changes", cmd_changes, "show what changed in a version: ids added, removed, relabelled")
+    p.add_argument("name", help=index_help)
+    p.add_argument("version", help="a version number, e.g. 3 or v3")
+    p.add_argument("--against", help="compare with this version (default: the one before; 0: an empty index)")
+    p.add_argument("--limit", type=int, default=50, help="entries listed per kind of change (default 50)")
+    p.add_argument("--json", action="store_true", help="print the changes as JSON")
+
+    p = add("restore", cmd_restore, "make an earlier version current again (as a new version)")
+    p.add_argument("name", help=index_help)
+    p.add_argument("version", help="a version number, e.g. 3 or v3")
 
     p = add("serve", cmd_serve, "serve the HTTP API")
     p.add_argument("--host", default="127.0.0.1")

@@ -43,6 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shitu import net
 from shitu.access import AccessPolicy
+from shitu.adapt import ADAPT_MODES
 from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS
 from shitu.engine import Engine
 from shitu.errors import (
@@ -57,7 +58,7 @@ from shitu.errors import (
     Unauthorized,
     Unavailable,
 )
-from shitu.gallery import GalleryBatch, GalleryItem, check_image_bytes
+from shitu.gallery import GalleryBatch, GalleryItem, check_image_bytes, crop_box
 from shitu.results import Recognition
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,13 @@ IndexKey = Annotated[str, StringConstraints(min_length=1)]
 class ImageLabelPair(BaseModel):
     image: str = Field(description="Base64 of the image file's bytes, or an http(s) URL the server can reach")
     label: str = Field(description="The label this image is an example of")
+    bbox: list[float] | None = Field(
+        None,
+        min_length=4,
+        max_length=4,
+        description="Only this box of the image: [x1, y1, x2, y2] in its pixels, e.g. a box from a /shitu-infer "
+        "result, to add it under its predicted or a corrected label (learn from use). Omitted: the whole image.",
+    )
 
 
 class BuildIndexRequest(BaseModel):
@@ -87,6 +95,11 @@ class BuildIndexRequest(BaseModel):
     indexKey: IndexKey | None = Field(None, description="Name for the new index; a unique key is generated if omitted")
     indexType: Literal[INDEX_TYPES] = Field("Flat", description="faiss index type")
     metricType: Literal[METRIC_TYPES] = Field("IP", description="Similarity: inner product (cosine) or L2")
+    adapt: Literal[ADAPT_MODES] = Field(
+        "auto",
+        description="Fit the features to the gallery's labels: auto (where held-out recall@1 improves), on, off. "
+        "The index is calibrated either way (GET /shitu-index/{indexKey}/calibration).",
+    )
 
 
 class BuildIndexResult(BaseModel):
@@ -152,6 +165,96 @@ class IndexListing(BaseModel):
     offset: int
     limit: int
     idMap: dict[str, str] = Field(description="This page of vector id → label, in id order")
+
+
+# --- calibration (GET/POST /shitu-index/{indexKey}/calibration...) ---
+
+
+class CalibrateRequest(BaseModel):
+    adapt: Literal[ADAPT_MODES] | None = Field(None, description="auto, on or off; default: as the index was built")
+
+
+class ThresholdRequest(BaseModel):
+    threshold: float = Field(ge=-1, le=1, description="The index's own recognition threshold (a point on its curve)")
+
+
+class OperatingPointModel(BaseModel):
+    threshold: float
+    correct_accepted: float = Field(description="Known objects answered correctly and accepted")
+    wrong_accepted: float = Field(description="Known objects answered wrongly but accepted")
+    unknown_rejected: float = Field(description="Objects not in the gallery that are rejected")
+
+
+class CalibrationResult(BaseModel):
+    indexKey: str
+    imageCount: int
+    threshold: float | None = Field(description="The index's own threshold; null: not calibrated (too few labels)")
+    chosenBy: str | None = Field(description="default (calibrated) or user (picked on the curve)")
+    expected: OperatingPointModel | None = Field(description="What the threshold promises, measured")
+    top1: float | None = Field(description="Known objects whose best match is right, whatever the score")
+    protocol: str | None = Field(description="leave-one-out, or held-out folds for an adapted index")
+    knownQueries: int = 0
+    unknownQueries: int = 0
+    changesSince: int = Field(0, description="Entries changed since the curve was measured")
+    adaptation: dict[str, Any] | None = Field(description="Whether a projection was fitted to the gallery, and why")
+    curve: list[OperatingPointModel] = Field(default_factory=list)
+
+
+# --- index versions (GET/POST /shitu-index/{indexKey}/versions...) ---
+
+
+class IndexVersion(BaseModel):
+    version: int
+    current: bool = Field(description="True for the version searched now")
+    time: str | None = Field(description="When it was committed (UTC, ISO 8601)")
+    action: str | None = Field(description="What made it: build, import, add 3, remove 2, relabel 1, restore v4, ...")
+    imageCount: int | None
+    labelCount: int | None
+    featureModel: str | None
+    indexType: str | None
+    metricType: str | None
+
+
+class IndexVersions(BaseModel):
+    indexKey: str
+    current: int = Field(description="The current version's number")
+    historyLimit: int = Field(description="How many earlier versions are kept (SHITU_HISTORY_VERSIONS)")
+    versions: list[IndexVersion] = Field(description="Newest first, the current one included")
+
+
+class EntryLabel(BaseModel):
+    id: int
+    label: str
+
+
+class EntryRelabel(BaseModel):
+    id: int
+    oldLabel: str
+    newLabel: str
+
+
+class VersionChanges(BaseModel):
+    indexKey: str
+    version: int
+    against: int = Field(description="The version compared with (0: an empty index)")
+    action: str | None
+    time: str | None
+    imageCountBefore: int
+    imageCount: int
+    addedCount: int
+    removedCount: int
+    relabelledCount: int
+    added: list[EntryLabel] = Field(description="Ids in this version but not in the other (first `limit`)")
+    removed: list[EntryLabel] = Field(description="Ids in the other version but not in this one (first `limit`)")
+    relabelled: list[EntryRelabel] = Field(description="Ids whose label differs (first `limit`)")
+
+
+class RestoreResult(BaseModel):
+    indexKey: str
+    version: int = Field(description="The new current version (a restore is a new version)")
+    restoredFrom: int
+    idMap: dict[str, str] = Field(description="Vector id → label, for every entry of the index after the restore")
+    imageCount: int
 
 
 class HealthResult(BaseModel):
@@ -228,6 +331,40 @@ def _id_map(mapping: dict[int, str]) -> dict[str, str]:
     return {str(i): label for i, label in sorted(mapping.items())}
 
 
+def _index_version(v: dict[str, Any]) -> IndexVersion:
+    """One of :meth:`Engine.versions`' dicts in the API's field names."""
+    return IndexVersion(
+        version=v["version"],
+        current=v["current"],
+        time=v["time"],
+        action=v["action"],
+        imageCount=v["entries"],
+        labelCount=v["labels"],
+        featureModel=v["feature_model"],
+        indexType=v["index_type"],
+        metricType=v["metric_type"],
+    )
+
+
+def _version_changes(index_key: str, c: dict[str, Any]) -> VersionChanges:
+    """:meth:`Engine.version_changes`' dict in the API's field names."""
+    return VersionChanges(
+        indexKey=index_key,
+        version=c["version"],
+        against=c["against"],
+        action=c["action"],
+        time=c["time"],
+        imageCountBefore=c["entries_before"],
+        imageCount=c["entries_after"],
+        addedCount=c["added_count"],
+        removedCount=c["removed_count"],
+        relabelledCount=c["relabelled_count"],
+        added=[EntryLabel(**e) for e in c["added"]],
+        removed=[EntryLabel(**e) for e in c["removed"]],
+        relabelled=[EntryRelabel(id=e["id"], oldLabel=e["from"], newLabel=e["to"]) for e in c["relabelled"]],
+    )
+
+
 def read_image_field(value: str, where: str, engine: Engine) -> bytes:
     """The bytes behind an ``image`` field: an http(s) URL (fetched behind the SSRF guard) or
     base64 (a ``data:`` URI prefix and URL-safe alphabet are accepted). The bytes are checked to
@@ -273,7 +410,14 @@ def pairs_to_batch(pairs: list[ImageLabelPair], engine: Engine) -> GalleryBatch:
         if not label:
             raise ShiTuError(f"imageLabelPairs[{k}].label is empty")
         data = read_image_field(pair.image, f"imageLabelPairs[{k}].image", engine)
-        items.append(GalleryItem(source=f"pair {k}", image=data, label=label, line_no=k + 1))
+        source = f"pair {k}"
+        if pair.bbox is not None:
+            try:
+                data = crop_box(data, pair.bbox)
+            except ShiTuError as exc:
+                raise ShiTuError(f"imageLabelPairs[{k}].bbox: {exc.message}") from None
+            source += " box (" + ", ".join(f"{v:.0f}" for v in pair.bbox) + ")"
+        items.append(GalleryItem(source=source, image=data, label=label, line_no=k + 1))
     return GalleryBatch(items=items)
 
 
@@ -456,7 +600,9 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         """Build a new index from image/label pairs (PaddleX ``buildIndex``)."""
         key = body.indexKey or uuid.uuid4().hex
         batch = pairs_to_batch(body.imageLabelPairs, engine)
-        report = engine.build(key, batch, index_type=body.indexType, metric_type=body.metricType, skip_invalid=False)
+        report = engine.build(
+            key, batch, index_type=body.indexType, metric_type=body.metricType, skip_invalid=False, adapt=body.adapt
+        )
         return _ok(BuildIndexResult(indexKey=report.index, idMap=_id_map(report.id_map), imageCount=len(report.id_map)))
 
     @app.post("/shitu-index-add", response_model=Envelope[IndexChangeResult], tags=["PaddleX"], **mutating)
@@ -465,6 +611,8 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         engine.index(body.indexKey)  # unknown key: 404 before any image is fetched
         batch = pairs_to_batch(body.imageLabelPairs, engine)
         report = engine.add(body.indexKey, batch, skip_invalid=False)
+        if any(p.bbox is not None for p in body.imageLabelPairs):  # taught from results: keep the threshold true
+            engine.keep_calibrated(body.indexKey)
         return _ok(IndexChangeResult(idMap=_id_map(report.id_map), imageCount=len(report.id_map)))
 
     @app.post("/shitu-index-remove", response_model=Envelope[IndexChangeResult], tags=["PaddleX"], **mutating)
@@ -512,6 +660,92 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
                 offset=offset,
                 limit=limit,
                 idMap={str(e.id): e.label for e in page},
+            )
+        )
+
+    # --- calibration ---
+    calibration_route = {"response_model": Envelope[CalibrationResult], "tags": ["indices"]}
+
+    def calibration_result(key: str, index) -> dict[str, Any]:
+        c = index.calibration
+        return _ok(
+            CalibrationResult(
+                indexKey=key,
+                imageCount=len(index),
+                threshold=c.threshold if c else None,
+                chosenBy=c.chosen_by if c else None,
+                expected=OperatingPointModel(**vars(c.chosen)) if c else None,
+                top1=c.top1 if c else None,
+                protocol=c.protocol if c else None,
+                knownQueries=c.known if c else 0,
+                unknownQueries=c.unknown if c else 0,
+                changesSince=index.changes_since_calibration,
+                adaptation=index.adaptation.to_dict() if index.adaptation else None,
+                curve=[OperatingPointModel(**vars(p)) for p in c.points] if c else [],
+            )
+        )
+
+    @app.get("/shitu-index/{indexKey}/calibration", responses=ERROR_RESPONSES, **calibration_route)
+    def get_calibration(indexKey: str) -> dict[str, Any]:
+        """The index's threshold curve (known objects accepted vs unknown objects rejected, per
+        threshold), the threshold in use and what it promises."""
+        return calibration_result(indexKey, engine.index(indexKey))
+
+    @app.post("/shitu-index/{indexKey}/calibration", **calibration_route, **mutating)
+    def recalibrate(indexKey: str, body: CalibrateRequest | None = None) -> dict[str, Any]:
+        """Refit the projection and remeasure the curve on the index's current entries (after
+        adds, removes and relabels; nothing is embedded again)."""
+        return calibration_result(indexKey, engine.calibrate(indexKey, adapt=body.adapt if body else None))
+
+    @app.post("/shitu-index/{indexKey}/threshold", **calibration_route, **mutating)
+    def set_threshold(indexKey: str, body: ThresholdRequest) -> dict[str, Any]:
+        """Make a point of the curve the index's own threshold (used when a request gives none)."""
+        return calibration_result(indexKey, engine.set_threshold(indexKey, body.threshold))
+
+    # --- index versions ---
+    versions_route = {"tags": ["indices"], "responses": ERROR_RESPONSES}
+
+    @app.get("/shitu-index/{indexKey}/versions", response_model=Envelope[IndexVersions], **versions_route)
+    def list_versions(indexKey: str) -> dict[str, Any]:
+        """Every kept version of an index, newest first, the current one included: each change
+        (build, add, remove, relabel, import, restore) is a version."""
+        versions = engine.versions(indexKey)
+        return _ok(
+            IndexVersions(
+                indexKey=indexKey,
+                current=next(v["version"] for v in versions if v["current"]),
+                historyLimit=engine.settings.history_versions,
+                versions=[_index_version(v) for v in versions],
+            )
+        )
+
+    @app.get("/shitu-index/{indexKey}/versions/{version}", response_model=Envelope[VersionChanges], **versions_route)
+    def version_changes(
+        indexKey: str,
+        version: int,
+        against: int | None = Query(None, ge=0, description="Compare with this version (default: the one before)"),
+        limit: int = Query(100, ge=0, le=10_000, description="Entries listed per kind of change"),
+    ) -> dict[str, Any]:
+        """What changed in a version: ids added, removed and relabelled (read from the id maps);
+        ``against=0`` compares with an empty index, a newer ``against`` previews a restore."""
+        return _ok(_version_changes(indexKey, engine.version_changes(indexKey, version, against, limit=limit)))
+
+    @app.post(
+        "/shitu-index/{indexKey}/versions/{version}/restore",
+        response_model=Envelope[RestoreResult],
+        tags=["indices"],
+        **mutating,
+    )
+    def restore_version(indexKey: str, version: int) -> dict[str, Any]:
+        """Make an earlier version current again, as a new version (so a restore can be undone)."""
+        report = engine.restore(indexKey, version)
+        return _ok(
+            RestoreResult(
+                indexKey=indexKey,
+                version=report.summary["version"],
+                restoredFrom=report.summary["restored_from"],
+                idMap=_id_map(report.id_map),
+                imageCount=len(report.id_map),
             )
         )
 

@@ -47,6 +47,7 @@ from shitu.gallery import (
     GalleryItem,
     ImageInput,
     SkippedLine,
+    crop_box,
     in_line_order,
     load_image,
     make_thumbnail,
@@ -64,6 +65,7 @@ __all__ = ["ChangeReport", "Engine", "GalleryIndex", "Options", "Progress", "UNS
 log = logging.getLogger(__name__)
 
 SAMPLE_INDEX = "sample"
+TEACH_RECALIBRATE_MAX = 5000  # teaching refits an adapted index's projection up to this size
 DECODE_THREADS = 1  # reads, decodes and thumbnails images ahead of the models while they embed
 DECODE_WINDOW_BATCHES = 3  # how many batches of decoded images may wait for the models
 Progress = Callable[[int, int, str], None]  # (done, total, what)
@@ -128,7 +130,10 @@ class Engine:
             self.config.recognition.model_name = self.settings.rec_model
         self._device = device
         self._isolate = isolate
-        self._store = IndexStore(self.settings.indices_dir, lock_dir=self.settings.data_dir / "locks")
+        self._store = IndexStore(
+            self.settings.indices_dir, lock_dir=self.settings.data_dir / "locks",
+            keep_versions=self.settings.history_versions,
+        )  # fmt: skip
         self._dir_stores: dict[Path, IndexStore] = {}
         self._runtime = runtime
         self._owns_runtime = runtime is None
@@ -432,8 +437,13 @@ class Engine:
         skip_invalid: bool = False,
         progress: Progress | None = None,
         whiten: bool = False,
+        adapt: str = "auto",
     ) -> GalleryIndex:
-        """A new, unsaved index of ``batch`` (see :meth:`build` to store it under a name)."""
+        """A new, unsaved index of ``batch`` (see :meth:`build` to store it under a name).
+
+        ``adapt``: fit the features to the gallery's labels (``auto``: where cross-validation
+        on the gallery says it helps; ``on``; ``off``); the index is calibrated either way
+        (:mod:`shitu.adapt`, :mod:`shitu.calibrate`). ``whiten``: PCA whitening instead."""
         if index_type not in INDEX_TYPES:
             raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
         if metric_type not in METRIC_TYPES:
@@ -452,6 +462,8 @@ class Engine:
             thumbnails=[i.thumbnail for i in items],
             feature_model=feature_model,
             whiten=whiten,
+            adapt=adapt,
+            progress=progress,
         )
         index.skipped = skipped
         return index
@@ -470,6 +482,45 @@ class Engine:
         new.skipped = skipped
         return new
 
+    # --- versions -------------------------------------------------------------------------------
+    # Every committed change of a stored index is a version (shitu.store keeps the replaced copy,
+    # at most settings.history_versions of them); a restore is itself a new version.
+    def versions(self, ref: str | Path | None = None) -> list[dict[str, Any]]:
+        """The versions of a stored index, newest first, the current one included and marked:
+        ``version`` (a number), ``current`` (bool), ``time`` (UTC, ISO 8601), ``action``
+        (``build``, ``import``, ``add 3``, ``remove 2``, ``relabel 1``, ``restore v4``; ``None``
+        when unknown), ``entries``, ``labels``, ``feature_model``, ``index_type``,
+        ``metric_type``. A directory given by path keeps no history: only its current version."""
+        store, key = self.locate(ref)
+        return store.versions(key)
+
+    def version_changes(
+        self, ref: str | Path | None, version: int | str, against: int | str | None = None, *, limit: int = 100
+    ) -> dict[str, Any]:
+        """What changed from version ``against`` (default: the one just before; ``0``: an empty
+        index) to ``version`` (numbers, or text like ``"v3"``), read from the id maps:
+        ``added`` / ``removed`` (``{id, label}``) and ``relabelled`` (``{id, from, to}``), each
+        with a ``..._count`` and at most ``limit`` entries in id order, plus ``action``, ``time``,
+        ``entries_before`` and ``entries_after``. ``against`` may be newer: ``version_changes(ref,
+        3, against=<current>)`` is what restoring version 3 would do. :class:`NotFound` for a
+        version that does not exist or is no longer kept."""
+        store, key = self.locate(ref)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ShiTuError(f"limit must be a whole number of at least 0, not {limit!r}")
+        return {**store.changes(key, version, against, limit=limit), "index": self.display_name(ref)}
+
+    def restore(self, ref: str | Path | None, version: int | str) -> ChangeReport:
+        """Make an earlier version current again, as a new version (``restore vN``, so it can be
+        undone the same way). Readers in every process see it at once; ids handed out since are
+        never reused. Nothing is embedded (``added_ids`` is empty); ``summary`` has the index's
+        summary plus ``version`` (the new number) and ``restored_from``. A version built with
+        another recognition model can be restored; searching it then raises :class:`Conflict`
+        until the active model matches or it is rebuilt. :class:`NotFound` for an unknown version."""
+        store, key = self.locate(ref)
+        index, record = store.restore(key, version)
+        summary = {**index.summary(), "version": record["version"], "restored_from": record["restored_from"]}
+        return ChangeReport(self.display_name(ref), [], [], summary, index.id_map)
+
     # --- stored indices -------------------------------------------------------------------------
     def build(
         self,
@@ -482,6 +533,7 @@ class Engine:
         skip_invalid: bool = True,
         progress: Progress | None = None,
         whiten: bool = False,
+        adapt: str = "auto",
     ) -> ChangeReport:
         """Build an index and store it under ``name`` (a data-dir name or a directory)."""
         store, key = self.locate(name)
@@ -489,7 +541,7 @@ class Engine:
             raise Conflict(f"an index named {key!r} already exists; choose another name or overwrite it")
         index = self.build_index(
             batch, index_type=index_type, metric_type=metric_type, skip_invalid=skip_invalid,
-            progress=progress, whiten=whiten,
+            progress=progress, whiten=whiten, adapt=adapt,
         )  # fmt: skip
         store.put(key, index, overwrite=overwrite)
         return self._report(self.display_name(name), index, [e.id for e in index.entries], index.skipped)
@@ -536,6 +588,68 @@ class Engine:
             return latest.relabel(wanted, label)
 
         return store.mutate(key, change)
+
+    def teach(
+        self,
+        ref: str | Path | None,
+        image: ImageInput,
+        bbox: Any,
+        label: str,
+        *,
+        bgr: bool = False,
+        source: str | None = None,
+        recalibrate: bool = True,
+    ) -> ChangeReport:
+        """Learn from use: add the part of ``image`` inside ``bbox`` (a box of a recognition
+        result, (x1, y1, x2, y2) in its pixels) under ``label`` — the predicted one to confirm
+        it, or a corrected one. The calibration follows: a raw-feature index is recalibrated
+        by the add itself, an adapted one of up to :data:`TEACH_RECALIBRATE_MAX` entries is
+        refitted here (~2 s for 1k entries), larger ones count the change (``calibrate``)."""
+        label = (label or "").strip()
+        if not label:
+            raise ShiTuError("say which label this box shows: the label is empty")
+        crop = crop_box(image, bbox, ndarray_bgr=bgr)
+        box = ", ".join(f"{float(v):.0f}" for v in bbox)
+        item = GalleryItem(source=source or f"taught box ({box})", image=crop, label=label)
+        report = self.add(ref, GalleryBatch(items=[item]), skip_invalid=False)
+        index = self.keep_calibrated(ref) if recalibrate else self.index(ref)
+        report.summary = {**index.summary(), "taught_id": report.added_ids[0]}
+        return report
+
+    def keep_calibrated(self, ref: str | Path | None) -> GalleryIndex:
+        """After a small change: refit and recalibrate an index whose calibration is out of
+        date, if it has at most :data:`TEACH_RECALIBRATE_MAX` entries; else leave it (its
+        summary counts the changes)."""
+        index = self.index(ref)
+        if index.changes_since_calibration and len(index) <= TEACH_RECALIBRATE_MAX:
+            index = self.calibrate(ref)
+        return index
+
+    def calibrate(
+        self, ref: str | Path | None = None, *, adapt: str | None = None, progress: Progress | None = None
+    ) -> GalleryIndex:
+        """Refit the index's projection (``adapt``: ``auto``/``on``/``off``; default: as it was
+        built) and remeasure its threshold curve on its current entries. No image is embedded
+        again. A threshold the user picked is replaced by the new default."""
+        store, key = self.locate(ref)
+        index = store.get(key)
+        # the fit is the slow part: run it outside the lock, then commit only if nothing changed meanwhile
+        fitted = index.recalibrated(adapt, progress=progress)
+
+        def change(latest: GalleryIndex) -> GalleryIndex:
+            if latest is not index:
+                return latest.recalibrated(adapt)
+            return fitted
+
+        mode = adapt or (fitted.adaptation.mode if fitted.adaptation else "auto")
+        return store.mutate(key, change, action=f"calibrate (adapt {mode})")
+
+    def set_threshold(self, ref: str | Path | None, threshold: float) -> GalleryIndex:
+        """Make ``threshold`` (a point on the index's calibration curve) the index's own
+        recognition threshold: :meth:`predict` and the API use it unless a call passes one."""
+        store, key = self.locate(ref)
+        value = float(threshold)
+        return store.mutate(key, lambda latest: latest.with_threshold(value), action=f"threshold {value:.3f}")
 
     def delete(self, name: str) -> None:
         store, key = self.locate(name)

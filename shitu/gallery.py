@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import lzma
+import math
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -556,6 +557,25 @@ def _array_to_rgb(src: np.ndarray, bgr: bool, max_side: int, max_aspect: float) 
             raise ShiTuError(f"an image array must hold numbers, got {arr.dtype}")
         arr = _scale_to_uint8(arr)  # uint16 from cv2.IMREAD_UNCHANGED, floats from 0..1 pipelines
     return np.ascontiguousarray(arr[..., ::-1] if bgr else arr)
+
+
+def crop_box(image: ImageInput, bbox: Sequence[float], *, ndarray_bgr: bool = False) -> Image.Image:
+    """The part of ``image`` inside ``bbox`` = (x1, y1, x2, y2) in its pixels, as a PIL image:
+    what a box found by the detector becomes when it is taught to the gallery. The box is
+    clipped to the image; one with no area left (or not four finite numbers) is refused."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise ShiTuError("a box is four numbers: x1, y1, x2, y2 in image pixels") from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ShiTuError("a box is four finite numbers: x1, y1, x2, y2 in image pixels")
+    rgb = load_image(image, ndarray_bgr=ndarray_bgr)
+    h, w = rgb.shape[:2]
+    left, top = max(0, int(math.floor(x1))), max(0, int(math.floor(y1)))
+    right, bottom = min(w, int(math.ceil(x2))), min(h, int(math.ceil(y2)))
+    if right - left < 2 or bottom - top < 2:
+        raise ShiTuError(f"the box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) has no area inside the {w}×{h} image")
+    return Image.fromarray(np.ascontiguousarray(rgb[top:bottom, left:right]))
 
 
 def list_image_files(directory: str | Path) -> list[Path]:

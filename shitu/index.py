@@ -17,6 +17,7 @@ set so approximate search agrees with exact search.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import math
 import shutil
@@ -30,6 +31,8 @@ import faiss
 import numpy as np
 import yaml
 
+from shitu.adapt import ADAPT_MODES, Adaptation, Projection, adapt
+from shitu.calibrate import Calibration, calibrate_gallery
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.errors import NotFound, ShiTuError
 from shitu.fsutil import replace_dir
@@ -39,7 +42,9 @@ ID_MAP_FILE = "id_map.yaml"
 ALT_ID_MAP_FILE = "index_info.yaml"  # the name PaddleX's docs use
 META_FILE = "shitu_meta.json"
 WHITENING_FILE = "shitu_whitening.npz"
-OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE)
+RAW_FILE = "shitu_raw.npz"  # the unprojected features of an adapted index, so it can be refitted
+VERSION_FILE = "shitu_version.json"  # written by shitu.store (which version this is); a plain save drops it
+OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE, RAW_FILE, VERSION_FILE)
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
@@ -48,7 +53,7 @@ IVF_REGROW_FACTOR = 4  # retrain IVF once the index holds this many times its tr
 WHITEN_MIN_IMAGES = 200  # fewer images cannot estimate the feature covariance
 WHITEN_DIMS = 512
 WHITEN_POWER = 0.5  # divide each principal direction by sqrt(its singular value)
-UNKNOWN_REJECTION = 0.7  # suggested threshold: 70% of objects missing from the gallery score below it
+RECALIBRATE_MAX_ENTRIES = 20000  # a change recalibrates a raw-feature index up to this size (~0.3 s)
 CALIBRATION_QUERIES = 512
 TARGET_AGREEMENT = 0.995  # calibration target, with margin over the 0.99 promised on new queries
 
@@ -63,21 +68,15 @@ class Entry:
     thumbnail: bytes | None = None  # small JPEG
 
 
-@dataclass
-class Whitening:
-    """Database-side PCA whitening: ``x -> normalize((x - mean) @ projection)``.
+class Whitening(Projection):
+    """Database-side PCA whitening (``whiten=True``): unsupervised, fitted on the gallery's features.
 
-    Fitted on a gallery's own features (no labels) when the index is built, on request.
     Generic features such as the starter model's share a few dominant directions, which
     whitening evens out: on the drink gallery it lifts recall@1 of held-out images (5-fold)
-    from 0.731 to 0.784 and leave-one-out recall@1 from 0.801 to 0.862. It is off by default
-    because the same dominant directions separate products from everything else: on the
-    drink test photos, crops of tables, berries or a cat pass the whitened index's suggested
-    threshold more often than the raw features' (bench/results/starter_recall.txt, test_photos).
+    from 0.731 to 0.784 and leave-one-out recall@1 from 0.801 to 0.862. The supervised
+    projection of :mod:`shitu.adapt` (``adapt``) does better where the gallery has labels
+    with several photos, and is the default.
     """
-
-    mean: np.ndarray  # (D,)
-    projection: np.ndarray  # (D, d)
 
     @classmethod
     def fit(cls, features: np.ndarray) -> "Whitening":
@@ -85,28 +84,7 @@ class Whitening:
         _, singular, vt = np.linalg.svd(features - mean, full_matrices=False)
         keep = int(min(WHITEN_DIMS, np.sum(singular > 1e-6 * singular[0])))
         projection = vt[:keep].T / singular[:keep] ** WHITEN_POWER
-        return cls(mean.astype(np.float32), projection.astype(np.float32))
-
-    @property
-    def input_dim(self) -> int:
-        return self.mean.shape[0]
-
-    def apply(self, features: np.ndarray) -> np.ndarray:
-        return _normalize((features - self.mean) @ self.projection)
-
-
-def suggest_threshold(vectors: np.ndarray, labels: Sequence[str], metric_type: str) -> float | None:
-    """A recognition threshold for this gallery: the similarity below which 70% of objects
-    whose label is *not* in the gallery fall (each label left out in turn). ``None`` with
-    fewer than three labels."""
-    labels = np.asarray(labels)
-    if len(set(labels.tolist())) < 3:
-        return None
-    rng = np.random.default_rng(0)
-    rows = rng.choice(len(vectors), size=min(2000, len(vectors)), replace=False)
-    sims = vectors[rows] @ vectors.T  # unit vectors: cosine, also what L2 scores are turned into
-    sims[labels[rows][:, None] == labels[None, :]] = -np.inf
-    return round(float(np.quantile(sims.max(axis=1), UNKNOWN_REJECTION)), 4)
+        return cls(mean.astype(np.float32), projection.astype(np.float32), "pca-whitening")
 
 
 def ivf_nlist(n: int) -> int:
@@ -223,12 +201,20 @@ class GalleryIndex:
         trained_size: int | None = None,
         search_params: dict[str, int] | None = None,
         calibrated_size: int | None = None,
-        whitening: Whitening | None = None,
+        whitening: Projection | None = None,
         suggested_rec_threshold: float | None = None,
+        calibration: Calibration | None = None,
+        adaptation: Adaptation | None = None,
+        raw: tuple[np.ndarray, np.ndarray] | None = None,
+        changes_since_calibration: int = 0,
     ):
         self._index = index
-        self.whitening = whitening
-        self.suggested_rec_threshold = suggested_rec_threshold
+        self.whitening = whitening  # the projection applied to features before they are stored
+        self._suggested = suggested_rec_threshold  # pre-calibration indices kept only this
+        self.calibration = calibration
+        self.adaptation = adaptation
+        self._raw = raw  # (ids, float16 unit features) when the projection can be refitted
+        self.changes_since_calibration = changes_since_calibration
         self._entries = entries
         self._metric_type = metric_type
         self._index_type = index_type
@@ -294,6 +280,11 @@ class GalleryIndex:
     def label_counts(self) -> Counter:
         return Counter(e.label for e in self._entries.values())
 
+    @property
+    def suggested_rec_threshold(self) -> float | None:
+        """The index's own recognition threshold: its calibration's operating point."""
+        return self.calibration.threshold if self.calibration is not None else self._suggested
+
     def summary(self) -> dict:
         return {
             "entries": len(self),
@@ -305,7 +296,29 @@ class GalleryIndex:
             "next_id": self.next_id,
             "search_params": self.search_params,
             "whitened": self.whitening is not None,
+            "projection": self.whitening.kind if self.whitening is not None else None,
             "suggested_rec_threshold": self.suggested_rec_threshold,
+            "calibration": self.calibration_summary(),
+            "adaptation": self.adaptation.to_dict() if self.adaptation is not None else None,
+        }
+
+    def calibration_summary(self) -> dict | None:
+        """The operating point in use and what it promises (``None`` for an uncalibrated index)."""
+        c = self.calibration
+        if c is None:
+            return None
+        point = c.chosen
+        return {
+            "threshold": c.threshold,
+            "chosen_by": c.chosen_by,
+            "correct_accepted": point.correct_accepted,
+            "wrong_accepted": point.wrong_accepted,
+            "unknown_rejected": point.unknown_rejected,
+            "top1": c.top1,
+            "protocol": c.protocol,
+            "known_queries": c.known,
+            "unknown_queries": c.unknown,
+            "changes_since": self.changes_since_calibration,
         }
 
     # --- construction and mutation (each returns a new index) -------------------------
@@ -322,28 +335,34 @@ class GalleryIndex:
         feature_model: str | None = None,
         first_id: int = 0,
         whiten: bool = False,
+        adapt: str = "off",
+        progress=None,
     ) -> "GalleryIndex":
-        """``whiten``: fit :class:`Whitening` on these features (needs >= 200 of them; ignored
-        below that) and suggest a recognition threshold for the whitened similarities."""
+        """``adapt`` (``auto``/``on``/``off``): fit a supervised projection to the gallery's labels
+        (:mod:`shitu.adapt`; ``auto`` keeps it only where held-out recall says it helps).
+        ``whiten``: unsupervised PCA whitening instead (needs >= 200 images; ignored below).
+        Either way the index is calibrated (:mod:`shitu.calibrate`) when its labels allow."""
         if index_type not in INDEX_TYPES:
             raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
         if metric_type not in METRIC_TYPES:
             raise ShiTuError(f"metric_type must be one of {', '.join(METRIC_TYPES)}, not {metric_type!r}")
+        if adapt not in ADAPT_MODES:
+            raise ShiTuError(f"adapt must be one of {', '.join(ADAPT_MODES)}, not {adapt!r}")
         features = _normalize(features)
         if len(features) != len(labels):
             raise ShiTuError(f"{len(features)} feature vectors but {len(labels)} labels")
         if len(features) == 0:
             raise ShiTuError("cannot build an index from an empty gallery")
-        whitening = Whitening.fit(features) if whiten and len(features) >= WHITEN_MIN_IMAGES else None
-        if whitening is not None:
-            features = whitening.apply(features)
-        inner = _new_inner(features.shape[1], index_type, metric_type, len(features))
-        if not inner.is_trained:
-            inner.train(features)
-        index = faiss.IndexIDMap2(inner)
         ids = np.arange(first_id, first_id + len(features), dtype=np.int64)
-        index.add_with_ids(features, ids)
         entries = _make_entries(ids, labels, sources, thumbnails)
+        clean_labels = [entries[int(i)].label for i in ids]
+        projection, calibration, adaptation, raw = _fit(features, ids, clean_labels, whiten, adapt, progress)
+        stored = projection.apply(features) if projection is not None else features
+        inner = _new_inner(stored.shape[1], index_type, metric_type, len(stored))
+        if not inner.is_trained:
+            inner.train(stored)
+        index = faiss.IndexIDMap2(inner)
+        index.add_with_ids(stored, ids)
         result = cls(
             index,
             entries,
@@ -351,12 +370,65 @@ class GalleryIndex:
             index_type=index_type,
             next_id=int(ids[-1]) + 1,
             feature_model=feature_model,
-            trained_size=len(features),
-            whitening=whitening,
-            suggested_rec_threshold=suggest_threshold(features, labels, metric_type) if whitening else None,
+            trained_size=len(stored),
+            whitening=projection,
+            calibration=calibration,
+            adaptation=adaptation,
+            raw=raw,
         )
         result._keep = inner  # keep the inner index alive as long as the wrapper
         return result
+
+    def recalibrated(self, adapt: str | None = None, *, progress=None) -> "GalleryIndex":
+        """A copy refitted and recalibrated on the current entries. ``adapt``: ``auto``/``on``/
+        ``off`` (default: the mode the index was built with). Needs the unprojected features,
+        which every index has except PCA-whitened ones (those are only recalibrated)."""
+        if adapt is not None and adapt not in ADAPT_MODES:
+            raise ShiTuError(f"adapt must be one of {', '.join(ADAPT_MODES)}, not {adapt!r}")
+        ids, stored = self.vectors()
+        labels = [self._entries[int(i)].label for i in ids]
+        if self.whitening is not None and self._raw is None:
+            calibration = calibrate_gallery(stored, labels)
+            return self._derive(faiss.clone_index(self._index), dict(self._entries), next_id=self._next_id,
+                                calibration=calibration, reset_changes=True)  # fmt: skip
+        raw = self._raw_features(ids) if self.whitening is not None else stored
+        mode = adapt or (self.adaptation.mode if self.adaptation is not None else "auto")
+        built = GalleryIndex.build(
+            raw, labels, index_type=self.index_type, metric_type=self.metric_type, feature_model=self.feature_model,
+            first_id=0, adapt=mode, progress=progress,
+        )  # fmt: skip
+        # same ids, sources and thumbnails; only vectors, projection and calibration are new
+        projected = built.whitening.apply(raw) if built.whitening is not None else _normalize(raw)
+        inner = _new_inner(projected.shape[1], self.index_type, self.metric_type, len(projected))
+        if not inner.is_trained:
+            inner.train(projected)
+        index = faiss.IndexIDMap2(inner)
+        index.add_with_ids(projected, ids)
+        result = GalleryIndex(
+            index, dict(self._entries), metric_type=self.metric_type, index_type=self.index_type,
+            next_id=self._next_id, feature_model=self.feature_model, trained_size=len(ids),
+            whitening=built.whitening, calibration=built.calibration, adaptation=built.adaptation,
+            raw=(ids, raw.astype(np.float16)) if built.whitening is not None else None,
+        )  # fmt: skip
+        result._keep = inner
+        return result
+
+    def with_threshold(self, threshold: float) -> "GalleryIndex":
+        """A copy whose own recognition threshold is ``threshold`` (a point the user picked on
+        the calibration curve; the curve itself is kept)."""
+        threshold = float(threshold)
+        if not -1.0 <= threshold <= 1.0:
+            raise ShiTuError(f"a similarity threshold lies between -1 and 1, not {threshold}")
+        if self.calibration is None:
+            raise ShiTuError("this index has no calibration curve to pick a point on (it needs 3+ labels)")
+        calibration = dataclasses.replace(self.calibration, threshold=round(threshold, 4), chosen_by="user")
+        return self._derive(faiss.clone_index(self._index), dict(self._entries), next_id=self._next_id,
+                            calibration=calibration)  # fmt: skip
+
+    def _raw_features(self, ids: np.ndarray) -> np.ndarray:
+        raw_ids, raw = self._raw
+        where = dict(zip(raw_ids.tolist(), range(len(raw_ids)), strict=True))
+        return raw[[where[int(i)] for i in ids]].astype(np.float32)
 
     def add(
         self,
@@ -377,9 +449,12 @@ class GalleryIndex:
                 f"these features have {features.shape[1]} dimensions but the index has {self.dim}: "
                 "it was built with a different recognition model"
             )
+        ids = np.arange(self._next_id, self._next_id + len(features), dtype=np.int64)
+        raw = None
+        if self._raw is not None:
+            raw = (np.concatenate([self._raw[0], ids]), np.concatenate([self._raw[1], features.astype(np.float16)]))
         if self.whitening is not None:
             features = self.whitening.apply(features)
-        ids = np.arange(self._next_id, self._next_id + len(features), dtype=np.int64)
         new_entries = dict(self._entries)
         new_entries.update(_make_entries(ids, labels, sources, thumbnails))
         total = len(new_entries)
@@ -391,13 +466,15 @@ class GalleryIndex:
             old_ids, old_vecs = self.vectors()
             return self._rebuilt(
                 np.concatenate([old_ids, ids]), np.concatenate([old_vecs, features]), new_entries,
-                next_id=int(ids[-1]) + 1,
+                next_id=int(ids[-1]) + 1, raw=raw, changed=len(ids),
             )  # fmt: skip
         index = faiss.clone_index(self._index)
         index.add_with_ids(features, ids)
         # a gallery that has doubled since the last calibration may need wider search
         recalibrate = total >= 2 * self.calibrated_size
-        return self._derive(index, new_entries, next_id=int(ids[-1]) + 1, recalibrate=recalibrate)
+        return self._derive(
+            index, new_entries, next_id=int(ids[-1]) + 1, recalibrate=recalibrate, raw=raw, changed=len(ids)
+        )
 
     def remove(self, ids: Iterable[int]) -> "GalleryIndex":
         """A new index without these ids. Unknown ids raise :class:`NotFound`, changing nothing."""
@@ -411,18 +488,24 @@ class GalleryIndex:
         if len(wanted) == len(self._entries):
             raise ShiTuError("cannot remove every entry: an index needs at least one; delete the index instead")
         new_entries = {i: e for i, e in self._entries.items() if i not in set(wanted)}
+        raw = None
+        if self._raw is not None:
+            kept = ~np.isin(self._raw[0], wanted)
+            raw = (self._raw[0][kept], self._raw[1][kept])
         if not isinstance(_inner(self._index), faiss.IndexFlat):
             # HNSW graphs cannot drop nodes, and IVF's remove reorders its lists behind the
             # id map's back (PaddleX's IndexIDMap2 + IVF returns wrong ids after a remove):
             # rebuild from the remaining vectors instead.
             all_ids, vecs = self.vectors()
             keep = ~np.isin(all_ids, wanted)
-            return self._rebuilt(all_ids[keep], vecs[keep], new_entries, next_id=self._next_id)
+            return self._rebuilt(
+                all_ids[keep], vecs[keep], new_entries, next_id=self._next_id, raw=raw, changed=len(wanted)
+            )
         index = faiss.clone_index(self._index)
         removed = index.remove_ids(np.asarray(wanted, dtype=np.int64))
         if removed != len(wanted):
             raise ShiTuError(f"faiss removed {removed} of {len(wanted)} vectors; the index is unchanged")
-        return self._derive(index, new_entries, next_id=self._next_id)
+        return self._derive(index, new_entries, next_id=self._next_id, raw=raw, changed=len(wanted))
 
     def relabel(self, ids: int | Sequence[int], label: str) -> "GalleryIndex":
         """A copy with entries ``ids`` (one or many) under ``label``; vectors and ids unchanged.
@@ -431,10 +514,12 @@ class GalleryIndex:
         if not label:
             raise ShiTuError("a label cannot be empty")
         entries = dict(self._entries)
+        changed = 0
         for id_ in [ids] if isinstance(ids, (int, np.integer)) else ids:
             entry = self.entry(int(id_))
+            changed += entry.label != label
             entries[entry.id] = Entry(entry.id, label, entry.source, entry.thumbnail)
-        return self._derive(faiss.clone_index(self._index), entries, next_id=self._next_id)
+        return self._derive(faiss.clone_index(self._index), entries, next_id=self._next_id, changed=changed)
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All ``(ids, vectors)`` in storage order."""
@@ -446,13 +531,15 @@ class GalleryIndex:
         vecs = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, inner.d), "float32")
         return ids, np.asarray(vecs, dtype=np.float32)
 
-    def _rebuilt(self, ids: np.ndarray, vecs: np.ndarray, entries: dict[int, Entry], *, next_id: int) -> "GalleryIndex":
+    def _rebuilt(
+        self, ids: np.ndarray, vecs: np.ndarray, entries: dict[int, Entry], *, next_id: int, **change
+    ) -> "GalleryIndex":
         inner = _new_inner(self._index.d, self.index_type, self.metric_type, len(vecs))
         if not inner.is_trained:
             inner.train(vecs)
         index = faiss.IndexIDMap2(inner)
         index.add_with_ids(vecs, ids)
-        result = self._derive(index, entries, next_id=next_id, trained_size=len(vecs), recalibrate=True)
+        result = self._derive(index, entries, next_id=next_id, trained_size=len(vecs), recalibrate=True, **change)
         result._keep = inner
         return result
 
@@ -464,8 +551,16 @@ class GalleryIndex:
         next_id: int,
         trained_size: int | None = None,
         recalibrate: bool = False,
+        raw: tuple[np.ndarray, np.ndarray] | None = None,
+        calibration: Calibration | None = None,
+        changed: int = 0,
+        reset_changes: bool = False,
     ) -> "GalleryIndex":
-        return GalleryIndex(
+        """A sibling index. ``changed`` entries (added, removed or relabelled) make its
+        calibration out of date: a raw-feature index of up to :data:`RECALIBRATE_MAX_ENTRIES`
+        entries is recalibrated at once (leave-one-out costs ~0.1 s there); others count the
+        changes until :meth:`recalibrated` is asked for."""
+        result = GalleryIndex(
             index,
             entries,
             metric_type=self.metric_type,
@@ -476,8 +571,20 @@ class GalleryIndex:
             search_params=None if recalibrate else self.search_params,
             calibrated_size=self.calibrated_size,
             whitening=self.whitening,
-            suggested_rec_threshold=self.suggested_rec_threshold,
+            suggested_rec_threshold=self._suggested,
+            calibration=calibration or self.calibration,
+            adaptation=self.adaptation,
+            raw=raw if raw is not None else self._raw,
+            changes_since_calibration=0 if reset_changes else self.changes_since_calibration + changed,
         )
+        if changed and self.whitening is None and len(entries) <= RECALIBRATE_MAX_ENTRIES:
+            ids, vecs = result.vectors()
+            fresh = calibrate_gallery(vecs, [entries[int(i)].label for i in ids])
+            if fresh is not None and result.calibration is not None and result.calibration.chosen_by == "user":
+                fresh = dataclasses.replace(fresh, threshold=result.calibration.threshold, chosen_by="user")
+            result.calibration = fresh
+            result.changes_since_calibration = 0
+        return result
 
     # --- search --------------------------------------------------------------------------
     def search(self, features: np.ndarray, topk: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -523,6 +630,9 @@ class GalleryIndex:
                 "search_params": self.search_params,
                 "calibrated_size": self.calibrated_size,
                 "suggested_rec_threshold": self.suggested_rec_threshold,
+                "calibration": self.calibration.to_dict() if self.calibration is not None else None,
+                "adaptation": self.adaptation.to_dict() if self.adaptation is not None else None,
+                "changes_since_calibration": self.changes_since_calibration,
                 "entries": {
                     str(e.id): {
                         "source": e.source,
@@ -534,7 +644,10 @@ class GalleryIndex:
             (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
             if self.whitening is not None:
                 with open(tmp / WHITENING_FILE, "wb") as fh:
-                    np.savez(fh, mean=self.whitening.mean, projection=self.whitening.projection)
+                    np.savez(fh, mean=self.whitening.mean, projection=self.whitening.matrix, kind=self.whitening.kind)
+            if self._raw is not None:
+                with open(tmp / RAW_FILE, "wb") as fh:
+                    np.savez(fh, ids=self._raw[0], features=self._raw[1])
             replace_index_dir(tmp, save_dir)
         finally:
             if tmp.exists():
@@ -581,10 +694,19 @@ class GalleryIndex:
             thumb = m.get("thumbnail")
             entries[i] = Entry(i, label, m.get("source", ""), base64.b64decode(thumb) if thumb else None)
         next_id = max(int(meta.get("next_id", 0)), max(id_map, default=-1) + 1)
-        whitening = None
-        if (index_dir / WHITENING_FILE).exists():
-            with np.load(index_dir / WHITENING_FILE) as w:
-                whitening = Whitening(w["mean"], w["projection"])
+        whitening = raw = None
+        try:
+            if (index_dir / WHITENING_FILE).exists():
+                with np.load(index_dir / WHITENING_FILE) as w:
+                    kind = str(w["kind"]) if "kind" in w.files else "pca-whitening"
+                    whitening = (Whitening if kind == "pca-whitening" else Projection)(w["mean"], w["projection"], kind)
+            if whitening is not None and (index_dir / RAW_FILE).exists():
+                with np.load(index_dir / RAW_FILE) as r:
+                    raw = (r["ids"].astype(np.int64), r["features"])
+                if len(raw[0]) != index.ntotal or raw[1].shape[1] != whitening.input_dim:
+                    raw = None  # out of step with the vectors: the index works, it just cannot be refitted
+        except (OSError, ValueError, KeyError) as exc:
+            raise ShiTuError(f"{WHITENING_FILE} or {RAW_FILE} is damaged ({type(exc).__name__})") from None
         return cls(
             index,
             entries,
@@ -597,7 +719,24 @@ class GalleryIndex:
             calibrated_size=meta.get("calibrated_size"),
             whitening=whitening,
             suggested_rec_threshold=meta.get("suggested_rec_threshold"),
+            calibration=Calibration.from_dict(meta.get("calibration")),
+            adaptation=Adaptation.from_dict(meta.get("adaptation")),
+            raw=raw,
+            changes_since_calibration=int(meta.get("changes_since_calibration") or 0),
         )
+
+
+def _fit(features, ids, labels, whiten: bool, adapt_mode: str, progress):
+    """The projection (if any), calibration, record of the decision and kept raw features."""
+    if whiten:
+        if len(features) < WHITEN_MIN_IMAGES:
+            return None, calibrate_gallery(features, labels), None, None
+        whitening = Whitening.fit(features)
+        note = Adaptation("off", True, "PCA whitening (whiten=True)", kind="pca-whitening")
+        return whitening, calibrate_gallery(whitening.apply(features), labels), note, None
+    projection, calibration, adaptation = adapt(features, labels, mode=adapt_mode, progress=progress)
+    raw = (ids.copy(), features.astype(np.float16)) if projection is not None else None
+    return projection, calibration, adaptation, raw
 
 
 def _make_entries(ids: np.ndarray, labels: Sequence[str], sources, thumbnails) -> dict[int, Entry]:

@@ -58,13 +58,17 @@ class ShiTuPipeline:
         skip_invalid: bool = False,
         progress: Progress | None = None,
         whiten: bool = False,
+        adapt: str = "auto",
     ) -> GalleryIndex:
         """Embed a gallery and index it: a root dir and a PaddleX label file, or a list of
         images and a list of labels. Unusable lines raise :class:`ShiTuError` listing their
-        line numbers, unless ``skip_invalid`` (then they are reported in ``index.skipped``)."""
+        line numbers, unless ``skip_invalid`` (then they are reported in ``index.skipped``).
+        ``adapt`` (``auto``/``on``/``off``): fit the features to the gallery's labels where
+        cross-validation says it helps; the index carries its own calibrated threshold
+        (``index.calibration``), which :meth:`predict` uses unless given ``rec_threshold``."""
         return self.engine.build_index(
             as_batch(gallery_imgs, gallery_label), index_type=index_type, metric_type=metric_type,
-            skip_invalid=skip_invalid, progress=progress, whiten=whiten,
+            skip_invalid=skip_invalid, progress=progress, whiten=whiten, adapt=adapt,
         )  # fmt: skip
 
     def append_index(

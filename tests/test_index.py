@@ -267,7 +267,9 @@ def test_whitened_index_round_trip(tmp_path, index_type):
 def test_whitening_needs_enough_images():
     x, labels = clustered(50, dim=48, seed=8)
     idx = GalleryIndex.build(x, labels, index_type="Flat", whiten=True)
-    assert idx.whitening is None and idx.suggested_rec_threshold is None
+    assert idx.whitening is None
+    # still calibrated, leave-one-out on the raw features (the whitened threshold needs no whitening)
+    assert idx.calibration is not None and idx.calibration.protocol == "leave-one-out"
 
 
 def test_relabel_many_entries_at_once_keeps_vectors_and_ids():

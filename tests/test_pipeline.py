@@ -307,7 +307,8 @@ def test_explicit_threshold_is_used_as_given(pipeline, index, sample_queries):
     (res,) = pipeline.predict(str(sample_queries[1]), index=index, whole_image="always", rec_threshold=0.5)
     assert res["rec_threshold"] == 0.5
     (res,) = pipeline.predict(str(sample_queries[1]), index=index, whole_image="always")
-    assert res["rec_threshold"] == pipeline.engine.default_rec_threshold != 0.5
+    # no threshold given: the index's own calibrated one (every index with 3+ labels has one)
+    assert res["rec_threshold"] == index.calibration.threshold == pipeline.engine.rec_threshold_for(index) != 0.5
 
 
 def test_paddlex_style_script_runs_unchanged(pipeline, index, sample_queries, tmp_path, capsys):
