@@ -131,6 +131,26 @@ def main() -> None:
             expect(page.locator("#previews .thumbnail-item")).to_have_count(3)
             shot(page, "manage.png")
 
+            # Evaluate: the report of the new index, its curve and map
+            page.get_by_role("tab", name="Evaluate").click()
+            expect(page.locator("#eval-index input")).to_have_value(name)
+            page.get_by_role("button", name="Evaluate", exact=True).click()
+            expect(page.locator("#eval-summary")).to_contain_text("recall@1")
+            expect(page.locator("#eval-map svg")).to_be_visible()
+            shot(page, "evaluate.png")
+
+            # Versions: one change, then the list and what that change did
+            page.get_by_role("tab", name="Manage").click()
+            page.get_by_label("New label for the selected ids").fill("relabelled")
+            page.get_by_role("button", name="Relabel selected").click()
+            expect(page.locator("#manage-status")).to_contain_text("Relabelled 3")
+            page.get_by_text("Versions (undo a change)").click()
+            expect(page.locator("#versions-table")).to_contain_text("relabel 3")
+            page.locator("#versions-table").get_by_text("relabel 3", exact=True).click()
+            expect(page.locator("#version-changes")).to_contain_text("3 relabelled")
+            page.locator("#versions").scroll_into_view_if_needed()
+            shot(page, "versions.png", full=False)
+
             page.get_by_role("tab", name="Models").click()
             expect(page.locator("#models-info")).to_contain_text(name)
             shot(page, "models.png")

@@ -258,6 +258,34 @@ def cmd_threshold(args) -> int:
     return 0
 
 
+# --- quality report: evaluate ---
+
+
+def cmd_evaluate(args) -> int:
+    report = _engine(args, say_models=False).report(_index_ref(args.name))
+    wrote: list[Path] = []
+    try:
+        if args.html:
+            args.html.parent.mkdir(parents=True, exist_ok=True)
+            args.html.write_text(report.to_html(lang=args.lang), encoding="utf-8")
+            wrote.append(args.html)
+        if args.csv:
+            args.csv.mkdir(parents=True, exist_ok=True)
+            for kind in ("labels", "entries", "pairs"):
+                # utf-8-sig: spreadsheets then read Chinese labels as UTF-8
+                (args.csv / f"{kind}.csv").write_text(report.to_csv(kind), encoding="utf-8-sig", newline="")
+                wrote.append(args.csv / f"{kind}.csv")
+    except OSError as exc:
+        raise ShiTuError(f"cannot write the report: {exc.strerror or exc} ({exc.filename})") from None
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        print("\n".join(report.summary_lines()))
+    for path in wrote:
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from shitu.api import serve
 
@@ -367,6 +395,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("restore", cmd_restore, "make an earlier version current again (as a new version)")
     p.add_argument("name", help=index_help)
     p.add_argument("version", help="a version number, e.g. 3 or v3")
+
+    p = add("evaluate", cmd_evaluate, "a quality report of an index: recall, confusions, suspected mislabels, "
+            "near duplicates, threshold curve, map")  # fmt: skip
+    p.add_argument("name", help=index_help)
+    p.add_argument("--html", type=Path, metavar="FILE", help="write the report as one self-contained HTML page")
+    p.add_argument("--csv", type=Path, metavar="DIR", help="write labels.csv, entries.csv and pairs.csv here")
+    p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a summary")
+    p.add_argument("--lang", choices=("en", "zh"), default="en", help="language of the HTML page")
 
     p = add("serve", cmd_serve, "serve the HTTP API")
     p.add_argument("--host", default="127.0.0.1")

@@ -33,7 +33,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, StrictInt, StringConstraints
@@ -365,6 +365,17 @@ def _version_changes(index_key: str, c: dict[str, Any]) -> VersionChanges:
     )
 
 
+REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"  # the report page runs no script
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition header value for a download (RFC 6266, with a UTF-8 name)."""
+    from urllib.parse import quote
+
+    plain = re.sub(r"[^A-Za-z0-9._-]", "_", filename)
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(filename)}"
+
+
 def read_image_field(value: str, where: str, engine: Engine) -> bytes:
     """The bytes behind an ``image`` field: an http(s) URL (fetched behind the SSRF guard) or
     base64 (a ``data:`` URI prefix and URL-safe alphabet are accepted). The bytes are checked to
@@ -662,6 +673,37 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
                 idMap={str(e.id): e.label for e in page},
             )
         )
+
+    # --- quality report ---
+    @app.get(
+        "/shitu-index/{indexKey}/report",
+        response_model=Envelope[dict[str, Any]],
+        tags=["indices"],
+        responses={**ERROR_RESPONSES, 200: {"description": "The report: JSON (default), an HTML page or a CSV table",
+                                            "content": {"text/html": {}, "text/csv": {}}}},
+    )  # fmt: skip
+    def index_report(
+        indexKey: str,
+        fmt: Literal["json", "html", "csv"] = Query("json", alias="format", description="json, html or csv"),
+        table: Literal["labels", "entries", "pairs"] = Query(
+            "labels", alias="csv", description="With format=csv: labels, entries (flagged) or pairs (confused)"
+        ),
+        lang: Literal["en", "zh"] = Query("en", description="Language of the HTML page"),
+    ) -> Any:
+        """A quality report of the gallery, computed from its stored vectors (no model runs):
+        leave-one-out recall@1/@5 overall and per label, most confused label pairs, suspected
+        mislabelled entries, near duplicates, labels with too few images, the threshold curve
+        and a 2-D map. Kept per index version, so asking again is free until the index changes."""
+        report = engine.report(indexKey)
+        if fmt == "html":
+            return HTMLResponse(report.to_html(lang=lang), headers={"Content-Security-Policy": REPORT_CSP})
+        if fmt == "csv":
+            return Response(
+                "\ufeff" + report.to_csv(table),  # the BOM lets spreadsheets read Chinese labels as UTF-8
+                media_type="text/csv; charset=utf-8",
+                headers={"Content-Disposition": attachment(f"{indexKey}-{table}.csv")},
+            )
+        return _ok({"indexKey": indexKey, **report.to_dict()})
 
     # --- calibration ---
     calibration_route = {"response_model": Envelope[CalibrationResult], "tags": ["indices"]}

@@ -55,6 +55,7 @@ from shitu.gallery import (
 from shitu.ids import parse_ids
 from shitu.index import GalleryIndex
 from shitu.matching import match_objects
+from shitu.report import GalleryReport, gallery_report
 from shitu.results import Recognition
 from shitu.runtime import Runtime
 from shitu.store import IndexStore, check_name
@@ -520,6 +521,39 @@ class Engine:
         index, record = store.restore(key, version)
         summary = {**index.summary(), "version": record["version"], "restored_from": record["restored_from"]}
         return ChangeReport(self.display_name(ref), [], [], summary, index.id_map)
+
+    # --- evaluation -----------------------------------------------------------------------------
+    # A report on a gallery from its stored vectors and labels (shitu.report); no model runs.
+    _report_cache: Any = None  # {(name, id(index)): (weakref to that index version, report)}
+    _REPORTS_KEPT = 4
+
+    def report(self, ref: IndexRef = None, *, progress: Progress | None = None) -> GalleryReport:
+        """The quality report of an index (a name, a directory or an index object): leave-one-out
+        recall@1/@5 overall and per label, confused label pairs, suspected mislabelled entries,
+        near duplicates, labels with too few images, the threshold curve and a 2-D map. Export
+        it with ``.to_dict()``, ``.to_csv(kind)`` or ``.to_html(lang)``. The last few reports are
+        kept per index version, so asking again for an unchanged index costs nothing."""
+        import weakref
+
+        if isinstance(ref, GalleryIndex):
+            index, name = ref, None
+        else:
+            store, key = self.locate(ref)
+            index, name = store.get(key), self.display_name(ref)
+        cache = self._report_cache
+        if cache is None:
+            cache = self._report_cache = {}
+        cached = cache.get((name, id(index)))
+        if cached is not None and cached[0]() is index:
+            return cached[1]
+        report = gallery_report(index, name=name, progress=progress)
+        with self._rt_lock:
+            for stale in [k for k, (ref_, _) in cache.items() if ref_() is None or k[0] == name]:
+                cache.pop(stale, None)
+            while len(cache) >= self._REPORTS_KEPT:
+                cache.pop(next(iter(cache)))
+            cache[(name, id(index))] = (weakref.ref(index), report)
+        return report
 
     # --- stored indices -------------------------------------------------------------------------
     def build(

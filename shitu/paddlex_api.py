@@ -28,6 +28,7 @@ from shitu.engine import UNSET, Engine, GalleryIndex, Progress
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
 from shitu.ids import parse_ids, read_id_file
+from shitu.report import GalleryReport
 from shitu.results import ShiTuResult
 
 
@@ -93,6 +94,18 @@ class ShiTuPipeline:
         else:
             ids = parse_ids(remove_ids)
         return self._index(index).remove(ids)
+
+    # --- evaluation (not in PaddleX) -----------------------------------------------------------
+    def evaluate(self, index: Any = None, *, progress: Progress | None = None) -> GalleryReport:
+        """A quality report of an index, from its stored vectors (no model runs): leave-one-out
+        recall@1/@5 overall and per label, confused label pairs, suspected mislabelled entries,
+        near duplicates, labels with too few images, the threshold curve and a 2-D map.
+        ``index``: an index object, a directory or a PaddleX ``IndexData`` (default: the one
+        ``predict`` would use). Export with ``.to_html()``, ``.to_csv(kind)`` or ``.to_dict()``."""
+        chosen = index if index is not None else self.default_index
+        if chosen is None and self.engine.config.index is not None:
+            chosen = self.engine.config.index
+        return self.engine.report(self._index(chosen), progress=progress)
 
     # --- prediction -----------------------------------------------------------------------------
     def predict(

@@ -35,10 +35,11 @@ from PIL import Image
 
 from shitu.access import AccessPolicy
 from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODES
-from shitu.engine import SAMPLE_INDEX, ChangeReport, Engine
+from shitu.engine import SAMPLE_INDEX, ChangeReport, Engine, GalleryIndex
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, SkippedLine, pairs_from_uploads, read_zip_gallery
 from shitu.ids import parse_ids
+from shitu.report import GalleryReport, curve_svg, map_svg
 from shitu.results import Recognition, RecognizedObject
 from shitu.ui_text import STARTER_MODELS, TEXT
 
@@ -636,8 +637,29 @@ def change_summary(engine: Engine, report: ChangeReport, lang: str = "en", *, bu
         lines.append("\n".join(_skipped_item(s) for s in in_order[:200]))
     else:
         lines.append(_t(lang, "no_skipped"))
+    lines.append(calibration_markdown(engine.index(report.index), lang))
     if built:
         lines.append(_t(lang, "try_it"))
+    return "\n\n".join(lines)
+
+
+def calibration_markdown(index: GalleryIndex, lang: str = "en") -> str:
+    """Whether the features were adapted to the gallery, and what the index's threshold promises."""
+    lines = []
+    if index.adaptation is not None:
+        key = "adaptation_on" if index.adaptation.applied else "adaptation_off"
+        lines.append(_t(lang, key, reason=_md(index.adaptation.reason)))
+    c = index.calibration_summary()
+    if c is None:
+        lines.append(_t(lang, "no_calibration"))
+        return "\n\n".join(lines)
+    chosen = _t(lang, "chosen_user" if c["chosen_by"] == "user" else "chosen_default")
+    lines.append(
+        _t(lang, "calibration_line", threshold=c["threshold"], chosen=chosen, accepted=c["correct_accepted"],
+           top1=c["top1"], rejected=c["unknown_rejected"], protocol=c["protocol"], queries=c["known_queries"])
+    )  # fmt: skip
+    if c["changes_since"]:
+        lines.append(_t(lang, "calibration_stale", n=c["changes_since"]))
     return "\n\n".join(lines)
 
 
@@ -658,7 +680,7 @@ def build_index(
     metric_type: str = "IP",
     skip_invalid: bool = True,
     overwrite: bool = False,
-    whiten: bool = False,
+    adapt: str = "auto",
     folder_labels: bool = False,
     request: gr.Request | None = None,
     progress: gr.Progress = gr.Progress(),
@@ -674,10 +696,256 @@ def build_index(
         overwrite=bool(overwrite),
         skip_invalid=bool(skip_invalid),
         progress=_progress_callback(progress),
-        whiten=bool(whiten),
+        adapt=adapt or "auto",
     )
     summary = change_summary(engine, report, lang_of(request), built=True)
     return summary, _index_dropdown(engine, report.index), _index_dropdown(engine, report.index)
+
+
+# --- Teach: a box of a result goes into the gallery --------------------------------------------
+def _best_label(obj: RecognizedObject) -> str:
+    if obj.labels:
+        return obj.labels[0]
+    return obj.candidates[0][0] if obj.candidates else ""
+
+
+def teach_choices(state: dict | None):
+    """After a recognition: the boxes to pick from (the first selected) and its best label."""
+    objects = (state or {}).get("result").objects if state and state.get("result") else []
+    if not objects:
+        return gr.update(choices=[], value=None), gr.update(value="")
+    return gr.update(choices=[str(n + 1) for n in range(len(objects))], value="1"), gr.update(
+        value=_best_label(objects[0])
+    )
+
+
+def teach_label_for(state: dict | None, box: str | None):
+    """The label field follows the picked box (its answer, or its near miss)."""
+    objects = state["result"].objects if state and state.get("result") else []
+    try:
+        return gr.update(value=_best_label(objects[int(box) - 1]))
+    except (TypeError, ValueError, IndexError):
+        return gr.skip()
+
+
+@user_errors
+def teach_box(
+    engine: Engine, state: dict | None, box: str | None, label: str, request: gr.Request | None = None
+) -> str:
+    """Add the picked box of the last result to the index it was searched in: (status markdown)."""
+    if not state or not state.get("result") or not box:
+        raise ShiTuError(TEXT["en"]["err_no_result"])
+    result = state["result"]
+    try:
+        obj = result.objects[int(box) - 1]
+    except (ValueError, IndexError):
+        raise ShiTuError(TEXT["en"]["err_no_result"]) from None
+    report = engine.teach(result.index_name, result.image, obj.bbox, label)
+    lang = lang_of(request)
+    head = _t(lang, "taught", box=box, index=report.index, id=report.added_ids[0], label=_md(label.strip()))
+    return head + "\n\n" + calibration_markdown(engine.index(result.index_name), lang)
+
+
+# --- Evaluate ---------------------------------------------------------------------------------------
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _threshold_slider(index: GalleryIndex, value: float | None = None) -> dict[str, Any]:
+    c = index.calibration
+    if c is None:
+        return gr.update(interactive=False)
+    lo, hi = c.points[0].threshold, c.points[-1].threshold
+    chosen = c.threshold if value is None else float(value)
+    # cosine similarity: the whole 0..1 range (and below 0 where the curve goes there)
+    return gr.update(minimum=round(min(0.0, lo, chosen), 3), maximum=round(max(1.0, hi, chosen), 3),
+                     value=round(chosen, 4), step=0.001, interactive=True)  # fmt: skip
+
+
+def operating_point(engine: Engine, name: str | None, threshold: float | None, request: gr.Request | None = None):
+    """The curve with ``threshold`` marked, and what that threshold would do: (curve html, markdown)."""
+    lang = lang_of(request)
+    if not name:
+        return gr.skip(), ""
+    index = engine.index(name)
+    c = index.calibration
+    if c is None or threshold is None:
+        return curve_svg(c, lang=lang), _t(lang, "no_calibration")
+    p = c.at(float(threshold))
+    line = _t(lang, "point_line", threshold=float(threshold), accepted=p.correct_accepted, wrong=p.wrong_accepted,
+              rejected=p.unknown_rejected)  # fmt: skip
+    return curve_svg(c, float(threshold), lang=lang), line
+
+
+def _examples(report: GalleryReport) -> list[tuple[Image.Image, str]]:
+    """Thumbnails of the worst confusions and suspected mislabels, each entry next to what it matched."""
+    items: list[tuple[Image.Image, str]] = []
+
+    def add(id_: int, caption: str) -> None:
+        data = report.thumbnails.get(id_)
+        if data:
+            items.append((thumbnail_image(data), caption))
+
+    for pair in report.confused_pairs[:4]:
+        for ex in pair.examples_a[:1]:
+            add(ex.id, f"#{ex.id} {pair.label_a}")
+            add(ex.matched_id, f"→ #{ex.matched_id} {pair.label_b} {ex.similarity:.3f}")
+    for sus in report.mislabelled[:4]:
+        add(sus.id, f"#{sus.id} {sus.label} (?)")
+        add(sus.nearest_id, f"→ #{sus.nearest_id} {sus.suggested_label} {sus.similarity:.3f}")
+    return items
+
+
+def _report_tables(report: GalleryReport, lang: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    worst = sorted(report.per_label, key=lambda r: (r.recall_at_1 is None, r.recall_at_1 or 0.0, -r.images))
+    labels = pd.DataFrame(
+        [(r.label, r.images, _pct(r.recall_at_1), _pct(r.recall_at_5), r.confused_with or "") for r in worst[:500]],
+        columns=[_t(lang, k) for k in ("col_label", "col_images", "col_recall1", "col_recall5", "col_confused")],
+    )
+    pairs = pd.DataFrame(
+        [(p.label_a, p.label_b, p.errors, " ".join(f"#{e.id}" for e in p.examples_a + p.examples_b))
+         for p in report.confused_pairs[:200]],
+        columns=[_t(lang, k) for k in ("col_pair_a", "col_pair_b", "col_errors", "col_id")],
+    )  # fmt: skip
+    rows = [(s.id, s.label, _t(lang, "issue_mislabelled"), s.suggested_label, round(s.similarity, 3))
+            for s in report.mislabelled[:200]]  # fmt: skip
+    for d in report.duplicates[:200]:
+        issue = _t(lang, "issue_conflicting" if d.conflicting else "issue_redundant")
+        rows.append((d.id_a, d.label_a, issue, f"#{d.id_b} {d.label_b}", round(d.similarity, 3)))
+    for f in report.few_images[:200]:
+        rows.append((f.ids[0] if f.ids else "", f.label, _t(lang, "issue_few"), "", ""))
+    flagged = pd.DataFrame(
+        rows,
+        columns=[_t(lang, k) for k in ("col_id", "col_label", "col_issue", "col_suggested", "col_similarity")],
+    )
+    return labels, pairs, flagged
+
+
+def _report_files(report: GalleryReport, name: str, lang: str) -> list[str]:
+    html_path = _scratch_file(f"{name}_report.html")
+    html_path.write_text(report.to_html(lang), encoding="utf-8")
+    paths = [str(html_path)]
+    for kind in ("labels", "entries", "pairs"):
+        path = html_path.parent / f"{name}_{kind}.csv"
+        path.write_text(report.to_csv(kind), encoding="utf-8-sig")  # the BOM lets spreadsheets read Chinese
+        paths.append(str(path))
+    return paths
+
+
+@user_errors
+def evaluate_index(engine: Engine, name: str | None, request: gr.Request | None = None,
+                   progress: gr.Progress = gr.Progress()):  # fmt: skip
+    """The gallery report of ``name``: (summary, calibration, curve, threshold slider, point, map,
+    per-label table, confused pairs, flagged entries, examples, downloads)."""
+    if not name:
+        raise ShiTuError(TEXT["en"]["err_pick_index"])
+    lang = lang_of(request)
+    report = engine.report(name, progress=_progress_callback(progress))
+    index = engine.index(name)
+    summary = _t(
+        lang, "eval_summary", name=_md(name), entries=report.entries, labels=report.labels,
+        r1=_pct(report.recall_at_1), r5=_pct(report.recall_at_5), evaluated=report.evaluated,
+        sampled=_t(lang, "eval_sampled") if report.sampled else "", mislabelled=report.mislabelled_count,
+        conflicting=report.duplicate_counts.get("conflicting", 0),
+        redundant=report.duplicate_counts.get("redundant", 0), few=len(report.few_images), seconds=report.seconds,
+    )  # fmt: skip
+    c = index.calibration
+    curve, point = operating_point(engine, name, c.threshold if c else None, request)
+    labels, pairs, flagged = _report_tables(report, lang)
+    return (summary, calibration_markdown(index, lang), curve, _threshold_slider(index), point,
+            map_svg(report, lang=lang), labels, pairs, flagged, _examples(report),
+            _report_files(report, name, lang))  # fmt: skip
+
+
+@user_errors
+def use_threshold(
+    engine: Engine, name: str | None, threshold: float | None, searched: str | None = None,
+    request: gr.Request | None = None,
+):  # fmt: skip
+    """Make the tried threshold the index's own: (status, calibration markdown, Recognize slider, curve)."""
+    if not name:
+        raise ShiTuError(TEXT["en"]["err_pick_index"])
+    if threshold is None:
+        raise ShiTuError(TEXT["en"]["no_calibration"])
+    index = engine.set_threshold(name, float(threshold))
+    lang = lang_of(request)
+    return (_t(lang, "threshold_set", threshold=float(threshold)), calibration_markdown(index, lang),
+            # the Recognize tab's slider follows when it searches this index
+            gr.update(value=index.suggested_rec_threshold) if searched == name else gr.skip(),
+            curve_svg(index.calibration, lang=lang))  # fmt: skip
+
+
+@user_errors
+def recalibrate_index(engine: Engine, name: str | None, adapt: str | None = None,
+                      request: gr.Request | None = None, progress: gr.Progress = gr.Progress()):  # fmt: skip
+    """Refit the projection and remeasure the curve: (calibration markdown, curve, slider, point)."""
+    if not name:
+        raise ShiTuError(TEXT["en"]["err_pick_index"])
+    index = engine.calibrate(name, adapt=adapt or None, progress=_progress_callback(progress))
+    lang = lang_of(request)
+    c = index.calibration
+    curve, point = operating_point(engine, name, c.threshold if c else None, request)
+    return calibration_markdown(index, lang), curve, _threshold_slider(index), point
+
+
+# --- Versions ---------------------------------------------------------------------------------------
+def versions_table(engine: Engine, name: str | None, request: gr.Request | None = None) -> pd.DataFrame:
+    """Every kept version of the index, newest first."""
+    lang = lang_of(request)
+    columns = [_t(lang, k) for k in ("col_version", "col_time", "col_action", "col_entries", "col_labels",
+                                     "col_current")]  # fmt: skip
+    if not name:
+        return pd.DataFrame(columns=columns)
+    rows = [
+        (v["version"], (v.get("time") or "")[:19].replace("T", " "), v.get("action") or "", v.get("entries"),
+         v.get("labels"), "✓" if v.get("current") else "")
+        for v in engine.versions(name)
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def pick_version(table: pd.DataFrame, evt: gr.SelectData):
+    """A click on a row of the versions table picks that version."""
+    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else None
+    if row is None or table is None or row >= len(table):
+        return gr.skip()
+    return int(table.iloc[row, 0])
+
+
+def _version_number(version: Any) -> int:
+    try:
+        number = int(version)
+    except (TypeError, ValueError):
+        raise ShiTuError(TEXT["en"]["err_no_version"]) from None
+    if number < 1:
+        raise ShiTuError(TEXT["en"]["err_no_version"])
+    return number
+
+
+@user_errors
+def show_version_changes(engine: Engine, name: str | None, version: Any, request: gr.Request | None = None) -> str:
+    """What version ``version`` changed, against the one before it (markdown)."""
+    c = engine.version_changes(name, _version_number(version), limit=50)
+    lang = lang_of(request)
+    lines = [
+        _t(lang, "changes_head", version=c.get("version", version), action=_md(c.get("action") or "?"),
+           time=(c.get("time") or "")[:19].replace("T", " "), against=c.get("against", "?"),
+           added=c["added_count"], removed=c["removed_count"], relabelled=c["relabelled_count"])
+    ]  # fmt: skip
+    lines += [f"- \\+ #{e['id']} {_md(e['label'])}" for e in c["added"][:20]]
+    lines += [f"- − #{e['id']} {_md(e['label'])}" for e in c["removed"][:20]]
+    lines += [f"- ~ #{e['id']} {_md(e['from'])} → {_md(e['to'])}" for e in c["relabelled"][:20]]
+    return "\n".join(lines)
+
+
+@user_errors
+def restore_version(engine: Engine, name: str | None, version: Any, request: gr.Request | None = None):
+    """Make an earlier version current (as a new version): (status, versions table)."""
+    report = engine.restore(name, _version_number(version))
+    s = report.summary
+    status = _t(lang_of(request), "restored", old=s["restored_from"], new=s["version"], entries=s["entries"],
+                labels=s["labels"])  # fmt: skip
+    return status, versions_table(engine, name, request)
 
 
 # --- Manage index ---------------------------------------------------------------------------
@@ -1260,6 +1528,16 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                             result_table_df = gr.Dataframe(
                                 label=I18N("result_table"), interactive=False, wrap=True, elem_id="result-table"
                             )
+                            with gr.Accordion(I18N("teach_section"), open=False, elem_id="teach"):
+                                with gr.Row():
+                                    teach_pick = gr.Dropdown(
+                                        [], label=I18N("teach_box"), scale=1, min_width=80, elem_id="teach-box"
+                                    )
+                                    teach_label = gr.Textbox(
+                                        label=I18N("teach_label"), max_lines=1, scale=3, elem_id="teach-label"
+                                    )
+                                teach_btn = gr.Button(I18N("teach_btn"), variant="primary", elem_id="teach-btn")
+                                teach_status = gr.Markdown(elem_id="teach-status")
                             result_json = gr.File(label=I18N("result_json"), interactive=False, height=60)
                 rec_state = gr.State()
             # ---------------------------------------------------------------- Build index
@@ -1289,8 +1567,11 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                 with gr.Row():
                     build_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))
                     build_overwrite = gr.Checkbox(value=False, label=I18N("overwrite"))
-                    build_whiten = gr.Checkbox(value=False, label=I18N("whiten"))
                     build_folders = gr.Checkbox(value=False, label=I18N("folder_labels"))
+                build_adapt = gr.Radio(
+                    ["auto", "on", "off"], value="auto", label=I18N("adapt"), info=I18N("adapt_info"),
+                    elem_id="build-adapt",
+                )  # fmt: skip
                 build_btn = gr.Button(I18N("build_btn"), variant="primary", elem_id="build-btn")
                 build_progress = gr.HTML(elem_id="build-progress")
                 build_summary = gr.Markdown(elem_id="build-summary")
@@ -1348,6 +1629,15 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                             value=False, label=I18N("confirm_delete"), elem_id="confirm-delete"
                         )
                         delete_btn = gr.Button(I18N("delete_btn"), variant="stop", elem_id="delete-btn")
+                with gr.Accordion(I18N("versions_section"), open=False, elem_id="versions") as versions_box:
+                    versions_df = gr.Dataframe(
+                        label=I18N("versions_table"), interactive=False, max_height=300, elem_id="versions-table"
+                    )
+                    with gr.Row():
+                        version_pick = gr.Number(label=I18N("version"), precision=0, scale=2, elem_id="version-pick")
+                        changes_btn = gr.Button(I18N("show_changes"), scale=1, elem_id="changes-btn")
+                        restore_btn = gr.Button(I18N("restore_btn"), variant="stop", scale=1, elem_id="restore-btn")
+                    version_md = gr.Markdown(elem_id="version-changes")
                 with gr.Accordion(I18N("transfer_section"), open=False):
                     with gr.Row():
                         export_btn = gr.Button(I18N("export_btn"))
@@ -1358,6 +1648,49 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                             import_name = gr.Textbox(label=I18N("import_name"), max_lines=1)
                             import_overwrite = gr.Checkbox(value=False, label=I18N("overwrite"))
                             import_btn = gr.Button(I18N("import_btn"))
+            # ---------------------------------------------------------------- Evaluate
+            with gr.Tab(I18N("tab_evaluate"), id="evaluate") as tab_evaluate:
+                gr.Markdown(I18N("eval_help"))
+                with gr.Row():
+                    eval_index = gr.Dropdown(
+                        names, value=active, label=I18N("eval_index"), scale=3, elem_id="eval-index"
+                    )
+                    evaluate_btn = gr.Button(I18N("evaluate_btn"), variant="primary", scale=1, elem_id="evaluate-btn")
+                eval_progress = gr.HTML(elem_id="eval-progress")
+                eval_summary = gr.Markdown(elem_id="eval-summary")
+                eval_calibration = gr.Markdown(elem_id="eval-calibration")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=3):
+                        eval_curve = gr.HTML(label=I18N("eval_curve"), elem_id="eval-curve")
+                    with gr.Column(scale=2):
+                        eval_threshold = gr.Slider(
+                            0.0, 1.0, value=0.5, step=0.001, label=I18N("eval_threshold"), interactive=False,
+                            elem_id="eval-threshold",
+                        )  # fmt: skip
+                        eval_point = gr.Markdown(elem_id="eval-point")
+                        use_threshold_btn = gr.Button(I18N("use_threshold_btn"), elem_id="use-threshold-btn")
+                        recal_adapt = gr.Radio(["auto", "on", "off"], value="auto", label=I18N("recalibrate_adapt"))
+                        recalibrate_btn = gr.Button(I18N("recalibrate_btn"), elem_id="recalibrate-btn")
+                        eval_status = gr.Markdown(elem_id="eval-status")
+                gr.Markdown(I18N("eval_map"))
+                eval_map = gr.HTML(elem_id="eval-map")
+                with gr.Row(equal_height=False):
+                    eval_labels = gr.Dataframe(
+                        label=I18N("eval_labels"), interactive=False, max_height=360, elem_id="eval-labels"
+                    )
+                    eval_pairs = gr.Dataframe(
+                        label=I18N("eval_pairs"), interactive=False, max_height=360, elem_id="eval-pairs"
+                    )
+                eval_flagged = gr.Dataframe(
+                    label=I18N("eval_flagged"), interactive=False, max_height=360, elem_id="eval-flagged"
+                )
+                eval_examples = gr.Gallery(
+                    label=I18N("eval_examples"), columns=6, height="auto", object_fit="contain",
+                    allow_preview=True, elem_id="eval-examples",
+                )  # fmt: skip
+                eval_files = gr.File(
+                    label=I18N("eval_downloads"), file_count="multiple", interactive=False, elem_id="eval-files"
+                )
             # ---------------------------------------------------------------- Models & about
             with gr.Tab(I18N("tab_models"), id="models") as tab_models:
                 models_md = gr.Markdown(elem_id="models-info")
@@ -1378,7 +1711,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         rec_outputs = [result_image, result_table_df, timings, result_json, evidence_gallery, rec_state,
                        results_box, rec_hint, rec_status]  # fmt: skip
         build_inputs = [build_files, build_labels, build_name, build_type, build_metric, build_skip, build_overwrite,
-                        build_whiten, build_folders]  # fmt: skip
+                        build_adapt, build_folders]  # fmt: skip
         build_outputs = [build_summary, rec_index, manage_index, build_progress]
         view_outputs = [info, entries, label_filter, thumbs, selected]
         filter_outputs = [info, entries, thumbs]
@@ -1411,15 +1744,30 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         endpoint("import_index", change(import_index), [import_file, import_name, import_overwrite],
                  import_outputs[:-1])  # fmt: skip
         endpoint("switch_model", change(switch_model), rec_model, switch_outputs[:-1])
+        endpoint("versions", bind(versions_table), manage_index, versions_df)
+        endpoint("version_changes", bind(show_version_changes), [manage_index, version_pick], version_md)
+        endpoint("restore_version", change(restore_version), [manage_index, version_pick], [version_md, versions_df])
 
         @functools.wraps(bind(recognize_image))  # Gradio reads the type hints: the request is injected
         def recognize_and_show(*args: Any, **kwargs: Any) -> tuple:
             return (*bind(recognize_image)(*args, **kwargs), gr.update(visible=True), gr.update(visible=False), "")
 
         recognize = soft(recognize_and_show, rec_outputs, rec_status)
-        recognize_btn.click(recognize, rec_inputs, rec_outputs, api_visibility="private")
+        teach_setup = dict(fn=teach_choices, inputs=rec_state, outputs=[teach_pick, teach_label])
+        recognize_btn.click(recognize, rec_inputs, rec_outputs, api_visibility="private").success(
+            **teach_setup, api_visibility="private"
+        )
         examples.select(pick_example, None, query, api_visibility="private").then(
             recognize, rec_inputs, rec_outputs, api_visibility="private"
+        ).success(**teach_setup, api_visibility="private")
+        teach_pick.input(teach_label_for, [rec_state, teach_pick], teach_label, api_visibility="private")
+        teach_btn.click(
+            soft(change(teach_box), [teach_status], teach_status),
+            [rec_state, teach_pick, teach_label],
+            teach_status,
+            api_visibility="private",
+            concurrency_limit=1,
+            concurrency_id="index-jobs",
         )
         result_table_df.select(select_row, rec_state, [result_image, result_table_df], api_visibility="private")
         result_image.select(select_on_image, rec_state, [result_image, result_table_df], api_visibility="private")
@@ -1444,7 +1792,10 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         ).then(**follow_threshold, api_visibility="private")  # fmt: skip
 
         open_event = dict(fn=soft(bind(open_index), view_outputs), inputs=manage_index, outputs=view_outputs)
-        manage_index.input(**open_event, api_visibility="private")
+        # every change is a new version: the versions list follows (hidden: it only shows when opened)
+        show_versions = dict(fn=soft(bind(versions_table), [versions_df]), inputs=manage_index, outputs=versions_df)
+        quietly = dict(api_visibility="private", show_progress="hidden")
+        manage_index.input(**open_event, api_visibility="private").success(**show_versions, **quietly)
         refresh_btn.click(keep, manage_index, manage_index, api_visibility="private").then(
             **open_event, api_visibility="private"
         )
@@ -1483,13 +1834,13 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
             [manage_index, selected, label_filter],
             remove_outputs,
             api_visibility="private",
-        )
+        ).success(**show_versions, **quietly)
         relabel_btn.click(
             soft(change(relabel_entries), relabel_outputs, manage_status),
             [manage_index, selected, new_label, label_filter],
             relabel_outputs,
             api_visibility="private",
-        )
+        ).success(**show_versions, **quietly)
         add_btn.click(
             with_progress(change(add_entries), add_outputs, manage_progress),
             add_inputs,
@@ -1498,7 +1849,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
             show_progress="hidden",
             concurrency_limit=1,
             concurrency_id="index-jobs",
-        )
+        ).success(**show_versions, **quietly)
         rename_btn.click(
             soft(change(rename_index), rename_outputs, manage_status),
             [manage_index, new_name],
@@ -1524,6 +1875,65 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
             api_visibility="private",
             show_progress="hidden",
         ).success(**open_event, api_visibility="private")
+
+        versions_box.expand(**show_versions, api_visibility="private")
+        version_changes_event = dict(
+            fn=soft(bind(show_version_changes), [version_md], version_md),
+            inputs=[manage_index, version_pick],
+            outputs=version_md,
+        )
+        versions_df.select(pick_version, versions_df, version_pick, api_visibility="private").success(
+            **version_changes_event, api_visibility="private"
+        )
+        changes_btn.click(**version_changes_event, api_visibility="private")
+        restore_outputs = [version_md, versions_df]
+        restore_btn.click(
+            soft(change(restore_version), restore_outputs, version_md),
+            [manage_index, version_pick],
+            restore_outputs,
+            api_visibility="private",
+        ).success(**open_event, api_visibility="private")
+
+        eval_outputs = [eval_summary, eval_calibration, eval_curve, eval_threshold, eval_point, eval_map, eval_labels,
+                        eval_pairs, eval_flagged, eval_examples, eval_files, eval_progress]  # fmt: skip
+        endpoint("evaluate", bind(evaluate_index), eval_index, eval_outputs[:-1],
+                 concurrency_limit=1, concurrency_id="evaluate")  # fmt: skip
+        evaluate_btn.click(
+            with_progress(bind(evaluate_index), eval_outputs, eval_progress),
+            eval_index,
+            eval_outputs,
+            api_visibility="private",
+            show_progress="hidden",
+            concurrency_limit=1,
+            concurrency_id="evaluate",
+        )
+        tab_evaluate.select(keep, eval_index, eval_index, api_visibility="private")
+        point_event = dict(
+            fn=soft(bind(operating_point), [eval_curve, eval_point]),
+            inputs=[eval_index, eval_threshold],
+            outputs=[eval_curve, eval_point],
+            api_visibility="private",
+            show_progress="hidden",
+        )
+        eval_threshold.release(**point_event)  # a drag: once, when the handle is let go
+        eval_threshold.input(**point_event, trigger_mode="always_last")  # typed numbers and keys
+        use_outputs = [eval_status, eval_calibration, rec_threshold, eval_curve]
+        use_threshold_btn.click(
+            soft(change(use_threshold), use_outputs, eval_status),
+            [eval_index, eval_threshold, rec_index],
+            use_outputs,
+            api_visibility="private",
+        )
+        recal_outputs = [eval_calibration, eval_curve, eval_threshold, eval_point, eval_status]
+        recalibrate_btn.click(
+            with_progress(change(recalibrate_index), recal_outputs, eval_status),
+            [eval_index, recal_adapt],
+            recal_outputs,
+            api_visibility="private",
+            show_progress="hidden",
+            concurrency_limit=1,
+            concurrency_id="index-jobs",
+        )
 
         tab_models.select(bind(models_markdown), None, models_md, api_visibility="private")
         # while official weights download in the background, the Models tab shows their progress

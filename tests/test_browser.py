@@ -265,3 +265,86 @@ def test_phone_recognize_flow(engine, locale):
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= 390, f"the page scrolls sideways: {width} px wide"
             shoot(page, f"phone_{locale[:2]}")
+
+
+def test_teach_evaluate_and_versions_in_chromium(runtime, tmp_path):
+    """Learn from use on the Recognize tab, the gallery report and threshold curve on Evaluate,
+    and undoing changes from the versions list on Manage."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
+    expect = sync_api.expect
+    from app import build_app
+    from shitu.engine import Engine
+    from shitu.gallery import read_label_file
+
+    engine = Engine(runtime.settings.model_copy(update={"data_dir": tmp_path / "data", "default_index": "shop"}),
+                    runtime=runtime)  # fmt: skip
+    root = tmp_path / "gallery"
+    engine.build("shop", read_label_file(write_gallery(root), root))
+    composite = write_queries(tmp_path / "queries")[0]
+
+    with serving(build_app(engine)) as url, sync_api.sync_playwright() as pw:
+        browser = launch(pw)
+        page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(TIMEOUT)
+        with shot_on_failure(browser, page, "failure-learning"):
+            page.goto(url)
+            expect(page.locator("#rec-index input")).to_have_value("shop")
+
+            # Teach: recognise, then add the first box under a corrected label
+            page.locator("#query-image input[type=file]").set_input_files(str(composite))
+            expect(page.locator("#query-image img")).to_be_visible()
+            page.get_by_role("button", name="Recognize", exact=True).click()
+            expect(page.locator("#result-table")).to_contain_text("猫 cat")
+            page.get_by_text("Teach the gallery: add a box under its right label").click()
+            label = page.locator("#teach-label input, #teach-label textarea")
+            expect(label).not_to_have_value("")  # the box's own answer, ready to confirm
+            suggested = label.input_value()
+            assert suggested in {"猫 cat", "咖啡 coffee"}, suggested
+            label.fill("taught product")
+            expect(label).to_have_value("taught product")
+            page.get_by_role("button", name="Add this box to the gallery").click()
+            expect(page.locator("#teach-status")).to_contain_text("Added box 1 to shop as #24")
+            expect(page.locator("#teach-status")).to_contain_text("unknown objects rejected")
+            assert engine.index("shop").entry(24).label == "taught product"
+            shoot(page, "teach")
+
+            # Evaluate: the report, its curve and map; try a threshold and keep it
+            page.get_by_role("tab", name="Evaluate").click()
+            expect(page.locator("#eval-index input")).to_have_value("shop")
+            page.evaluate(WATCH_PROGRESS, "#eval-progress")
+            page.get_by_role("button", name="Evaluate", exact=True).click()
+            summary = page.locator("#eval-summary")
+            expect(summary).to_contain_text("25 entries, 7 labels")
+            expect(summary).to_contain_text("recall@1")
+            assert page.evaluate("window.__progressSeen") is not None
+            expect(page.locator("#eval-curve svg")).to_be_visible()
+            expect(page.locator("#eval-map svg circle")).to_have_count(25)
+            expect(page.locator("#eval-flagged")).to_contain_text("taught product")  # a label with one photo
+            expect(page.locator("#eval-files")).to_contain_text("shop_report")
+            expect(page.locator("#eval-point")).to_contain_text("of unknown objects rejected")
+            number = page.locator("#eval-threshold input[type=number]")
+            number.fill("0.5")
+            number.press("Enter")
+            expect(page.locator("#eval-point")).to_contain_text("At 0.500")
+            page.get_by_role("button", name="Use this threshold for the index").click()
+            expect(page.locator("#eval-status")).to_contain_text("now uses 0.500")
+            expect(page.locator("#eval-calibration")).to_contain_text("picked by you")
+            assert engine.index("shop").calibration.threshold == 0.5
+            shoot(page, "evaluate")
+
+            # Versions: the build, the taught box and the threshold are versions; restore the build
+            page.get_by_role("tab", name="Manage").click()
+            expect(page.locator("#manage-info")).to_contain_text("25")
+            page.get_by_text("Versions (undo a change)").click()
+            versions = page.locator("#versions-table")
+            expect(versions).to_contain_text("threshold 0.500")
+            expect(versions).to_contain_text("add 1")
+            versions.get_by_text("build", exact=True).click()
+            expect(page.locator("#version-pick input")).to_have_value("1")
+            expect(page.locator("#version-changes")).to_contain_text("24 added")
+            page.get_by_role("button", name="Restore this version").click()
+            expect(page.locator("#version-changes")).to_contain_text("Version 1 restored as version")
+            expect(page.locator("#manage-info")).to_contain_text("24")
+            assert len(engine.index("shop")) == 24 and "taught product" not in engine.index("shop").label_counts()
+            assert no_error_badges(page)
+            shoot(page, "versions")

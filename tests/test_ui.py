@@ -513,16 +513,17 @@ def test_switching_to_an_unavailable_model_is_a_toast(engine):
 
 
 # --- wiring --------------------------------------------------------------------------------
-def test_demo_has_four_tabs_and_named_endpoints(engine, shop):
+def test_demo_has_five_tabs_and_named_endpoints(engine, shop):
     demo = ui.build_demo(engine)
     config = demo.get_config_file()
     tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
     assert [str(t) for t in tabs] == [
-        str(ui.I18N(k)) for k in ("tab_recognize", "tab_build", "tab_manage", "tab_models")
+        str(ui.I18N(k)) for k in ("tab_recognize", "tab_build", "tab_manage", "tab_evaluate", "tab_models")
     ]
     api_names = {fn.api_name for fn in demo.fns.values()}
     assert {"recognize", "build_index", "remove_entries", "add_entries", "rename_index", "delete_index",
-            "export_index", "import_index", "switch_model", "filter_entries"} <= api_names  # fmt: skip
+            "export_index", "import_index", "switch_model", "filter_entries", "evaluate", "versions",
+            "version_changes", "restore_version"} <= api_names  # fmt: skip
 
 
 def test_bound_handlers_keep_what_gradio_injects(engine):
@@ -610,11 +611,16 @@ def test_threshold_slider_follows_the_index(engine, sample_gallery):
 
     root, labels = sample_gallery
     engine.build("plain", read_label_file(labels, root), index_type="Flat")
-    index = engine.index("plain")
-    index.suggested_rec_threshold = 0.25  # as a whitened index would suggest
+    calibrated = engine.index("plain").calibration.threshold
+    assert threshold_for_index(engine, "plain")["value"] == calibrated  # the index's own, measured on its gallery
+    engine.set_threshold("plain", 0.25)  # a point the user picked on the curve
     assert threshold_for_index(engine, "plain")["value"] == 0.25
-    index.suggested_rec_threshold = None
-    assert threshold_for_index(engine, "plain")["value"] == engine.default_rec_threshold
+    from shitu.gallery import GalleryBatch
+
+    two = [i for i in read_label_file(labels, root).items if i.label in {"猫 cat", "咖啡 coffee"}]
+    engine.build("two", GalleryBatch(items=two))
+    assert engine.index("two").calibration is None  # two labels cannot be calibrated: the model's default
+    assert threshold_for_index(engine, "two")["value"] == engine.default_rec_threshold
     assert "value" not in threshold_for_index(engine, "no-such-index")
 
 
@@ -628,3 +634,53 @@ def test_models_tab_shows_background_download_progress_and_stale_indices():
     text = "\n".join(ui._download_lines(switched, "zh"))
     assert "官方权重" in text and "`mine`" in text and "`sample`" not in text
     assert ui._download_lines({"state": "nothing to do"}, "en") == []
+
+
+# --- Evaluate, teach, versions ----------------------------------------------------------------
+def test_evaluate_handler_reports_the_gallery_and_its_curve(engine, shop):
+    (summary, calibration, curve, slider, point, gallery_map, labels, pairs, flagged, examples,
+     files) = ui.evaluate_index(engine, shop, FakeRequest("en"))  # fmt: skip
+    assert "24 entries, 6 labels" in summary and "recall@1" in summary
+    assert "unknown objects rejected" in calibration and "<svg" in curve and "<svg" in gallery_map
+    assert gallery_map.count("<circle") >= 24
+    assert slider["interactive"] and slider["value"] == engine.index(shop).calibration.threshold
+    assert list(labels.columns)[:2] == ["label", "photos"] and len(labels) == 6
+    names = [Path(f).name for f in files]
+    assert names == ["shop_report.html", "shop_labels.csv", "shop_entries.csv", "shop_pairs.csv"]
+    assert "<html" in Path(files[0]).read_text(encoding="utf-8").lower()
+    zh = ui.evaluate_index(engine, shop, FakeRequest("zh-CN"))
+    assert "个条目" in zh[0] and "标签" in zh[6].columns[0]
+    curve2, point2 = ui.operating_point(engine, shop, 0.3, FakeRequest("en"))
+    assert "At **0.300**" in point2 and curve2 != curve
+    with pytest.raises(gr.Error, match="choose an index first"):
+        ui.evaluate_index(engine, None)
+
+
+def test_use_threshold_follows_on_the_recognize_tab_only_for_the_same_index(engine, shop):
+    status, calibration, slider, curve = ui.use_threshold(engine, shop, 0.55, shop)
+    assert "0.550" in status and "picked by you" in calibration and slider["value"] == 0.55
+    _, _, elsewhere, _ = ui.use_threshold(engine, shop, 0.6, "another")
+    assert not isinstance(elsewhere, dict) or "value" not in elsewhere  # gr.skip(): that slider is left alone
+    assert engine.index(shop).calibration.threshold == 0.6
+
+
+def test_teach_needs_a_result_and_a_label(engine, shop):
+    with pytest.raises(gr.Error, match="recognize an image first"):
+        ui.teach_box(engine, None, "1", "x")
+    box, label = ui.teach_choices(None)
+    assert box["choices"] == [] and label["value"] == ""
+
+
+def test_versions_table_changes_and_restore(engine, shop):
+    engine.remove(shop, [0, 1])
+    table = ui.versions_table(engine, shop, FakeRequest("en"))
+    assert list(table["change"]) == ["remove 2", "build"] and list(table["current"]) == ["✓", ""]
+    text = ui.show_version_changes(engine, shop, 2, FakeRequest("en"))
+    assert "2 removed" in text and "#0" in text
+    status, after = ui.restore_version(engine, shop, 1, FakeRequest("en"))
+    assert "Version 1 restored as version 3" in status and len(engine.index(shop)) == 24
+    assert after.iloc[0]["change"] == "restore v1"
+    with pytest.raises(gr.Error, match="pick a version first"):
+        ui.restore_version(engine, shop, None)
+    with pytest.raises(gr.Error, match="no version 9"):
+        ui.show_version_changes(engine, shop, 9)
