@@ -70,7 +70,9 @@ CSS = """
 @media (max-width: 640px) {
   #query-image, #query-image .image-container { height: 240px !important; max-height: 240px; }
   #result-image, #result-image .image-container { height: auto !important; max-height: 60vh; }
-  .tab-container button, [role="tab"] { padding-left: 10px !important; padding-right: 10px !important; }
+  /* five tabs on a 390 px phone: tight padding so none moves into an overflow menu */
+  .tab-container button, [role="tab"] { padding-left: 5px !important; padding-right: 5px !important;
+    font-size: 0.92em !important; }
   #title p { font-size: 0.9em; }
 }
 """
