@@ -225,6 +225,9 @@ def _check(base: str, key: str, state: _State, store: IndexStore | None, *, fina
     with state.lock:
         must_have = {i: lab for i, lab in state.acked.items() if i not in state.removing}
         cli_labels = list(state.cli_acked)
+        # only removals acknowledged before the snapshot below must be gone from it: one that is
+        # acknowledged while the listing is on its way may or may not be in it
+        removed_before = set(state.removed)
     start = time.perf_counter()
     try:
         resp = requests.get(f"{base}/shitu-index/{key}", params={"limit": 10_000}, timeout=REQUEST_TIMEOUT)
@@ -245,14 +248,14 @@ def _check(base: str, key: str, state: _State, store: IndexStore | None, *, fina
             state.violate(f"on disk: {on_disk.index.ntotal} vectors but {len(on_disk.id_map)} labels")
         views.append(("disk", on_disk.id_map))
     with state.lock:  # removals sent since the snapshot may have landed
-        removing, removed = set(state.removing), set(state.removed)
+        removing = set(state.removing)
         state.checks += 1
     for where, id_map in views:
         lost = {i: lab for i, lab in must_have.items() if i not in removing and id_map.get(i) != lab}
         if lost:
             example = list(lost.items())[:5]
             state.violate(f"{where}: {len(lost)} acknowledged adds missing or relabelled, e.g. {example}")
-        back = sorted(i for i in removed if i in id_map)
+        back = sorted(i for i in removed_before if i in id_map)
         if back:
             state.violate(f"{where}: removed ids came back: {back[:10]}")
         counts: dict[str, int] = {}
