@@ -53,7 +53,7 @@ IVF_REGROW_FACTOR = 4  # retrain IVF once the index holds this many times its tr
 WHITEN_MIN_IMAGES = 200  # fewer images cannot estimate the feature covariance
 WHITEN_DIMS = 512
 WHITEN_POWER = 0.5  # divide each principal direction by sqrt(its singular value)
-RECALIBRATE_MAX_ENTRIES = 20000  # a change recalibrates a raw-feature index up to this size (~0.3 s)
+RECALIBRATE_MAX_ENTRIES = 5000  # a change recalibrates a raw-feature index up to this size (~0.1 s; 20k: 1 s)
 CALIBRATION_QUERIES = 512
 TARGET_AGREEMENT = 0.995  # calibration target, with margin over the 0.99 promised on new queries
 
