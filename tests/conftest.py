@@ -47,6 +47,27 @@ def wait_until(check, what: str, limit: float = 120.0):
     raise AssertionError(f"gave up waiting for {what}")
 
 
+# For scripts run in a child process that must die like a SIGKILL at one chosen point of a
+# save: they set ``nth`` and ``crash_on`` ("replace" or "unlink") first; the ``nth`` call of
+# that function ends the process before it returns.
+CRASH_AT_NTH_CALL = r"""
+calls = [0]
+
+def crashing(real):
+    def call(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth:
+            os._exit(17)  # like a kill: no finally block, no clean-up
+        return real(*args, **kwargs)
+    return call
+
+if crash_on == "replace":
+    os.replace = crashing(os.replace)
+else:
+    pathlib.Path.unlink = crashing(pathlib.Path.unlink)
+"""
+
+
 def make_settings(data_dir: Path, **overrides) -> Settings:
     return Settings.from_env(data_dir=data_dir, model_dir=MODEL_CACHE, offline=True, **overrides)
 

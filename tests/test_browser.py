@@ -251,7 +251,8 @@ def test_phone_recognize_flow(engine, locale):
         page.set_default_timeout(TIMEOUT)
         with shot_on_failure(browser, page, "failure_phone"):
             page.goto(url)
-            tabs = ["识别", "建库", "管理", "评估", "模型"] if zh else ["Recognize", "Build", "Manage", "Evaluate", "Models"]
+            tabs = (["识别", "建库", "管理", "评估", "模型"] if zh
+                    else ["Recognize", "Build", "Manage", "Evaluate", "Models"])  # fmt: skip
             for name in tabs:
                 expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
             expect(page.locator("#models-banner")).to_contain_text("离线入门模型包" if zh else "Offline starter pack")

@@ -31,7 +31,7 @@ from shitu.errors import DamagedIndex, NotFound, ShiTuError
 from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
 from shitu.index import META_FILE, GalleryIndex
 
-from .conftest import MODEL_CACHE, make_settings
+from .conftest import CRASH_AT_NTH_CALL, MODEL_CACHE, make_settings
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_SIZE = 24  # the whole sample gallery: 6 labels × 4 views, ids 0..23
@@ -409,21 +409,7 @@ from shitu.engine import Engine
 name, label, crash_on, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 engine = Engine(isolate=False)
 engine.index(name)
-calls = [0]
-
-def crashing(real):
-    def call(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == nth:
-            os._exit(17)  # like a kill: no finally block, no clean-up
-        return real(*args, **kwargs)
-    return call
-
-if crash_on == "replace":
-    os.replace = crashing(os.replace)
-else:
-    pathlib.Path.unlink = crashing(pathlib.Path.unlink)
-engine.relabel(name, [0], label)
+""" + CRASH_AT_NTH_CALL + r"""engine.relabel(name, [0], label)
 print("not crashed", flush=True)
 """
 

@@ -35,7 +35,7 @@ from shitu.gallery import read_label_file
 from shitu.index import VECTOR_FILE, VERSION_FILE, GalleryIndex
 from shitu.store import HISTORY_DIR, IndexStore
 
-from .conftest import make_settings
+from .conftest import CRASH_AT_NTH_CALL, make_settings
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -350,21 +350,7 @@ from shitu.store import IndexStore
 root, what, crash_on, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = IndexStore(root)
 store.get("a")
-calls = [0]
-
-def crashing(real):
-    def call(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == nth:
-            os._exit(17)  # like a kill: no finally block, no clean-up
-        return real(*args, **kwargs)
-    return call
-
-if crash_on == "replace":
-    os.replace = crashing(os.replace)
-else:
-    pathlib.Path.unlink = crashing(pathlib.Path.unlink)
-if what == "restore":
+""" + CRASH_AT_NTH_CALL + r"""if what == "restore":
     store.restore("a", 2)
 else:
     store.mutate("a", lambda i: i.relabel([3], "crashed"))
