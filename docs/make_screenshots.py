@@ -126,6 +126,7 @@ def main() -> None:
             page.get_by_role("tab", name="Manage").click()
             selected = page.locator("#selected-ids input, #selected-ids textarea")
             expect(page.locator("#entries-table")).to_be_visible()
+            page.wait_for_timeout(1500)  # opening the tab reloads the index view and clears the selection
             selected.fill("1-3")
             selected.press("Enter")
             expect(page.locator("#previews .thumbnail-item")).to_have_count(3)
@@ -137,16 +138,25 @@ def main() -> None:
             page.get_by_role("button", name="Evaluate", exact=True).click()
             expect(page.locator("#eval-summary")).to_contain_text("recall@1")
             expect(page.locator("#eval-map svg")).to_be_visible()
+            # the gallery's thumbnails load lazily: bring them on screen once before the full-page shot
+            page.locator("#eval-examples").scroll_into_view_if_needed()
+            page.wait_for_timeout(1000)
+            page.evaluate("window.scrollTo(0, 0)")
             shot(page, "evaluate.png")
 
             # Versions: one change, then the list and what that change did
             page.get_by_role("tab", name="Manage").click()
+            expect(page.locator("#entries-table")).to_be_visible()
+            page.wait_for_timeout(1500)  # opening the tab reloads the index view and clears the selection
+            selected.fill("1-3")
+            selected.press("Enter")
+            expect(page.locator("#previews .thumbnail-item")).to_have_count(3)
             page.get_by_label("New label for the selected ids").fill("relabelled")
             page.get_by_role("button", name="Relabel selected").click()
             expect(page.locator("#manage-status")).to_contain_text("Relabelled 3")
             page.get_by_text("Versions (undo a change)").click()
             expect(page.locator("#versions-table")).to_contain_text("relabel 3")
-            page.locator("#versions-table").get_by_text("relabel 3", exact=True).click()
+            page.locator("#versions-table").get_by_text("relabel 3", exact=True).locator("visible=true").first.click()
             expect(page.locator("#version-changes")).to_contain_text("3 relabelled")
             page.locator("#versions").scroll_into_view_if_needed()
             shot(page, "versions.png", full=False)

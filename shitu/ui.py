@@ -851,6 +851,9 @@ def evaluate_index(engine: Engine, name: str | None, request: gr.Request | None 
         conflicting=report.duplicate_counts.get("conflicting", 0),
         redundant=report.duplicate_counts.get("redundant", 0), few=len(report.few_images), seconds=report.seconds,
     )  # fmt: skip
+    a = index.adaptation
+    if a is not None and a.applied and a.adapted_recall is not None:  # leave-one-out is optimistic in a fitted space
+        summary += "\n\n" + _t(lang, "eval_fitted", heldout=a.adapted_recall, raw=a.raw_recall)
     c = index.calibration
     curve, point = operating_point(engine, name, c.threshold if c else None, request)
     labels, pairs, flagged = _report_tables(report, lang)
@@ -1791,7 +1794,9 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
             show_progress="hidden",
             concurrency_limit=1,
             concurrency_id="index-jobs",
-        ).then(**follow_threshold, api_visibility="private")  # fmt: skip
+        ).then(**follow_threshold, api_visibility="private").then(  # the Evaluate tab follows a new build too
+            keep, manage_index, eval_index, api_visibility="private"
+        )  # fmt: skip
 
         open_event = dict(fn=soft(bind(open_index), view_outputs), inputs=manage_index, outputs=view_outputs)
         # every change is a new version: the versions list follows (hidden: it only shows when opened)

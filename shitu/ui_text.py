@@ -97,6 +97,9 @@ TEXT: dict[str, dict[str, str]] = {
         "(leave-one-out, {evaluated} queries{sampled}) · {mislabelled} suspected mislabels, {conflicting} "
         "conflicting and {redundant} redundant near-duplicates, {few} labels with too few photos · {seconds:.1f} s",
         "eval_sampled": ", a random sample",
+        "eval_fitted": "⚠ The features were fitted to these very entries, so leave-one-out is optimistic here. Held "
+        "out (folds of the gallery removed from the fit and the search): recall@1 **{heldout:.1%}** (raw features "
+        "{raw:.1%}).",
         "point_line": "At **{threshold:.3f}**: {accepted:.1%} of known objects answered right and accepted, "
         "{wrong:.1%} answered wrong, {rejected:.1%} of unknown objects rejected.",
         "threshold_set": "The index now uses **{threshold:.3f}** unless a query gives its own.",
@@ -329,6 +332,8 @@ TEXT: dict[str, dict[str, str]] = {
         "（留一法，{evaluated} 次查询{sampled}）· 疑似标错 {mislabelled} 个，冲突的近重复 {conflicting} 对、"
         "冗余的 {redundant} 对，照片太少的标签 {few} 个 · {seconds:.1f} 秒",
         "eval_sampled": "，随机抽样",
+        "eval_fitted": "⚠ 特征是按这些条目本身拟合的，所以这里的留一法结果偏乐观。"
+        "留出验证（图库的若干折既不参与拟合也不参与检索）：recall@1 **{heldout:.1%}**（原始特征 {raw:.1%}）。",
         "point_line": "阈值 **{threshold:.3f}**：已知物体 {accepted:.1%} 被正确识别并接受，{wrong:.1%} 识别错误，"
         "未知物体 {rejected:.1%} 被拒识。",
         "threshold_set": "此后查询未指定阈值时，索引使用 **{threshold:.3f}**。",

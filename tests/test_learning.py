@@ -102,6 +102,13 @@ def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery
     assert len(taught) == 61 and taught.changes_since_calibration == 0
     assert taught.whitening is not index.whitening, "the projection was refitted with the new entry"
     assert engine.versions("big")[0]["action"].startswith("calibrate")
+    # the report does not pass off leave-one-out in a space fitted to these entries as accuracy
+    report = engine.report("big")
+    assert any("optimistic" in note and "Held out" in note for note in report.notes)
+    from shitu import ui
+
+    summary = ui.evaluate_index(engine, "big")[0]
+    assert f"recall@1 **{taught.adaptation.adapted_recall:.1%}**" in summary
 
 
 def test_http_calibration_threshold_and_taught_boxes(tmp_path, runtime, sample_gallery, sample_queries):
