@@ -358,11 +358,7 @@ class GalleryIndex:
         clean_labels = [entries[int(i)].label for i in ids]
         projection, calibration, adaptation, raw = _fit(features, ids, clean_labels, whiten, adapt, progress)
         stored = projection.apply(features) if projection is not None else features
-        inner = _new_inner(stored.shape[1], index_type, metric_type, len(stored))
-        if not inner.is_trained:
-            inner.train(stored)
-        index = faiss.IndexIDMap2(inner)
-        index.add_with_ids(stored, ids)
+        index, inner = _faiss_index(stored, ids, index_type, metric_type)
         result = cls(
             index,
             entries,
@@ -393,22 +389,19 @@ class GalleryIndex:
                                 calibration=calibration, reset_changes=True)  # fmt: skip
         raw = self._raw_features(ids) if self.whitening is not None else stored
         mode = adapt or (self.adaptation.mode if self.adaptation is not None else "auto")
-        built = GalleryIndex.build(
-            raw, labels, index_type=self.index_type, metric_type=self.metric_type, feature_model=self.feature_model,
-            first_id=0, adapt=mode, progress=progress,
-        )  # fmt: skip
+        projection, calibration, adaptation, kept_raw = _fit(raw, ids, labels, False, mode, progress)
         # same ids, sources and thumbnails; only vectors, projection and calibration are new
-        projected = built.whitening.apply(raw) if built.whitening is not None else _normalize(raw)
-        inner = _new_inner(projected.shape[1], self.index_type, self.metric_type, len(projected))
-        if not inner.is_trained:
-            inner.train(projected)
-        index = faiss.IndexIDMap2(inner)
-        index.add_with_ids(projected, ids)
+        if projection is None and self.whitening is None:  # raw before and after: the vectors stay
+            result = self._derive(faiss.clone_index(self._index), dict(self._entries), next_id=self._next_id,
+                                  reset_changes=True, adaptation=adaptation)  # fmt: skip
+            result.calibration = calibration  # None too: a gallery too small now has no curve
+            return result
+        index, inner = _faiss_index(projection.apply(raw) if projection else raw, ids, self.index_type,
+                                    self.metric_type)  # fmt: skip
         result = GalleryIndex(
             index, dict(self._entries), metric_type=self.metric_type, index_type=self.index_type,
             next_id=self._next_id, feature_model=self.feature_model, trained_size=len(ids),
-            whitening=built.whitening, calibration=built.calibration, adaptation=built.adaptation,
-            raw=(ids, raw.astype(np.float16)) if built.whitening is not None else None,
+            whitening=projection, calibration=calibration, adaptation=adaptation, raw=kept_raw,
         )  # fmt: skip
         result._keep = inner
         return result
@@ -534,11 +527,7 @@ class GalleryIndex:
     def _rebuilt(
         self, ids: np.ndarray, vecs: np.ndarray, entries: dict[int, Entry], *, next_id: int, **change
     ) -> "GalleryIndex":
-        inner = _new_inner(self._index.d, self.index_type, self.metric_type, len(vecs))
-        if not inner.is_trained:
-            inner.train(vecs)
-        index = faiss.IndexIDMap2(inner)
-        index.add_with_ids(vecs, ids)
+        index, inner = _faiss_index(vecs, ids, self.index_type, self.metric_type)
         result = self._derive(index, entries, next_id=next_id, trained_size=len(vecs), recalibrate=True, **change)
         result._keep = inner
         return result
@@ -553,6 +542,7 @@ class GalleryIndex:
         recalibrate: bool = False,
         raw: tuple[np.ndarray, np.ndarray] | None = None,
         calibration: Calibration | None = None,
+        adaptation: Adaptation | None = None,
         changed: int = 0,
         reset_changes: bool = False,
     ) -> "GalleryIndex":
@@ -573,7 +563,7 @@ class GalleryIndex:
             whitening=self.whitening,
             suggested_rec_threshold=self._suggested,
             calibration=calibration or self.calibration,
-            adaptation=self.adaptation,
+            adaptation=adaptation or self.adaptation,
             raw=raw if raw is not None else self._raw,
             changes_since_calibration=0 if reset_changes else self.changes_since_calibration + changed,
         )
@@ -724,6 +714,17 @@ class GalleryIndex:
             raw=raw,
             changes_since_calibration=int(meta.get("changes_since_calibration") or 0),
         )
+
+
+def _faiss_index(vectors: np.ndarray, ids: np.ndarray, index_type: str, metric_type: str):
+    """``(IndexIDMap2, its inner index)`` holding ``vectors`` under ``ids`` (the inner index must
+    be kept alive beside the wrapper)."""
+    inner = _new_inner(vectors.shape[1], index_type, metric_type, len(vectors))
+    if not inner.is_trained:
+        inner.train(vectors)
+    index = faiss.IndexIDMap2(inner)
+    index.add_with_ids(vectors, ids)
+    return index, inner
 
 
 def _fit(features, ids, labels, whiten: bool, adapt_mode: str, progress):
