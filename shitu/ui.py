@@ -711,19 +711,23 @@ def _best_label(obj: RecognizedObject) -> str:
     return obj.candidates[0][0] if obj.candidates else ""
 
 
+def _result_objects(state: dict | None) -> list[RecognizedObject]:
+    result = (state or {}).get("result")
+    return result.objects if result is not None else []
+
+
 def teach_choices(state: dict | None):
     """After a recognition: the boxes to pick from (the first selected) and its best label."""
-    objects = (state or {}).get("result").objects if state and state.get("result") else []
+    objects = _result_objects(state)
     if not objects:
         return gr.update(choices=[], value=None), gr.update(value="")
-    return gr.update(choices=[str(n + 1) for n in range(len(objects))], value="1"), gr.update(
-        value=_best_label(objects[0])
-    )
+    boxes = gr.update(choices=[str(n + 1) for n in range(len(objects))], value="1")
+    return boxes, gr.update(value=_best_label(objects[0]))
 
 
 def teach_label_for(state: dict | None, box: str | None):
     """The label field follows the picked box (its answer, or its near miss)."""
-    objects = state["result"].objects if state and state.get("result") else []
+    objects = _result_objects(state)
     try:
         return gr.update(value=_best_label(objects[int(box) - 1]))
     except (TypeError, ValueError, IndexError):
