@@ -23,6 +23,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -141,6 +142,8 @@ class Engine:
         self._rt_lock = threading.Lock()
         self._in_flight: dict[int, int] = {}
         self._retired: dict[int, Runtime] = {}
+        # the last few gallery reports: {(name, id(index)): (weakref to that index version, report)}
+        self._report_cache: dict[tuple[str | None, int], tuple[weakref.ref, GalleryReport]] = {}
 
     # --- models -----------------------------------------------------------------------------
     def _current_runtime(self) -> Runtime:
@@ -524,7 +527,6 @@ class Engine:
 
     # --- evaluation -----------------------------------------------------------------------------
     # A report on a gallery from its stored vectors and labels (shitu.report); no model runs.
-    _report_cache: Any = None  # {(name, id(index)): (weakref to that index version, report)}
     _REPORTS_KEPT = 4
 
     def report(self, ref: IndexRef = None, *, progress: Progress | None = None) -> GalleryReport:
@@ -533,16 +535,12 @@ class Engine:
         near duplicates, labels with too few images, the threshold curve and a 2-D map. Export
         it with ``.to_dict()``, ``.to_csv(kind)`` or ``.to_html(lang)``. The last few reports are
         kept per index version, so asking again for an unchanged index costs nothing."""
-        import weakref
-
         if isinstance(ref, GalleryIndex):
             index, name = ref, None
         else:
             store, key = self.locate(ref)
             index, name = store.get(key), self.display_name(ref)
         cache = self._report_cache
-        if cache is None:
-            cache = self._report_cache = {}
         cached = cache.get((name, id(index)))
         if cached is not None and cached[0]() is index:
             return cached[1]
