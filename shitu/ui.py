@@ -331,8 +331,8 @@ UNKNOWN_ROW = "color: #6b7280"
 
 
 def threshold_for_index(engine: Engine, name: str | None) -> dict[str, Any]:
-    """The recognition-threshold slider follows the chosen index: a whitened index suggests
-    its own threshold (its similarities are on another scale)."""
+    """The recognition-threshold slider follows the chosen index: its own calibrated (or picked)
+    threshold, else the model's default."""
     try:
         return gr.update(value=engine.rec_threshold_for(engine.index(name)))
     except ShiTuError:
@@ -737,8 +737,9 @@ def teach_label_for(state: dict | None, box: str | None):
 @user_errors
 def teach_box(
     engine: Engine, state: dict | None, box: str | None, label: str, request: gr.Request | None = None
-) -> str:
-    """Add the picked box of the last result to the index it was searched in: (status markdown)."""
+) -> tuple[str, Any]:
+    """Add the picked box of the last result to the index it was searched in: (status markdown,
+    the Recognize threshold slider, which follows the index's recalibrated threshold)."""
     if not state or not state.get("result") or not box:
         raise ShiTuError(TEXT["en"]["err_no_result"])
     result = state["result"]
@@ -749,7 +750,8 @@ def teach_box(
     report = engine.teach(result.index_name, result.image, obj.bbox, label)
     lang = lang_of(request)
     head = _t(lang, "taught", box=box, index=report.index, id=report.added_ids[0], label=_md(label.strip()))
-    return head + "\n\n" + calibration_markdown(engine.index(result.index_name), lang)
+    index = engine.index(result.index_name)
+    return head + "\n\n" + calibration_markdown(index, lang), threshold_for_index(engine, result.index_name)
 
 
 # --- Evaluate ---------------------------------------------------------------------------------------
@@ -1769,11 +1771,13 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         examples.select(pick_example, None, query, api_visibility="private").then(
             recognize, rec_inputs, rec_outputs, api_visibility="private"
         ).success(**teach_setup, api_visibility="private")
-        teach_pick.input(teach_label_for, [rec_state, teach_pick], teach_label, api_visibility="private")
+        # .select: a person picking a box (a programmatic update of the choices must not retype the label)
+        teach_pick.select(teach_label_for, [rec_state, teach_pick], teach_label, api_visibility="private")
+        teach_outputs = [teach_status, rec_threshold]
         teach_btn.click(
-            soft(change(teach_box), [teach_status], teach_status),
+            soft(change(teach_box), teach_outputs, teach_status),
             [rec_state, teach_pick, teach_label],
-            teach_status,
+            teach_outputs,
             api_visibility="private",
             concurrency_limit=1,
             concurrency_id="index-jobs",

@@ -301,12 +301,22 @@ def test_teach_evaluate_and_versions_in_chromium(runtime, tmp_path):
             expect(label).not_to_have_value("")  # the box's own answer, ready to confirm
             suggested = label.input_value()
             assert suggested in {"猫 cat", "咖啡 coffee"}, suggested
+            # picking the other box puts that box's answer in the label field
+            page.locator("#teach-box input").click()
+            page.get_by_role("option", name="2", exact=True).click()
+            other = ({"猫 cat", "咖啡 coffee"} - {suggested}).pop()
+            expect(label).to_have_value(other)
             label.fill("taught product")
             expect(label).to_have_value("taught product")
             page.get_by_role("button", name="Add this box to the gallery").click()
-            expect(page.locator("#teach-status")).to_contain_text("Added box 1 to shop as #24")
+            expect(page.locator("#teach-status")).to_contain_text("Added box 2 to shop as #24")
             expect(page.locator("#teach-status")).to_contain_text("unknown objects rejected")
             assert engine.index("shop").entry(24).label == "taught product"
+            # the threshold slider follows the index's recalibrated threshold
+            page.get_by_text("Options", exact=True).click()
+            expect(page.locator("#rec-threshold input[type=number]")).to_have_value(
+                str(engine.index("shop").calibration.threshold)
+            )
             shoot(page, "teach")
 
             # Evaluate: the report, its curve and map; try a threshold and keep it
