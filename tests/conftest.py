@@ -108,3 +108,15 @@ def sample_queries(tmp_path_factory) -> list[Path]:
     from shitu.sample import write_queries
 
     return write_queries(tmp_path_factory.mktemp("queries"))
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory, runtime, sample_gallery) -> Path:
+    """A real 24-entry index of the sample gallery (embedded once per session), to copy into a
+    test's data dir; never changed in place."""
+    from shitu.gallery import read_label_file
+
+    root, labels = sample_gallery
+    builder = Engine(make_settings(tmp_path_factory.mktemp("template") / "data"), runtime=runtime)
+    builder.build("tpl", read_label_file(labels, root))
+    return builder.settings.indices_dir / "tpl"

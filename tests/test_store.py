@@ -28,10 +28,10 @@ from fastapi.testclient import TestClient
 from shitu.api import create_api
 from shitu.engine import Engine
 from shitu.errors import DamagedIndex, NotFound, ShiTuError
-from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
+from shitu.gallery import GalleryBatch, GalleryItem
 from shitu.index import META_FILE, GalleryIndex
 
-from .conftest import CRASH_AT_NTH_CALL, MODEL_CACHE, make_settings
+from .conftest import CRASH_AT_NTH_CALL, MODEL_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE_SIZE = 24  # the whole sample gallery: 6 labels × 4 views, ids 0..23
@@ -139,15 +139,6 @@ def leftovers(engine: Engine, name: str) -> list[str]:
     """Anything a save, delete or crash of ``name`` leaves beside the indices."""
     root = engine.settings.indices_dir
     return sorted(p.name for p in root.iterdir() if p.name.startswith((f".{name}.", f"..{name}.swap")))
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory, runtime, sample_gallery) -> Path:
-    """A real 24-entry index (the sample gallery, embedded once) to copy into each test's data dir."""
-    root, labels = sample_gallery
-    builder = Engine(make_settings(tmp_path_factory.mktemp("template") / "data"), runtime=runtime)
-    builder.build("tpl", read_label_file(labels, root))
-    return builder.settings.indices_dir / "tpl"
 
 
 @pytest.fixture

@@ -31,11 +31,10 @@ from shitu.api import create_api
 from shitu.config import Settings, SettingsError
 from shitu.engine import Engine
 from shitu.errors import Conflict, NotFound, ShiTuError
-from shitu.gallery import read_label_file
 from shitu.index import VECTOR_FILE, VERSION_FILE, GalleryIndex
 from shitu.store import HISTORY_DIR, IndexStore
 
-from .conftest import CRASH_AT_NTH_CALL, make_settings
+from .conftest import CRASH_AT_NTH_CALL
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16
@@ -454,15 +453,6 @@ def test_processes_killed_at_random_times_leave_whole_versions(tmp_path):
 
 
 # --- 6. the engine, the HTTP API and recognition ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory, runtime, sample_gallery) -> Path:
-    """A real 24-entry index of the sample gallery (embedded once), to copy into a data dir."""
-    root, labels = sample_gallery
-    builder = Engine(make_settings(tmp_path_factory.mktemp("template") / "data"), runtime=runtime)
-    builder.build("tpl", read_label_file(labels, root))
-    return builder.settings.indices_dir / "tpl"
 
 
 def install(engine: Engine, name: str, template: Path) -> None:
