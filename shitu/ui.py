@@ -658,7 +658,8 @@ def calibration_markdown(index: GalleryIndex, lang: str = "en") -> str:
     chosen = _t(lang, "chosen_user" if c["chosen_by"] == "user" else "chosen_default")
     lines.append(
         _t(lang, "calibration_line", threshold=c["threshold"], chosen=chosen, accepted=c["correct_accepted"],
-           top1=c["top1"], rejected=c["unknown_rejected"], protocol=c["protocol"], queries=c["known_queries"])
+           top1=c["top1"], rejected=c["unknown_rejected"], queries=c["known_queries"],
+           protocol=TEXT[lang].get(f"protocol_{c['protocol']}", c["protocol"]))
     )  # fmt: skip
     if c["changes_since"]:
         lines.append(_t(lang, "calibration_stale", n=c["changes_since"]))
