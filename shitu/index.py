@@ -385,15 +385,13 @@ class GalleryIndex:
         labels = [self._entries[int(i)].label for i in ids]
         if self.whitening is not None and self._raw is None:
             calibration = calibrate_gallery(stored, labels)
-            return self._derive(faiss.clone_index(self._index), dict(self._entries), next_id=self._next_id,
-                                calibration=calibration, reset_changes=True)  # fmt: skip
+            return self._same_vectors(calibration=calibration, reset_changes=True)
         raw = self._raw_features(ids) if self.whitening is not None else stored
         mode = adapt or (self.adaptation.mode if self.adaptation is not None else "auto")
         projection, calibration, adaptation, kept_raw = _fit(raw, ids, labels, False, mode, progress)
         # same ids, sources and thumbnails; only vectors, projection and calibration are new
         if projection is None and self.whitening is None:  # raw before and after: the vectors stay
-            result = self._derive(faiss.clone_index(self._index), dict(self._entries), next_id=self._next_id,
-                                  reset_changes=True, adaptation=adaptation)  # fmt: skip
+            result = self._same_vectors(reset_changes=True, adaptation=adaptation)
             result.calibration = calibration  # None too: a gallery too small now has no curve
             return result
         index, inner = _faiss_index(projection.apply(raw) if projection else raw, ids, self.index_type,
@@ -415,8 +413,15 @@ class GalleryIndex:
         if self.calibration is None:
             raise ShiTuError("this index has no calibration curve to pick a point on (it needs 3+ labels)")
         calibration = dataclasses.replace(self.calibration, threshold=round(threshold, 4), chosen_by="user")
-        return self._derive(faiss.clone_index(self._index), dict(self._entries), next_id=self._next_id,
-                            calibration=calibration)  # fmt: skip
+        return self._same_vectors(calibration=calibration)
+
+    def _same_vectors(self, **change) -> "GalleryIndex":
+        """A sibling with other metadata (threshold, calibration) and the very same faiss index:
+        no copy of the vectors (2 GB at 1M x 512-d). Safe because no index is ever changed in
+        place: every mutation works on a clone."""
+        result = self._derive(self._index, dict(self._entries), next_id=self._next_id, **change)
+        result._keep = getattr(self, "_keep", None)  # the inner index must outlive both wrappers
+        return result
 
     def _raw_features(self, ids: np.ndarray) -> np.ndarray:
         raw_ids, raw = self._raw
