@@ -108,25 +108,46 @@ class BuildIndexResult(BaseModel):
     imageCount: int
 
 
+RETURN_ID_MAP = Field(
+    True,
+    description="Return the whole index's idMap (PaddleX's answer; O(entries)). false: only imageCount and the "
+    "changed ids (addedIds / removedIds), which a gallery of a million entries will want",
+)
+
+
 class AddImagesRequest(BaseModel):
     imageLabelPairs: list[ImageLabelPair]
     indexKey: IndexKey | None = Field(None, description="Index to change; SHITU_DEFAULT_INDEX if omitted")
+    returnIdMap: bool = RETURN_ID_MAP
 
 
 class RemoveImagesRequest(BaseModel):
     ids: list[StrictInt] = Field(description="Vector ids to remove (see idMap or GET /shitu-index/{indexKey})")
     indexKey: IndexKey | None = Field(None, description="Index to change; SHITU_DEFAULT_INDEX if omitted")
+    returnIdMap: bool = RETURN_ID_MAP
 
 
 class RelabelImagesRequest(BaseModel):
     ids: list[StrictInt] = Field(description="Vector ids to relabel (see idMap or GET /shitu-index/{indexKey})")
     label: str = Field(description="The new label for every one of these entries (not empty)")
     indexKey: IndexKey | None = Field(None, description="Index to change; SHITU_DEFAULT_INDEX if omitted")
+    returnIdMap: bool = RETURN_ID_MAP
 
 
 class IndexChangeResult(BaseModel):
-    idMap: dict[str, str] = Field(description="Vector id → label, for every entry of the index after the change")
+    idMap: dict[str, str] | None = Field(
+        description="Vector id → label, for every entry of the index after the change (null with returnIdMap=false)"
+    )
     imageCount: int
+    addedIds: list[int] | None = Field(None, description="With returnIdMap=false: the ids given to the new entries")
+    removedIds: list[int] | None = Field(None, description="With returnIdMap=false: the ids removed")
+    changedIds: list[int] | None = Field(None, description="With returnIdMap=false: the ids relabelled")
+
+
+def _change_result(index: Any, full: bool, **ids: list[int]) -> "IndexChangeResult":
+    if full:
+        return IndexChangeResult(idMap=_id_map(index.id_map), imageCount=len(index))
+    return IndexChangeResult(idMap=None, imageCount=len(index), **ids)
 
 
 class InferRequest(BaseModel):
@@ -622,22 +643,23 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         engine.index(body.indexKey)  # unknown key: 404 before any image is fetched
         batch = pairs_to_batch(body.imageLabelPairs, engine)
         report = engine.add(body.indexKey, batch, skip_invalid=False)
+        index = report.gallery
         if any(p.bbox is not None for p in body.imageLabelPairs):  # taught from results: keep the threshold true
-            engine.keep_calibrated(body.indexKey)
-        return _ok(IndexChangeResult(idMap=_id_map(report.id_map), imageCount=len(report.id_map)))
+            index = engine.keep_calibrated(body.indexKey)
+        return _ok(_change_result(index, body.returnIdMap, addedIds=report.added_ids))
 
     @app.post("/shitu-index-remove", response_model=Envelope[IndexChangeResult], tags=["PaddleX"], **mutating)
     def remove_images(body: RemoveImagesRequest) -> dict[str, Any]:
         """Remove entries by vector id (PaddleX ``removeImagesFromIndex``); unknown ids change nothing."""
         index = engine.remove(body.indexKey, body.ids)
-        return _ok(IndexChangeResult(idMap=_id_map(index.id_map), imageCount=len(index)))
+        return _ok(_change_result(index, body.returnIdMap, removedIds=sorted(set(body.ids))))
 
     @app.post("/shitu-index-relabel", response_model=Envelope[IndexChangeResult], tags=["indices"], **mutating)
     def relabel_images(body: RelabelImagesRequest) -> dict[str, Any]:
         """Give entries a new label, keeping their vectors and ids; an unknown id or an empty label
         changes nothing. (Not in PaddleX's API: there a relabel is a remove and an add.)"""
         index = engine.relabel(body.indexKey, body.ids, body.label)
-        return _ok(IndexChangeResult(idMap=_id_map(index.id_map), imageCount=len(index)))
+        return _ok(_change_result(index, body.returnIdMap, changedIds=sorted(set(body.ids))))
 
     @app.post("/shitu-infer", response_model=Envelope[InferResult], tags=["PaddleX"], responses=ERROR_RESPONSES)
     def infer(body: InferRequest) -> dict[str, Any]:
@@ -657,9 +679,10 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         offset: int = Query(0, ge=0, description="Entries to skip (in id order)"),
         limit: int = Query(100, ge=1, le=10_000, description="Entries to return"),
     ) -> dict[str, Any]:
-        """A page of an index's id → label map, with its size, type and feature model."""
+        """A page of an index's id → label map, with its size, type and feature model (only the
+        page is read: the cost follows ``limit``, not the index)."""
         index = engine.index(indexKey)
-        page = index.entries[offset : offset + limit]
+        _, page = index.page(offset, limit, thumbnails=False)
         return _ok(
             IndexListing(
                 indexKey=indexKey,

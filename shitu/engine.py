@@ -82,7 +82,16 @@ class ChangeReport:
     added_ids: list[int]
     skipped: list[SkippedLine] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-    id_map: dict[int, str] = field(default_factory=dict)
+    gallery: GalleryIndex | None = field(default=None, repr=False)  # the index after the change
+
+    @property
+    def id_map(self) -> dict[int, str]:
+        """``id → label`` of the whole index after the change (built on demand: O(entries))."""
+        return self.gallery.id_map if self.gallery is not None else {}
+
+    @property
+    def image_count(self) -> int:
+        return len(self.gallery) if self.gallery is not None else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -523,7 +532,7 @@ class Engine:
         store, key = self.locate(ref)
         index, record = store.restore(key, version)
         summary = {**index.summary(), "version": record["version"], "restored_from": record["restored_from"]}
-        return ChangeReport(self.display_name(ref), [], [], summary, index.id_map)
+        return ChangeReport(self.display_name(ref), [], [], summary, index)
 
     # --- evaluation -----------------------------------------------------------------------------
     # A report on a gallery from its stored vectors and labels (shitu.report); no model runs.
@@ -702,7 +711,7 @@ class Engine:
         return store.import_zip(key, data, overwrite=overwrite)
 
     def _report(self, name: str, index: GalleryIndex, ids: list[int], skipped: list[SkippedLine]) -> ChangeReport:
-        return ChangeReport(name, ids, list(skipped), index.summary(), index.id_map)
+        return ChangeReport(name, ids, list(skipped), index.summary(), index)
 
     # --- recognition ---------------------------------------------------------------------------
     def recognize(

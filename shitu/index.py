@@ -26,14 +26,18 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 import yaml
 
+from shitu import changelog
 from shitu.adapt import ADAPT_MODES, Adaptation, Projection, adapt
 from shitu.calibrate import Calibration, calibrate_gallery
+from shitu.changelog import LOG_FILE
 from shitu.config import INDEX_TYPES, METRIC_TYPES
+from shitu.entrymeta import ENTRIES_FILE, EntryMeta
 from shitu.errors import NotFound, ShiTuError
 from shitu.fsutil import replace_dir
 
@@ -44,7 +48,12 @@ META_FILE = "shitu_meta.json"
 WHITENING_FILE = "shitu_whitening.npz"
 RAW_FILE = "shitu_raw.npz"  # the unprojected features of an adapted index, so it can be refitted
 VERSION_FILE = "shitu_version.json"  # written by shitu.store (which version this is); a plain save drops it
-OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE, RAW_FILE, VERSION_FILE)
+# what makes up an index dir (a full save writes all but the log; the version file is the store's)
+OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE, RAW_FILE, VERSION_FILE, ENTRIES_FILE, LOG_FILE)
+EXPORTED_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE, RAW_FILE, ENTRIES_FILE)
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_LINEAGE = 16  # changes remembered between two commits (more: the next commit is a full save)
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
@@ -181,8 +190,90 @@ def _inner(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index)
 
 
+class _Labels:
+    """Every entry's id and label as arrays (immutable): ``ids`` sorted, ``codes`` indexing
+    ``names``. ~12 bytes an entry, where a dict of objects took ~250; a change makes a new
+    table with one array copy (a few ms at 1M entries)."""
+
+    __slots__ = ("ids", "codes", "names", "code_of")
+
+    def __init__(self, ids: np.ndarray, codes: np.ndarray, names: list[str], code_of: dict[str, int]):
+        self.ids, self.codes, self.names, self.code_of = ids, codes, names, code_of
+
+    @classmethod
+    def of(cls, ids: Sequence[int] | np.ndarray, labels: Sequence[str]) -> "_Labels":
+        ids = np.asarray(ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        names: list[str] = []
+        code_of: dict[str, int] = {}
+        codes = np.fromiter((code_of.setdefault(str(lb), len(code_of)) for lb in labels), np.int32, len(ids))
+        names = list(code_of)
+        return cls(ids[order], codes[order], names, code_of)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, id_: int) -> bool:
+        pos = int(np.searchsorted(self.ids, id_))
+        return pos < len(self.ids) and int(self.ids[pos]) == int(id_)
+
+    def positions(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Where ``ids`` sit (``-1`` for ids not here)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        pos = np.searchsorted(self.ids, ids)
+        found = pos < len(self.ids)
+        found[found] = self.ids[pos[found]] == ids[found]
+        return np.where(found, pos, -1)
+
+    def get(self, id_: int) -> str | None:
+        pos = self.positions([id_])[0]
+        return self.names[self.codes[pos]] if pos >= 0 else None
+
+    def labels_of(self, ids: Sequence[int] | np.ndarray) -> list[str | None]:
+        return [self.names[self.codes[p]] if p >= 0 else None for p in self.positions(ids)]
+
+    def _codes_for(self, labels: Sequence[str]) -> tuple[np.ndarray, list[str], dict[str, int]]:
+        names, code_of = self.names, self.code_of
+        if any(lb not in code_of for lb in labels):
+            names, code_of = list(names), dict(code_of)
+            for lb in labels:
+                if lb not in code_of:
+                    code_of[lb] = len(names)
+                    names.append(lb)
+        return np.asarray([code_of[lb] for lb in labels], dtype=np.int32), names, code_of
+
+    def added(self, ids: np.ndarray, labels: Sequence[str]) -> "_Labels":
+        """With new ids (all above the current ones: ids only grow)."""
+        codes, names, code_of = self._codes_for(list(labels))
+        return _Labels(np.concatenate([self.ids, ids]), np.concatenate([self.codes, codes]), names, code_of)
+
+    def removed(self, ids: Sequence[int]) -> "_Labels":
+        pos = self.positions(ids)
+        return _Labels(np.delete(self.ids, pos), np.delete(self.codes, pos), self.names, self.code_of)
+
+    def relabelled(self, ids: Sequence[int], label: str) -> "_Labels":
+        codes, names, code_of = self._codes_for([label])
+        new = self.codes.copy()
+        new[self.positions(ids)] = codes[0]
+        return _Labels(self.ids, new, names, code_of)
+
+    def counts(self) -> Counter:
+        counts = np.bincount(self.codes, minlength=len(self.names))
+        return Counter({self.names[c]: int(n) for c, n in enumerate(counts) if n})
+
+    def to_dict(self) -> dict[int, str]:
+        names = self.names
+        return dict(zip(self.ids.tolist(), [names[c] for c in self.codes.tolist()], strict=True))
+
+
 class GalleryIndex:
     """A searchable gallery. Attribute names follow PaddleX's ``IndexData``.
+
+    Inside, an index is a *base* faiss index (what the last full save wrote) plus the changes
+    since: vectors added (searched exactly, beside the base), base ids removed (skipped by a
+    faiss ID selector) and relabels (in the label table). A change copies only those, so it
+    costs O(change), never a copy of a million vectors; :meth:`compacted` folds them into a
+    new base, which is what :meth:`save` writes in PaddleX's layout.
 
     >>> idx = GalleryIndex.build(np.eye(3, dtype="float32"), ["a", "b", "c"], index_type="Flat")
     >>> idx.search(np.eye(3, dtype="float32")[:1], topk=1)[1].tolist()
@@ -192,7 +283,7 @@ class GalleryIndex:
     def __init__(
         self,
         index: faiss.Index,
-        entries: dict[int, Entry],
+        labels: "_Labels",
         *,
         metric_type: str,
         index_type: str,
@@ -205,28 +296,39 @@ class GalleryIndex:
         suggested_rec_threshold: float | None = None,
         calibration: Calibration | None = None,
         adaptation: Adaptation | None = None,
-        raw: tuple[np.ndarray, np.ndarray] | None = None,
+        raw: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None,
         changes_since_calibration: int = 0,
+        meta: EntryMeta | None = None,
+        delta: tuple[np.ndarray, np.ndarray] | None = None,
+        dead: np.ndarray | None = None,
+        keep: faiss.Index | None = None,
     ):
         self._index = index
+        self._keep = keep  # the inner index must live as long as the wrapper
+        self._labels = labels
+        self._delta = delta if delta is not None else (np.zeros(0, np.int64), np.zeros((0, index.d), np.float32))
+        self._dead = dead if dead is not None else np.zeros(0, np.int64)  # base ids removed since, sorted
+        self._meta = meta or EntryMeta()
         self.whitening = whitening  # the projection applied to features before they are stored
         self._suggested = suggested_rec_threshold  # pre-calibration indices kept only this
         self.calibration = calibration
         self.adaptation = adaptation
-        self._raw = raw  # (ids, float16 unit features) when the projection can be refitted
+        self._raw = raw  # chunks of (ids, float16 unit features) when the projection can be refitted
         self.changes_since_calibration = changes_since_calibration
-        self._entries = entries
         self._metric_type = metric_type
         self._index_type = index_type
         self._next_id = next_id
         self.feature_model = feature_model
         self.trained_size = trained_size or index.ntotal
         self.skipped: list = []  # gallery lines left out by the build that made this index
+        self._parent: GalleryIndex | None = None  # the index this one was derived from by _change
+        self._change: dict[str, Any] | None = None
+        self._search_with: Any = None  # cached faiss search parameters skipping removed ids
         if search_params is None:
             # new or foreign index: measure which search parameters keep it exact enough
             # (exact Flat indices have nothing to tune: skip copying their vectors out)
-            approximate = len(entries) > 0 and not isinstance(_inner(index), faiss.IndexFlat)
-            self.search_params = calibrate_search(index, self.vectors()[1], metric_type) if approximate else {}
+            approximate = index.ntotal > 0 and not isinstance(_inner(index), faiss.IndexFlat)
+            self.search_params = calibrate_search(index, _base_vectors(index)[1], metric_type) if approximate else {}
             self.calibrated_size = index.ntotal
         else:
             self.search_params = dict(search_params)
@@ -236,11 +338,13 @@ class GalleryIndex:
     # --- PaddleX IndexData-compatible surface -------------------------------------
     @property
     def index(self) -> faiss.Index:
-        return self._index
+        """The faiss index holding every current vector (folded into one, if there are changes)."""
+        return self.compacted()._index
 
     @property
     def id_map(self) -> dict[int, str]:
-        return {i: e.label for i, e in self._entries.items()}
+        """``id → label`` of every entry (a new dict: O(entries); use :meth:`label` for one)."""
+        return self._labels.to_dict()
 
     @property
     def metric_type(self) -> str:
@@ -256,7 +360,10 @@ class GalleryIndex:
 
     # --- introspection ----------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._labels)
+
+    def __contains__(self, id_: object) -> bool:
+        return isinstance(id_, (int, np.integer)) and int(id_) in self._labels
 
     @property
     def dim(self) -> int:
@@ -268,22 +375,72 @@ class GalleryIndex:
         return self._next_id
 
     @property
+    def ids(self) -> np.ndarray:
+        """Every entry's id, ascending (a read-only view)."""
+        view = self._labels.ids.view()
+        view.flags.writeable = False
+        return view
+
+    def label(self, id_: int) -> str:
+        found = self._labels.get(int(id_))
+        if found is None:
+            raise NotFound(f"no entry with id {id_}")
+        return found
+
+    def labels_of(self, ids: Sequence[int] | np.ndarray) -> list[str | None]:
+        """The label of each id (``None`` for ids not in the index)."""
+        return self._labels.labels_of(ids)
+
+    @property
     def entries(self) -> list[Entry]:
-        return [self._entries[i] for i in sorted(self._entries)]
+        """Every entry with its source, in id order (no thumbnails: see :meth:`page`)."""
+        return self.page(0, len(self), thumbnails=False)[1]
+
+    def page(
+        self, offset: int = 0, limit: int = 100, *, labels: Iterable[str] | None = None, thumbnails: bool = True
+    ) -> tuple[int, list[Entry]]:
+        """``(matching, entries)``: entries ``offset`` to ``offset + limit`` in id order,
+        only those under ``labels`` if given, with sources (and thumbnails) read for the page
+        alone. ``matching`` counts every entry that matches."""
+        table = self._labels
+        if labels is not None:
+            codes = [table.code_of[lb] for lb in set(labels) if lb in table.code_of]
+            where = np.flatnonzero(np.isin(table.codes, codes))
+        else:
+            where = np.arange(len(table))
+        offset, limit = max(0, int(offset)), max(0, int(limit))
+        pos = where[offset : offset + limit]
+        ids = table.ids[pos].tolist()
+        rows = self._meta.get(ids, thumbnails=thumbnails)
+        codes = table.codes[pos].tolist()
+        return len(where), [Entry(i, table.names[c], *rows.get(i, ("", None))) for i, c in zip(ids, codes, strict=True)]
 
     def entry(self, id_: int) -> Entry:
-        try:
-            return self._entries[int(id_)]
-        except KeyError as exc:
-            raise NotFound(f"no entry with id {id_}") from exc
+        label = self.label(id_)
+        source, thumbnail = self._meta.get([int(id_)]).get(int(id_), ("", None))
+        return Entry(int(id_), label, source, thumbnail)
+
+    def one_per_label(self) -> np.ndarray:
+        """The lowest id of each label, ascending."""
+        _, first = np.unique(self._labels.codes, return_index=True)
+        return np.sort(self._labels.ids[first])
+
+    def thumbnails(self, ids: Iterable[int]) -> dict[int, bytes]:
+        """``id → thumbnail JPEG`` for the ids that have one."""
+        return {i: t for i, (_, t) in self._meta.get(ids).items() if t}
 
     def label_counts(self) -> Counter:
-        return Counter(e.label for e in self._entries.values())
+        return self._labels.counts()
 
     @property
     def suggested_rec_threshold(self) -> float | None:
         """The index's own recognition threshold: its calibration's operating point."""
         return self.calibration.threshold if self.calibration is not None else self._suggested
+
+    @property
+    def pending_changes(self) -> int:
+        """Vectors added and removed since the base was written (what compaction folds in)."""
+        return len(self._delta[0]) + len(self._dead)
 
     def summary(self) -> dict:
         return {
@@ -354,14 +511,13 @@ class GalleryIndex:
         if len(features) == 0:
             raise ShiTuError("cannot build an index from an empty gallery")
         ids = np.arange(first_id, first_id + len(features), dtype=np.int64)
-        entries = _make_entries(ids, labels, sources, thumbnails)
-        clean_labels = [entries[int(i)].label for i in ids]
+        clean_labels = _clean_labels(labels)
         projection, calibration, adaptation, raw = _fit(features, ids, clean_labels, whiten, adapt, progress)
         stored = projection.apply(features) if projection is not None else features
         index, inner = _faiss_index(stored, ids, index_type, metric_type)
-        result = cls(
+        return cls(
             index,
-            entries,
+            _Labels.of(ids, clean_labels),
             metric_type=metric_type,
             index_type=index_type,
             next_id=int(ids[-1]) + 1,
@@ -371,9 +527,9 @@ class GalleryIndex:
             calibration=calibration,
             adaptation=adaptation,
             raw=raw,
+            meta=EntryMeta(pending=_rows(ids, sources, thumbnails)),
+            keep=inner,
         )
-        result._keep = inner  # keep the inner index alive as long as the wrapper
-        return result
 
     def recalibrated(self, adapt: str | None = None, *, progress=None) -> "GalleryIndex":
         """A copy refitted and recalibrated on the current entries. ``adapt``: ``auto``/``on``/
@@ -382,7 +538,7 @@ class GalleryIndex:
         if adapt is not None and adapt not in ADAPT_MODES:
             raise ShiTuError(f"adapt must be one of {', '.join(ADAPT_MODES)}, not {adapt!r}")
         ids, stored = self.vectors()
-        labels = [self._entries[int(i)].label for i in ids]
+        labels = self.labels_of(ids)
         if self.whitening is not None and self._raw is None:
             calibration = calibrate_gallery(stored, labels)
             return self._same_vectors(calibration=calibration, reset_changes=True)
@@ -396,13 +552,12 @@ class GalleryIndex:
             return result
         index, inner = _faiss_index(projection.apply(raw) if projection else raw, ids, self.index_type,
                                     self.metric_type)  # fmt: skip
-        result = GalleryIndex(
-            index, dict(self._entries), metric_type=self.metric_type, index_type=self.index_type,
+        return GalleryIndex(
+            index, self._labels, metric_type=self.metric_type, index_type=self.index_type,
             next_id=self._next_id, feature_model=self.feature_model, trained_size=len(ids),
             whitening=projection, calibration=calibration, adaptation=adaptation, raw=kept_raw,
+            meta=self._meta, keep=inner,
         )  # fmt: skip
-        result._keep = inner
-        return result
 
     def with_threshold(self, threshold: float) -> "GalleryIndex":
         """A copy whose own recognition threshold is ``threshold`` (a point the user picked on
@@ -413,20 +568,13 @@ class GalleryIndex:
         if self.calibration is None:
             raise ShiTuError("this index has no calibration curve to pick a point on (it needs 3+ labels)")
         calibration = dataclasses.replace(self.calibration, threshold=round(threshold, 4), chosen_by="user")
-        return self._same_vectors(calibration=calibration)
+        result = self._same_vectors(calibration=calibration)
+        return result._derived_by(self, {"op": "threshold"})
 
     def _same_vectors(self, **change) -> "GalleryIndex":
-        """A sibling with other metadata (threshold, calibration) and the very same faiss index:
-        no copy of the vectors (2 GB at 1M x 512-d). Safe because no index is ever changed in
-        place: every mutation works on a clone."""
-        result = self._derive(self._index, dict(self._entries), next_id=self._next_id, **change)
-        result._keep = getattr(self, "_keep", None)  # the inner index must outlive both wrappers
-        return result
-
-    def _raw_features(self, ids: np.ndarray) -> np.ndarray:
-        raw_ids, raw = self._raw
-        where = dict(zip(raw_ids.tolist(), range(len(raw_ids)), strict=True))
-        return raw[[where[int(i)] for i in ids]].astype(np.float32)
+        """A sibling with other metadata (threshold, calibration) and the very same vectors:
+        no copy (2 GB at 1M x 512-d). Safe because no faiss index is ever changed in place."""
+        return self._derive(**change)
 
     def add(
         self,
@@ -435,6 +583,7 @@ class GalleryIndex:
         *,
         sources: Sequence[str] | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
+        calibrate: bool = True,
     ) -> "GalleryIndex":
         """A new index with these vectors appended; ids continue from :attr:`next_id`."""
         features = _normalize(features)
@@ -448,122 +597,166 @@ class GalleryIndex:
                 "it was built with a different recognition model"
             )
         ids = np.arange(self._next_id, self._next_id + len(features), dtype=np.int64)
-        raw = None
-        if self._raw is not None:
-            raw = (np.concatenate([self._raw[0], ids]), np.concatenate([self._raw[1], features.astype(np.float16)]))
-        if self.whitening is not None:
-            features = self.whitening.apply(features)
-        new_entries = dict(self._entries)
-        new_entries.update(_make_entries(ids, labels, sources, thumbnails))
-        total = len(new_entries)
-        if (
-            self.index_type == "IVF"
-            and total >= IVF_REGROW_FACTOR * self.trained_size
-            and ivf_nlist(total) > _inner(self._index).nlist
-        ):
-            old_ids, old_vecs = self.vectors()
-            return self._rebuilt(
-                np.concatenate([old_ids, ids]), np.concatenate([old_vecs, features]), new_entries,
-                next_id=int(ids[-1]) + 1, raw=raw, changed=len(ids),
-            )  # fmt: skip
-        index = faiss.clone_index(self._index)
-        index.add_with_ids(features, ids)
-        # a gallery that has doubled since the last calibration may need wider search
-        recalibrate = total >= 2 * self.calibrated_size
-        return self._derive(
-            index, new_entries, next_id=int(ids[-1]) + 1, recalibrate=recalibrate, raw=raw, changed=len(ids)
-        )
+        clean = _clean_labels(labels)
+        raw = _raw_added(self._raw, ids, features.astype(np.float16)) if self._raw is not None else None
+        stored = self.whitening.apply(features) if self.whitening is not None else features
+        result = self._derive(
+            labels=self._labels.added(ids, clean),
+            delta=(np.concatenate([self._delta[0], ids]), np.concatenate([self._delta[1], stored])),
+            next_id=int(ids[-1]) + 1, raw=raw, changed=len(ids), calibrate=calibrate,
+            meta=self._meta.with_rows(_rows(ids, sources, thumbnails)),
+        )  # fmt: skip
+        change = {"op": "add", "ids": ids, "labels": clean, "vectors": stored}
+        if raw is not None:
+            change["raw"] = raw[-1][1]
+        return result._derived_by(self, change)
 
-    def remove(self, ids: Iterable[int]) -> "GalleryIndex":
+    def remove(self, ids: Iterable[int], *, calibrate: bool = True) -> "GalleryIndex":
         """A new index without these ids. Unknown ids raise :class:`NotFound`, changing nothing."""
-        wanted = sorted({int(i) for i in ids})
-        if not wanted:
+        wanted = np.asarray(sorted({int(i) for i in ids}), dtype=np.int64)
+        if not len(wanted):
             raise ShiTuError("no ids to remove were given")
-        missing = [i for i in wanted if i not in self._entries]
+        missing = wanted[self._labels.positions(wanted) < 0].tolist()
         if missing:
             shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
             raise NotFound(f"{len(missing)} id(s) are not in the index: {shown}")
-        if len(wanted) == len(self._entries):
+        if len(wanted) == len(self):
             raise ShiTuError("cannot remove every entry: an index needs at least one; delete the index instead")
-        new_entries = {i: e for i, e in self._entries.items() if i not in set(wanted)}
+        in_delta = np.isin(self._delta[0], wanted)
+        from_base = wanted[~np.isin(wanted, self._delta[0])]
         raw = None
-        if self._raw is not None:
-            kept = ~np.isin(self._raw[0], wanted)
-            raw = (self._raw[0][kept], self._raw[1][kept])
-        if not isinstance(_inner(self._index), faiss.IndexFlat):
-            # HNSW graphs cannot drop nodes, and IVF's remove reorders its lists behind the
-            # id map's back (PaddleX's IndexIDMap2 + IVF returns wrong ids after a remove):
-            # rebuild from the remaining vectors instead.
-            all_ids, vecs = self.vectors()
-            keep = ~np.isin(all_ids, wanted)
-            return self._rebuilt(
-                all_ids[keep], vecs[keep], new_entries, next_id=self._next_id, raw=raw, changed=len(wanted)
-            )
-        index = faiss.clone_index(self._index)
-        removed = index.remove_ids(np.asarray(wanted, dtype=np.int64))
-        if removed != len(wanted):
-            raise ShiTuError(f"faiss removed {removed} of {len(wanted)} vectors; the index is unchanged")
-        return self._derive(index, new_entries, next_id=self._next_id, raw=raw, changed=len(wanted))
+        if self._raw is not None and len(self._raw) > 1:  # removed base rows are skipped when written
+            delta_ids, delta_raw = self._raw[1]
+            keep = ~np.isin(delta_ids, wanted)
+            raw = (self._raw[0], (delta_ids[keep], delta_raw[keep]))
+        result = self._derive(
+            labels=self._labels.removed(wanted),
+            delta=(self._delta[0][~in_delta], self._delta[1][~in_delta]),
+            dead=np.union1d(self._dead, from_base), raw=raw, changed=len(wanted), calibrate=calibrate,
+        )  # fmt: skip
+        return result._derived_by(self, {"op": "remove", "ids": wanted})
 
     def relabel(self, ids: int | Sequence[int], label: str) -> "GalleryIndex":
-        """A copy with entries ``ids`` (one or many) under ``label``; vectors and ids unchanged.
-        One copy of the faiss index however many ids change."""
+        """A copy with entries ``ids`` (one or many) under ``label``; vectors and ids unchanged."""
         label = label.strip()
         if not label:
             raise ShiTuError("a label cannot be empty")
-        entries = dict(self._entries)
-        changed = 0
-        for id_ in [ids] if isinstance(ids, (int, np.integer)) else ids:
-            entry = self.entry(int(id_))
-            changed += entry.label != label
-            entries[entry.id] = Entry(entry.id, label, entry.source, entry.thumbnail)
-        return self._derive(faiss.clone_index(self._index), entries, next_id=self._next_id, changed=changed)
+        wanted = np.asarray([ids] if isinstance(ids, (int, np.integer)) else list(ids), dtype=np.int64)
+        pos = self._labels.positions(wanted)
+        if (pos < 0).any():
+            raise NotFound(f"no entry with id {int(wanted[pos < 0][0])}")
+        code = self._labels.code_of.get(label)
+        changed = int(np.sum(self._labels.codes[pos] != code)) if code is not None else len(set(pos.tolist()))
+        result = self._derive(labels=self._labels.relabelled(wanted, label), changed=changed)
+        return result._derived_by(self, {"op": "relabel", "ids": wanted, "label": label})
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """All ``(ids, vectors)`` in storage order."""
-        index = faiss.clone_index(self._index)
-        inner = _inner(index)
-        if isinstance(inner, faiss.IndexIVF):
-            inner.make_direct_map()
-        ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-        vecs = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, inner.d), "float32")
-        return ids, np.asarray(vecs, dtype=np.float32)
+        """All ``(ids, vectors)``: the base's in storage order, then those added since."""
+        ids, vecs = _base_vectors(self._index)
+        if len(self._dead):
+            keep = ~np.isin(ids, self._dead)
+            ids, vecs = ids[keep], vecs[keep]
+        if len(self._delta[0]):
+            ids, vecs = np.concatenate([ids, self._delta[0]]), np.concatenate([vecs, self._delta[1]])
+        return ids, vecs
 
-    def _rebuilt(
-        self, ids: np.ndarray, vecs: np.ndarray, entries: dict[int, Entry], *, next_id: int, **change
-    ) -> "GalleryIndex":
-        index, inner = _faiss_index(vecs, ids, self.index_type, self.metric_type)
-        result = self._derive(index, entries, next_id=next_id, trained_size=len(vecs), recalibrate=True, **change)
-        result._keep = inner
+    def compacted(self) -> "GalleryIndex":
+        """The same index with every change folded into one faiss index (what :meth:`save`
+        writes). HNSW and IVF take added vectors into a copy of their base; removals rebuild
+        (IVF keeps its trained lists unless the gallery grew past :data:`IVF_REGROW_FACTOR`
+        times its training set); search parameters are remeasured once the gallery doubled."""
+        if not self.pending_changes:
+            return self
+        ids, vecs = self.vectors()
+        inner_base = _inner(self._index)
+        regrow = (
+            self.index_type == "IVF"
+            and len(ids) >= IVF_REGROW_FACTOR * self.trained_size
+            and ivf_nlist(len(ids)) > inner_base.nlist
+        )
+        trained = self.trained_size
+        if self.index_type == "Flat" or regrow or (self.index_type == "HNSW32" and len(self._dead)):
+            index, inner = _faiss_index(vecs, ids, self.index_type, self.metric_type)
+            trained = len(ids) if self.index_type != "IVF" or regrow else trained
+        elif len(self._dead):  # IVF with removals: the same trained lists, refilled
+            inner = faiss.clone_index(inner_base)
+            inner.reset()
+            index = faiss.IndexIDMap2(inner)
+            index.add_with_ids(vecs, ids)
+        else:  # HNSW or IVF with additions only: a copy of the base takes them
+            index, inner = faiss.clone_index(self._index), None
+            index.add_with_ids(self._delta[1], self._delta[0])
+        recalibrate = len(ids) >= 2 * self.calibrated_size or regrow
+        result = GalleryIndex(
+            index, self._labels, metric_type=self.metric_type, index_type=self.index_type,
+            next_id=self._next_id, feature_model=self.feature_model, trained_size=trained,
+            search_params=None if recalibrate else self.search_params, calibrated_size=self.calibrated_size,
+            whitening=self.whitening, suggested_rec_threshold=self._suggested, calibration=self.calibration,
+            adaptation=self.adaptation, raw=_merged_raw(self._raw, ids), meta=self._meta, keep=inner,
+            changes_since_calibration=self.changes_since_calibration,
+        )  # fmt: skip
         return result
+
+    def _derived_by(self, parent: "GalleryIndex", change: dict[str, Any]) -> "GalleryIndex":
+        """Remember that this index is ``parent`` plus ``change`` (what the change log writes)."""
+        self._parent, self._change = parent, change
+        if parent._depth() >= MAX_LINEAGE:  # an index mutated many times in memory keeps no long chain
+            parent._parent = None
+        return self
+
+    def _depth(self) -> int:
+        depth, node = 0, self
+        while node._parent is not None and depth <= MAX_LINEAGE:
+            depth, node = depth + 1, node._parent
+        return depth
+
+    def changes_since(self, ancestor: "GalleryIndex") -> list[dict[str, Any]] | None:
+        """The changes that made this index from ``ancestor``, oldest first, or ``None`` when it
+        was not made from it by :meth:`add` / :meth:`remove` / :meth:`relabel` /
+        :meth:`with_threshold` alone (then only a full save can record it)."""
+        chain, node = [], self
+        while node is not ancestor:
+            if node._parent is None or node._change is None or len(chain) > MAX_LINEAGE:
+                return None
+            chain.append(node._change)
+            node = node._parent
+        return chain[::-1]
+
+    def retire_ids_below(self, next_id: int) -> None:
+        """Hand out ids from ``next_id`` on (a restored version keeps ids given out since retired)."""
+        self._next_id = max(self._next_id, int(next_id))
+
+    def forget_lineage(self) -> None:
+        self._parent = self._change = None
 
     def _derive(
         self,
-        index: faiss.Index,
-        entries: dict[int, Entry],
         *,
-        next_id: int,
-        trained_size: int | None = None,
-        recalibrate: bool = False,
-        raw: tuple[np.ndarray, np.ndarray] | None = None,
+        labels: "_Labels | None" = None,
+        delta: tuple[np.ndarray, np.ndarray] | None = None,
+        dead: np.ndarray | None = None,
+        next_id: int | None = None,
+        raw: tuple | None = None,
         calibration: Calibration | None = None,
         adaptation: Adaptation | None = None,
+        meta: EntryMeta | None = None,
         changed: int = 0,
         reset_changes: bool = False,
+        calibrate: bool = True,
     ) -> "GalleryIndex":
-        """A sibling index. ``changed`` entries (added, removed or relabelled) make its
-        calibration out of date: a raw-feature index of up to :data:`RECALIBRATE_MAX_ENTRIES`
-        entries is recalibrated at once (leave-one-out costs ~0.1 s there); others count the
-        changes until :meth:`recalibrated` is asked for."""
+        """A sibling sharing this one's base faiss index. ``changed`` entries (added, removed
+        or relabelled) make its calibration out of date: a raw-feature index of up to
+        :data:`RECALIBRATE_MAX_ENTRIES` entries is recalibrated at once (leave-one-out costs
+        ~0.1 s there); others count the changes until :meth:`recalibrated` is asked for."""
         result = GalleryIndex(
-            index,
-            entries,
+            self._index,
+            labels if labels is not None else self._labels,
             metric_type=self.metric_type,
             index_type=self.index_type,
-            next_id=next_id,
+            next_id=next_id if next_id is not None else self._next_id,
             feature_model=self.feature_model,
-            trained_size=trained_size or self.trained_size,
-            search_params=None if recalibrate else self.search_params,
+            trained_size=self.trained_size,
+            search_params=self.search_params,
             calibrated_size=self.calibrated_size,
             whitening=self.whitening,
             suggested_rec_threshold=self._suggested,
@@ -571,15 +764,40 @@ class GalleryIndex:
             adaptation=adaptation or self.adaptation,
             raw=raw if raw is not None else self._raw,
             changes_since_calibration=0 if reset_changes else self.changes_since_calibration + changed,
+            meta=meta or self._meta,
+            delta=delta if delta is not None else self._delta,
+            dead=dead if dead is not None else self._dead,
+            keep=self._keep,
         )
-        if changed and self.whitening is None and len(entries) <= RECALIBRATE_MAX_ENTRIES:
+        if calibrate and changed and self.whitening is None and len(result) <= RECALIBRATE_MAX_ENTRIES:
             ids, vecs = result.vectors()
-            fresh = calibrate_gallery(vecs, [entries[int(i)].label for i in ids])
+            fresh = calibrate_gallery(vecs, result.labels_of(ids))
             if fresh is not None and result.calibration is not None and result.calibration.chosen_by == "user":
                 fresh = dataclasses.replace(fresh, threshold=result.calibration.threshold, chosen_by="user")
             result.calibration = fresh
             result.changes_since_calibration = 0
         return result
+
+    def replay(self, change: dict[str, Any], arrays: dict[str, np.ndarray]) -> "GalleryIndex":
+        """This index with one logged change applied (as :meth:`add` etc. made it; the
+        calibration that came with it is set by the caller, nothing is recomputed)."""
+        op = change["op"]
+        if op == "add":
+            ids = arrays["ids"]
+            labels = list(change["labels"])
+            raw = _raw_added(self._raw, ids, arrays["raw"]) if self._raw is not None and "raw" in arrays else None
+            return self._derive(
+                labels=self._labels.added(ids, labels),
+                delta=(np.concatenate([self._delta[0], ids]), np.concatenate([self._delta[1], arrays["vectors"]])),
+                next_id=max(self._next_id, int(ids[-1]) + 1), raw=raw, calibrate=False, changed=len(ids),
+            )  # fmt: skip
+        if op == "remove":
+            return self.remove(arrays["ids"], calibrate=False)
+        if op == "relabel":
+            return self.relabel(arrays["ids"].tolist(), change["label"])
+        if op == "threshold":
+            return self._derive()
+        raise ShiTuError(f"unknown change {op!r} in the change log")
 
     # --- search --------------------------------------------------------------------------
     def search(self, features: np.ndarray, topk: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -599,66 +817,168 @@ class GalleryIndex:
         if self.whitening is not None:
             features = self.whitening.apply(features)
         k = max(1, min(int(topk), len(self)))
-        scores, ids = self._index.search(features, k)
-        if self.metric_type == "L2":
-            scores = 1.0 - scores / 2.0
+        base_live = self._index.ntotal - len(self._dead)
+        scores = np.full((len(features), 0), -np.inf, np.float32)
+        ids = np.zeros((len(features), 0), np.int64)
+        if base_live > 0:
+            kb = min(k, base_live)
+            if len(self._dead):
+                scores, ids = self._index.search(features, kb, params=self._skip_dead())
+            else:
+                scores, ids = self._index.search(features, kb)
+            if self.metric_type == "L2":
+                scores = 1.0 - scores / 2.0
+            scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        delta_ids, delta_vecs = self._delta
+        if len(delta_ids):
+            if self.metric_type == "IP":
+                d_scores = features @ delta_vecs.T
+            else:  # as faiss computes it: the squared distance, then the conversion
+                sq = (features**2).sum(1)[:, None] - 2 * features @ delta_vecs.T + (delta_vecs**2).sum(1)[None, :]
+                d_scores = 1.0 - np.maximum(sq, 0) / 2.0
+            scores = np.concatenate([scores, d_scores.astype(np.float32)], axis=1)
+            ids = np.concatenate([ids, np.broadcast_to(delta_ids, d_scores.shape)], axis=1)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+        if scores.shape[1] < k:
+            pad = k - scores.shape[1]
+            scores = np.concatenate([scores, np.full((len(scores), pad), -np.inf, np.float32)], axis=1)
+            ids = np.concatenate([ids, np.full((len(ids), pad), -1, np.int64)], axis=1)
+        ids = np.where(np.isfinite(scores), ids, -1)
         return scores, ids
 
+    def _skip_dead(self) -> Any:
+        """faiss search parameters that skip the removed base ids (made once per index)."""
+        if self._search_with is None:
+            selector = faiss.IDSelectorBatch(self._dead)
+            skip = faiss.IDSelectorNot(selector)
+            inner = _inner(self._index)
+            if isinstance(inner, faiss.IndexHNSW):
+                params = faiss.SearchParametersHNSW()
+                params.efSearch = int(self.search_params.get("efSearch", inner.hnsw.efSearch))
+            elif isinstance(inner, faiss.IndexIVF):
+                params = faiss.SearchParametersIVF()
+                params.nprobe = int(inner.nprobe)
+            else:
+                params = faiss.SearchParameters()
+            params.sel = skip
+            self._search_with = (params, skip, selector)  # the selectors must outlive the params
+        return self._search_with[0]
+
+    def _raw_features(self, ids: np.ndarray) -> np.ndarray:
+        raw_ids, raw = _merged_raw(self._raw, ids)[0]
+        return raw.astype(np.float32)
+
     # --- persistence ---------------------------------------------------------------------
-    def save(self, save_dir: str | Path) -> Path:
-        """Write atomically: a complete copy in a temporary dir, then a rename."""
+    def save(self, save_dir: str | Path, *, extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write atomically, every change folded in (PaddleX's layout): a complete copy in a
+        temporary dir, then a rename."""
         save_dir = Path(save_dir)
         save_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = save_dir.parent / f".{save_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            faiss.write_index(self._index, str(tmp / VECTOR_FILE))
-            info = {"index_type": self.index_type, "metric_type": self.metric_type, "id_map": self.id_map}
-            (tmp / ID_MAP_FILE).write_text(
-                yaml.safe_dump(info, allow_unicode=True, default_flow_style=False), encoding="utf-8"
-            )
-            meta = {
-                "format": 1,
-                "next_id": self._next_id,
-                "feature_model": self.feature_model,
-                "trained_size": self.trained_size,
-                "search_params": self.search_params,
-                "calibrated_size": self.calibrated_size,
-                "suggested_rec_threshold": self.suggested_rec_threshold,
-                "calibration": self.calibration.to_dict() if self.calibration is not None else None,
-                "adaptation": self.adaptation.to_dict() if self.adaptation is not None else None,
-                "changes_since_calibration": self.changes_since_calibration,
-                "entries": {
-                    str(e.id): {
-                        "source": e.source,
-                        "thumbnail": base64.b64encode(e.thumbnail).decode() if e.thumbnail else None,
-                    }
-                    for e in self._entries.values()
-                },
-            }
-            (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-            if self.whitening is not None:
-                with open(tmp / WHITENING_FILE, "wb") as fh:
-                    np.savez(fh, mean=self.whitening.mean, projection=self.whitening.matrix, kind=self.whitening.kind)
-            if self._raw is not None:
-                with open(tmp / RAW_FILE, "wb") as fh:
-                    np.savez(fh, ids=self._raw[0], features=self._raw[1])
+            self.write_files(tmp)
+            for fname, data in (extra_files or {}).items():
+                (tmp / fname).write_bytes(data)
             replace_index_dir(tmp, save_dir)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        self._meta = EntryMeta(save_dir / ENTRIES_FILE)
         return save_dir
 
+    def write_files(self, target: Path) -> None:
+        """Write the complete index into the (new, empty) directory ``target``."""
+        full = self.compacted()
+        faiss.write_index(full._index, str(target / VECTOR_FILE))
+        info = {"index_type": self.index_type, "metric_type": self.metric_type, "id_map": self.id_map}
+        with open(target / ID_MAP_FILE, "w", encoding="utf-8") as fh:
+            yaml.dump(info, fh, Dumper=_YAML_DUMPER, allow_unicode=True, default_flow_style=False)
+        meta = {
+            "format": 2,
+            "next_id": self._next_id,
+            "feature_model": self.feature_model,
+            "trained_size": full.trained_size,
+            "search_params": full.search_params,
+            "calibrated_size": full.calibrated_size,
+            "suggested_rec_threshold": self.suggested_rec_threshold,
+            "calibration": self.calibration.to_dict() if self.calibration is not None else None,
+            "adaptation": self.adaptation.to_dict() if self.adaptation is not None else None,
+            "changes_since_calibration": self.changes_since_calibration,
+            "entries_file": ENTRIES_FILE,
+        }
+        (target / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        self._meta.save_to(target / ENTRIES_FILE, self._labels.ids)
+        if self.whitening is not None:
+            with open(target / WHITENING_FILE, "wb") as fh:
+                np.savez(fh, mean=self.whitening.mean, projection=self.whitening.matrix, kind=self.whitening.kind)
+        merged = _merged_raw(self._raw, self._labels.ids)
+        if merged:
+            (raw_ids, raw), = merged
+            with open(target / RAW_FILE, "wb") as fh:
+                np.savez(fh, ids=raw_ids, features=raw)
+
     @classmethod
-    def load(cls, index_dir: str | Path) -> "GalleryIndex":
-        """Load ours or PaddleX's (``IndexData.save``) layout."""
+    def load(cls, index_dir: str | Path, *, until_version: int | None = None) -> "GalleryIndex":
+        """Load ours or PaddleX's (``IndexData.save``) layout, with the changes logged since
+        the last full save (up to version ``until_version``, if given)."""
+        index = cls.load_base(index_dir)
+        return index.replay_log(Path(index_dir) / LOG_FILE, until_version=until_version)
+
+    def replay_log(self, log_path: Path, start: int = 0, *, until_version: int | None = None) -> "GalleryIndex":
+        """This index with the log's records from byte ``start`` applied; the result's
+        :attr:`log_end` and :attr:`log_version` say how far it got."""
+        index = self
+        for record in changelog.read(log_path, start):
+            head = record.header
+            if until_version is not None and int(head.get("version", 0)) > until_version:
+                break
+            for change in head.get("changes", []):
+                arrays = {name: record.arrays[k] for name, k in change.get("arrays", {}).items()}
+                index = index.replay(change, arrays)
+            state = head.get("state", {})
+            if "calibration" in state:
+                index.calibration = Calibration.from_dict(state["calibration"])
+            index.changes_since_calibration = int(state.get("changes_since_calibration", 0))
+            index._next_id = max(index._next_id, int(state.get("next_id", 0)))
+            index.log_end, index.log_version = record.end, int(head.get("version", 0))
+        if index is not self:
+            index.forget_lineage()
+        return index
+
+    log_end: int = 0  # bytes of the change log applied to this index
+    log_version: int | None = None  # the version of the last log record applied
+
+    def log_record(self, changes: list[dict[str, Any]], parent: "GalleryIndex", header: dict[str, Any]) -> bytes:
+        """One change-log record for ``changes`` (from :meth:`changes_since`), with this index's
+        resulting state, plus ``header`` (version number, time, action, ...)."""
+        arrays: list[np.ndarray] = []
+        encoded = []
+        for change in changes:
+            item = {k: v for k, v in change.items() if not isinstance(v, np.ndarray)}
+            item["arrays"] = {}
+            for name, value in change.items():
+                if isinstance(value, np.ndarray):
+                    item["arrays"][name] = len(arrays)
+                    arrays.append(value)
+            encoded.append(item)
+        state: dict[str, Any] = {"next_id": self._next_id, "changes_since_calibration": self.changes_since_calibration}
+        if self.calibration is not parent.calibration:
+            state["calibration"] = self.calibration.to_dict() if self.calibration is not None else None
+        return changelog.encode({**header, "changes": encoded, "state": state}, arrays)
+
+    @classmethod
+    def load_base(cls, index_dir: str | Path) -> "GalleryIndex":
+        """The last full save alone (no logged changes)."""
         index_dir = Path(index_dir)
         vector_path = index_dir / VECTOR_FILE
         info_path = next((index_dir / n for n in (ID_MAP_FILE, ALT_ID_MAP_FILE) if (index_dir / n).exists()), None)
         if not vector_path.exists() or info_path is None:
             raise NotFound(f"{index_dir} is not an index directory (needs {VECTOR_FILE} and {ID_MAP_FILE})")
         try:
-            info = yaml.safe_load(info_path.read_text(encoding="utf-8")) or {}
+            with open(info_path, "rb") as fh:
+                info = yaml.load(fh, Loader=_YAML_LOADER) or {}  # noqa: S506 - a safe loader
             index = faiss.read_index(str(vector_path))
         except Exception as exc:  # noqa: BLE001 - faiss raises RuntimeError, yaml its own
             # faiss's message quotes its C++ source and our paths: keep only what it is
@@ -666,13 +986,17 @@ class GalleryIndex:
                 f"{vector_path.name if 'index' in str(exc).lower() else info_path.name} "
                 f"cannot be read ({type(exc).__name__})"
             ) from None
-        metric_type = info.get("metric_type")
+        metric_type = info.get("metric_type") if isinstance(info, dict) else None
         index_type = info.get("index_type")
         if metric_type not in METRIC_TYPES:
             raise ShiTuError(f"{index_dir}: metric {metric_type!r} is not supported (only IP and L2)")
         if not isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
             raise ShiTuError(f"{index_dir}: expected an id-mapped faiss index, got {type(index).__name__}")
-        id_map = {int(k): str(v) for k, v in (info.get("id_map") or {}).items()}
+        raw_map = info.get("id_map") or {}
+        try:
+            id_map = {int(k): str(v) for k, v in raw_map.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ShiTuError(f"{info_path.name} cannot be read (its id map is not id: label pairs)") from None
         if index.ntotal != len(id_map):
             raise ShiTuError(f"{index_dir}: {index.ntotal} vectors but {len(id_map)} labels in {info_path.name}")
         meta_path = index_dir / META_FILE
@@ -682,12 +1006,12 @@ class GalleryIndex:
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as exc:
             raise ShiTuError(f"{META_FILE} is damaged ({type(exc).__name__})") from None
-        saved = meta.get("entries", {})
-        entries = {}
-        for i, label in id_map.items():
-            m = saved.get(str(i), {})
-            thumb = m.get("thumbnail")
-            entries[i] = Entry(i, label, m.get("source", ""), base64.b64decode(thumb) if thumb else None)
+        db = index_dir / ENTRIES_FILE
+        pending: dict[int, tuple[str, bytes | None]] = {}
+        if not db.exists():  # metadata of format 1: one JSON document
+            for key, m in meta.get("entries", {}).items():
+                thumb = m.get("thumbnail")
+                pending[int(key)] = (m.get("source", ""), base64.b64decode(thumb) if thumb else None)
         next_id = max(int(meta.get("next_id", 0)), max(id_map, default=-1) + 1)
         whitening = raw = None
         try:
@@ -697,14 +1021,14 @@ class GalleryIndex:
                     whitening = (Whitening if kind == "pca-whitening" else Projection)(w["mean"], w["projection"], kind)
             if whitening is not None and (index_dir / RAW_FILE).exists():
                 with np.load(index_dir / RAW_FILE) as r:
-                    raw = (r["ids"].astype(np.int64), r["features"])
-                if len(raw[0]) != index.ntotal or raw[1].shape[1] != whitening.input_dim:
+                    raw = ((r["ids"].astype(np.int64), r["features"]),)
+                if len(raw[0][0]) != index.ntotal or raw[0][1].shape[1] != whitening.input_dim:
                     raw = None  # out of step with the vectors: the index works, it just cannot be refitted
         except (OSError, ValueError, KeyError) as exc:
             raise ShiTuError(f"{WHITENING_FILE} or {RAW_FILE} is damaged ({type(exc).__name__})") from None
         return cls(
             index,
-            entries,
+            _Labels.of(list(id_map), list(id_map.values())),
             metric_type=metric_type,
             index_type=index_type if index_type in INDEX_TYPES else "Flat",
             next_id=next_id,
@@ -718,7 +1042,58 @@ class GalleryIndex:
             adaptation=Adaptation.from_dict(meta.get("adaptation")),
             raw=raw,
             changes_since_calibration=int(meta.get("changes_since_calibration") or 0),
+            meta=EntryMeta(db if db.exists() else None, pending),
         )
+
+
+def _base_vectors(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, vectors)`` of an id-mapped faiss index, in storage order."""
+    inner = _inner(index)
+    if isinstance(inner, faiss.IndexIVF):
+        inner = faiss.clone_index(inner)
+        inner.make_direct_map()
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    vecs = inner.reconstruct_n(0, inner.ntotal) if inner.ntotal else np.zeros((0, inner.d), "float32")
+    return ids, np.asarray(vecs, dtype=np.float32)
+
+
+def _merged_raw(raw: tuple | None, ids: np.ndarray) -> tuple | None:
+    """The raw features of ``ids`` (in that order) as one chunk ``((ids, features),)``, from
+    the chunks ``(base, added since)``; ``None`` if some id has none."""
+    if not raw:
+        return None
+    all_ids = np.concatenate([i for i, _ in raw])
+    order = np.argsort(all_ids, kind="stable")
+    pos = np.searchsorted(all_ids[order], ids)
+    if len(ids) and (pos.max() >= len(all_ids) or not np.array_equal(all_ids[order][pos], ids)):
+        return None
+    rows = order[pos]
+    features = np.concatenate([f for _, f in raw]) if len(raw) > 1 else raw[0][1]
+    return ((np.asarray(ids, dtype=np.int64).copy(), features[rows]),)
+
+
+def _raw_added(raw: tuple, ids: np.ndarray, features: np.ndarray) -> tuple:
+    """Raw-feature chunks ``(base, added since)`` with ``ids`` appended to the second."""
+    if len(raw) == 1:
+        return (raw[0], (ids, features))
+    return (raw[0], (np.concatenate([raw[1][0], ids]), np.concatenate([raw[1][1], features])))
+
+
+def _clean_labels(labels: Sequence[str]) -> list[str]:
+    out = []
+    for label in labels:
+        label = str(label).strip()
+        if not label:
+            raise ShiTuError("a gallery label cannot be empty")
+        out.append(label)
+    return out
+
+
+def _rows(ids: np.ndarray, sources, thumbnails) -> dict[int, tuple[str, bytes | None]]:
+    return {
+        int(id_): (str(sources[k]) if sources is not None else "", thumbnails[k] if thumbnails is not None else None)
+        for k, id_ in enumerate(ids)
+    }
 
 
 def _faiss_index(vectors: np.ndarray, ids: np.ndarray, index_type: str, metric_type: str):
@@ -741,29 +1116,14 @@ def _fit(features, ids, labels, whiten: bool, adapt_mode: str, progress):
         note = Adaptation("off", True, "PCA whitening (whiten=True)", kind="pca-whitening")
         return whitening, calibrate_gallery(whitening.apply(features), labels), note, None
     projection, calibration, adaptation = adapt(features, labels, mode=adapt_mode, progress=progress)
-    raw = (ids.copy(), features.astype(np.float16)) if projection is not None else None
+    raw = ((ids.copy(), features.astype(np.float16)),) if projection is not None else None
     return projection, calibration, adaptation, raw
-
-
-def _make_entries(ids: np.ndarray, labels: Sequence[str], sources, thumbnails) -> dict[int, Entry]:
-    entries = {}
-    for k, id_ in enumerate(ids):
-        label = str(labels[k]).strip()
-        if not label:
-            raise ShiTuError("a gallery label cannot be empty")
-        entries[int(id_)] = Entry(
-            int(id_),
-            label,
-            sources[k] if sources is not None else "",
-            thumbnails[k] if thumbnails is not None else None,
-        )
-    return entries
 
 
 def replace_index_dir(new: Path, target: Path) -> None:
     """Swap ``new`` into ``target``'s place, keeping files in ``target`` that are not ours."""
     if target.exists():
         for f in target.iterdir():
-            if f.name not in OUR_FILES and not (new / f.name).exists():
+            if f.name not in OUR_FILES and not f.name.startswith(ENTRIES_FILE) and not (new / f.name).exists():
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, new / f.name)
     replace_dir(new, target)

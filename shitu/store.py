@@ -44,15 +44,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import yaml
 
+from shitu import changelog
+from shitu.changelog import LOG_FILE
+from shitu.entrymeta import ENTRIES_FILE, EntryMeta
 from shitu.errors import Conflict, DamagedIndex, NotFound, ShiTuError, TooLarge
 from shitu.fsutil import discard_dir, planned_swap, recover_dir, replace_dir
 from shitu.index import (
     ALT_ID_MAP_FILE,
+    EXPORTED_FILES,
     ID_MAP_FILE,
     META_FILE,
-    OUR_FILES,
     VECTOR_FILE,
     VERSION_FILE,
     GalleryIndex,
@@ -69,10 +73,15 @@ NAME_RE = re.compile(r"^[\w][\w.\-]*$")
 MAX_NAME_CHARS = 64
 MAX_NAME_BYTES = 180  # file names are limited to 255 bytes; leave room for ".<name>.old-xxxxxxxx"
 MAX_IMPORT_BYTES = 4 << 30
-HISTORY_DIR = ".history"  # <root>/.history/<name>/<number>/: earlier versions of each index
+HISTORY_DIR = ".history"  # <root>/.history/<name>/<number>/: earlier copies of each index
+COMPACT_DIR = ".compact"  # <root>/.compact/<name>.<random>/: a compaction's new copy while it is written
 KEEP_VERSIONS = 10  # earlier versions kept per index (Settings.history_versions)
 CHANGES_SHOWN = 100  # entries listed per kind (added, removed, relabelled) by IndexStore.changes
 Version = tuple[int, int, int]
+COMPACT_MIN_CHANGES = 1000
+COMPACT_MAX_CHANGES = 20000
+COMPACT_SHARE = 0.02
+COMPACT_MAX_LOG_BYTES = 256 << 20
 _NUMBER_RE = re.compile(r"[1-9][0-9]{0,8}")
 
 
@@ -93,12 +102,21 @@ def check_name(name: str | None) -> str:
 
 
 def _version(path: Path) -> Version | None:
-    """Changes whenever a save commits (every save writes a new vector file)."""
+    """The identity of the last full save (every one writes a new vector file); the change
+    log's length says how much was committed since."""
     try:
         st = os.stat(path / VECTOR_FILE)
     except OSError:
         return None
     return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def compaction_due(index: GalleryIndex) -> bool:
+    """Fold the logged changes into a new full save once they reach 2% of the index (at least
+    :data:`COMPACT_MIN_CHANGES`, at most :data:`COMPACT_MAX_CHANGES`): searching the added
+    vectors exactly and skipping removed ones stays cheap below that."""
+    due = min(COMPACT_MAX_CHANGES, max(COMPACT_MIN_CHANGES, int(COMPACT_SHARE * len(index))))
+    return index.pending_changes >= due or index.log_end >= COMPACT_MAX_LOG_BYTES
 
 
 class IndexStore:
@@ -119,6 +137,8 @@ class IndexStore:
         strict_names: bool = True,
         lock_dir: str | Path | None = None,
         keep_versions: int = KEEP_VERSIONS,
+        compact_in_background: bool = True,
+        log_changes: bool = True,
     ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -130,6 +150,10 @@ class IndexStore:
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
         self._held = threading.local()  # names this thread holds the file lock of (re-entrant)
+        self.compact_in_background = compact_in_background
+        self.log_changes = log_changes  # False: every change is a full save (as before the change log)
+        self._compacting: set[str] = set()
+        self._threads: list[threading.Thread] = []
 
     # --- names and locks --------------------------------------------------------------------
     def check(self, name: str | None) -> str:
@@ -191,11 +215,13 @@ class IndexStore:
         return (path / VECTOR_FILE).exists()
 
     def get(self, name: str) -> GalleryIndex:
-        """The latest committed version (reloaded if another process changed it)."""
+        """The latest committed version (reloaded, or brought up to date from the change log,
+        if another process committed since)."""
         name = self.check(name)
         cached = self._cache.get(name)
-        if cached is not None and cached[0] == _version(self.path(name)) and cached[0] is not None:
-            return cached[1]
+        if cached is not None and cached[0] is not None and cached[0] == _version(self.path(name)):
+            if cached[1].log_end == changelog.size(self.path(name) / LOG_FILE):
+                return cached[1]
         # under the file lock: another process may be mid-save, and a directory read during its
         # swap (or half from one version, half from the next) is not a damaged index
         with self.locked(name):
@@ -206,7 +232,16 @@ class IndexStore:
         version = _version(path)
         cached = self._cache.get(name)
         if cached is not None and cached[0] == version and version is not None:
-            return cached[1]
+            log_size = changelog.size(path / LOG_FILE)
+            if cached[1].log_end == log_size:
+                return cached[1]
+            if cached[1].log_end < log_size:  # changes committed by another process: apply only those
+                try:
+                    index = cached[1].replay_log(path / LOG_FILE, cached[1].log_end)
+                except Exception as exc:  # noqa: BLE001 - a record that cannot be applied
+                    raise self._quarantine(name, exc) from None
+                self._cache[name] = (version, index)
+                return index
         if not self.exists(name):
             self._cache.pop(name, None)
             raise NotFound(f"no index named {name!r}")
@@ -242,22 +277,132 @@ class IndexStore:
             if not overwrite and self.exists(name):
                 raise Conflict(f"an index named {name!r} already exists")
             self._commit(name, index, action)
-            self._cache[name] = (_version(self.path(name)), index)
         return index
 
     def mutate(
         self, name: str, change: Callable[[GalleryIndex], GalleryIndex], *, action: str | None = None
     ) -> GalleryIndex:
-        """Apply ``change`` to the latest committed version under the index's lock; save, then
+        """Apply ``change`` to the latest committed version under the index's lock; commit, then
         swap in. If ``change`` raises, nothing on disk or in memory changes. The new version's
-        ``action`` is, unless given, what changed: ``add 3``, ``remove 2, relabel 1``, ..."""
+        ``action`` is, unless given, what changed: ``add 3``, ``remove 2, relabel 1``, ...
+
+        A change made by :meth:`GalleryIndex.add` / ``remove`` / ``relabel`` /
+        ``with_threshold`` is appended to the index's change log (O(change)); any other is
+        saved in full."""
         name = self.check(name)
         with self.locked(name):
             old = self._load(name)
             new = change(old)
-            self._commit(name, new, action or describe_change(old.id_map, new.id_map))
-            self._cache[name] = (_version(self.path(name)), new)
+            if new is old:
+                return old
+            chain = new.changes_since(old) if self.versioned and self.log_changes else None
+            if chain:
+                self._append(name, old, new, chain, action or describe_logged(chain))
+            else:
+                self._commit(name, new, action or describe_change(old, new))
             return new
+
+    def _append(self, name: str, old: GalleryIndex, new: GalleryIndex, chain: list, action: str) -> None:
+        """Commit ``new`` (``old`` plus ``chain``) as one record of the change log."""
+        path = self.path(name)
+        log_path = path / LOG_FILE
+        number = self._current_number(name, old) + 1
+        if new._meta.pending:  # rows first: an entry's row without its record is harmless, the reverse is not
+            new._meta.flush(path / ENTRIES_FILE)
+        if changelog.size(log_path) != old.log_end:
+            changelog.truncate_torn_tail(log_path)  # what a killed writer left
+        header = {**_version_record(new, number, action), "format": 1}
+        end = changelog.append(log_path, [new.log_record(chain, old, header)])
+        new._meta = EntryMeta(path / ENTRIES_FILE)
+        new.forget_lineage()
+        new.log_end, new.log_version = end, number
+        self._cache[name] = (_version(path), new)
+        if self.keep_versions and (number - 1 - self.keep_versions) in self._kept(name):
+            self._prune(name)
+        if self.compact_in_background and compaction_due(new):
+            self._compact_later(name)
+
+    def _current_number(self, name: str, index: GalleryIndex) -> int:
+        if index.log_version:
+            return index.log_version
+        record = _read_record(self.path(name)) if self.versioned else None
+        if record:
+            return record["version"]
+        return max(self._kept(name), default=0) + 1 if self.versioned else 1
+
+    # --- compaction ---------------------------------------------------------------------------
+    def compact(self, name: str) -> bool:
+        """Fold the change log of ``name`` into a new full save (PaddleX's layout again). The
+        slow part — writing every vector — runs without the lock, so commits go on meanwhile;
+        those are carried over into the new copy's log before the swap. The replaced copy is
+        kept as the earlier versions it holds. ``False`` if there was nothing to fold."""
+        name = self.check(name)
+        with self.locked(name):
+            snapshot = self._load(name)
+            if not snapshot.log_end or not self.versioned:
+                return False
+            for stale in _listing(self.root / COMPACT_DIR):  # what a killed compaction left (older than a day)
+                if stale.name.startswith(f"{name}.") and time.time() - stale.stat().st_mtime > 86400:
+                    shutil.rmtree(stale, ignore_errors=True)
+            number = self._current_number(name, snapshot)
+            record = next((r for r in self._dir_versions(self.path(name)) if r.get("version") == number), None)
+            base_version = _version(self.path(name))
+        # not recover_dir's ".<name>.tmp-*": a writer taking the lock meanwhile would clean it away
+        stage = self.root / COMPACT_DIR / f"{name}.{uuid.uuid4().hex[:8]}"
+        stage.mkdir(parents=True)
+        try:
+            folded = snapshot.compacted()
+            folded.write_files(stage)
+            record = {**(record or _version_record(folded, number, None)), "version": number, "compacted": True}
+            with self.locked(name):
+                latest = self._load(name)
+                path = self.path(name)
+                if _version(path) != base_version or latest.log_end < snapshot.log_end:
+                    return False  # saved in full meanwhile: nothing left to fold
+                if latest.log_end > snapshot.log_end:  # commits made while writing: carry them over
+                    with open(path / LOG_FILE, "rb") as src, open(stage / LOG_FILE, "wb") as dst:
+                        src.seek(snapshot.log_end)
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                        dst.flush()
+                        os.fsync(dst.fileno())
+                current = self._current_number(name, latest)
+                keep = self._history_root(name) / str(current) if self.keep_versions else None
+                self._tidy_history(name)
+                replace_dir(stage, path, keep_old=keep, add_files={VERSION_FILE: _json_bytes(record)})
+                folded._meta = EntryMeta(path / ENTRIES_FILE)
+                folded.log_end, folded.log_version = 0, None
+                fresh = folded.replay_log(path / LOG_FILE) if latest.log_end > snapshot.log_end else folded
+                self._cache[name] = (_version(path), fresh)
+                self._prune(name)
+            return True
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
+
+    def _compact_later(self, name: str) -> None:
+        with self._guard:
+            if name in self._compacting:
+                return
+            self._compacting.add(name)
+
+        def run() -> None:
+            try:
+                self.compact(name)
+            except Exception:  # noqa: BLE001 - the log stays and is folded next time
+                log.exception("compacting index %r failed; its change log is kept", name)
+            finally:
+                with self._guard:
+                    self._compacting.discard(name)
+
+        thread = threading.Thread(target=run, name=f"compact-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def wait_for_compactions(self, timeout: float | None = None) -> None:
+        """Wait until background compactions started so far have finished (tests, shutdown)."""
+        for thread in list(self._threads):
+            thread.join(timeout)
+        self._threads = [t for t in self._threads if t.is_alive()]
 
     def delete(self, name: str) -> None:
         """Delete an index and its history (the history first: a crash in between leaves the
@@ -309,14 +454,54 @@ class IndexStore:
         return {int(p.name): p for p in found if _NUMBER_RE.fullmatch(p.name) and p.is_dir()}
 
     def _history(self, name: str) -> tuple[int, dict[int, Path]]:
-        """(the current version's number, the earlier versions kept: number → dir, newest first)."""
+        """(the current version's number, the earlier copies kept: number of the last version
+        each holds → dir, newest first)."""
         if not self.versioned:
             return 1, {}
         kept = self._kept(name)
-        record = _read_record(self.path(name))
-        current = record["version"] if record else max(kept, default=0) + 1
-        older = sorted((n for n in kept if n < current), reverse=True)[: self.keep_versions]
+        path = self.path(name)
+        cached = self._cache.get(name)
+        index = cached[1] if cached is not None and cached[0] == _version(path) else None
+        if index is not None and index.log_end == changelog.size(path / LOG_FILE):
+            current = self._current_number(name, index)
+        else:
+            versions = self._dir_versions(path)
+            current = versions[-1]["version"] if versions else max(kept, default=0) + 1
+        lowest = current - self.keep_versions
+        older = sorted((n for n in kept if lowest <= n <= current), reverse=True)
         return current, {n: kept[n] for n in older}
+
+    def _dir_versions(self, index_dir: Path) -> list[dict[str, Any]]:
+        """The versions one copy holds, oldest first: its full save's, then one per logged change."""
+        out = []
+        record = _read_record(index_dir)
+        if record is not None:
+            out.append(record)
+        for entry in changelog.read(index_dir / LOG_FILE, arrays=False):
+            if isinstance(entry.header.get("version"), int):
+                out.append(entry.header)
+        if record is None and out and out[0]["version"] > 1:  # a full save without a version file, then logged changes
+            out.insert(0, _describe_dir(index_dir, out[0]["version"] - 1))
+        return out
+
+    def _catalog(self, name: str) -> tuple[int, dict[int, tuple[Path, dict[str, Any]]]]:
+        """(current number, every version kept: number → (the copy holding it, its record)),
+        the current version included; a version in several copies is read from the newest."""
+        current, older = self._history(name)
+        found: dict[int, tuple[Path, dict[str, Any]]] = {}
+        lowest = current - self.keep_versions if self.versioned else current
+        for number, index_dir in [(current, self.path(name)), *older.items()]:
+            records = self._dir_versions(index_dir) if self.versioned else []
+            if not records and index_dir != self.path(name):
+                records = [_describe_dir(index_dir, number)]
+            for record in records:
+                v = record["version"]
+                if lowest <= v <= current and v not in found:
+                    found[v] = (index_dir, record)
+        if current not in found:  # a directory without a version file (PaddleX's layout, or saved by other code)
+            found[current] = (self.path(name), {**_version_record(self._load(name), current, None),
+                                                 "time": _mtime(self.path(name))})  # fmt: skip
+        return current, dict(sorted(found.items(), reverse=True))
 
     def _tidy_history(self, name: str) -> None:
         """Remove what an interrupted history move, prune or delete of ``name`` left (under its lock)."""
@@ -332,9 +517,9 @@ class IndexStore:
                     p.unlink(missing_ok=True)
 
     def _prune(self, name: str) -> None:
-        """Delete the earlier versions beyond ``keep_versions`` (and any not older than the
-        current). Runs after a commit, so it never raises: what it cannot delete now, it
-        deletes after the next change."""
+        """Delete the earlier copies that hold no version within the last ``keep_versions``
+        (and any newer than the current). Runs after a commit, so it never raises: what it
+        cannot delete now, it deletes after the next change."""
         _, wanted = self._history(name)
         for number, path in self._kept(name).items():
             if number not in wanted:
@@ -346,24 +531,28 @@ class IndexStore:
         with contextlib.suppress(OSError):
             self._history_root(name).rmdir()  # only when empty
 
-    def _commit(self, name: str, index: GalleryIndex, action: str) -> dict[str, Any]:
-        """Save ``index`` as the next version of ``name`` (under its lock); the replaced copy
-        becomes an earlier version. Returns the new version's record."""
+    def _commit(self, name: str, index: GalleryIndex, action: str, **extra: Any) -> dict[str, Any]:
+        """Save ``index`` in full as the next version of ``name`` (under its lock); the replaced
+        copy is kept for the earlier versions it holds. Returns the new version's record."""
         path = self.path(name)
         if not self.versioned:
             index.save(path)
-            return _version_record(index, 1, action)
-        self._tidy_history(name)
-        if (path / VECTOR_FILE).exists():
-            current, _ = self._history(name)
-            keep = self._history_root(name) / str(current) if self.keep_versions else None
-        else:  # a new index: whatever history is left under this name is not its own
-            discard_dir(self._history_root(name))
-            current, keep = 0, None
-        record = _version_record(index, current + 1, action)
-        with planned_swap(path, keep_old=keep, add_files={VERSION_FILE: _json_bytes(record)}):
-            index.save(path)
-        self._prune(name)
+            record = _version_record(index, 1, action)
+        else:
+            self._tidy_history(name)
+            if (path / VECTOR_FILE).exists():
+                current, _ = self._history(name)
+                keep = self._history_root(name) / str(current) if self.keep_versions else None
+            else:  # a new index: whatever history is left under this name is not its own
+                discard_dir(self._history_root(name))
+                current, keep = 0, None
+            record = {**_version_record(index, current + 1, action), **extra}
+            with planned_swap(path, keep_old=keep, add_files={VERSION_FILE: _json_bytes(record)}):
+                index.save(path)
+            self._prune(name)
+        index.forget_lineage()
+        index.log_end, index.log_version = 0, None
+        self._cache[name] = (_version(path), index)
         return record
 
     def versions(self, name: str) -> list[dict[str, Any]]:
@@ -374,24 +563,14 @@ class IndexStore:
         with self.locked(name):
             if not self.exists(name):
                 raise NotFound(f"no index named {name!r}")
-            current, older = self._history(name)
-            path = self.path(name)
-            record = _read_record(path) if self.versioned else None
-            if record is None:
-                record = {**_version_record(self._load(name), current, None), "time": _mtime(path)}
-            out = [{"version": current, "current": True, **_public(record)}]
-            for number, older_path in older.items():
-                found = _read_record(older_path)
-                if found is None or found["version"] != number:
-                    found = _describe_dir(older_path, number)
-                out.append({"version": number, "current": False, **_public(found)})
-        return out
+            current, catalog = self._catalog(name)
+            return [{"version": v, "current": v == current, **_public(rec)} for v, (_, rec) in catalog.items()]
 
     def changes(
         self, name: str, version: int, against: int | None = None, *, limit: int = CHANGES_SHOWN
     ) -> dict[str, Any]:
         """What changed from version ``against`` (default: the one just before) to ``version``,
-        from their id maps (no faiss index is read): ids ``added`` and ``removed`` with their
+        from their id maps (no vector is read): ids ``added`` and ``removed`` with their
         labels, ids ``relabelled`` (``from`` → ``to``); each kind's ``..._count`` and its first
         ``limit`` entries in id order. ``against=0`` compares with an empty index. Either
         version may be the newer one: ``changes(name, 3, against=current)`` is what restoring
@@ -402,35 +581,29 @@ class IndexStore:
         with self.locked(name):
             if not self.exists(name):
                 raise NotFound(f"no index named {name!r}")
-            current, older = self._history(name)
-            dirs = {current: self.path(name), **older}
-            self._require(name, version, dirs, current)
+            current, catalog = self._catalog(name)
+            self._require(name, version, catalog, current)
             if against:
-                self._require(name, against, dirs, current)
-            record = (_read_record(dirs[version]) if self.versioned else None) or {}
-            # open under the lock: a later prune or save cannot take the files from under the read
-            with contextlib.ExitStack() as opening:
-                after_fh = opening.enter_context(_open_id_map(dirs[version]))
-                before_fh = opening.enter_context(_open_id_map(dirs[against])) if against else None
-                handles = opening.pop_all()
-        with handles:
-            after = _read_id_map(after_fh, version)
-            before = _read_id_map(before_fh, against) if before_fh else {}
+                self._require(name, against, catalog, current)
+            # read under the lock: a later prune or save cannot take the files from under the read
+            after = _id_map_at(catalog[version][0], version)
+            before = _id_map_at(catalog[against][0], against) if against else {}
+            record = catalog[version][1] if self.versioned else {}
         return {
             "index": name,
             "version": version,
             "against": against,
-            "action": record.get("action") if record.get("version") == version else None,
-            "time": record.get("time") if record.get("version") == version else None,
+            "action": record.get("action"),
+            "time": record.get("time"),
             **diff_id_maps(before, after, limit=max(0, int(limit))),
         }
 
-    def _require(self, name: str, number: int, dirs: dict[int, Path], current: int) -> None:
-        if number in dirs:
+    def _require(self, name: str, number: int, catalog: dict, current: int) -> None:
+        if number in catalog:
             return
         if not self.versioned:
             raise NotFound(f"{name!r} is a directory of your own: only indices in the data dir keep earlier versions")
-        kept = sorted(dirs)
+        kept = sorted(catalog)
         if number > current:
             raise NotFound(f"index {name!r} has no version {number}: the current one is {current}")
         shown = f"versions {kept[0]}–{kept[-1]}" if len(kept) > 1 else f"version {kept[0]}"
@@ -449,52 +622,35 @@ class IndexStore:
         version = _number(version, "version")
         with self.locked(name):
             latest = self._load(name)  # NotFound / DamagedIndex as for any change
-            current, older = self._history(name)
+            current, catalog = self._catalog(name)
             if version == current:
                 raise ShiTuError(f"version {version} is already the current version of index {name!r}")
-            self._require(name, version, {current: self.path(name), **older}, current)
-            source = older[version]
-            path = self.path(name)
-            stage = self.root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"  # recover_dir's pattern: cleaned after a crash
-            stage.mkdir()
+            self._require(name, version, catalog, current)
             try:
-                for f in source.iterdir():
-                    if f.is_file() and f.name != VERSION_FILE:
-                        shutil.copyfile(f, stage / f.name)  # a new file: every reader sees a new version
-                _retire_ids_below(stage, latest.next_id)
-                try:
-                    index = GalleryIndex.load(stage)
-                except ShiTuError as exc:
-                    raise DamagedIndex(
-                        f"version {version} of index {name!r} cannot be read: {exc.message.replace(str(stage), 'it')}"
-                    ) from None
-                except Exception as exc:  # noqa: BLE001 - a damaged file, whatever the library says
-                    raise DamagedIndex(
-                        f"version {version} of index {name!r} cannot be read ({type(exc).__name__})"
-                    ) from None
-                record = {**_version_record(index, current + 1, f"restore v{version}"), "restored_from": version}
-                keep = self._history_root(name) / str(current) if self.keep_versions else None
-                self._tidy_history(name)
-                replace_dir(stage, path, keep_old=keep, add_files={VERSION_FILE: _json_bytes(record)})
-            finally:
-                if stage.exists():
-                    shutil.rmtree(stage, ignore_errors=True)
-            self._cache[name] = (_version(path), index)
-            self._prune(name)
+                index = GalleryIndex.load(catalog[version][0], until_version=version)
+            except ShiTuError as exc:
+                reason = exc.message.replace(str(self.root), "<data>")
+                raise DamagedIndex(f"version {version} of index {name!r} cannot be read: {reason}") from None
+            except Exception as exc:  # noqa: BLE001 - a damaged file, whatever the library says
+                reason = type(exc).__name__
+                raise DamagedIndex(f"version {version} of index {name!r} cannot be read ({reason})") from None
+            index.retire_ids_below(latest.next_id)
+            record = self._commit(name, index, f"restore v{version}", restored_from=version)
         return index, record
 
     # --- moving indices in and out -----------------------------------------------------------
     def export_zip(self, name: str) -> bytes:
-        """The index in PaddleX's layout (plus our metadata) as a .zip."""
+        """The index in PaddleX's layout (plus our metadata), every change folded in, as a .zip."""
         name = self.check(name)
         with self.locked(name):
-            self._load(name)
+            index = self._load(name)
+        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
+            index.write_files(Path(tmp))
             buf = io.BytesIO()
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-                for fname in OUR_FILES:
-                    f = self.path(name) / fname
-                    if f.exists() and fname != VERSION_FILE:  # the version belongs to this store's history
-                        zf.write(f, f"{name}/{fname}")
+                for fname in EXPORTED_FILES:
+                    if (Path(tmp) / fname).exists():
+                        zf.write(Path(tmp) / fname, f"{name}/{fname}")
             return buf.getvalue()
 
     def import_zip(self, name: str, data: bytes, *, overwrite: bool = False) -> GalleryIndex:
@@ -504,15 +660,15 @@ class IndexStore:
             archive = zipfile.ZipFile(io.BytesIO(data))
         except (zipfile.BadZipFile, ValueError) as exc:
             raise ShiTuError("not a readable .zip file") from exc
-        with archive, tempfile.TemporaryDirectory() as tmp:
+        with archive, tempfile.TemporaryDirectory(dir=self.root) as tmp:
             members = {Path(m.filename).name: m for m in archive.infolist() if not m.is_dir()}
             if VECTOR_FILE not in members:
                 raise ShiTuError(f"the .zip has no {VECTOR_FILE}: not an index export")
             if ID_MAP_FILE not in members and ALT_ID_MAP_FILE not in members:
                 raise ShiTuError(f"the .zip has no {ID_MAP_FILE}: not an index export")
             budget = MAX_IMPORT_BYTES
-            for fname in (*OUR_FILES, ALT_ID_MAP_FILE):
-                if fname in members and fname != VERSION_FILE:
+            for fname in (*EXPORTED_FILES, LOG_FILE, ALT_ID_MAP_FILE):
+                if fname in members:
                     budget -= _extract_capped(archive, members[fname], Path(tmp) / fname, budget)
             try:
                 index = GalleryIndex.load(tmp)  # validates before anything is replaced
@@ -522,15 +678,46 @@ class IndexStore:
                 raise ShiTuError(exc.message.replace(tmp, "the .zip")) from None
             except Exception as exc:  # noqa: BLE001 - a damaged member, whatever the library says
                 raise ShiTuError(f"the .zip does not hold a usable index ({type(exc).__name__})") from None
-        return self.put(name, index, overwrite=overwrite, action="import")
+            return self.put(name, index, overwrite=overwrite, action="import")
 
 
-def describe_change(before: dict[int, str], after: dict[int, str]) -> str:
-    """A version's action from two id maps: ``add 3``, ``remove 2, relabel 1``, ``no change``."""
-    diff = diff_id_maps(before, after, limit=0)
-    kinds = (("add", "added_count"), ("remove", "removed_count"), ("relabel", "relabelled_count"))
-    parts = [f"{word} {diff[key]}" for word, key in kinds if diff[key]]
-    return ", ".join(parts) or "no change"
+def describe_change(before: GalleryIndex, after: GalleryIndex) -> str:
+    """A version's action from two indices: ``add 3``, ``remove 2, relabel 1``, ``no change``."""
+    old, new = before.ids, after.ids
+    common = np.intersect1d(old, new)
+    relabelled = sum(a != b for a, b in zip(before.labels_of(common), after.labels_of(common), strict=True))
+    counts = (("add", len(np.setdiff1d(new, old))), ("remove", len(np.setdiff1d(old, new))), ("relabel", relabelled))
+    return ", ".join(f"{word} {n}" for word, n in counts if n) or "no change"
+
+
+def describe_logged(chain: list[dict[str, Any]]) -> str:
+    """The action of a logged commit: ``add 1``, ``remove 2``, ``relabel 3``, ``threshold``."""
+    counts: dict[str, int] = {}
+    for change in chain:
+        op = change["op"]
+        counts[op] = counts.get(op, 0) + (len(change["ids"]) if "ids" in change else 0)
+    return ", ".join(f"{op} {n}" if n else op for op, n in counts.items())
+
+
+def _id_map_at(index_dir: Path, version: int) -> dict[int, str]:
+    """The id map of the version ``version`` that ``index_dir`` holds (its full save's id map,
+    then the logged changes up to that version; no vector is read into an index)."""
+    with _open_id_map(index_dir) as fh:
+        id_map = _read_id_map(fh, version)
+    for entry in changelog.read(index_dir / LOG_FILE):
+        if int(entry.header.get("version", 0)) > version:
+            break
+        for change in entry.header.get("changes", []):
+            arrays = {k: entry.arrays[n] for k, n in change.get("arrays", {}).items()}
+            ids = arrays["ids"].tolist() if "ids" in arrays else []
+            if change["op"] == "add":
+                id_map.update(zip(ids, change["labels"], strict=True))
+            elif change["op"] == "remove":
+                for i in ids:
+                    id_map.pop(i, None)
+            elif change["op"] == "relabel":
+                id_map.update(dict.fromkeys(ids, change["label"]))
+    return id_map
 
 
 def diff_id_maps(before: dict[int, str], after: dict[int, str], *, limit: int = CHANGES_SHOWN) -> dict[str, Any]:
@@ -642,19 +829,6 @@ def _read_id_map(fh: IO[bytes], number: int) -> dict[int, str]:
         return {int(k): str(v) for k, v in id_map.items()}
     except (AttributeError, TypeError, ValueError):
         raise DamagedIndex(f"the id map of version {number} cannot be read") from None
-
-
-def _retire_ids_below(index_dir: Path, next_id: int) -> None:
-    """Make a restored copy hand out ids from ``next_id`` on: ids given out since it was
-    current stay retired (the next id is in our metadata; PaddleX's layout has none)."""
-    path = index_dir / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, ValueError):
-        return  # a damaged file: loading the copy says so
-    if isinstance(meta, dict) and int(meta.get("next_id") or 0) < next_id:
-        meta["next_id"] = int(next_id)
-        path.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
 
 
 def _listing(path: Path) -> list[Path]:

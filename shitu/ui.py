@@ -545,13 +545,13 @@ def examples_for(engine: Engine, name: str | None, limit: int = 8) -> list[tuple
         index = engine.index(name)
     except ShiTuError:
         return []
-    first: dict[str, Any] = {}
-    for entry in index.entries:
-        if entry.thumbnail and entry.label not in first:
-            first[entry.label] = entry
-    picks = list(first.values())
-    step = max(1, len(picks) // limit)
-    return [(thumbnail_image(e.thumbnail), f"{e.label} · #{e.id}") for e in picks[::step][:limit]]
+    firsts = index.one_per_label()
+    step = max(1, len(firsts) // (3 * limit))  # spread over the labels; a few spare for entries without a thumbnail
+    picks = firsts[::step][: 3 * limit].tolist()
+    thumbs = index.thumbnails(picks)
+    picks = [i for i in picks if i in thumbs]
+    picks = picks[:: max(1, len(picks) // limit)][:limit]
+    return [(thumbnail_image(thumbs[i]), f"{index.label(i)} · #{i}") for i in picks]
 
 
 def show_examples(engine: Engine, name: str | None):

@@ -400,7 +400,9 @@ from shitu.engine import Engine
 name, label, crash_on, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 engine = Engine(isolate=False)
 engine.index(name)
-""" + CRASH_AT_NTH_CALL + r"""engine.relabel(name, [0], label)
+store, key = engine.locate(name)
+relabelled = engine.index(name).relabel([0], label)
+""" + CRASH_AT_NTH_CALL + r"""store.put(key, relabelled, action="relabel 1")  # a full save (a plain relabel is logged)
 print("not crashed", flush=True)
 """
 

@@ -46,9 +46,10 @@ def vectors(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, DIM)).astype("float32")
 
 
-def store_with_history(root: Path, keep: int = 10) -> IndexStore:
-    """Index "a": v1 build (ids 0-5), v2 add 3 (6-8), v3 remove 2 (1, 2), v4 relabel 1 (0)."""
-    store = IndexStore(root, keep_versions=keep)
+def store_with_history(root: Path, keep: int = 10, *, log: bool = False) -> IndexStore:
+    """Index "a": v1 build (ids 0-5), v2 add 3 (6-8), v3 remove 2 (1, 2), v4 relabel 1 (0); each
+    a full save (one copy per version), or with ``log`` records of the change log."""
+    store = IndexStore(root, keep_versions=keep, log_changes=log)
     store.put("a", GalleryIndex.build(vectors(6, 0), ["cat", "cat", "dog", "dog", "cup", "cup"], index_type="Flat"))
     store.mutate("a", lambda i: i.add(vectors(3, 1), ["pen", "pen", "cat"]))
     store.mutate("a", lambda i: i.remove([1, 2]))
@@ -76,20 +77,23 @@ def hidden_leftovers(root: Path, name: str) -> list[str]:
     return sorted(found)
 
 
-def assert_history_whole(root: Path, name: str) -> dict[int, dict[int, str]]:
+def assert_history_whole(root: Path, name: str, keep: int = 10) -> dict[int, dict[int, str]]:
     """The current version and every kept one load whole; numbers match their records and
     only go down. Returns number → id map."""
-    store = IndexStore(root)  # a fresh process's view
+    store = IndexStore(root, keep_versions=keep)  # a fresh process's view
     listed = store.versions(name)
     numbers = [v["version"] for v in listed]
     assert numbers == sorted(numbers, reverse=True) and len(set(numbers)) == len(numbers), numbers
     assert [v["current"] for v in listed] == [True] + [False] * (len(listed) - 1)
     maps = {}
+    _, catalog = store._catalog(name)
     for v in listed:
-        path = root / name if v["current"] else root / HISTORY_DIR / name / str(v["version"])
-        index = GalleryIndex.load(path)
+        # a version is a full save (its version file says which) plus the logged changes up to it
+        path = catalog[v["version"]][0]
+        assert path == root / name if v["current"] else path in (root / name, root / HISTORY_DIR / name / path.name)
+        assert json.loads((path / VERSION_FILE).read_text())["version"] <= v["version"]
+        index = GalleryIndex.load(path, until_version=v["version"])
         assert index.index.ntotal == len(index.id_map) == v["entries"], (v, len(index.id_map))
-        assert json.loads((path / VERSION_FILE).read_text())["version"] == v["version"]
         maps[v["version"]] = index.id_map
     assert maps[numbers[0]] == store.get(name).id_map
     return maps
@@ -217,7 +221,7 @@ def test_history_keeps_at_most_the_configured_number_of_versions(tmp_path):
     store.restore("a", 2)
     assert [v["version"] for v in store.versions("a")] == [5, 4, 3] and history_dirs(tmp_path, "a") == ["3", "4"]
     # a smaller bound (a restart with another setting) applies at once and prunes on the next change
-    smaller = IndexStore(tmp_path, keep_versions=1)
+    smaller = IndexStore(tmp_path, keep_versions=1, log_changes=False)
     assert [v["version"] for v in smaller.versions("a")] == [5, 4]
     smaller.mutate("a", lambda i: i.relabel([3], "d"))
     assert history_dirs(tmp_path, "a") == ["5"]
@@ -232,7 +236,8 @@ def test_history_can_be_switched_off(tmp_path):
     assert hidden_leftovers(tmp_path, "a") == []
     # switched on again later: numbering goes on
     IndexStore(tmp_path, keep_versions=5).mutate("a", lambda i: i.relabel([1], "v"))
-    assert [v["version"] for v in IndexStore(tmp_path).versions("a")] == [3, 2]
+    # (versions 1 and 2 are still in the current copy: its full save and its change log)
+    assert [v["version"] for v in IndexStore(tmp_path).versions("a")] == [3, 2, 1]
 
 
 def test_the_bound_is_a_setting(tmp_path, monkeypatch):
@@ -294,7 +299,9 @@ def test_a_user_directory_keeps_no_history_and_gets_no_extra_files(tmp_path):
     store.put("idx", GalleryIndex.build(vectors(3, 0), ["x", "y", "z"], index_type="Flat"))
     store.mutate("idx", lambda i: i.relabel([0], "w"))
     assert sorted(p.name for p in folder.iterdir()) == ["idx"]
-    assert sorted(p.name for p in (folder / "idx").iterdir()) == ["id_map.yaml", "shitu_meta.json", "vector.index"]
+    assert sorted(p.name for p in (folder / "idx").iterdir()) == [
+        "id_map.yaml", "shitu_entries.sqlite", "shitu_meta.json", "vector.index",
+    ]  # fmt: skip
     listed = store.versions("idx")
     assert [(v["version"], v["current"], v["entries"]) for v in listed] == [(1, True, 3)]
     assert store.changes("idx", 1)["added_count"] == 3
@@ -315,9 +322,10 @@ def test_a_directory_saved_without_a_version_file_is_one_version(tmp_path):
     ]  # fmt: skip
     assert listed[1]["index_type"] == "Flat" and listed[1]["time"]
     assert store.changes("p", 2)["removed"] == [{"id": 2, "label": "z"}]
-    # a plain save over a versioned index drops the stale version file: the next number, action unknown
+    # a plain save over a versioned index replaces the copy that held those versions (its full
+    # save and its change log): it is a first version again, action unknown
     GalleryIndex.build(vectors(4, 1), list("abcd"), index_type="Flat").save(tmp_path / "p")
-    assert [(v["version"], v["action"]) for v in IndexStore(tmp_path).versions("p")][:2] == [(2, None), (1, None)]
+    assert [(v["version"], v["action"]) for v in IndexStore(tmp_path).versions("p")] == [(1, None)]
 
 
 def test_export_leaves_the_version_out_and_import_is_a_version(tmp_path):
@@ -347,7 +355,7 @@ import numpy as np
 from shitu.index import GalleryIndex
 from shitu.store import IndexStore
 root, what, crash_on, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-store = IndexStore(root)
+store = IndexStore(root, log_changes=False)  # full saves: the swap of whole copies is what crashes here
 store.get("a")
 """ + CRASH_AT_NTH_CALL + r"""if what == "restore":
     store.restore("a", 2)
@@ -440,13 +448,13 @@ def test_processes_killed_at_random_times_leave_whole_versions(tmp_path):
                 proc.kill()
                 proc.wait()
         assert proc.returncode == -signal.SIGKILL, proc.stdout.read()
-        maps = assert_history_whole(tmp_path, "a")
+        maps = assert_history_whole(tmp_path, "a", keep=3)
         assert 1 <= len(maps) <= 4
         store = IndexStore(tmp_path, keep_versions=3)
         store.mutate("a", lambda i, r=round_: i.relabel([max(i.id_map)], f"after kill {r}"))
         assert hidden_leftovers(tmp_path, "a") == []
         assert len(history_dirs(tmp_path, "a")) <= 3
-        maps = assert_history_whole(tmp_path, "a")
+        maps = assert_history_whole(tmp_path, "a", keep=3)
         newest, previous = sorted(maps, reverse=True)[:2]
         diff = store.changes("a", newest)
         assert diff["against"] == previous and diff["relabelled_count"] == 1
