@@ -754,7 +754,7 @@ def _version_record(index: GalleryIndex, number: int, action: str | None) -> dic
         "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "action": action,
         "entries": len(index),
-        "labels": len(index.label_counts()),
+        "labels": index.label_count,
         "feature_model": index.feature_model,
         "index_type": index.index_type,
         "metric_type": index.metric_type,

@@ -43,7 +43,8 @@ from shitu.report import GalleryReport, curve_svg, map_svg
 from shitu.results import Recognition, RecognizedObject
 from shitu.ui_text import STARTER_MODELS, TEXT
 
-MAX_TABLE_ROWS = 2000  # the entries table shows at most this many rows; filter by label for more
+MAX_TABLE_ROWS = 500  # rows of one page of the entries table (read from the index a page at a time)
+MAX_LABEL_CHOICES = 5000  # labels offered by the filter (more can be typed)
 MAX_PREVIEWS = 48  # thumbnails in the preview gallery
 
 I18N = gr.I18n(**TEXT)
@@ -961,12 +962,28 @@ def restore_version(engine: Engine, name: str | None, version: Any, request: gr.
 
 
 # --- Manage index ---------------------------------------------------------------------------
-def entries_table(engine: Engine, name: str | None, labels: list[str] | None = None, lang: str = "en") -> pd.DataFrame:
-    """Entries of an index (optionally only some labels), at most :data:`MAX_TABLE_ROWS` rows."""
-    wanted = set(labels or [])
-    rows = [(e.id, e.label, e.source) for e in engine.index(name).entries if not wanted or e.label in wanted]
+def entries_table(
+    engine: Engine, name: str | None, labels: list[str] | None = None, lang: str = "en", page: Any = 1
+) -> pd.DataFrame:
+    """One page (:data:`MAX_TABLE_ROWS` rows, in id order) of an index's entries, optionally only
+    some labels; only that page is read. ``table.attrs["matching"]``: rows matching in all."""
+    index = engine.index(name)
+    start = (_page_number(page) - 1) * MAX_TABLE_ROWS
+    matching, rows = index.page(start, MAX_TABLE_ROWS, labels=labels or None, thumbnails=False)
+    if not rows and start and matching:  # past the end (the index shrank): the last page
+        start = (matching - 1) // MAX_TABLE_ROWS * MAX_TABLE_ROWS
+        matching, rows = index.page(start, MAX_TABLE_ROWS, labels=labels or None, thumbnails=False)
     columns = [_t(lang, "col_id"), _t(lang, "col_label"), _t(lang, "col_source")]
-    return pd.DataFrame(rows[:MAX_TABLE_ROWS], columns=columns)
+    table = pd.DataFrame([(e.id, e.label, e.source) for e in rows], columns=columns)
+    table.attrs.update(matching=matching, first=start + 1, page=start // MAX_TABLE_ROWS + 1)
+    return table
+
+
+def _page_number(page: Any) -> int:
+    try:
+        return max(1, int(float(page or 1)))
+    except (TypeError, ValueError):
+        return 1
 
 
 def styled_entries(table: pd.DataFrame, selected: list[int]):
@@ -987,20 +1004,12 @@ def thumbnail_image(data: bytes) -> Image.Image:
 def previews(engine: Engine, name: str | None, ids: list[int]) -> list[tuple[Image.Image, str]]:
     """Thumbnails with ``#id label`` captions (entries without a stored thumbnail are left out)."""
     index = engine.index(name)
-    out = []
-    for id_ in ids:
-        try:
-            entry = index.entry(id_)
-        except ShiTuError:
-            continue
-        if entry.thumbnail:
-            out.append((thumbnail_image(entry.thumbnail), f"#{entry.id} {entry.label}"))
-        if len(out) >= MAX_PREVIEWS:
-            break
-    return out
+    wanted = [i for i in ids if i in index][: 4 * MAX_PREVIEWS]
+    thumbs = index.thumbnails(wanted)  # one read for the page, not one per entry
+    return [(thumbnail_image(thumbs[i]), f"#{i} {index.label(i)}") for i in wanted if i in thumbs][:MAX_PREVIEWS]
 
 
-def index_info(engine: Engine, name: str | None, lang: str = "en", shown: int | None = None) -> str:
+def index_info(engine: Engine, name: str | None, lang: str = "en", table: pd.DataFrame | None = None) -> str:
     index = engine.index(name)
     stats = index.summary()
     text = _t(
@@ -1014,8 +1023,13 @@ def index_info(engine: Engine, name: str | None, lang: str = "en", shown: int | 
         dim=stats["dim"],
         model=stats["feature_model"] or "?",
     )
-    if shown is not None and shown < stats["entries"]:
-        text += "  \n" + _t(lang, "showing", shown=shown, total=stats["entries"])
+    matching = table.attrs.get("matching", 0) if table is not None else 0
+    if matching > len(table):
+        first = table.attrs["first"]
+        text += "  \n" + _t(lang, "page_rows", first=first, last=first + len(table) - 1, shown=matching,
+                            page=table.attrs["page"], pages=-(-matching // MAX_TABLE_ROWS))  # fmt: skip
+    elif table is not None and len(table) < stats["entries"]:
+        text += "  \n" + _t(lang, "showing", shown=len(table), total=stats["entries"])
     if not engine.compatible(index):
         text += "  \n" + _t(lang, "incompatible")
     return text
@@ -1023,15 +1037,19 @@ def index_info(engine: Engine, name: str | None, lang: str = "en", shown: int | 
 
 def _label_choices(engine: Engine, name: str | None) -> dict[str, Any]:
     counts = engine.index(name).label_counts()
-    return gr.update(choices=[(f"{label} ({n})", label) for label, n in sorted(counts.items())], value=[])
+    shown = sorted(counts.items())[:MAX_LABEL_CHOICES]
+    return gr.update(choices=[(f"{label} ({n})", label) for label, n in shown], value=[])
 
 
-def _view(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, lang: str):
-    """(info markdown, entries table with the selection highlighted, previews) for the Manage tab."""
-    table = entries_table(engine, name, labels, lang)
+def _view(
+    engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, lang: str, page: Any = 1
+):
+    """(info markdown, entries table (page ``page``) with the selection highlighted, previews)
+    for the Manage tab."""
+    table = entries_table(engine, name, labels, lang, page)
     chosen = parse_ids(selected or "", allow_empty=True)
     ids = chosen or [int(i) for i in table.iloc[:, 0].tolist()]  # the id column
-    return index_info(engine, name, lang, shown=len(table)), styled_entries(table, chosen), previews(engine, name, ids)
+    return index_info(engine, name, lang, table), styled_entries(table, chosen), previews(engine, name, ids)
 
 
 @user_errors
@@ -1059,6 +1077,53 @@ def filter_entries(
 
 
 @user_errors
+def show_page(
+    engine: Engine,
+    name: str | None,
+    labels: list[str] | None,
+    selected: str | None,
+    page: Any,
+    step: int = 0,
+    request: gr.Request | None = None,
+):
+    """Page ``page + step`` of the entries table (clamped to the pages there are): (info, table,
+    previews, the page number shown)."""
+    if not name:
+        return gr.skip(), gr.skip(), gr.skip(), 1
+    lang = lang_of(request)
+    info, table, thumbs = _view(engine, name, labels, selected, lang, _page_number(page) + int(step))
+    shown = table.data.attrs["page"] if hasattr(table, "data") else table.attrs["page"]
+    return info, table, thumbs, shown
+
+
+def previous_page(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, page: Any,
+                  request: gr.Request | None = None):  # fmt: skip
+    return show_page(engine, name, labels, selected, page, -1, request)
+
+
+def next_page(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, page: Any,
+              request: gr.Request | None = None):  # fmt: skip
+    return show_page(engine, name, labels, selected, page, 1, request)
+
+
+@user_errors
+def pick_label(
+    engine: Engine,
+    name: str | None,
+    labels: list[str] | None,
+    selected: str | None,
+    evt: gr.SelectData,
+    request: gr.Request | None = None,
+):
+    """A label picked from, typed into or taken out of the filter: (info, table, previews). The
+    event says which (the dropdown may send its value from before the change)."""
+    wanted = [lb for lb in (labels or []) if lb != evt.value]
+    if evt.selected:
+        wanted.append(str(evt.value))
+    return _view(engine, name, wanted, selected, lang_of(request))
+
+
+@user_errors
 def clear_selection(engine: Engine, name: str | None, labels: list[str] | None, request: gr.Request | None = None):
     """Forget the selected rows: (selected ids, info, table, previews)."""
     return "", *_view(engine, name, labels, None, lang_of(request))
@@ -1066,8 +1131,9 @@ def clear_selection(engine: Engine, name: str | None, labels: list[str] | None, 
 
 @user_errors
 def toggle_selection(
-    engine: Engine, name: str | None, selected: str | None, labels: list[str] | None, evt: gr.SelectData
-):
+    engine: Engine, name: str | None, selected: str | None, labels: list[str] | None, evt: gr.SelectData,
+    page: Any = 1,
+):  # fmt: skip
     """A click on a table row adds its id to the selection, or takes it out: (ids text, previews,
     table with every selected row highlighted). With nothing selected, the previews show the
     rows in the table again."""
@@ -1077,7 +1143,7 @@ def toggle_selection(
     clicked = int(row[0])
     ids = parse_ids(selected or "", allow_empty=True)
     ids = [i for i in ids if i != clicked] if clicked in ids else [*ids, clicked]
-    table = entries_table(engine, name, labels)
+    table = entries_table(engine, name, labels, page=page)
     shown = ids or [int(i) for i in table.iloc[:, 0].tolist()]
     return format_ids(ids), previews(engine, name, shown), styled_entries(table, ids)
 
@@ -1593,7 +1659,8 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                     manage_index = gr.Dropdown(
                         names, value=active, label=I18N("active_index"), scale=3, elem_id="manage-index"
                     )
-                    label_filter = gr.Dropdown([], multiselect=True, label=I18N("filter_labels"), scale=3)
+                    label_filter = gr.Dropdown([], multiselect=True, label=I18N("filter_labels"), scale=3,
+                                               allow_custom_value=True, elem_id="label-filter")  # fmt: skip
                     refresh_btn = gr.Button(I18N("refresh"), scale=1)
                 info = gr.Markdown(elem_id="manage-info")
                 with gr.Row():
@@ -1601,6 +1668,11 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                         entries = gr.Dataframe(
                             label=I18N("entries"), interactive=False, max_height=420, elem_id="entries-table"
                         )
+                        with gr.Row(elem_id="entries-pager"):
+                            prev_btn = gr.Button(I18N("prev_page"), size="sm", scale=1, elem_id="prev-page")
+                            page_no = gr.Number(1, precision=0, minimum=1, label=I18N("page"), scale=1,
+                                                elem_id="page-no", min_width=80)  # fmt: skip
+                            next_btn = gr.Button(I18N("next_page"), size="sm", scale=1, elem_id="next-page")
                     with gr.Column(scale=2):
                         thumbs = gr.Gallery(
                             label=I18N("previews"),
@@ -1818,16 +1890,24 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         tab_manage.select(keep, manage_index, manage_index, api_visibility="private").then(
             **open_event, api_visibility="private"
         )
-        label_filter.input(
-            soft(bind(filter_entries), filter_outputs),
+        label_filter.select(  # (not .input: a label typed rather than picked from the list comes only as .select)
+            soft(bind(pick_label), filter_outputs),
             [manage_index, label_filter, selected],
             filter_outputs,
             api_visibility="private",
         )
+        page_outputs = [info, entries, thumbs, page_no]
+        page_inputs = [manage_index, label_filter, selected, page_no]
+        endpoint("show_page", bind(show_page), page_inputs, page_outputs)
+        for trigger, handler in ((prev_btn.click, previous_page), (next_btn.click, next_page),
+                                 (page_no.submit, show_page)):  # fmt: skip
+            trigger(soft(bind(handler), page_outputs), page_inputs, page_outputs, **quietly)
+        for view_change in (label_filter.select, manage_index.change):  # a new view starts on page 1
+            view_change(lambda: 1, None, page_no, **quietly)
         toggle_outputs = [selected, thumbs, entries]
         entries.select(
             soft(bind(toggle_selection), toggle_outputs),
-            [manage_index, selected, label_filter],
+            [manage_index, selected, label_filter, page_no],
             toggle_outputs,
             api_visibility="private",
             show_progress="hidden",

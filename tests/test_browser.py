@@ -359,3 +359,53 @@ def test_teach_evaluate_and_versions_in_chromium(runtime, tmp_path):
             assert len(engine.index("shop")) == 24 and "taught product" not in engine.index("shop").label_counts()
             assert no_error_badges(page)
             shoot(page, "versions")
+
+
+def test_a_100k_entry_index_pages_in_chromium(runtime, tmp_path):
+    """The Manage table of a 100,000-entry index: it opens on its first page, pages forward and
+    to a typed page, and filters by a label, each time reading one page from the server."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
+    expect = sync_api.expect
+    import numpy as np
+
+    from app import build_app
+    from shitu.engine import Engine
+    from shitu.index import GalleryIndex
+
+    engine = Engine(runtime.settings.model_copy(update={"data_dir": tmp_path / "data", "default_index": "big"}),
+                    runtime=runtime)  # fmt: skip
+    n = 100_000
+    vectors = np.random.default_rng(0).normal(size=(n, 16)).astype("float32")
+    labels = [f"p{i // 10}" for i in range(n)]
+    store, key = engine.locate("big")
+    sources = [f"synthetic/{i}.jpg" for i in range(n)]
+    store.put(key, GalleryIndex.build(vectors, labels, index_type="Flat", sources=sources))
+
+    with serving(build_app(engine)) as url, sync_api.sync_playwright() as pw:
+        browser = launch(pw)
+        page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(TIMEOUT)
+        with shot_on_failure(browser, page, "failure-paging"):
+            page.goto(url)
+            page.get_by_role("tab", name="Manage").click()
+            info, table = page.locator("#manage-info"), page.locator("#entries-table")
+            expect(info).to_contain_text("100000 entries")
+            expect(info).to_contain_text("Rows 1–500 of 100,000 (page 1 of 200)")
+            expect(table).to_contain_text("synthetic/0.jpg")  # (the table renders the rows in view)
+            page.locator("#next-page").click()
+            expect(info).to_contain_text("Rows 501–1,000 of 100,000 (page 2 of 200)")
+            expect(page.locator("#page-no input")).to_have_value("2")
+            expect(table).to_contain_text("synthetic/500.jpg")
+            page.locator("#page-no input").fill("200")
+            page.locator("#page-no input").press("Enter")
+            expect(info).to_contain_text("Rows 99,501–100,000 of 100,000 (page 200 of 200)")
+            expect(table).to_contain_text("synthetic/99500.jpg")
+            # a label typed into the filter (100,000 entries, 10,000 labels: not all are offered)
+            box = page.locator("#label-filter input")
+            box.fill("p9999")
+            box.press("Enter")
+            expect(info).to_contain_text("Showing 10 of 100000 entries")
+            expect(table).to_contain_text("synthetic/99990.jpg")
+            expect(page.locator("#page-no input")).to_have_value("1")
+            assert no_error_badges(page)
+            shoot(page, "manage-100k")

@@ -212,3 +212,24 @@ def test_a_writer_killed_mid_append_loses_only_unacknowledged_changes(tmp_path):
         assert index.index.ntotal == len(index)
         assert all(index.entry(i).thumbnail == b"x" * 3000 for i in index.ids[-3:].tolist() if i >= 100)
     assert (tmp_path / "g" / ENTRIES_FILE).exists()
+
+
+def test_the_id_map_file_reads_back_as_the_labels_whatever_they_hold():
+    """id_map.yaml is written directly (PyYAML takes ~10 s at 1M entries): PaddleX's YAML reader
+    must read every label back as the same text."""
+    import random
+
+    from shitu.index import _Labels, id_map_yaml
+
+    tricky = ["猫", "脉动", "yes", "No", "null", "~", "123", "1.5", "2024-01-01", "a: b", "a #b", " lead", "trail ",
+              "-x", "?q", "[x]", "{y}", "!t", "&a", "*b", "'q'", '"d"', "a\nb", "t\tx", "Coca-Cola 330ml", "x/y (z)",
+              "\u2028", "\x7f", "\x85", "#h", "%p", "@a", "`b", "a,b", "k:v", "<<", "=", ".inf", "NaN", "on", "y",
+              "TRUE", "e\u0301", "a  b", "|", ">", "a\\b", "😀 emoji", "\ufeffbom", "\ud800"]  # fmt: skip
+    rng = random.Random(0)
+    alphabet = "ab猫 :#-'\"\\\n\t{}[],&*!|>%@`?.0123456789yYnN\u2028\x85😀"
+    tricky += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))) for _ in range(3000)]
+    labels = _Labels.of(list(range(len(tricky))), tricky)
+    back = yaml.safe_load(id_map_yaml(labels, "HNSW32", "L2").decode("utf-8", "surrogatepass"))
+    assert {int(k): str(v) for k, v in back["id_map"].items()} == dict(enumerate(tricky))
+    assert (back["index_type"], back["metric_type"]) == ("HNSW32", "L2")
+    assert yaml.safe_load(id_map_yaml(_Labels.of([], []), "Flat", "IP").decode())["id_map"] == {}

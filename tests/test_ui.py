@@ -214,6 +214,35 @@ def test_manage_table_lists_entries_and_filters_by_label(engine, shop):
     assert {caption.split(" ", 1)[1] for _, caption in thumbs} == {LABELS[1], LABELS[2]}
 
 
+def test_the_entries_table_pages_through_the_index_a_page_at_a_time(engine, shop, monkeypatch):
+    monkeypatch.setattr(ui, "MAX_TABLE_ROWS", 10)
+    info, table, *_ = ui.open_index(engine, shop)
+    assert table["id"].tolist() == list(range(10)) and "Rows 1–10 of 24 (page 1 of 3)" in info
+    info, table, thumbs, page = ui.next_page(engine, shop, None, "", 1)
+    assert (table["id"].tolist(), page) == (list(range(10, 20)), 2) and "Rows 11–20 of 24 (page 2 of 3)" in info
+    assert [c for _, c in thumbs][0] == f"#10 {table['label'][0]}"  # the previews follow the page
+    info, table, _, page = ui.show_page(engine, shop, None, "", 99)  # past the end: the last page
+    assert (table["id"].tolist(), page) == ([20, 21, 22, 23], 3)
+    _, table, _, page = ui.previous_page(engine, shop, None, "", 1)  # before the first: the first
+    assert page == 1 and table["id"].tolist()[0] == 0
+    # a click on page 2 keeps page 2 on screen, and selections span pages
+    _, table, _, _ = ui.show_page(engine, shop, None, "", 2)
+    selected, _, styled = ui.toggle_selection(engine, shop, "3", None, select_row(table.values.tolist()[0]), 2)
+    assert selected == "3, 10" and styled.data["id"].tolist() == list(range(10, 20))
+    # filtered and paged: only the label's rows, counted
+    label = engine.index(shop).label(0)
+    info, table, _, page = ui.show_page(engine, shop, [label], "", 1)
+    assert set(table["label"]) == {label} and page == 1 and "Showing 4 of 24 entries" in info
+    # the filter's own event: a label picked or typed (sent before the dropdown's value follows), or taken out
+    other = engine.index(shop).label(23)
+    picked = gr.SelectData(None, {"index": -1, "value": other, "selected": True})
+    info, table, _ = ui.pick_label(engine, shop, [label], "", picked)
+    assert set(table["label"]) == {label, other} and "Showing 8 of 24 entries" in info
+    dropped = gr.SelectData(None, {"index": -1, "value": label, "selected": False})
+    _, table, _ = ui.pick_label(engine, shop, [label, other], "", dropped)
+    assert set(table["label"]) == {other}
+
+
 def test_select_rows_then_remove_them(engine, shop):
     _, table, *_ = ui.open_index(engine, shop)
     rows = table.values.tolist()

@@ -300,7 +300,7 @@ def test_a_user_directory_keeps_no_history_and_gets_no_extra_files(tmp_path):
     store.mutate("idx", lambda i: i.relabel([0], "w"))
     assert sorted(p.name for p in folder.iterdir()) == ["idx"]
     assert sorted(p.name for p in (folder / "idx").iterdir()) == [
-        "id_map.yaml", "shitu_entries.sqlite", "shitu_meta.json", "vector.index",
+        "id_map.yaml", "shitu_entries.sqlite", "shitu_labels.npz", "shitu_meta.json", "vector.index",
     ]  # fmt: skip
     listed = store.versions("idx")
     assert [(v["version"], v["current"], v["entries"]) for v in listed] == [(1, True, 3)]
