@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -219,6 +220,44 @@ def cmd_restore(args) -> int:
     return 0
 
 
+# --- moving indices to and from Milvus ---
+
+
+def _milvus(args):
+    from shitu.milvus_backend import MilvusCollections
+
+    uri = args.uri or os.environ.get("SHITU_MILVUS_URI") or str(_settings(args).data_dir / "milvus.db")
+    return MilvusCollections(uri, token=args.token or os.environ.get("SHITU_MILVUS_TOKEN"))
+
+
+def cmd_milvus_export(args) -> int:
+    from shitu.transfer import to_milvus
+
+    engine = _engine(args, say_models=False)
+    index = engine.index(_index_ref(args.index))
+    target = args.to or Path(args.index).name
+    with _milvus(args) as milvus:
+        n = to_milvus(index, milvus, target, overwrite=args.overwrite)
+        print(f"{args.index} -> Milvus gallery {target!r} at {milvus.uri}: {n} entries")
+    return 0
+
+
+def cmd_milvus_import(args) -> int:
+    from shitu.transfer import from_milvus
+
+    engine = _engine(args, say_models=False)
+    store, key = engine.locate(_index_ref(args.index))
+    if not args.overwrite and store.exists(key):
+        raise ShiTuError(f"an index named {key!r} already exists; choose another name or --overwrite it")
+    with _milvus(args) as milvus:
+        index = from_milvus(milvus, args.source or key)
+    store.put(key, index, overwrite=args.overwrite, action="import")
+    s = index.summary()
+    print(f"Milvus gallery {args.source or key!r} -> {args.index}: {s['entries']} entries, {s['labels']} labels "
+          f"({s['index_type']}/{s['metric_type']}), next id {s['next_id']}")  # fmt: skip
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     engine = _engine(args, say_models=False)
     with _Bar() as bar:
@@ -403,6 +442,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path, metavar="DIR", help="write labels.csv, entries.csv and pairs.csv here")
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a summary")
     p.add_argument("--lang", choices=("en", "zh"), default="en", help="language of the HTML page")
+
+    milvus_uri = "Milvus: a local Milvus Lite path ending in .db, or http(s)://host:port (default: " \
+        "$SHITU_MILVUS_URI, else <data dir>/milvus.db)"  # fmt: skip
+    p = add("milvus-export", cmd_milvus_export, "copy an index into a Milvus collection (ids, labels, sources, "
+            "thumbnails, unprojected vectors, metadata); needs pymilvus (+ milvus-lite for a local file)")  # fmt: skip
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("--uri", help=milvus_uri)
+    p.add_argument("--token", help="Milvus token ('user:password' or an API key; default: $SHITU_MILVUS_TOKEN)")
+    p.add_argument("--to", help="the gallery's name in Milvus (default: the index's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace a gallery of that name in Milvus")
+
+    p = add("milvus-import", cmd_milvus_import, "make an index from a Milvus gallery (the projection is refitted "
+            "and the threshold curve remeasured, as a build would)")  # fmt: skip
+    p.add_argument("--index", required=True, help=index_help)
+    p.add_argument("--uri", help=milvus_uri)
+    p.add_argument("--token", help="Milvus token (default: $SHITU_MILVUS_TOKEN)")
+    p.add_argument("--source", help="the gallery's name in Milvus (default: the index's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an index of that name")
 
     p = add("serve", cmd_serve, "serve the HTTP API")
     p.add_argument("--host", default="127.0.0.1")

@@ -508,6 +508,7 @@ class GalleryIndex:
         thumbnails: Sequence[bytes | None] | None = None,
         feature_model: str | None = None,
         first_id: int = 0,
+        ids: Sequence[int] | None = None,
         whiten: bool = False,
         adapt: str = "off",
         progress=None,
@@ -515,7 +516,8 @@ class GalleryIndex:
         """``adapt`` (``auto``/``on``/``off``): fit a supervised projection to the gallery's labels
         (:mod:`shitu.adapt`; ``auto`` keeps it only where held-out recall says it helps).
         ``whiten``: unsupervised PCA whitening instead (needs >= 200 images; ignored below).
-        Either way the index is calibrated (:mod:`shitu.calibrate`) when its labels allow."""
+        Either way the index is calibrated (:mod:`shitu.calibrate`) when its labels allow.
+        Ids run from ``first_id`` on, unless ``ids`` gives each entry's (distinct, >= 0)."""
         if index_type not in INDEX_TYPES:
             raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
         if metric_type not in METRIC_TYPES:
@@ -527,7 +529,12 @@ class GalleryIndex:
             raise ShiTuError(f"{len(features)} feature vectors but {len(labels)} labels")
         if len(features) == 0:
             raise ShiTuError("cannot build an index from an empty gallery")
-        ids = np.arange(first_id, first_id + len(features), dtype=np.int64)
+        if ids is None:
+            ids = np.arange(first_id, first_id + len(features), dtype=np.int64)
+        else:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            if len(ids) != len(features) or len(np.unique(ids)) != len(ids) or (ids < 0).any():
+                raise ShiTuError(f"ids must be {len(features)} distinct whole numbers of at least 0, one per vector")
         clean_labels = _clean_labels(labels)
         projection, calibration, adaptation, raw = _fit(features, ids, clean_labels, whiten, adapt, progress)
         stored = projection.apply(features) if projection is not None else features
@@ -537,7 +544,7 @@ class GalleryIndex:
             _Labels.of(ids, clean_labels),
             metric_type=metric_type,
             index_type=index_type,
-            next_id=int(ids[-1]) + 1,
+            next_id=int(ids.max()) + 1,
             feature_model=feature_model,
             trained_size=len(stored),
             whitening=projection,
