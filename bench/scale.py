@@ -43,13 +43,13 @@ SPREAD = 0.85
 REAL = ROOT.parent / "shared" / "data" / "drink_dataset" / "ppshituv2_reference"
 
 
-def clustered(n: int, queries: int, views: int = 10, spread: float = SPREAD, seed: int = 0):
+def clustered(n: int, queries: int, views: int = 10, spread: float = SPREAD, seed: int = 0, dim: int = DIM):
     rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(max(1, n // views), DIM)).astype(np.float32)
+    centres = rng.normal(size=(max(1, n // views), dim)).astype(np.float32)
 
     def photos(count: int) -> tuple[np.ndarray, np.ndarray]:
         which = rng.integers(0, len(centres), size=count)
-        x = centres[which] + spread * rng.standard_normal(size=(count, DIM), dtype=np.float32)
+        x = centres[which] + spread * rng.standard_normal(size=(count, dim), dtype=np.float32)
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), which
 
     return photos(n), photos(queries)
@@ -172,6 +172,100 @@ def real_gallery_on_top(store: IndexStore) -> dict:
     }
 
 
+def run_engine(n: int, index_type: str, work: Path, rounds: int = 9) -> dict:
+    """Through the engine the app serves from, with the models (``SHITU_MODEL_DIR``): an index of
+    ``n`` synthetic vectors in the active model's feature space plus the sample gallery; one
+    ``engine.add`` of a photo (embedding included) and one ``engine.remove``, p50; and
+    ``/shitu-infer`` over HTTP against model time (the same photo recognised in-process on the
+    sample gallery alone), paired and alternated."""
+    import base64
+
+    import httpx
+
+    from app import build_app
+    from shitu.api import serving
+    from shitu.config import Settings
+    from shitu.engine import Engine
+    from shitu.gallery import GalleryBatch, read_label_file
+    from shitu.sample import write_gallery, write_queries
+
+    engine = Engine(Settings.from_env(data_dir=work / "engine-data", default_index="big"))
+    photos = work / "photos"
+    batch = read_label_file(write_gallery(photos), photos)
+    feats, items, _ = engine.embed_gallery(batch)
+    (x, groups), _ = clustered(n, 0, dim=feats.shape[1])
+    labels = [f"product-{g}" for g in groups] + [i.label for i in items]
+    store, key = engine.locate("big")
+    t = time.perf_counter()
+    store.put(key, GalleryIndex.build(np.concatenate([x, feats]), labels, index_type=index_type, adapt="off",
+                                      feature_model=engine.feature_model))  # fmt: skip
+    row: dict = {"n": n, "dim": int(feats.shape[1]), "index_type": index_type, "build_s": time.perf_counter() - t}
+    del x
+    engine.build("small", batch, adapt="off")
+    adds, removes = [], []
+    for k in range(rounds):
+        t = time.perf_counter()
+        report = engine.add("big", GalleryBatch(items=[items[k % len(items)]]))
+        adds.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        engine.remove("big", report.added_ids)
+        removes.append(time.perf_counter() - t)
+    query = write_queries(work / "queries")[0].read_bytes()
+    body = {"image": base64.b64encode(query).decode(), "indexKey": "big", "visualize": False}
+    http, model, inproc = [], [], []
+    with serving(build_app(engine, prepare_sample=False)) as url, httpx.Client(timeout=120) as client:
+        client.post(f"{url.rstrip('/')}/shitu-infer", json=body).raise_for_status()
+        engine.recognize(query, "small")
+        steps = [
+            ("model", lambda: engine.recognize(query, "small")),
+            ("inproc", lambda: engine.recognize(query, "big")),
+            ("http", lambda: client.post(f"{url.rstrip('/')}/shitu-infer", json=body).raise_for_status()),
+        ]
+        for k in range(rounds * 2):
+            for name, step in steps if k % 2 == 0 else steps[::-1]:
+                t = time.perf_counter()
+                step()
+                {"model": model, "inproc": inproc, "http": http}[name].append(time.perf_counter() - t)
+    row.update(engine_add_p50_ms=1000 * pct(adds, 50), engine_remove_p50_ms=1000 * pct(removes, 50),
+               infer_http_p50_ms=1000 * pct(http, 50), infer_inproc_p50_ms=1000 * pct(inproc, 50),
+               model_p50_ms=1000 * pct(model, 50), http_over_model=pct(http, 50) / pct(model, 50),
+               search_params=engine.index("big").search_params)  # fmt: skip
+    return row
+
+
+GOALS = {  # issue #12, at 1M x 512-d on this 2-core machine
+    "add_p50_ms": ("add one entry, p50 (commit through the store)", "≤ 50 ms", lambda v: v <= 50),
+    "remove_p50_ms": ("remove one entry, p50", "≤ 50 ms", lambda v: v <= 50),
+    "load_s": ("load in a fresh process", "≤ 20 s", lambda v: v <= 20),
+    "rss_ratio": ("resident memory after load / raw vector bytes", "≤ 1.3", lambda v: v <= 1.3),
+    "query_p50_ms": ("one query, p50", "≤ 5 ms (IVF/HNSW)", lambda v: v <= 5),
+    "recall_at_1": ("recall@1 against exact search", "≥ 0.99", lambda v: v >= 0.99),
+}
+
+
+def table(before: list[dict], after: list[dict]) -> str:
+    """Markdown: every measure of every run, before -> after where both were measured."""
+    old = {(r["n"], r["index_type"]): r for r in before}
+    lines = ["| entries | index | measure | goal | before | after | |", "|---|---|---|---|---|---|---|"]
+    for r in after:
+        b = old.get((r["n"], r["index_type"]), {})
+        for key, (what, goal, ok) in GOALS.items():
+            if key not in r:
+                continue
+            fmt = "{:.3f}" if key in ("rss_ratio", "recall_at_1") else "{:.1f}"
+            exact = r["index_type"] == "Flat" and key in ("query_p50_ms", "recall_at_1")
+            mark = "exact search" if exact else ("met" if ok(r[key]) else "**missed**") if r["n"] >= 1_000_000 else ""
+            was = fmt.format(b[key]) if key in b else "–"
+            now = fmt.format(r[key])
+            lines.append(f"| {r['n']:,} | {r['index_type']} | {what} | {goal} | {was} | {now} | {mark} |")
+        if "real_loo_recall_at_1" in r:
+            lines.append(f"| {r['n']:,} | {r['index_type']} | real drink gallery (official embeddings) on top: "
+                         f"leave-one-out recall@1 (alone: {r['real_loo_recall_alone']}) | | | "
+                         f"{r['real_loo_recall_at_1']:.3f} (same neighbour as exact search: "
+                         f"{r['real_loo_agrees_with_exact']:.3f}) | |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
@@ -181,9 +275,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--spread", type=float, default=SPREAD, help="noise around each product's centre")
     ap.add_argument("--work", default=None, help="where the indices are written (default: a temp dir)")
     ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument("--engine", type=int, metavar="N", help="measure through the engine and HTTP at N entries")
+    ap.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"), help="print the Markdown table of two JSON files")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(*(json.loads(Path(p).read_text()) for p in args.table)), end="")
+        return []
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        if args.engine:
+            for kind in args.types:
+                row = run_engine(args.engine, kind, Path(tmp) / kind)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            args.sizes = []
         for n in args.sizes:
             for kind in args.types:
                 row = run_one(n, kind, args.changes, args.queries, Path(tmp), args.spread)

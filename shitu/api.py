@@ -136,7 +136,8 @@ class RelabelImagesRequest(BaseModel):
 
 class IndexChangeResult(BaseModel):
     idMap: dict[str, str] | None = Field(
-        description="Vector id → label, for every entry of the index after the change (null with returnIdMap=false)"
+        None, description="Vector id → label, for every entry of the index after the change (left out with "
+        "returnIdMap=false)"
     )
     imageCount: int
     addedIds: list[int] | None = Field(None, description="With returnIdMap=false: the ids given to the new entries")
@@ -626,6 +627,8 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         access.check(credentials.credentials if credentials else None, _client(request))
 
     mutating = {"dependencies": [Depends(require_token)], "responses": ERROR_RESPONSES}
+    # the answer of a change: addedIds etc. only where asked for (returnIdMap=false)
+    changing = {**mutating, "response_model": Envelope[IndexChangeResult], "response_model_exclude_none": True}
 
     @app.post("/shitu-index-build", response_model=Envelope[BuildIndexResult], tags=["PaddleX"], **mutating)
     def build_index(body: BuildIndexRequest) -> dict[str, Any]:
@@ -637,7 +640,7 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         )
         return _ok(BuildIndexResult(indexKey=report.index, idMap=_id_map(report.id_map), imageCount=len(report.id_map)))
 
-    @app.post("/shitu-index-add", response_model=Envelope[IndexChangeResult], tags=["PaddleX"], **mutating)
+    @app.post("/shitu-index-add", tags=["PaddleX"], **changing)
     def add_images(body: AddImagesRequest) -> dict[str, Any]:
         """Append image/label pairs to an index (PaddleX ``addImagesToIndex``); ids are never reused."""
         engine.index(body.indexKey)  # unknown key: 404 before any image is fetched
@@ -648,13 +651,13 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
             index = engine.keep_calibrated(body.indexKey)
         return _ok(_change_result(index, body.returnIdMap, addedIds=report.added_ids))
 
-    @app.post("/shitu-index-remove", response_model=Envelope[IndexChangeResult], tags=["PaddleX"], **mutating)
+    @app.post("/shitu-index-remove", tags=["PaddleX"], **changing)
     def remove_images(body: RemoveImagesRequest) -> dict[str, Any]:
         """Remove entries by vector id (PaddleX ``removeImagesFromIndex``); unknown ids change nothing."""
         index = engine.remove(body.indexKey, body.ids)
         return _ok(_change_result(index, body.returnIdMap, removedIds=sorted(set(body.ids))))
 
-    @app.post("/shitu-index-relabel", response_model=Envelope[IndexChangeResult], tags=["indices"], **mutating)
+    @app.post("/shitu-index-relabel", tags=["indices"], **changing)
     def relabel_images(body: RelabelImagesRequest) -> dict[str, Any]:
         """Give entries a new label, keeping their vectors and ids; an unknown id or an empty label
         changes nothing. (Not in PaddleX's API: there a relabel is a remove and an add.)"""

@@ -265,6 +265,20 @@ def test_add_then_remove_never_reuses_ids(client, small_index, sample_gallery):
     assert ok(client.get(f"/shitu-index/{key}"))["idMap"] == added["idMap"]
 
 
+def test_a_change_can_answer_without_the_whole_id_map(client, small_index, sample_gallery):
+    """PaddleX's answer lists every entry (O(entries): megabytes at 1M); ``returnIdMap: false``
+    answers with the count and the ids that changed."""
+    key, _ = small_index
+    extra = gallery_pairs(sample_gallery, range(3, 4))[2:4]
+    added = ok(client.post(ADD, json={"imageLabelPairs": payload_pairs(extra), "indexKey": key, "returnIdMap": False}))
+    assert added == {"imageCount": 5, "addedIds": [3, 4]}
+    removed = ok(client.post(REMOVE, json={"ids": [4, 0, 4], "indexKey": key, "returnIdMap": False}))
+    assert removed == {"imageCount": 3, "removedIds": [0, 4]}
+    relabelled = ok(client.post(RELABEL, json={"ids": [1], "label": "x", "indexKey": key, "returnIdMap": False}))
+    assert relabelled == {"imageCount": 3, "changedIds": [1]}
+    assert ok(client.get(f"/shitu-index/{key}"))["idMap"] == {"1": "x", "2": LABELS[1], "3": LABELS[2]}
+
+
 def test_relabel_keeps_ids_and_vectors(client, api_engine, runtime, small_index, sample_queries):
     key, id_map = small_index
     assert id_map == {"0": LABELS[0], "1": LABELS[0], "2": LABELS[1]}
