@@ -528,7 +528,7 @@ def recall_through_index(feats: np.ndarray, labels: np.ndarray) -> dict:
     from shitu.index import GalleryIndex
 
     index = GalleryIndex.build(feats, list(labels), index_type="Flat")
-    ids_of = np.array([e.id for e in index.entries])
+    ids_of = np.asarray(index.ids)
     _, ids = index.search(feats, topk=2)
     pos = {int(i): k for k, i in enumerate(ids_of)}
     nn = [ids[k, 1] if pos.get(int(ids[k, 0])) == k else ids[k, 0] for k in range(len(feats))]
@@ -546,7 +546,7 @@ def recall_through_index(feats: np.ndarray, labels: np.ndarray) -> dict:
 
 def bench_quality(ours_index: Any, data: Data) -> list[dict]:
     rows = []
-    labels = np.array([e.label for e in ours_index.entries])
+    labels = np.array(ours_index.labels_of(ours_index.ids))
     rows.append(
         {"features": f"starter ({ours_index.feature_model})", **recall_through_index(ours_index.vectors()[1], labels)}
     )

@@ -585,7 +585,7 @@ class Engine:
             progress=progress, whiten=whiten, adapt=adapt,
         )  # fmt: skip
         store.put(key, index, overwrite=overwrite)
-        return self._report(self.display_name(name), index, [e.id for e in index.entries], index.skipped)
+        return self._report(self.display_name(name), index, index.ids.tolist(), index.skipped)
 
     def add(
         self, ref: str | Path | None, batch: GalleryBatch, *, skip_invalid: bool = True,

@@ -437,6 +437,11 @@ class GalleryIndex:
         _, first = np.unique(self._labels.codes, return_index=True)
         return np.sort(self._labels.ids[first])
 
+    def sources(self, ids: Iterable[int], *, thumbnails: bool = False) -> dict[int, tuple[str, bytes | None]]:
+        """``id → (source, thumbnail)`` for the ids that have them, in one read (thumbnails
+        ``None`` unless asked for)."""
+        return self._meta.get(ids, thumbnails=thumbnails)
+
     def thumbnails(self, ids: Iterable[int]) -> dict[int, bytes]:
         """``id → thumbnail JPEG`` for the ids that have one."""
         return {i: t for i, (_, t) in self._meta.get(ids).items() if t}

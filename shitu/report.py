@@ -339,8 +339,7 @@ def gallery_report(index: GalleryIndex, *, name: str | None = None, progress: Pr
     clock = _Clock(progress)
     clock.step(0, 1, "reading vectors")
     ids, vectors = index.vectors()
-    id_map = index.id_map
-    labels_of_row = [id_map[int(i)] for i in ids]
+    labels_of_row = index.labels_of(ids)
     names, codes = np.unique(np.asarray(labels_of_row, dtype=object).astype(str), return_inverse=True)
     codes = codes.astype(np.int64)
     n = len(ids)
@@ -741,14 +740,11 @@ def _attach_media(report: GalleryReport, index: GalleryIndex) -> None:
         wanted += [d.id_a, d.id_b]
     listed = {s.id for s in report.mislabelled} | {o.id for o in report.outliers}
     listed |= {d.id_a for d in report.duplicates} | {d.id_b for d in report.duplicates}
-    for i in set(wanted) | listed:
-        try:
-            entry = index.entry(i)
-        except ShiTuError:
-            continue
-        report.sources[i] = entry.source
-        if i in wanted and entry.thumbnail:
-            report.thumbnails[i] = entry.thumbnail
+    rows = index.sources(set(wanted) | listed, thumbnails=True)  # ids without a row are left out
+    for i, (source, thumbnail) in rows.items():
+        report.sources[i] = source
+        if i in wanted and thumbnail:
+            report.thumbnails[i] = thumbnail
 
 
 # --- the 2-D map: exact t-SNE in numpy -------------------------------------------------------

@@ -1096,12 +1096,12 @@ def show_page(
     return info, table, thumbs, shown
 
 
-def previous_page(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, page: Any,
+def page_before(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, page: Any,
                   request: gr.Request | None = None):  # fmt: skip
     return show_page(engine, name, labels, selected, page, -1, request)
 
 
-def next_page(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, page: Any,
+def page_after(engine: Engine, name: str | None, labels: list[str] | None, selected: str | None, page: Any,
               request: gr.Request | None = None):  # fmt: skip
     return show_page(engine, name, labels, selected, page, 1, request)
 
@@ -1899,7 +1899,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         page_outputs = [info, entries, thumbs, page_no]
         page_inputs = [manage_index, label_filter, selected, page_no]
         endpoint("show_page", bind(show_page), page_inputs, page_outputs)
-        for trigger, handler in ((prev_btn.click, previous_page), (next_btn.click, next_page),
+        for trigger, handler in ((prev_btn.click, page_before), (next_btn.click, page_after),
                                  (page_no.submit, show_page)):  # fmt: skip
             trigger(soft(bind(handler), page_outputs), page_inputs, page_outputs, **quietly)
         for view_change in (label_filter.select, manage_index.change):  # a new view starts on page 1

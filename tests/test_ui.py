@@ -218,12 +218,12 @@ def test_the_entries_table_pages_through_the_index_a_page_at_a_time(engine, shop
     monkeypatch.setattr(ui, "MAX_TABLE_ROWS", 10)
     info, table, *_ = ui.open_index(engine, shop)
     assert table["id"].tolist() == list(range(10)) and "Rows 1–10 of 24 (page 1 of 3)" in info
-    info, table, thumbs, page = ui.next_page(engine, shop, None, "", 1)
+    info, table, thumbs, page = ui.page_after(engine, shop, None, "", 1)
     assert (table["id"].tolist(), page) == (list(range(10, 20)), 2) and "Rows 11–20 of 24 (page 2 of 3)" in info
     assert [c for _, c in thumbs][0] == f"#10 {table['label'][0]}"  # the previews follow the page
     info, table, _, page = ui.show_page(engine, shop, None, "", 99)  # past the end: the last page
     assert (table["id"].tolist(), page) == ([20, 21, 22, 23], 3)
-    _, table, _, page = ui.previous_page(engine, shop, None, "", 1)  # before the first: the first
+    _, table, _, page = ui.page_before(engine, shop, None, "", 1)  # before the first: the first
     assert page == 1 and table["id"].tolist()[0] == 0
     # a click on page 2 keeps page 2 on screen, and selections span pages
     _, table, _, _ = ui.show_page(engine, shop, None, "", 2)
