@@ -443,23 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole report as JSON instead of a summary")
     p.add_argument("--lang", choices=("en", "zh"), default="en", help="language of the HTML page")
 
-    milvus_uri = "Milvus: a local Milvus Lite path ending in .db, or http(s)://host:port (default: " \
-        "$SHITU_MILVUS_URI, else <data dir>/milvus.db)"  # fmt: skip
-    p = add("milvus-export", cmd_milvus_export, "copy an index into a Milvus collection (ids, labels, sources, "
-            "thumbnails, unprojected vectors, metadata); needs pymilvus (+ milvus-lite for a local file)")  # fmt: skip
-    p.add_argument("--index", required=True, help=index_help)
-    p.add_argument("--uri", help=milvus_uri)
-    p.add_argument("--token", help="Milvus token ('user:password' or an API key; default: $SHITU_MILVUS_TOKEN)")
-    p.add_argument("--to", help="the gallery's name in Milvus (default: the index's name)")
-    p.add_argument("--overwrite", action="store_true", help="replace a gallery of that name in Milvus")
+    def milvus(name: str, func: Callable, help_: str, gallery: str, overwrite: str) -> None:
+        p = add(name, func, help_)
+        p.add_argument("--index", required=True, help=index_help)
+        p.add_argument("--uri", help="Milvus: a local Milvus Lite path ending in .db, or http(s)://host:port "
+                       "(default: $SHITU_MILVUS_URI, else <data dir>/milvus.db)")  # fmt: skip
+        p.add_argument("--token", help="Milvus token ('user:password' or an API key; default: $SHITU_MILVUS_TOKEN)")
+        p.add_argument(gallery, help="the gallery's name in Milvus (default: the index's name)")
+        p.add_argument("--overwrite", action="store_true", help=overwrite)
 
-    p = add("milvus-import", cmd_milvus_import, "make an index from a Milvus gallery (the projection is refitted "
-            "and the threshold curve remeasured, as a build would)")  # fmt: skip
-    p.add_argument("--index", required=True, help=index_help)
-    p.add_argument("--uri", help=milvus_uri)
-    p.add_argument("--token", help="Milvus token (default: $SHITU_MILVUS_TOKEN)")
-    p.add_argument("--source", help="the gallery's name in Milvus (default: the index's name)")
-    p.add_argument("--overwrite", action="store_true", help="replace an index of that name")
+    milvus("milvus-export", cmd_milvus_export, "copy an index into a Milvus collection (ids, labels, sources, "
+           "thumbnails, unprojected vectors, metadata); needs pymilvus (+ milvus-lite for a local file)",
+           "--to", "replace a gallery of that name in Milvus")  # fmt: skip
+    milvus("milvus-import", cmd_milvus_import, "make an index from a Milvus gallery (the projection is refitted "
+           "and the threshold curve remeasured, as a build would)",
+           "--source", "replace an index of that name")  # fmt: skip
 
     p = add("serve", cmd_serve, "serve the HTTP API")
     p.add_argument("--host", default="127.0.0.1")

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from shitu.errors import Conflict, NotFound, ShiTuError, TooLarge, Unavailable
+from shitu.store import check_name  # the project's one rule for index names
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from pymilvus import MilvusClient
@@ -84,10 +85,7 @@ MAX_THUMB_BYTES = MAX_THUMB_CHARS // 4 * 3  # 49149: its base64 (4 chars per 3 b
 MAX_META_CHARS = 65535
 MAX_DIM = 32768  # Milvus's limit for FLOAT_VECTOR
 MAX_K = 16384  # Milvus's limit for top-k and for one query's offset + limit
-MAX_NAME_CHARS = 64
-MAX_NAME_BYTES = 180
 MAX_COLLECTION_NAME = 255
-NAME_RE = re.compile(r"^[\w][\w.\-]*$")
 PREFIX_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
 _IDS_PER_CALL = 8192  # ids per get/delete/"id in [...]" request
 _INSERT_BYTES = 16 << 20  # rows per insert request are bounded by this many bytes (gRPC limits are 64 MB+)
@@ -111,21 +109,6 @@ _LITE_UNFLUSHED: dict[tuple[str, str], int] = {}  # (file, collection) -> rows w
 # ---------------------------------------------------------------------------------------------
 
 
-def check_name(name: str | None) -> str:
-    """A valid gallery name (the project's rule: letters, digits, ``_ - .``, starting with a letter or
-    digit, at most 64 characters and 180 UTF-8 bytes), else :class:`ShiTuError`."""
-    name = (name or "").strip() if isinstance(name, str) or name is None else ""
-    if (
-        not NAME_RE.match(name)
-        or name.endswith(".")
-        or len(name) > MAX_NAME_CHARS
-        or len(name.encode("utf-8")) > MAX_NAME_BYTES
-    ):
-        raise ShiTuError(
-            f"invalid index name {name[:80]!r}: use 1–64 letters, digits, '_', '-' or '.' (at most "
-            f"{MAX_NAME_BYTES} bytes in UTF-8), starting with a letter or digit"
-        )
-    return name
 
 
 def escape_name(name: str) -> str:

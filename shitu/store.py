@@ -87,7 +87,7 @@ _NUMBER_RE = re.compile(r"[1-9][0-9]{0,8}")
 
 def check_name(name: str | None) -> str:
     """A valid index name (letters, digits, ``_ - .``; at most 64 characters and 180 UTF-8 bytes)."""
-    name = (name or "").strip()
+    name = name.strip() if isinstance(name, str) else ""
     if (
         not NAME_RE.match(name)
         or name.endswith(".")
