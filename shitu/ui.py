@@ -1668,11 +1668,12 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
                         entries = gr.Dataframe(
                             label=I18N("entries"), interactive=False, max_height=420, elem_id="entries-table"
                         )
-                        with gr.Row(elem_id="entries-pager"):
-                            prev_btn = gr.Button(I18N("prev_page"), size="sm", scale=1, elem_id="prev-page")
-                            page_no = gr.Number(1, precision=0, minimum=1, label=I18N("page"), scale=1,
-                                                elem_id="page-no", min_width=80)  # fmt: skip
-                            next_btn = gr.Button(I18N("next_page"), size="sm", scale=1, elem_id="next-page")
+                        with gr.Row(elem_id="entries-pager"):  # three across, a phone's width too
+                            pager = {"scale": 1, "min_width": 90}
+                            prev_btn = gr.Button(I18N("prev_page"), size="sm", elem_id="prev-page", **pager)
+                            page_no = gr.Number(1, precision=0, minimum=1, label=I18N("page"), elem_id="page-no",
+                                                **pager)  # fmt: skip
+                            next_btn = gr.Button(I18N("next_page"), size="sm", elem_id="next-page", **pager)
                     with gr.Column(scale=2):
                         thumbs = gr.Gallery(
                             label=I18N("previews"),
