@@ -53,3 +53,26 @@ def test_bench_helpers_on_synthetic_vectors() -> None:
     rows = run.bench_index(plan, 2_000, dim=64)
     assert {r["index"] for r in rows} == {"Flat", "IVF", "HNSW32"}
     assert next(r for r in rows if r["index"] == "Flat")["recall"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_scale_tiny_measures_every_goal(tmp_path: Path) -> None:
+    """bench/scale.py end to end on 3,000 vectors: every measure of issue #12 is there, and the
+    table compares two runs."""
+    out = tmp_path / "scale.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "scale.py"), "--sizes", "3000", "--types", "Flat", "IVF",
+         "--changes", "3", "--queries", "20", "--work", str(tmp_path), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    assert [r["index_type"] for r in rows] == ["Flat", "IVF"]
+    for r in rows:
+        assert {"add_p50_ms", "remove_p50_ms", "load_s", "rss_ratio", "query_p50_ms", "recall_at_1"} <= r.keys()
+        assert r["recall_at_1"] >= 0.9 and r["load_s"] > 0
+    table = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--table", str(out), str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
+    assert table.count("| 3,000 |") >= 12 and "recall@1 against exact search" in table
