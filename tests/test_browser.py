@@ -90,6 +90,23 @@ def shot_on_failure(browser, page, name: str):
         browser.close()
 
 
+@contextlib.contextmanager
+def app_page(engine, failure_shot: str, **page_args):
+    """The app (API + UI) served on loopback and opened in headless Chromium, desktop-sized and in
+    English unless ``page_args`` say otherwise; on a failure the page is saved as ``<failure_shot>.png``."""
+    from playwright.sync_api import sync_playwright
+
+    from app import build_app
+
+    with serving(build_app(engine)) as url, sync_playwright() as pw:
+        browser = launch(pw)
+        page = browser.new_page(**{"locale": "en-US", "viewport": {"width": 1280, "height": 900}, **page_args})
+        page.set_default_timeout(TIMEOUT)
+        with shot_on_failure(browser, page, failure_shot):
+            page.goto(url)
+            yield page
+
+
 def no_error_badges(page) -> bool:
     """Gradio's red "Error" status badges (what a user error used to leave over every output)."""
     return not any(e.is_visible() for e in page.locator("[data-testid='status-tracker'] .error").all())
@@ -98,143 +115,137 @@ def no_error_badges(page) -> bool:
 def test_build_query_manage_in_chromium(engine, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
     expect = sync_api.expect
-    from app import build_app
 
     (ARTIFACTS / "failure.png").unlink(missing_ok=True)
     files, labels = flat_upload(tmp_path)
     queries = write_queries(tmp_path / "queries")
     composite = queries[0]  # held-out views of the cat and the coffee, side by side
 
-    with serving(build_app(engine)) as url, sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(TIMEOUT)
-        with shot_on_failure(browser, page, "failure"):
-            page.goto(url)
-            expect(page.get_by_role("tab", name="Recognize")).to_be_visible()
-            expect(page.locator("#models-banner")).to_contain_text("Offline starter pack running")
+    with app_page(engine, "failure") as page:
+        expect(page.get_by_role("tab", name="Recognize")).to_be_visible()
+        expect(page.locator("#models-banner")).to_contain_text("Offline starter pack running")
 
-            # Build: upload the images and the label file, name the index, build; a progress bar
-            # shows within 2 s of the click, then the summary with the skipped line
-            page.get_by_role("tab", name="Build").click()
-            page.locator("#build-files input[type=file]").set_input_files([str(f) for f in files])
-            page.locator("#build-labels input[type=file]").set_input_files(str(labels))
-            # each uploaded file shows as a row named after it once its upload has finished
-            expect(page.locator("#build-files").get_by_role("row", name=files[-1].name)).to_be_visible()
-            expect(page.locator("#build-labels").get_by_role("row", name="gallery.txt")).to_be_visible()
-            page.get_by_label("Index name").fill("browser_demo")
-            page.evaluate(WATCH_PROGRESS, "#build-progress")
-            page.get_by_role("button", name="Build index", exact=True).click()
-            summary = page.locator("#build-summary")
-            expect(summary).to_contain_text("browser_demo")
-            seen_after_ms = page.evaluate("window.__progressSeen")
-            assert seen_after_ms is not None and seen_after_ms < 2000, seen_after_ms
-            expect(page.locator("#build-progress")).to_contain_text("done in")
-            expect(summary).to_contain_text("9 images")
-            expect(summary).to_contain_text("Skipped 1 line(s)")
-            expect(summary).to_contain_text("line 10 missing.jpg: no uploaded file has this name")
-            shoot(page, "build")
+        # Build: upload the images and the label file, name the index, build; a progress bar
+        # shows within 2 s of the click, then the summary with the skipped line
+        page.get_by_role("tab", name="Build").click()
+        page.locator("#build-files input[type=file]").set_input_files([str(f) for f in files])
+        page.locator("#build-labels input[type=file]").set_input_files(str(labels))
+        # each uploaded file shows as a row named after it once its upload has finished
+        expect(page.locator("#build-files").get_by_role("row", name=files[-1].name)).to_be_visible()
+        expect(page.locator("#build-labels").get_by_role("row", name="gallery.txt")).to_be_visible()
+        page.get_by_label("Index name").fill("browser_demo")
+        page.evaluate(WATCH_PROGRESS, "#build-progress")
+        page.get_by_role("button", name="Build index", exact=True).click()
+        summary = page.locator("#build-summary")
+        expect(summary).to_contain_text("browser_demo")
+        seen_after_ms = page.evaluate("window.__progressSeen")
+        assert seen_after_ms is not None and seen_after_ms < 2000, seen_after_ms
+        expect(page.locator("#build-progress")).to_contain_text("done in")
+        expect(summary).to_contain_text("9 images")
+        expect(summary).to_contain_text("Skipped 1 line(s)")
+        expect(summary).to_contain_text("line 10 missing.jpg: no uploaded file has this name")
+        shoot(page, "build")
 
-            # Recognize: the new index is the active one; query the held-out composite
-            page.get_by_role("tab", name="Recognize").click()
-            expect(page.locator("#rec-index input")).to_have_value("browser_demo")
-            page.locator("#query-image input[type=file]").set_input_files(str(composite))
-            expect(page.locator("#query-image img")).to_be_visible()
-            page.get_by_role("button", name="Recognize", exact=True).click()
-            table = page.locator("#result-table")
-            expect(table).to_contain_text(LABELS[0])  # 猫 cat
-            expect(table).to_contain_text(LABELS[1])  # 咖啡 coffee
-            expect(page.locator("#timings")).to_contain_text("browser_demo")
-            # evidence: each box's own crop, then the gallery photos it matched, with id and score
-            rows = table.locator("[role=row].virtual-row")
-            boxes = rows.count()
-            assert boxes >= 2
-            evidence = page.locator("#evidence .thumbnail-item")
-            expect(evidence.first).to_be_visible()
-            captions = [c.strip() for c in page.locator("#evidence .caption-label").all_inner_texts()]
-            for n in range(1, boxes + 1):
-                assert f"box {n} (query)" in captions
-                assert any(c.startswith(f"{n}: ") and "#" in c for c in captions), captions
-            # a click on a row highlights that box on the image
-            before = page.locator("#result-image img").get_attribute("src")
-            table.locator("[data-testid='cell-1-1']").click()
-            expect(page.locator("#result-image img")).not_to_have_attribute("src", before)
-            shoot(page, "recognize")
+        # Recognize: the new index is the active one; query the held-out composite
+        page.get_by_role("tab", name="Recognize").click()
+        expect(page.locator("#rec-index input")).to_have_value("browser_demo")
+        page.locator("#query-image input[type=file]").set_input_files(str(composite))
+        expect(page.locator("#query-image img")).to_be_visible()
+        page.get_by_role("button", name="Recognize", exact=True).click()
+        table = page.locator("#result-table")
+        expect(table).to_contain_text(LABELS[0])  # 猫 cat
+        expect(table).to_contain_text(LABELS[1])  # 咖啡 coffee
+        expect(page.locator("#timings")).to_contain_text("browser_demo")
+        # evidence: each box's own crop, then the gallery photos it matched, with id and score
+        rows = table.locator("[role=row].virtual-row")
+        boxes = rows.count()
+        assert boxes >= 2
+        evidence = page.locator("#evidence .thumbnail-item")
+        expect(evidence.first).to_be_visible()
+        captions = [c.strip() for c in page.locator("#evidence .caption-label").all_inner_texts()]
+        for n in range(1, boxes + 1):
+            assert f"box {n} (query)" in captions
+            assert any(c.startswith(f"{n}: ") and "#" in c for c in captions), captions
+        # a click on a row highlights that box on the image
+        before = page.locator("#result-image img").get_attribute("src")
+        table.locator("[data-testid='cell-1-1']").click()
+        expect(page.locator("#result-image img")).not_to_have_attribute("src", before)
+        shoot(page, "recognize")
 
-            # an unknown box: with a threshold nothing reaches, the answer names its near miss
-            page.get_by_text("Options", exact=True).click()
-            slider = page.locator("#rec-threshold input[type=range]")
-            number = page.locator("#rec-threshold input[type=number]")
-            expect(slider).to_be_visible()
-            for _ in range(10):  # the accordion's slider may still be mounting: a fill can be lost once
-                slider.fill("1")
-                page.wait_for_timeout(200)
-                if number.input_value() == "1" and slider.input_value() == "1":
-                    break
-            expect(slider).to_have_value("1")
-            expect(number).to_have_value("1")
-            page.get_by_role("tab", name="Manage").click()  # visiting another tab keeps the visitor's threshold
-            page.get_by_role("tab", name="Recognize").click()
-            expect(page.locator("#rec-threshold input[type=range]")).to_have_value("1")
-            page.get_by_role("button", name="Recognize", exact=True).click()
-            expect(table).to_contain_text("unknown — maybe ")
-            expect(table).to_contain_text("< 1.00")
-            expect(page.locator("#evidence .caption-label").first).to_contain_text("box 1 (query)")
+        # an unknown box: with a threshold nothing reaches, the answer names its near miss
+        page.get_by_text("Options", exact=True).click()
+        slider = page.locator("#rec-threshold input[type=range]")
+        number = page.locator("#rec-threshold input[type=number]")
+        expect(slider).to_be_visible()
+        for _ in range(10):  # the accordion's slider may still be mounting: a fill can be lost once
+            slider.fill("1")
+            page.wait_for_timeout(200)
+            if number.input_value() == "1" and slider.input_value() == "1":
+                break
+        expect(slider).to_have_value("1")
+        expect(number).to_have_value("1")
+        page.get_by_role("tab", name="Manage").click()  # visiting another tab keeps the visitor's threshold
+        page.get_by_role("tab", name="Recognize").click()
+        expect(page.locator("#rec-threshold input[type=range]")).to_have_value("1")
+        page.get_by_role("button", name="Recognize", exact=True).click()
+        expect(table).to_contain_text("unknown — maybe ")
+        expect(table).to_contain_text("< 1.00")
+        expect(page.locator("#evidence .caption-label").first).to_contain_text("box 1 (query)")
 
-            # Manage: a user error is a toast and an inline message; the table stays usable
-            page.get_by_role("tab", name="Manage").click()
-            entries = page.locator("#entries-table")
-            expect(entries).to_contain_text("1_2.jpg")
-            page.get_by_role("button", name="Remove", exact=True).click()
-            expect(page.get_by_text("select rows in the table (or type ids) first").first).to_be_visible()
-            expect(page.locator("#manage-status .shitu-inline-error")).to_be_visible()
-            assert no_error_badges(page)
-            expect(entries).to_be_visible()
-            entries.get_by_text("1_2.jpg", exact=True).click()  # still clickable
-            selected = page.locator("#selected-ids input, #selected-ids textarea")
-            expect(selected).to_have_value("5")
-            entries.get_by_text("1_2.jpg", exact=True).click()  # and deselected again
-            expect(selected).to_have_value("")
+        # Manage: a user error is a toast and an inline message; the table stays usable
+        page.get_by_role("tab", name="Manage").click()
+        entries = page.locator("#entries-table")
+        expect(entries).to_contain_text("1_2.jpg")
+        page.get_by_role("button", name="Remove", exact=True).click()
+        expect(page.get_by_text("select rows in the table (or type ids) first").first).to_be_visible()
+        expect(page.locator("#manage-status .shitu-inline-error")).to_be_visible()
+        assert no_error_badges(page)
+        expect(entries).to_be_visible()
+        entries.get_by_text("1_2.jpg", exact=True).click()  # still clickable
+        selected = page.locator("#selected-ids input, #selected-ids textarea")
+        expect(selected).to_have_value("5")
+        entries.get_by_text("1_2.jpg", exact=True).click()  # and deselected again
+        expect(selected).to_have_value("")
 
-            # typed ranges select rows (highlighted) and a relabel changes them all
-            selected.fill("0-2, 7")
-            selected.press("Enter")
-            expect(page.locator("#previews .thumbnail-item")).to_have_count(4)
-            page.get_by_label("New label for the selected ids").fill("relabelled cat")
-            page.get_by_role("button", name="Relabel selected").click()
-            expect(page.locator("#manage-status")).to_contain_text("Relabelled 4 entries")
-            expect(entries).to_contain_text("relabelled cat")
-            labels_now = {e.id: e.label for e in engine.index("browser_demo").entries}
-            assert [labels_now[i] for i in (0, 1, 2, 7)] == ["relabelled cat"] * 4
-            highlighted = page.locator("#entries-table [role=gridcell][style*='background']")
-            expect(highlighted.first).to_be_visible()
+        # typed ranges select rows (highlighted) and a relabel changes them all
+        selected.fill("0-2, 7")
+        selected.press("Enter")
+        expect(page.locator("#previews .thumbnail-item")).to_have_count(4)
+        page.get_by_label("New label for the selected ids").fill("relabelled cat")
+        page.get_by_role("button", name="Relabel selected").click()
+        expect(page.locator("#manage-status")).to_contain_text("Relabelled 4 entries")
+        expect(entries).to_contain_text("relabelled cat")
+        labels_now = {e.id: e.label for e in engine.index("browser_demo").entries}
+        assert [labels_now[i] for i in (0, 1, 2, 7)] == ["relabelled cat"] * 4
+        highlighted = page.locator("#entries-table [role=gridcell][style*='background']")
+        expect(highlighted.first).to_be_visible()
 
-            # remove one row by clicking it
-            page.get_by_role("button", name="Clear selection").click()
-            expect(selected).to_have_value("")
-            entries.get_by_text("1_2.jpg", exact=True).click()
-            expect(selected).to_have_value("5")
-            page.get_by_role("button", name="Remove", exact=True).click()
-            expect(page.locator("#manage-status")).to_contain_text("Removed 1")
-            expect(entries).not_to_contain_text("1_2.jpg")
-            expect(entries).to_contain_text("1_1.jpg")
-            assert 5 not in [e.id for e in engine.index("browser_demo").entries]
-            assert len(engine.index("browser_demo")) == 8
-            shoot(page, "manage")
+        # remove one row by clicking it
+        page.get_by_role("button", name="Clear selection").click()
+        expect(selected).to_have_value("")
+        entries.get_by_text("1_2.jpg", exact=True).click()
+        expect(selected).to_have_value("5")
+        page.get_by_role("button", name="Remove", exact=True).click()
+        expect(page.locator("#manage-status")).to_contain_text("Removed 1")
+        expect(entries).not_to_contain_text("1_2.jpg")
+        expect(entries).to_contain_text("1_1.jpg")
+        assert 5 not in [e.id for e in engine.index("browser_demo").entries]
+        assert len(engine.index("browser_demo")) == 8
+        shoot(page, "manage")
 
-            # Delete without the tick: a toast; the checkbox stays clickable
-            page.get_by_text("Rename or delete").click()
-            page.get_by_role("button", name="Delete index").click()
-            expect(page.locator("#manage-status .shitu-inline-error")).to_contain_text("tick the confirmation")
-            assert no_error_badges(page)
-            page.get_by_label("Yes, delete this index").check()
-            expect(page.get_by_label("Yes, delete this index")).to_be_checked()
-            assert "browser_demo" in engine.index_names()
+        # Delete without the tick: a toast; the checkbox stays clickable
+        page.get_by_text("Rename or delete").click()
+        page.get_by_role("button", name="Delete index").click()
+        expect(page.locator("#manage-status .shitu-inline-error")).to_contain_text("tick the confirmation")
+        assert no_error_badges(page)
+        page.get_by_label("Yes, delete this index").check()
+        expect(page.get_by_label("Yes, delete this index")).to_be_checked()
+        assert "browser_demo" in engine.index_names()
 
-            page.get_by_role("tab", name="Models").click()
-            expect(page.locator("#models-info")).to_contain_text("PP-ShiTuV2_rec")
-            expect(page.locator("#models-info")).to_contain_text("browser_demo")
-            shoot(page, "models")
+        page.get_by_role("tab", name="Models").click()
+        expect(page.locator("#models-info")).to_contain_text("PP-ShiTuV2_rec")
+        expect(page.locator("#models-info")).to_contain_text("browser_demo")
+        shoot(page, "models")
 
 
 @pytest.mark.parametrize("locale", ["zh-CN", "en-US"])
@@ -242,30 +253,25 @@ def test_phone_recognize_flow(engine, locale):
     """390 x 844: every tab reachable, an example → result → evidence, no sideways scrolling."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
     expect = sync_api.expect
-    from app import build_app
 
     zh = locale.startswith("zh")
-    with serving(build_app(engine)) as url, sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page(locale=locale, viewport={"width": 390, "height": 844}, device_scale_factor=2)
-        page.set_default_timeout(TIMEOUT)
-        with shot_on_failure(browser, page, "failure_phone"):
-            page.goto(url)
-            tabs = (["识别", "建库", "管理", "评估", "模型"] if zh
-                    else ["Recognize", "Build", "Manage", "Evaluate", "Models"])  # fmt: skip
-            for name in tabs:
-                expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
-            expect(page.locator("#models-banner")).to_contain_text("离线入门模型包" if zh else "Offline starter pack")
-            page.locator("#examples .thumbnail-item").first.click()  # the sample index's own query photos
-            table = page.locator("#result-table")
-            expect(table).to_contain_text("咖啡 coffee")
-            expect(table).to_contain_text("结果" if zh else "answer")
-            first_caption = page.locator("#evidence .caption-label").first
-            expect(first_caption).to_contain_text("框 1（查询）" if zh else "box 1 (query)")
-            expect(page.locator("#result-image img")).to_be_visible()
-            width = page.evaluate("document.documentElement.scrollWidth")
-            assert width <= 390, f"the page scrolls sideways: {width} px wide"
-            shoot(page, f"phone_{locale[:2]}")
+    phone = {"locale": locale, "viewport": {"width": 390, "height": 844}, "device_scale_factor": 2}
+    with app_page(engine, "failure_phone", **phone) as page:
+        tabs = (["识别", "建库", "管理", "评估", "模型"] if zh
+                else ["Recognize", "Build", "Manage", "Evaluate", "Models"])  # fmt: skip
+        for name in tabs:
+            expect(page.get_by_role("tab", name=name, exact=True)).to_be_visible()
+        expect(page.locator("#models-banner")).to_contain_text("离线入门模型包" if zh else "Offline starter pack")
+        page.locator("#examples .thumbnail-item").first.click()  # the sample index's own query photos
+        table = page.locator("#result-table")
+        expect(table).to_contain_text("咖啡 coffee")
+        expect(table).to_contain_text("结果" if zh else "answer")
+        first_caption = page.locator("#evidence .caption-label").first
+        expect(first_caption).to_contain_text("框 1（查询）" if zh else "box 1 (query)")
+        expect(page.locator("#result-image img")).to_be_visible()
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page scrolls sideways: {width} px wide"
+        shoot(page, f"phone_{locale[:2]}")
 
 
 def test_teach_evaluate_and_versions_in_chromium(runtime, tmp_path):
@@ -273,7 +279,6 @@ def test_teach_evaluate_and_versions_in_chromium(runtime, tmp_path):
     and undoing changes from the versions list on Manage."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="python playwright is not installed")
     expect = sync_api.expect
-    from app import build_app
     from shitu.engine import Engine
     from shitu.gallery import read_label_file
 
@@ -283,82 +288,77 @@ def test_teach_evaluate_and_versions_in_chromium(runtime, tmp_path):
     engine.build("shop", read_label_file(write_gallery(root), root))
     composite = write_queries(tmp_path / "queries")[0]
 
-    with serving(build_app(engine)) as url, sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(TIMEOUT)
-        with shot_on_failure(browser, page, "failure-learning"):
-            page.goto(url)
-            expect(page.locator("#rec-index input")).to_have_value("shop")
+    with app_page(engine, "failure-learning") as page:
+        expect(page.locator("#rec-index input")).to_have_value("shop")
 
-            # Teach: recognise, then add the first box under a corrected label
-            page.locator("#query-image input[type=file]").set_input_files(str(composite))
-            expect(page.locator("#query-image img")).to_be_visible()
-            page.get_by_role("button", name="Recognize", exact=True).click()
-            expect(page.locator("#result-table")).to_contain_text("猫 cat")
-            page.get_by_text("Teach the gallery: add a box under its right label").click()
-            label = page.locator("#teach-label input, #teach-label textarea")
-            expect(label).not_to_have_value("")  # the box's own answer, ready to confirm
-            suggested = label.input_value()
-            assert suggested in {"猫 cat", "咖啡 coffee"}, suggested
-            # picking the other box puts that box's answer in the label field
-            page.locator("#teach-box input").click()
-            page.get_by_role("option", name="2", exact=True).click()
-            other = ({"猫 cat", "咖啡 coffee"} - {suggested}).pop()
-            expect(label).to_have_value(other)
-            label.fill("taught product")
-            expect(label).to_have_value("taught product")
-            page.get_by_role("button", name="Add this box to the gallery").click()
-            expect(page.locator("#teach-status")).to_contain_text("Added box 2 to shop as #24")
-            expect(page.locator("#teach-status")).to_contain_text("unknown objects rejected")
-            assert engine.index("shop").entry(24).label == "taught product"
-            # the threshold slider follows the index's recalibrated threshold
-            page.get_by_text("Options", exact=True).click()
-            expect(page.locator("#rec-threshold input[type=number]")).to_have_value(
-                str(engine.index("shop").calibration.threshold)
-            )
-            shoot(page, "teach")
+        # Teach: recognise, then add the first box under a corrected label
+        page.locator("#query-image input[type=file]").set_input_files(str(composite))
+        expect(page.locator("#query-image img")).to_be_visible()
+        page.get_by_role("button", name="Recognize", exact=True).click()
+        expect(page.locator("#result-table")).to_contain_text("猫 cat")
+        page.get_by_text("Teach the gallery: add a box under its right label").click()
+        label = page.locator("#teach-label input, #teach-label textarea")
+        expect(label).not_to_have_value("")  # the box's own answer, ready to confirm
+        suggested = label.input_value()
+        assert suggested in {"猫 cat", "咖啡 coffee"}, suggested
+        # picking the other box puts that box's answer in the label field
+        page.locator("#teach-box input").click()
+        page.get_by_role("option", name="2", exact=True).click()
+        other = ({"猫 cat", "咖啡 coffee"} - {suggested}).pop()
+        expect(label).to_have_value(other)
+        label.fill("taught product")
+        expect(label).to_have_value("taught product")
+        page.get_by_role("button", name="Add this box to the gallery").click()
+        expect(page.locator("#teach-status")).to_contain_text("Added box 2 to shop as #24")
+        expect(page.locator("#teach-status")).to_contain_text("unknown objects rejected")
+        assert engine.index("shop").entry(24).label == "taught product"
+        # the threshold slider follows the index's recalibrated threshold
+        page.get_by_text("Options", exact=True).click()
+        expect(page.locator("#rec-threshold input[type=number]")).to_have_value(
+            str(engine.index("shop").calibration.threshold)
+        )
+        shoot(page, "teach")
 
-            # Evaluate: the report, its curve and map; try a threshold and keep it
-            page.get_by_role("tab", name="Evaluate").click()
-            expect(page.locator("#eval-index input")).to_have_value("shop")
-            page.evaluate(WATCH_PROGRESS, "#eval-progress")
-            page.get_by_role("button", name="Evaluate", exact=True).click()
-            summary = page.locator("#eval-summary")
-            expect(summary).to_contain_text("25 entries, 7 labels")
-            expect(summary).to_contain_text("recall@1")
-            assert page.evaluate("window.__progressSeen") is not None
-            expect(page.locator("#eval-curve svg")).to_be_visible()
-            expect(page.locator("#eval-map svg circle")).to_have_count(25)
-            expect(page.locator("#eval-flagged")).to_contain_text("taught product")  # a label with one photo
-            expect(page.locator("#eval-files")).to_contain_text("shop_report")
-            expect(page.locator("#eval-point")).to_contain_text("of unknown objects rejected")
-            number = page.locator("#eval-threshold input[type=number]")
-            number.fill("0.5")
-            number.press("Enter")
-            expect(page.locator("#eval-point")).to_contain_text("At 0.500")
-            page.get_by_role("button", name="Use this threshold for the index").click()
-            expect(page.locator("#eval-status")).to_contain_text("now uses 0.500")
-            expect(page.locator("#eval-calibration")).to_contain_text("picked by you")
-            assert engine.index("shop").calibration.threshold == 0.5
-            shoot(page, "evaluate")
+        # Evaluate: the report, its curve and map; try a threshold and keep it
+        page.get_by_role("tab", name="Evaluate").click()
+        expect(page.locator("#eval-index input")).to_have_value("shop")
+        page.evaluate(WATCH_PROGRESS, "#eval-progress")
+        page.get_by_role("button", name="Evaluate", exact=True).click()
+        summary = page.locator("#eval-summary")
+        expect(summary).to_contain_text("25 entries, 7 labels")
+        expect(summary).to_contain_text("recall@1")
+        assert page.evaluate("window.__progressSeen") is not None
+        expect(page.locator("#eval-curve svg")).to_be_visible()
+        expect(page.locator("#eval-map svg circle")).to_have_count(25)
+        expect(page.locator("#eval-flagged")).to_contain_text("taught product")  # a label with one photo
+        expect(page.locator("#eval-files")).to_contain_text("shop_report")
+        expect(page.locator("#eval-point")).to_contain_text("of unknown objects rejected")
+        number = page.locator("#eval-threshold input[type=number]")
+        number.fill("0.5")
+        number.press("Enter")
+        expect(page.locator("#eval-point")).to_contain_text("At 0.500")
+        page.get_by_role("button", name="Use this threshold for the index").click()
+        expect(page.locator("#eval-status")).to_contain_text("now uses 0.500")
+        expect(page.locator("#eval-calibration")).to_contain_text("picked by you")
+        assert engine.index("shop").calibration.threshold == 0.5
+        shoot(page, "evaluate")
 
-            # Versions: the build, the taught box and the threshold are versions; restore the build
-            page.get_by_role("tab", name="Manage").click()
-            expect(page.locator("#manage-info")).to_contain_text("25")
-            page.get_by_text("Versions (undo a change)").click()
-            versions = page.locator("#versions-table")
-            expect(versions).to_contain_text("threshold 0.500")
-            expect(versions).to_contain_text("add 1")
-            versions.get_by_text("build", exact=True).click()
-            expect(page.locator("#version-pick input")).to_have_value("1")
-            expect(page.locator("#version-changes")).to_contain_text("24 added")
-            page.get_by_role("button", name="Restore this version").click()
-            expect(page.locator("#version-changes")).to_contain_text("Version 1 restored as version")
-            expect(page.locator("#manage-info")).to_contain_text("24")
-            assert len(engine.index("shop")) == 24 and "taught product" not in engine.index("shop").label_counts()
-            assert no_error_badges(page)
-            shoot(page, "versions")
+        # Versions: the build, the taught box and the threshold are versions; restore the build
+        page.get_by_role("tab", name="Manage").click()
+        expect(page.locator("#manage-info")).to_contain_text("25")
+        page.get_by_text("Versions (undo a change)").click()
+        versions = page.locator("#versions-table")
+        expect(versions).to_contain_text("threshold 0.500")
+        expect(versions).to_contain_text("add 1")
+        versions.get_by_text("build", exact=True).click()
+        expect(page.locator("#version-pick input")).to_have_value("1")
+        expect(page.locator("#version-changes")).to_contain_text("24 added")
+        page.get_by_role("button", name="Restore this version").click()
+        expect(page.locator("#version-changes")).to_contain_text("Version 1 restored as version")
+        expect(page.locator("#manage-info")).to_contain_text("24")
+        assert len(engine.index("shop")) == 24 and "taught product" not in engine.index("shop").label_counts()
+        assert no_error_badges(page)
+        shoot(page, "versions")
 
 
 def test_a_100k_entry_index_pages_in_chromium(runtime, tmp_path):
@@ -368,7 +368,6 @@ def test_a_100k_entry_index_pages_in_chromium(runtime, tmp_path):
     expect = sync_api.expect
     import numpy as np
 
-    from app import build_app
     from shitu.engine import Engine
     from shitu.index import GalleryIndex
 
@@ -381,31 +380,26 @@ def test_a_100k_entry_index_pages_in_chromium(runtime, tmp_path):
     sources = [f"synthetic/{i}.jpg" for i in range(n)]
     store.put(key, GalleryIndex.build(vectors, labels, index_type="Flat", sources=sources))
 
-    with serving(build_app(engine)) as url, sync_api.sync_playwright() as pw:
-        browser = launch(pw)
-        page = browser.new_page(locale="en-US", viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(TIMEOUT)
-        with shot_on_failure(browser, page, "failure-paging"):
-            page.goto(url)
-            page.get_by_role("tab", name="Manage").click()
-            info, table = page.locator("#manage-info"), page.locator("#entries-table")
-            expect(info).to_contain_text("100000 entries")
-            expect(info).to_contain_text("Rows 1–500 of 100,000 (page 1 of 200)")
-            expect(table).to_contain_text("synthetic/0.jpg")  # (the table renders the rows in view)
-            page.locator("#next-page").click()
-            expect(info).to_contain_text("Rows 501–1,000 of 100,000 (page 2 of 200)")
-            expect(page.locator("#page-no input")).to_have_value("2")
-            expect(table).to_contain_text("synthetic/500.jpg")
-            page.locator("#page-no input").fill("200")
-            page.locator("#page-no input").press("Enter")
-            expect(info).to_contain_text("Rows 99,501–100,000 of 100,000 (page 200 of 200)")
-            expect(table).to_contain_text("synthetic/99500.jpg")
-            # a label typed into the filter (100,000 entries, 10,000 labels: not all are offered)
-            box = page.locator("#label-filter input")
-            box.fill("p9999")
-            box.press("Enter")
-            expect(info).to_contain_text("Showing 10 of 100000 entries")
-            expect(table).to_contain_text("synthetic/99990.jpg")
-            expect(page.locator("#page-no input")).to_have_value("1")
-            assert no_error_badges(page)
-            shoot(page, "manage-100k")
+    with app_page(engine, "failure-paging") as page:
+        page.get_by_role("tab", name="Manage").click()
+        info, table = page.locator("#manage-info"), page.locator("#entries-table")
+        expect(info).to_contain_text("100000 entries")
+        expect(info).to_contain_text("Rows 1–500 of 100,000 (page 1 of 200)")
+        expect(table).to_contain_text("synthetic/0.jpg")  # (the table renders the rows in view)
+        page.locator("#next-page").click()
+        expect(info).to_contain_text("Rows 501–1,000 of 100,000 (page 2 of 200)")
+        expect(page.locator("#page-no input")).to_have_value("2")
+        expect(table).to_contain_text("synthetic/500.jpg")
+        page.locator("#page-no input").fill("200")
+        page.locator("#page-no input").press("Enter")
+        expect(info).to_contain_text("Rows 99,501–100,000 of 100,000 (page 200 of 200)")
+        expect(table).to_contain_text("synthetic/99500.jpg")
+        # a label typed into the filter (100,000 entries, 10,000 labels: not all are offered)
+        box = page.locator("#label-filter input")
+        box.fill("p9999")
+        box.press("Enter")
+        expect(info).to_contain_text("Showing 10 of 100000 entries")
+        expect(table).to_contain_text("synthetic/99990.jpg")
+        expect(page.locator("#page-no input")).to_have_value("1")
+        assert no_error_badges(page)
+        shoot(page, "manage-100k")
