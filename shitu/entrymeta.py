@@ -57,10 +57,9 @@ class EntryMeta:
             out = {i: (row[0], None) for i, row in out.items()}
         return out
 
-    def flush(self, db: str | Path, keep: Iterable[int] | None = None) -> "EntryMeta":
-        """Write the pending rows (only ``keep``'s, if given) into ``db``; the saved view."""
-        rows = self.pending if keep is None else {i: self.pending[i] for i in keep if i in self.pending}
-        write_rows(db, rows)
+    def flush(self, db: str | Path) -> "EntryMeta":
+        """Write the pending rows into ``db``; the saved view."""
+        write_rows(db, self.pending)
         return EntryMeta(db)
 
     def save_to(self, target: str | Path, live_ids: Iterable[int]) -> "EntryMeta":
@@ -86,15 +85,6 @@ def write_rows(db: str | Path, rows: Mapping[int, Row]) -> None:
             "INSERT OR REPLACE INTO entries (id, source, thumbnail) VALUES (?, ?, ?)",
             ((int(i), str(s or ""), t) for i, (s, t) in rows.items()),
         )
-
-
-def iter_rows(db: str | Path, ids: Iterable[int]) -> Iterator[tuple[int, str, bytes | None]]:
-    """Rows for ``ids`` (for export), a chunk at a time."""
-    meta = EntryMeta(db)
-    wanted = [int(i) for i in ids]
-    for k in range(0, len(wanted), _CHUNK):
-        for id_, (source, thumb) in sorted(meta.get(wanted[k : k + _CHUNK]).items()):
-            yield id_, source, thumb
 
 
 @contextlib.contextmanager

@@ -55,7 +55,6 @@ VERSION_FILE = "shitu_version.json"  # written by shitu.store (which version thi
 OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE, RAW_FILE, VERSION_FILE, ENTRIES_FILE, LOG_FILE,
              LABELS_FILE)  # fmt: skip
 EXPORTED_FILES = (VECTOR_FILE, ID_MAP_FILE, LABELS_FILE, META_FILE, WHITENING_FILE, RAW_FILE, ENTRIES_FILE)
-_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_LINEAGE = 16  # changes remembered between two commits (more: the next commit is a full save)
 
@@ -212,7 +211,6 @@ class _Labels:
     def of(cls, ids: Sequence[int] | np.ndarray, labels: Sequence[str]) -> "_Labels":
         ids = np.asarray(ids, dtype=np.int64)
         order = np.argsort(ids, kind="stable")
-        names: list[str] = []
         code_of: dict[str, int] = {}
         codes = np.fromiter((code_of.setdefault(str(lb), len(code_of)) for lb in labels), np.int32, len(ids))
         names = list(code_of)
