@@ -317,8 +317,7 @@ class IndexStore:
         new.forget_lineage()
         new.log_end, new.log_version = end, number
         self._cache[name] = (_version(path), new)
-        if self.keep_versions and (number - 1 - self.keep_versions) in self._kept(name):
-            self._prune(name)
+        self._prune(name)  # also what a process killed mid-prune left (a few directory listings)
         if self.compact_in_background and compaction_due(new):
             self._compact_later(name)
 
