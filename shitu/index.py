@@ -635,7 +635,7 @@ class GalleryIndex:
         )  # fmt: skip
         change = {"op": "add", "ids": ids, "labels": clean, "vectors": stored}
         if raw is not None:
-            change["raw"] = raw[-1][1]
+            change["raw"] = raw[-1][1][-len(ids) :]  # this add's alone: the chunk holds every add since the base
         return result._derived_by(self, change)
 
     def remove(self, ids: Iterable[int], *, calibrate: bool = True) -> "GalleryIndex":
@@ -679,7 +679,7 @@ class GalleryIndex:
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All ``(ids, vectors)``: the base's in storage order, then those added since."""
-        ids, vecs = _base_vectors(self._index)
+        ids, vecs = self._base_rows()
         if len(self._dead):
             keep = ~np.isin(ids, self._dead)
             ids, vecs = ids[keep], vecs[keep]
@@ -775,7 +775,7 @@ class GalleryIndex:
         or relabelled) make its calibration out of date: a raw-feature index of up to
         :data:`RECALIBRATE_MAX_ENTRIES` entries is recalibrated at once (leave-one-out costs
         ~0.1 s there); others count the changes until :meth:`recalibrated` is asked for."""
-        result = GalleryIndex(
+        result = self._sibling(
             self._index,
             labels if labels is not None else self._labels,
             metric_type=self.metric_type,
@@ -804,6 +804,16 @@ class GalleryIndex:
             result.calibration = fresh
             result.changes_since_calibration = 0
         return result
+
+    def _sibling(self, *args: Any, **kwargs: Any) -> "GalleryIndex":
+        """A new index of this one's kind (one kept elsewhere keeps its connection)."""
+        result = type(self).__new__(type(self))
+        result._adopt(self)
+        GalleryIndex.__init__(result, *args, **kwargs)
+        return result
+
+    def _adopt(self, other: "GalleryIndex") -> None:
+        """Take over what is not a constructor argument from ``other`` (nothing, here)."""
 
     def replay(self, change: dict[str, Any], arrays: dict[str, np.ndarray]) -> "GalleryIndex":
         """This index with one logged change applied (as :meth:`add` etc. made it; the
@@ -844,18 +854,7 @@ class GalleryIndex:
         if self.whitening is not None:
             features = self.whitening.apply(features)
         k = max(1, min(int(topk), len(self)))
-        base_live = self._index.ntotal - len(self._dead)
-        scores = np.full((len(features), 0), -np.inf, np.float32)
-        ids = np.zeros((len(features), 0), np.int64)
-        if base_live > 0:
-            kb = min(k, base_live)
-            if len(self._dead):
-                scores, ids = self._index.search(features, kb, params=self._skip_dead())
-            else:
-                scores, ids = self._index.search(features, kb)
-            if self.metric_type == "L2":
-                scores = 1.0 - scores / 2.0
-            scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        scores, ids = self._search_base(features, k)
         delta_ids, delta_vecs = self._delta
         if len(delta_ids):
             # searched by faiss as well: a numpy product here would start numpy's BLAS threads, which
@@ -878,6 +877,27 @@ class GalleryIndex:
             ids = np.concatenate([ids, np.full((len(ids), pad), -1, np.int64)], axis=1)
         ids = np.where(np.isfinite(scores), ids, -1)
         return scores, ids
+
+    def _search_base(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The base's nearest live entries: ``(cosine similarities, ids)``, (N, <= k), ``-inf``
+        / ``-1`` where there are fewer."""
+        scores = np.full((len(features), 0), -np.inf, np.float32)
+        ids = np.zeros((len(features), 0), np.int64)
+        base_live = self._index.ntotal - len(self._dead)
+        if base_live > 0:
+            kb = min(k, base_live)
+            if len(self._dead):
+                scores, ids = self._index.search(features, kb, params=self._skip_dead())
+            else:
+                scores, ids = self._index.search(features, kb)
+            if self.metric_type == "L2":
+                scores = 1.0 - scores / 2.0
+            scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
+        return scores, ids
+
+    def _base_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, stored vectors)`` of the base, removed entries included."""
+        return _base_vectors(self._index)
 
     def _skip_dead(self) -> Any:
         """faiss search parameters that skip the removed base ids (made once per index)."""

@@ -233,3 +233,23 @@ def test_the_id_map_file_reads_back_as_the_labels_whatever_they_hold():
     assert {int(k): str(v) for k, v in back["id_map"].items()} == dict(enumerate(tricky))
     assert (back["index_type"], back["metric_type"]) == ("HNSW32", "L2")
     assert yaml.safe_load(id_map_yaml(_Labels.of([], []), "Flat", "IP").decode())["id_map"] == {}
+
+
+def test_an_adapted_index_reloaded_from_its_log_keeps_each_entrys_own_raw_features(tmp_path):
+    """Two logged adds, then a reload: every id must come back with the unprojected feature it
+    was added with (the second add's record once carried the first add's features too, and a
+    refit after a reload then paired ids with the wrong features)."""
+    x, labels = clustered(400, seed=3)
+    built = GalleryIndex.build(x, labels, index_type="Flat", adapt="on")
+    assert built.whitening is not None and built._raw is not None
+    store = IndexStore(tmp_path / "d", compact_in_background=False)
+    store.put("a", built)
+    first, second = clustered(2, seed=4)[0], clustered(3, seed=5)[0]
+    store.mutate("a", lambda i: i.add(first, ["g1", "g2"]))
+    store.mutate("a", lambda i: i.add(second, ["g3", "g4", "g5"]))
+    reloaded = IndexStore(tmp_path / "d", compact_in_background=False).get("a")
+    added = np.arange(400, 405)
+    expected = np.concatenate([first, second])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(reloaded._raw_features(added), expected, atol=2e-3)  # float16 storage
+    assert sum(len(ids) for ids, _ in reloaded._raw) == sum(len(f) for _, f in reloaded._raw) == 405
