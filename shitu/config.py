@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -98,6 +98,15 @@ class Settings(BaseSettings):
         description="previous versions kept per named index, to list, compare and restore (0: keep none)",
     )  # fmt: skip
 
+    vector_store: Literal["faiss", "milvus"] = Field(
+        "faiss", description="where named indices live and are searched: faiss files in the data dir, or Milvus"
+    )
+    milvus_uri: str | None = Field(
+        None, description="Milvus: a Milvus Lite path (…/x.db) or http(s)://host:port (default: <data_dir>/milvus.db)"
+    )
+    milvus_token: str | None = Field(None, description="Milvus: 'user:password' or an API key")
+    milvus_prefix: str = Field("shitu_", description="Milvus: the prefix of our collections")
+
     @field_validator("url_allowlist", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
@@ -132,6 +141,11 @@ class Settings(BaseSettings):
     @property
     def indices_dir(self) -> Path:
         return self.data_dir / "indices"
+
+    @property
+    def milvus_target(self) -> str:
+        """Where the Milvus backend connects (``SHITU_MILVUS_URI``, else a Milvus Lite file in the data dir)."""
+        return self.milvus_uri or str(self.data_dir / "milvus.db")
 
 
 @dataclass

@@ -141,10 +141,7 @@ class Engine:
             self.config.recognition.model_name = self.settings.rec_model
         self._device = device
         self._isolate = isolate
-        self._store = IndexStore(
-            self.settings.indices_dir, lock_dir=self.settings.data_dir / "locks",
-            keep_versions=self.settings.history_versions,
-        )  # fmt: skip
+        self._store = self._named_store()
         self._dir_stores: dict[Path, IndexStore] = {}
         self._runtime = runtime
         self._owns_runtime = runtime is None
@@ -153,6 +150,20 @@ class Engine:
         self._retired: dict[int, Runtime] = {}
         # the last few gallery reports: {(name, id(index)): (weakref to that index version, report)}
         self._report_cache: dict[tuple[str | None, int], tuple[weakref.ref, GalleryReport]] = {}
+
+    def _named_store(self) -> IndexStore:
+        """Where named indices live: faiss files in the data dir, or Milvus (``SHITU_VECTOR_STORE``)."""
+        settings = self.settings
+        if settings.vector_store == "milvus":
+            from shitu.milvus_store import MilvusIndexStore
+
+            return MilvusIndexStore(  # type: ignore[return-value] - the same interface
+                settings.milvus_target, settings.milvus_token, prefix=settings.milvus_prefix,
+                lock_dir=settings.data_dir / "locks", keep_versions=settings.history_versions,
+            )  # fmt: skip
+        return IndexStore(
+            settings.indices_dir, lock_dir=settings.data_dir / "locks", keep_versions=settings.history_versions
+        )
 
     # --- models -----------------------------------------------------------------------------
     def _current_runtime(self) -> Runtime:
@@ -273,6 +284,9 @@ class Engine:
             runtime, self._runtime = self._runtime, None
         if runtime is not None and self._owns_runtime:
             runtime.close()
+        close_store = getattr(self._store, "close", None)  # Milvus: its connection
+        if close_store is not None:
+            close_store()
 
     # --- thresholds and options ---------------------------------------------------------------
     @property

@@ -540,6 +540,23 @@ class MilvusCollections:
             self._loaded.discard(coll)
             self._write_meta(coll, meta_text)
 
+    def move(self, name: str, to: "MilvusCollections", new_name: str) -> None:
+        """Renames gallery ``name`` to ``new_name`` under ``to``'s prefix (same server), with its
+        metadata. :class:`Conflict` if the new name is taken."""
+        src = self._existing(name)
+        dst = to._collection(new_name)
+        with self._write_lock, self._calling(f"rename index {name!r}"):
+            if self._client.has_collection(dst, timeout=self.timeout):
+                raise Conflict(f"an index named {new_name!r} already exists in Milvus")
+            meta = self.get_meta(name)
+            self._client.rename_collection(src, dst, timeout=self.timeout)
+            for part in (self, to):
+                part._specs.pop(src, None), part._specs.pop(dst, None)
+                part._loaded.discard(src), part._loaded.discard(dst)
+            if self._client.has_collection(self._meta_collection, timeout=self.timeout):
+                self._client.delete(self._meta_collection, ids=[src], timeout=self.timeout)
+            to._write_meta(dst, to._meta_text(meta))
+
     def drop(self, name: str) -> None:
         """Deletes a gallery and its metadata (:class:`NotFound` if there is none)."""
         with self._write_lock:
@@ -777,6 +794,136 @@ class MilvusCollections:
                 "thumbnail": _decode_thumb(row["thumb"]),
                 "vector": np.asarray(row["vec"], np.float32),
             }
+
+    def rows(self, name: str, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
+        """Like :meth:`get`, with each row's ``vector`` too (id order; missing ids left out)."""
+        coll, spec = self._spec(name)
+        id_list = sorted(set(_check_ids(ids)))
+        rows = self._get_rows(coll, id_list, ["vec", "label", "source", "thumb"], f"read index {name!r}")
+        return [
+            {"id": i, "label": r["label"], "source": r["source"], "thumbnail": _decode_thumb(r["thumb"]),
+             "vector": np.asarray(r["vec"], np.float32).reshape(spec["dim"])}
+            for i, r in sorted(rows.items())
+        ]  # fmt: skip
+
+    def id_labels(self, name: str) -> tuple[np.ndarray, list[str]]:
+        """Every row's ``(ids ascending, labels)`` — what a replica needs in memory, read without the
+        vectors."""
+        coll = self._existing(name)
+        self._ensure_loaded(coll)
+        ids: list[int] = []
+        labels: list[str] = []
+        for row in self._iterate(coll, ["label"], batch=MAX_K):
+            ids.append(int(row["id"]))
+            labels.append(row["label"])
+        return np.asarray(ids, np.int64), labels
+
+    # -- blobs: bytes of any size under a key, shared by every replica ----------------------------
+
+    def put_blob(self, key: str, data: bytes, *, group: str = "") -> None:
+        """Stores ``data`` under ``key`` (replacing what was there), split into rows of 49149 bytes;
+        :meth:`blob_keys` lists the keys of one ``group``. A reader never sees a mix of two writes:
+        parts carry the write's token and count."""
+        key = _check_text(key, "blob key", 512, empty_ok=False)
+        group = _check_text(group, "blob group", 512)
+        token = os.urandom(8).hex()
+        parts = [bytes(data[i : i + MAX_THUMB_BYTES]) for i in range(0, len(data), MAX_THUMB_BYTES)] or [b""]
+        rows = [
+            {"key": f"{key}#{token}#{n}", "name": key, "grp": group, "part": n, "total": len(parts),
+             "data": base64.b64encode(chunk).decode("ascii"), "vec": [1.0, 0.0]}
+            for n, chunk in enumerate(parts)
+        ]  # fmt: skip
+        with self._write_lock:
+            self._ensure_blob_collection(create=True)
+            old = self._blob_keys(key)
+            with self._calling("store a blob"):
+                for k in range(0, len(rows), 256):
+                    self._client.insert(self._blob_collection, rows[k : k + 256], timeout=self.timeout)
+                if old:
+                    self._client.delete(self._blob_collection, ids=old, timeout=self.timeout)
+
+    def get_blob(self, key: str) -> bytes | None:
+        """The bytes stored under ``key``, or ``None`` (also for a write that did not finish)."""
+        key = _check_text(key, "blob key", 512, empty_ok=False)
+        if not self._ensure_blob_collection(create=False):
+            return None
+        with self._calling("read a blob"):
+            rows = self._client.query(
+                self._blob_collection, filter=f"name == {_quote(key)}",
+                output_fields=["key", "part", "total", "data"], timeout=self.timeout,
+            )  # fmt: skip
+        writes: dict[str, list[dict]] = {}
+        for row in rows:
+            writes.setdefault(row["key"].rsplit("#", 2)[1], []).append(row)
+        for parts in writes.values():  # a complete write (the newest one wins if two are complete)
+            parts.sort(key=lambda r: int(r["part"]))
+            if len(parts) == int(parts[0]["total"]) and [int(r["part"]) for r in parts] == list(range(len(parts))):
+                return b"".join(base64.b64decode(r["data"]) for r in parts)
+        return None
+
+    def delete_blobs(self, keys: Sequence[str]) -> None:
+        """Removes the blobs under these keys (missing ones are ignored)."""
+        if not keys or not self._ensure_blob_collection(create=False):
+            return
+        with self._write_lock:
+            gone = [k for key in keys for k in self._blob_keys(key)]
+            with self._calling("delete blobs"):
+                for k in range(0, len(gone), _IDS_PER_CALL):
+                    self._client.delete(self._blob_collection, ids=gone[k : k + _IDS_PER_CALL], timeout=self.timeout)
+
+    def blob_keys(self, group: str) -> list[str]:
+        """The keys of the blobs stored with this ``group``, sorted."""
+        if not self._ensure_blob_collection(create=False):
+            return []
+        with self._calling("list blobs"):
+            rows = self._client.query(
+                self._blob_collection, filter=f"grp == {_quote(_check_text(group, 'blob group', 512))}",
+                output_fields=["name"], timeout=self.timeout,
+            )  # fmt: skip
+        return sorted({r["name"] for r in rows})
+
+    def _blob_keys(self, key: str) -> list[str]:
+        with self._calling("look up a blob"):
+            rows = self._client.query(
+                self._blob_collection, filter=f"name == {_quote(key)}", output_fields=["key"], timeout=self.timeout
+            )
+        return [r["key"] for r in rows]
+
+    @property
+    def _blob_collection(self) -> str:
+        return f"{self.prefix}blob"
+
+    def _ensure_blob_collection(self, *, create: bool) -> bool:
+        if getattr(self, "_blob_ready", False):
+            return True
+        coll = self._blob_collection
+        with self._calling("open the blob collection"):
+            if not self._client.has_collection(coll, timeout=self.timeout):
+                if not create:
+                    return False
+                dtype = _pymilvus().DataType
+                schema = self._client.create_schema(
+                    auto_id=False, enable_dynamic_field=False, description="shitu blobs (bytes in parts)"
+                )
+                schema.add_field("key", dtype.VARCHAR, is_primary=True, max_length=600)
+                schema.add_field("name", dtype.VARCHAR, max_length=520)
+                schema.add_field("grp", dtype.VARCHAR, max_length=520)
+                schema.add_field("part", dtype.INT64)
+                schema.add_field("total", dtype.INT64)
+                schema.add_field("data", dtype.VARCHAR, max_length=MAX_THUMB_CHARS)
+                schema.add_field("vec", dtype.FLOAT_VECTOR, dim=2)
+                params = self._client.prepare_index_params()
+                params.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
+                try:
+                    self._client.create_collection(
+                        coll, schema=schema, index_params=params, consistency_level="Strong", timeout=self.timeout
+                    )
+                except Exception as e:  # another replica created it meanwhile
+                    if "already exist" not in str(e).lower():
+                        raise
+            self._ensure_loaded(coll)
+        self._blob_ready = True
+        return True
 
     # -- index-level metadata -------------------------------------------------------------------
 

@@ -68,7 +68,37 @@ else:
 """
 
 
+# SHITU_TEST_VECTOR_STORE=milvus runs the same tests with every named index in Milvus (Lite),
+# which is how tests/test_backend_parity.py proves both backends behave the same
+VECTOR_STORE = os.environ.get("SHITU_TEST_VECTOR_STORE", "faiss")
+
+
+def stored_state(engine) -> dict[str, str]:
+    """A fingerprint of everything stored for the engine's named indices: every file under
+    the data dir's indices (faiss), or each gallery's rows, vectors and version (Milvus)."""
+    import hashlib
+
+    store = engine._store
+    if engine.settings.vector_store == "faiss":
+        root = engine.settings.indices_dir
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+        }
+    out = {}
+    for name in store.names():
+        digest = hashlib.sha256(repr(sorted(store.rows.get_meta(name).items())).encode())
+        ids, labels = store.rows.id_labels(name)
+        digest.update(ids.tobytes() + "\0".join(labels).encode())
+        for part in (store.rows, store.searched):
+            if part.exists(name):
+                vid, vecs = part.vectors(name)
+                digest.update(vid.tobytes() + vecs.tobytes())
+        out[name] = digest.hexdigest()
+    return out
+
+
 def make_settings(data_dir: Path, **overrides) -> Settings:
+    overrides.setdefault("vector_store", VECTOR_STORE)
     return Settings.from_env(data_dir=data_dir, model_dir=MODEL_CACHE, offline=True, **overrides)
 
 
@@ -117,6 +147,6 @@ def template(tmp_path_factory, runtime, sample_gallery) -> Path:
     from shitu.gallery import read_label_file
 
     root, labels = sample_gallery
-    builder = Engine(make_settings(tmp_path_factory.mktemp("template") / "data"), runtime=runtime)
+    builder = Engine(make_settings(tmp_path_factory.mktemp("template") / "data", vector_store="faiss"), runtime=runtime)
     builder.build("tpl", read_label_file(labels, root))
     return builder.settings.indices_dir / "tpl"

@@ -9,7 +9,6 @@ client example does. No network is needed: URL tests use literal addresses and a
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.server
 import inspect
 import io
@@ -32,6 +31,8 @@ from shitu import api
 from shitu.api import create_api
 from shitu.engine import Engine
 from shitu.sample import SAMPLE_SUBJECTS
+
+from .conftest import stored_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 LABELS = list(SAMPLE_SUBJECTS)
@@ -79,10 +80,7 @@ def fresh_engine(runtime, data_dir: Path) -> Engine:
 
 def snapshot(engine: Engine) -> tuple:
     """Everything a request could change: index files on disk, indices in memory, the active index."""
-    root = engine.settings.indices_dir
-    files = {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
-    }
+    files = stored_state(engine)
     memory = {name: engine.index(name).id_map for name in engine.index_names()}
     return files, memory, engine.settings.default_index
 

@@ -10,10 +10,11 @@ from shitu.engine import Engine
 from shitu.errors import NotFound, ShiTuError
 from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
 
+from .conftest import stored_state
 
-def snapshot(engine: Engine, name: str) -> tuple[dict, bytes, bytes]:
-    path = engine._store.path(name)
-    return engine.index(name).id_map, (path / "vector.index").read_bytes(), (path / "id_map.yaml").read_bytes()
+
+def snapshot(engine: Engine, name: str) -> tuple[dict, dict]:
+    return engine.index(name).id_map, stored_state(engine)
 
 
 @pytest.fixture
@@ -101,9 +102,9 @@ def test_recognize_named_index(built, sample_queries):
 
 def test_sample_index_is_built_once(engine, tmp_path):
     assert engine.ensure_sample_index() == "sample"
-    first = engine._store.path("sample").stat().st_mtime
+    first = stored_state(engine), engine.versions("sample")
     assert engine.ensure_sample_index() == "sample"
-    assert engine._store.path("sample").stat().st_mtime == first
+    assert (stored_state(engine), engine.versions("sample")) == first
     assert len(engine.index("sample").label_counts()) == 6
 
 

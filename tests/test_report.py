@@ -380,7 +380,7 @@ def test_to_dict_is_json_and_has_every_section(rep):
 def stored(tmp_path) -> Engine:
     """An engine on a fresh data dir holding the synthetic gallery as index 'demo' (no models needed)."""
     engine = Engine(make_settings(tmp_path / "data"))
-    build_gallery().save(engine.settings.indices_dir / "demo")
+    engine._store.put("demo", build_gallery())  # either backend (SHITU_TEST_VECTOR_STORE)
     yield engine
     engine.close()
 

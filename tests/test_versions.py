@@ -13,7 +13,6 @@ import io
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -464,7 +463,7 @@ def test_processes_killed_at_random_times_leave_whole_versions(tmp_path):
 
 
 def install(engine: Engine, name: str, template: Path) -> None:
-    shutil.copytree(template, engine.settings.indices_dir / name)
+    engine._store.put(name, GalleryIndex.load(template))  # version 1, "build", on either backend
 
 
 def body_of(resp, status: int = 200) -> dict:
