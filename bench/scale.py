@@ -11,6 +11,13 @@ measures through :class:`shitu.store.IndexStore`, the layer every surface commit
 - ``query``: one single-vector search, p50, and recall@1 against exact search.
 
     python bench/scale.py --sizes 100000 1000000 --types Flat HNSW32 --out bench/results/scale.json
+    python bench/scale.py --backend milvus --sizes 100000 --types Flat HNSW32   # Milvus Lite, same protocol
+
+With ``--backend milvus`` the store is :class:`shitu.milvus_store.MilvusIndexStore` on a Milvus
+Lite file (``SHITU_VECTOR_STORE=milvus``): Milvus builds its own HNSW/IVF index, in the background
+after a flush, and closing Lite waits for that build, so queries are timed on the built index.
+Lite runs inside the measuring process: its resident memory includes Milvus's own copy of the
+vectors (against a Milvus server the app holds only labels and calibration).
 
 Timings are medians on a shared machine: read them as ratios between rows of one run.
 """
@@ -64,38 +71,61 @@ import json, os, sys, time
 sys.path.insert(0, {root!r})
 import numpy as np, faiss
 from shitu.store import IndexStore
+from shitu.milvus_store import MilvusIndexStore
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS:"))
 before = rss()
 t = time.perf_counter()
-index = IndexStore({data!r}).get("scale")
+store = MilvusIndexStore({data!r} + "/milvus.db") if {milvus!r} else IndexStore({data!r})
+index = store.get("scale")
 took = time.perf_counter() - t
 print(json.dumps({{"load_s": took, "rss_mb": rss(), "rss_before_mb": before, "entries": len(index)}}))
 """
 
 
-def probe_load(data: Path) -> dict:
+def probe_load(data: Path, milvus: bool = False) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", LOAD_PROBE.format(root=str(ROOT), data=str(data))],
+        [sys.executable, "-c", LOAD_PROBE.format(root=str(ROOT), data=str(data), milvus=milvus)],
         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"},
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_one(n: int, index_type: str, changes: int, queries: int, work: Path, spread: float = SPREAD) -> dict:
+def open_store(data: Path, backend: str):
+    if backend == "milvus":
+        from shitu.milvus_store import MilvusIndexStore
+
+        return MilvusIndexStore(str(data / "milvus.db"), keep_versions=2)
+    return IndexStore(data, keep_versions=2)
+
+
+def run_one(
+    n: int, index_type: str, changes: int, queries: int, work: Path, spread: float = SPREAD, backend: str = "faiss"
+) -> dict:
     (x, groups), (q, _) = clustered(n, queries, spread=spread)
     labels = [f"product-{g}" for g in groups]
-    data = work / f"{index_type}-{n}"
-    store = IndexStore(data, keep_versions=2)
+    data = work / f"{backend}-{index_type}-{n}"
+    data.mkdir(parents=True, exist_ok=True)
+    store = open_store(data, backend)
+    milvus = backend == "milvus"
     t = time.perf_counter()
-    index = GalleryIndex.build(x, labels, index_type=index_type, adapt="off")
+    # Milvus builds its own HNSW/IVF index: hand it the vectors in an exact faiss index (fast to make)
+    index = GalleryIndex.build(x, labels, index_type="Flat" if milvus else index_type, adapt="off")
+    index._index_type = index_type
     build_s = time.perf_counter() - t
     t = time.perf_counter()
     store.put("scale", index)
     put_s = time.perf_counter() - t
     del index
-    row: dict = {"n": n, "index_type": index_type, "spread": spread, "build_s": build_s, "first_save_s": put_s}
+    row: dict = {"n": n, "index_type": index_type, "spread": spread, "build_s": build_s, "first_save_s": put_s,
+                 "backend": backend}  # fmt: skip
+    if milvus:  # closing Milvus Lite waits for the index it builds in the background
+        t = time.perf_counter()
+        store.close()
+        store = open_store(data, backend)
+        store.get("scale")
+        row["index_ready_s"] = time.perf_counter() - t
 
     rng = np.random.default_rng(1)
     adds, removes = [], []
@@ -127,7 +157,9 @@ def run_one(n: int, index_type: str, changes: int, queries: int, work: Path, spr
                search_params=index.search_params)  # fmt: skip
     del index, ids_all, vecs_all
     store._cache.clear()
-    load = probe_load(data)
+    if milvus:
+        store.close()  # Milvus Lite: one process per file
+    load = probe_load(data, milvus)
     raw_mb = n * DIM * 4 / 2**20
     row.update(load_s=load["load_s"], rss_mb=load["rss_mb"], rss_before_mb=load["rss_before_mb"], raw_mb=raw_mb,
                rss_ratio=(load["rss_mb"] - load["rss_before_mb"]) / raw_mb)  # fmt: skip
@@ -172,7 +204,7 @@ def real_gallery_on_top(store: IndexStore) -> dict:
     }
 
 
-def run_engine(n: int, index_type: str, work: Path, rounds: int = 9) -> dict:
+def run_engine(n: int, index_type: str, work: Path, rounds: int = 9, backend: str = "faiss") -> dict:
     """Through the engine the app serves from, with the models (``SHITU_MODEL_DIR``): an index of
     ``n`` synthetic vectors in the active model's feature space plus the sample gallery; one
     ``engine.add`` of a photo (embedding included) and one ``engine.remove``, p50; and
@@ -189,7 +221,7 @@ def run_engine(n: int, index_type: str, work: Path, rounds: int = 9) -> dict:
     from shitu.gallery import GalleryBatch, read_label_file
     from shitu.sample import write_gallery, write_queries
 
-    engine = Engine(Settings.from_env(data_dir=work / "engine-data", default_index="big"))
+    engine = Engine(Settings.from_env(data_dir=work / "engine-data", default_index="big", vector_store=backend))
     photos = work / "photos"
     batch = read_label_file(write_gallery(photos), photos)
     feats, items, _ = engine.embed_gallery(batch)
@@ -197,9 +229,13 @@ def run_engine(n: int, index_type: str, work: Path, rounds: int = 9) -> dict:
     labels = [f"product-{g}" for g in groups] + [i.label for i in items]
     store, key = engine.locate("big")
     t = time.perf_counter()
-    store.put(key, GalleryIndex.build(np.concatenate([x, feats]), labels, index_type=index_type, adapt="off",
-                                      feature_model=engine.feature_model))  # fmt: skip
-    row: dict = {"n": n, "dim": int(feats.shape[1]), "index_type": index_type, "build_s": time.perf_counter() - t}
+    built = GalleryIndex.build(np.concatenate([x, feats]), labels, index_type="Flat" if backend == "milvus" else
+                               index_type, adapt="off", feature_model=engine.feature_model)  # fmt: skip
+    built._index_type = index_type  # Milvus builds its own index
+    store.put(key, built)
+    del built
+    row: dict = {"n": n, "dim": int(feats.shape[1]), "index_type": index_type, "build_s": time.perf_counter() - t,
+                 "backend": backend}  # fmt: skip
     del x
     engine.build("small", batch, adapt="off")
     adds, removes = [], []
@@ -276,6 +312,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--work", default=None, help="where the indices are written (default: a temp dir)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--engine", type=int, metavar="N", help="measure through the engine and HTTP at N entries")
+    ap.add_argument("--backend", choices=["faiss", "milvus"], default="faiss", help="the store measured")
     ap.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"), help="print the Markdown table of two JSON files")
     args = ap.parse_args(argv)
     if args.table:
@@ -285,13 +322,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         if args.engine:
             for kind in args.types:
-                row = run_engine(args.engine, kind, Path(tmp) / kind)
+                row = run_engine(args.engine, kind, Path(tmp) / kind, backend=args.backend)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
             args.sizes = []
         for n in args.sizes:
             for kind in args.types:
-                row = run_one(n, kind, args.changes, args.queries, Path(tmp), args.spread)
+                row = run_one(n, kind, args.changes, args.queries, Path(tmp), args.spread, args.backend)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     if args.out:

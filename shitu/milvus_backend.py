@@ -865,11 +865,11 @@ class MilvusCollections:
         """Removes the blobs under these keys (missing ones are ignored)."""
         if not keys or not self._ensure_blob_collection(create=False):
             return
-        with self._write_lock:
-            gone = [k for key in keys for k in self._blob_keys(key)]
-            with self._calling("delete blobs"):
-                for k in range(0, len(gone), _IDS_PER_CALL):
-                    self._client.delete(self._blob_collection, ids=gone[k : k + _IDS_PER_CALL], timeout=self.timeout)
+        names = [_check_text(k, "blob key", 512, empty_ok=False) for k in keys]
+        with self._write_lock, self._calling("delete blobs"):
+            for k in range(0, len(names), 256):
+                listed = ", ".join(_quote(n) for n in names[k : k + 256])
+                self._client.delete(self._blob_collection, filter=f"name in [{listed}]", timeout=self.timeout)
 
     def blob_keys(self, group: str) -> list[str]:
         """The keys of the blobs stored with this ``group``, sorted."""

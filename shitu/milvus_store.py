@@ -235,6 +235,7 @@ class MilvusIndexStore:
         self.keep_versions = max(0, int(keep_versions))
         self._lock_dir = Path(lock_dir) if lock_dir else None
         self._cache: dict[str, MilvusGallery] = {}
+        self._pruned: dict[str, tuple[int, int]] = {}  # name -> (oldest kept version, archived generations) seen
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
         self._held = threading.local()
@@ -599,18 +600,20 @@ class MilvusIndexStore:
         else:
             ids, labels = self.rows.id_labels(name)
             result = self._gallery(name, ids, labels, record["state"])
-        self._prune(name)
+        self._prune(name, {**head, "version": version})
         return self._cached(name, result, version, str(head["epoch"]))
 
-    def _prune(self, name: str) -> None:
+    def _prune(self, name: str, head: dict[str, Any] | None = None) -> None:
         """Forget what no kept version needs: older records, the rows they set aside, archived
-        generations."""
-        head = self.rows.get_meta(name)
+        generations. Usually one record falls out of the window per commit: a few calls."""
+        head = head if head is not None else self.rows.get_meta(name)
         current, start = int(head["version"]), int(head.get("start", 1))
         oldest = max(1, current - self.keep_versions)
-        numbers = {int(k.rsplit("/", 1)[1]): k for k in self.rows.blob_keys(f"log/{name}")}
-        gone = sorted(n for n in numbers if n < oldest)
         generations = head.get("generations", [])
+        seen = self._pruned.get(name)
+        if seen == (oldest, len(generations)):
+            return  # nothing fell out of the kept window since the last look
+        self._pruned[name] = (oldest, len(generations))
         kept = [g for g in generations if g["last"] >= oldest]
         for g in generations:
             if g["last"] < oldest:
@@ -619,19 +622,26 @@ class MilvusIndexStore:
                         self.archive.drop(_archived(kind, g["generation"], name))
         if len(kept) != len(generations):
             self.rows.put_meta(name, {**head, "generations": kept})
+        if seen is not None and seen[0] <= oldest:  # this process pruned up to seen[0] already
+            gone = list(range(seen[0], oldest))
+        else:
+            logged = (int(k.rsplit("/", 1)[1]) for k in self.rows.blob_keys(f"log/{name}"))
+            gone = sorted(n for n in logged if n < oldest)
         if not gone:
             return
-        dropped: set[int] = set()
-        still: set[int] = set()
-        for number in range(start, current + 1):
-            if number not in numbers or (number >= oldest and not self.removed.exists(name)):
-                continue
-            record = self._record(name, number) or {}
-            removed = {i for c in record.get("changes", []) if c["op"] == "remove" for i in c["ids"]}
-            (dropped if number < oldest else still).update(removed)
-        if dropped - still and self.removed.exists(name):
-            self.removed.delete(name, sorted(dropped - still))
-        self.rows.delete_blobs([numbers[n] for n in gone])
+        # rows set aside by the records that go, unless a kept record set them aside again
+        dropped = set()
+        for number in gone:
+            if number >= start:
+                record = self._record(name, number) or {}
+                dropped |= {i for c in record.get("changes", []) if c["op"] == "remove" for i in c["ids"]}
+        if dropped and self.removed.exists(name):
+            for number in range(oldest, current + 1):
+                record = self._record(name, number) or {}
+                dropped -= {i for c in record.get("changes", []) if c["op"] == "remove" for i in c["ids"]}
+            if dropped:
+                self.removed.delete(name, sorted(dropped))
+        self.rows.delete_blobs([f"log/{name}/{n:010d}" for n in gone])
 
     def _archive_generation(self, name: str, head: dict[str, Any]) -> None:
         generation = int(head.get("generation", 1))
