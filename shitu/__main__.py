@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -226,8 +225,9 @@ def cmd_restore(args) -> int:
 def _milvus(args):
     from shitu.milvus_backend import MilvusCollections
 
-    uri = args.uri or os.environ.get("SHITU_MILVUS_URI") or str(_settings(args).data_dir / "milvus.db")
-    return MilvusCollections(uri, token=args.token or os.environ.get("SHITU_MILVUS_TOKEN"))
+    settings = _settings(args)  # SHITU_MILVUS_URI / _TOKEN / _PREFIX: the collections the app serves from
+    uri = args.uri or settings.milvus_target
+    return MilvusCollections(uri, token=args.token or settings.milvus_token, prefix=settings.milvus_prefix)
 
 
 def cmd_milvus_export(args) -> int:

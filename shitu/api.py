@@ -285,6 +285,9 @@ class HealthResult(BaseModel):
     indices: list[str]
     activeIndex: str = Field(description="SHITU_DEFAULT_INDEX: the index used when a request names none")
     modelDownloads: dict[str, Any] = Field(description="Background download of official weights, if any")
+    vectorStore: str = Field(
+        "faiss", description="Where named indices live and are searched: faiss, milvus_lite or milvus_server"
+    )
 
 
 class ModelsResult(BaseModel):
@@ -847,6 +850,7 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
                 indices=engine.index_names(),
                 activeIndex=engine.settings.default_index,
                 modelDownloads=engine.model_download_status(),
+                vectorStore=engine.vector_store,
             )
         )
 

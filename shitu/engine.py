@@ -165,6 +165,14 @@ class Engine:
             settings.indices_dir, lock_dir=settings.data_dir / "locks", keep_versions=settings.history_versions
         )
 
+    @property
+    def vector_store(self) -> str:
+        """Where named indices live and are searched: ``faiss`` (files in the data dir),
+        ``milvus_lite`` (a Milvus Lite file, one process) or ``milvus_server``."""
+        if self.settings.vector_store == "faiss":
+            return "faiss"
+        return "milvus_server" if "://" in self.settings.milvus_target else "milvus_lite"
+
     # --- models -----------------------------------------------------------------------------
     def _current_runtime(self) -> Runtime:
         if self._runtime is None:

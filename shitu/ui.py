@@ -1343,6 +1343,7 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
         "gradio": _version("gradio"),
     }
     lines.append(f"- **{_t(lang, 'device')}**: {_device(engine, lang)}")
+    lines.append(f"- **{_t(lang, 'vector_store')}**: {_t(lang, 'store_' + engine.vector_store)}")
     lines.append(f"- **{_t(lang, 'versions')}**: " + " · ".join(f"{k} {v}" for k, v in versions.items()))
     lines.append(_t(lang, "indices_header"))
     lines.extend(_download_lines(engine.model_download_status(), lang))

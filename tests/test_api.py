@@ -220,11 +220,13 @@ def test_routes_run_in_the_threadpool_and_are_documented(client):
     assert client.get("/docs").status_code == 200
 
 
-def test_health_lists_models_and_indices(client, base):
+def test_health_lists_models_and_indices(client, api_engine, base):
     result = ok(client.get("/health"))
     assert result["status"] == "ok"
     assert {"detection", "recognition"} <= set(result["models"])
     assert base in result["indices"] and result["activeIndex"] == base
+    # which store serves: faiss files, or Milvus Lite in the data dir (SHITU_TEST_VECTOR_STORE=milvus)
+    assert result["vectorStore"] == {"faiss": "faiss", "milvus": "milvus_lite"}[api_engine.settings.vector_store]
 
 
 def test_build_without_key_generates_one_with_flat_ip_defaults(client, api_engine, sample_gallery):

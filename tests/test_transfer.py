@@ -94,3 +94,26 @@ def test_a_whitened_index_is_refused_and_nothing_is_left_in_milvus(tmp_path):
         with pytest.raises(ShiTuError, match="PCA-whitened"):
             to_milvus(index, milvus, "w")
         assert not milvus.exists("w")
+
+
+def test_an_exported_index_is_served_by_switching_the_vector_store(tmp_path, capsys, monkeypatch):
+    """The move to Milvus in two steps: `shitu milvus-export`, then SHITU_VECTOR_STORE=milvus."""
+    from shitu.config import Settings
+    from shitu.engine import Engine
+
+    stored_index(tmp_path, "on")
+    data = tmp_path / "data"
+    files = IndexStore(data / "indices").get("shop")
+    assert main(["--data-dir", str(data), "milvus-export", "--index", "shop"]) == 0  # <data>/milvus.db
+    capsys.readouterr()
+    engine = Engine(Settings.from_env(data_dir=data, offline=True, vector_store="milvus"))
+    try:
+        assert engine.vector_store == "milvus_lite" and engine.index_names() == ["shop"]
+        served = engine.index("shop")
+        assert served.id_map == files.id_map and served.next_id == files.next_id
+        assert served.entry(7).source == "g/7.jpg" and served.entry(7).thumbnail == b"\xff\xd8\x07"
+        q = gallery(seed=5)[0][:20]
+        assert np.array_equal(served.search(q, 1)[1], files.recalibrated().search(q, 1)[1])  # refitted once
+        assert engine.versions("shop")[0]["action"] == "adopt (milvus-export)"
+    finally:
+        engine.close()
