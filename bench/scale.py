@@ -11,7 +11,8 @@ measures through :class:`shitu.store.IndexStore`, the layer every surface commit
 - ``query``: one single-vector search, p50, and recall@1 against exact search.
 
     python bench/scale.py --sizes 100000 1000000 --types Flat HNSW32 --out bench/results/scale.json
-    python bench/scale.py --backend milvus --sizes 100000 --types Flat HNSW32   # Milvus Lite, same protocol
+    python bench/scale.py --backend faiss milvus --sizes 100000 --types Flat HNSW32 --out both.json
+    python bench/scale.py --compare both.json   # the two stores side by side
 
 With ``--backend milvus`` the store is :class:`shitu.milvus_store.MilvusIndexStore` on a Milvus
 Lite file (``SHITU_VECTOR_STORE=milvus``): Milvus builds its own HNSW/IVF index, in the background
@@ -302,6 +303,27 @@ def table(before: list[dict], after: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def backends_table(rows: list[dict]) -> str:
+    """Markdown: every measure of the same sizes and index types on the two stores side by side."""
+    old = {(r["n"], r["index_type"]): r for r in rows if r.get("backend", "faiss") == "faiss"}
+    milvus_rows = [r for r in rows if r.get("backend") == "milvus"]
+    lines = ["| entries | index | measure | faiss (files) | Milvus Lite |", "|---|---|---|---|---|"]
+    extra = {"first_save_s": "first write of the whole gallery, s", "index_ready_s": "until Milvus built its index, s"}
+    for r in milvus_rows:
+        f = old.get((r["n"], r["index_type"]), {})
+        for key, what in [*((k, v[0]) for k, v in GOALS.items()), *extra.items()]:
+            if key not in r:
+                continue
+            fmt = "{:.3f}" if key in ("rss_ratio", "recall_at_1") else "{:.1f}"
+            was = fmt.format(f[key]) if key in f else "–"
+            lines.append(f"| {r['n']:,} | {r['index_type']} | {what} | {was} | {fmt.format(r[key])} |")
+        if "real_loo_recall_at_1" in r:
+            lines.append(f"| {r['n']:,} | {r['index_type']} | real drink gallery on top: leave-one-out recall@1 "
+                         f"(alone: 0.958) | {f.get('real_loo_recall_at_1', float('nan')):.3f} | "
+                         f"{r['real_loo_recall_at_1']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000])
@@ -312,25 +334,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--work", default=None, help="where the indices are written (default: a temp dir)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--engine", type=int, metavar="N", help="measure through the engine and HTTP at N entries")
-    ap.add_argument("--backend", choices=["faiss", "milvus"], default="faiss", help="the store measured")
+    ap.add_argument("--backend", nargs="+", choices=["faiss", "milvus"], default=["faiss"],
+                    help="the store(s) measured, one after the other for each size and index type")
+    ap.add_argument("--compare", nargs="+", metavar="JSON", help="print the faiss and Milvus rows side by side")
     ap.add_argument("--table", nargs=2, metavar=("BEFORE", "AFTER"), help="print the Markdown table of two JSON files")
     args = ap.parse_args(argv)
     if args.table:
         print(table(*(json.loads(Path(p).read_text()) for p in args.table)), end="")
         return []
+    if args.compare:
+        print(backends_table([r for p in args.compare for r in json.loads(Path(p).read_text())]), end="")
+        return []
     rows = []
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         if args.engine:
             for kind in args.types:
-                row = run_engine(args.engine, kind, Path(tmp) / kind, backend=args.backend)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for backend in args.backend:
+                    row = run_engine(args.engine, kind, Path(tmp) / f"{backend}-{kind}", backend=backend)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
             args.sizes = []
         for n in args.sizes:
             for kind in args.types:
-                row = run_one(n, kind, args.changes, args.queries, Path(tmp), args.spread, args.backend)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for backend in args.backend:
+                    row = run_one(n, kind, args.changes, args.queries, Path(tmp), args.spread, backend)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return rows

@@ -76,3 +76,25 @@ def test_bench_scale_tiny_measures_every_goal(tmp_path: Path) -> None:
     table = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--table", str(out), str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
     assert table.count("| 3,000 |") >= 12 and "recall@1 against exact search" in table
+
+
+@pytest.mark.slow
+def test_bench_scale_runs_both_stores_side_by_side(tmp_path: Path) -> None:
+    """--backend faiss milvus: the same protocol on the file store and on Milvus Lite, one
+    after the other, and --compare prints them side by side."""
+    pytest.importorskip("milvus_lite", reason="milvus-lite is not installed")
+    out = tmp_path / "both.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "scale.py"), "--backend", "faiss", "milvus", "--sizes", "2000",
+         "--types", "Flat", "--changes", "2", "--queries", "10", "--work", str(tmp_path), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())
+    assert [r["backend"] for r in rows] == ["faiss", "milvus"]
+    assert all(r["recall_at_1"] == 1.0 and r["add_p50_ms"] > 0 for r in rows)
+    table = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--compare", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
+    assert "| faiss (files) | Milvus Lite |" in table and table.count("| 2,000 | Flat |") >= 8
