@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FRONT_ENDS = ["app.py", "shitu/api.py", "shitu/ui.py", "shitu/__main__.py", "shitu/paddlex_api.py"]
-INTERNALS = {"shitu.index", "shitu.store", "shitu.milvus_store", "shitu.runtime", "shitu.models", "shitu.matching", "shitu.starter"}
+INTERNALS = {"shitu.index", "shitu.store", "shitu.milvus_store", "shitu.runtime", "shitu.models", "shitu.matching",
+             "shitu.starter"}  # fmt: skip
 
 
 def _tree(path: str) -> ast.Module:
