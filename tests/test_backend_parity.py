@@ -6,6 +6,9 @@
   faiss index, replicas that see each other's changes, a change cut short, an exported gallery
   served as it is, restores across rebuilds.
 * Two app processes serve one gallery through a ``milvus-lite server`` they share.
+
+``SHITU_TEST_MILVUS_URI=http://host:port`` runs the replica, two-process and store tests against that
+Milvus server instead (each under a collection prefix of its own).
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ def clustered(n: int, seed: int = 0, groups: int = 30) -> tuple[np.ndarray, list
 
 @pytest.fixture
 def store(tmp_path):
-    s = MilvusIndexStore(str(tmp_path / "m.db"), lock_dir=tmp_path / "locks", keep_versions=3)
+    """A store on a Milvus Lite file, or on ``SHITU_TEST_MILVUS_URI`` under a prefix of its own."""
+    external = os.environ.get("SHITU_TEST_MILVUS_URI")
+    uri = external or str(tmp_path / "m.db")
+    prefix = f"t{os.urandom(4).hex()}_" if external else "shitu_"
+    s = MilvusIndexStore(uri, prefix=prefix, lock_dir=tmp_path / "locks", keep_versions=3)
     yield s
     s.close()
 
@@ -60,7 +67,11 @@ def free_port() -> int:
 
 @pytest.fixture
 def lite_server(tmp_path):
-    """``milvus-lite server`` in a child process: what several replicas share."""
+    """``milvus-lite server`` in a child process: what several replicas share. With
+    ``SHITU_TEST_MILVUS_URI`` set, that Milvus server instead (e.g. Milvus Standalone)."""
+    if os.environ.get("SHITU_TEST_MILVUS_URI"):
+        yield os.environ["SHITU_TEST_MILVUS_URI"]
+        return
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "server.db"),
@@ -129,7 +140,8 @@ def test_answers_match_an_in_memory_faiss_index_through_every_change(store, adap
         served = store.mutate("a", change)
         same(local, served)
     assert served.entry(300) == local.entry(300)  # source and thumbnail from the Milvus row
-    again = MilvusIndexStore(store.uri, keep_versions=3)  # a fresh process's view: rows, labels, state
+    # a fresh process's view: rows, labels, state
+    again = MilvusIndexStore(store.uri, prefix=store.rows.prefix, keep_versions=3)
     try:
         same(local, again.get("a"))
         refit = again.mutate("a", lambda i: i.recalibrated(adapt))
@@ -140,8 +152,9 @@ def test_answers_match_an_in_memory_faiss_index_through_every_change(store, adap
 
 def test_replicas_see_each_others_changes_and_never_reuse_ids(lite_server, tmp_path, monkeypatch):
     monkeypatch.setattr(milvus_store, "SYNC_SECONDS", 0.0)  # check the version on every read
-    one = MilvusIndexStore(lite_server, lock_dir=tmp_path / "locks-1")
-    two = MilvusIndexStore(lite_server, lock_dir=tmp_path / "locks-2")  # another machine: no shared lock
+    prefix = f"r{os.urandom(4).hex()}_"  # a server may be shared with other runs
+    one = MilvusIndexStore(lite_server, prefix=prefix, lock_dir=tmp_path / "locks-1")
+    two = MilvusIndexStore(lite_server, prefix=prefix, lock_dir=tmp_path / "locks-2")  # another machine: no lock
     try:
         x, labels = clustered(60)
         one.put("shop", GalleryIndex.build(x, labels, index_type="HNSW32"))
@@ -174,7 +187,7 @@ def test_a_change_cut_short_leaves_a_consistent_gallery_and_retired_ids(store, m
     with pytest.raises(RuntimeError):
         store.mutate("a", lambda i: i.add(new, ["n", "n", "n"]))
     monkeypatch.setattr(store.rows, "put_meta", real)
-    later = MilvusIndexStore(store.uri)  # what the next process sees
+    later = MilvusIndexStore(store.uri, prefix=store.rows.prefix)  # what the next process sees
     try:
         index = later.get("a")
         assert len(index) == 53 and index.label(52) == "n"  # the rows are the truth: listed and searched
@@ -210,7 +223,7 @@ def test_restore_reaches_back_across_rebuilds_while_versions_are_kept(store):
         store.mutate("a", lambda i: i.relabel([0], "z"))
     with pytest.raises(NotFound, match="no longer kept"):
         store.restore("a", 2)
-    archived = [c for c in store.archive._client.list_collections() if c.startswith("shitu_h_")]
+    archived = [c for c in store.archive._client.list_collections() if c.startswith(store.archive.prefix)]
     assert len(archived) <= 2  # the rebuild's generation (rows, and nothing set aside) at most
 
 
@@ -229,12 +242,13 @@ def test_a_pca_whitened_index_is_refused_with_advice(store):
 def test_two_app_processes_serve_one_gallery_through_one_milvus(lite_server, tmp_path, sample_gallery):
     root, label_file = sample_gallery
     procs, bases = [], []
+    prefix = f"a{os.urandom(4).hex()}_"  # both processes, and only they, use these collections
     try:
         for k in range(2):
             port = free_port()
             env = {**os.environ, "SHITU_DATA_DIR": str(tmp_path / f"data-{k}"), "SHITU_MODEL_DIR": str(MODEL_CACHE),
                    "SHITU_OFFLINE": "1", "SHITU_VECTOR_STORE": "milvus", "SHITU_MILVUS_URI": lite_server,
-                   "PYTHONUNBUFFERED": "1"}  # fmt: skip
+                   "SHITU_MILVUS_PREFIX": prefix, "PYTHONUNBUFFERED": "1"}  # fmt: skip
             log = open(tmp_path / f"app-{k}.log", "wb")  # noqa: SIM115 - closed with the process
             procs.append(subprocess.Popen([sys.executable, "-m", "shitu", "serve", "--port", str(port)], cwd=ROOT,
                                           env=env, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
