@@ -911,16 +911,7 @@ class MilvusCollections:
                 schema.add_field("part", dtype.INT64)
                 schema.add_field("total", dtype.INT64)
                 schema.add_field("data", dtype.VARCHAR, max_length=MAX_THUMB_CHARS)
-                schema.add_field("vec", dtype.FLOAT_VECTOR, dim=2)
-                params = self._client.prepare_index_params()
-                params.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
-                try:
-                    self._client.create_collection(
-                        coll, schema=schema, index_params=params, consistency_level="Strong", timeout=self.timeout
-                    )
-                except Exception as e:  # another replica created it meanwhile
-                    if "already exist" not in str(e).lower():
-                        raise
+                self._create_side_collection(coll, schema)
             self._ensure_loaded(coll)
         self._blob_ready = True
         return True
@@ -969,6 +960,20 @@ class MilvusCollections:
                 self._meta_collection, [{"key": coll, "value": text, "vec": [1.0, 0.0]}], timeout=self.timeout
             )
 
+    def _create_side_collection(self, coll: str, schema: Any) -> None:
+        """A collection of ours that is not a gallery (metadata, blobs): Milvus needs a vector
+        field in every collection, so it gets a 2-d dummy; another replica may create it first."""
+        schema.add_field("vec", _pymilvus().DataType.FLOAT_VECTOR, dim=2)
+        params = self._client.prepare_index_params()
+        params.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
+        try:
+            self._client.create_collection(
+                coll, schema=schema, index_params=params, consistency_level="Strong", timeout=self.timeout
+            )
+        except Exception as e:  # another replica created it meanwhile
+            if "already exist" not in str(e).lower():
+                raise
+
     def _ensure_meta_collection(self, *, create: bool) -> bool:
         if self._meta_ready:
             return True
@@ -983,16 +988,7 @@ class MilvusCollections:
                 )
                 schema.add_field("key", dtype.VARCHAR, is_primary=True, max_length=MAX_COLLECTION_NAME + 1)
                 schema.add_field("value", dtype.VARCHAR, max_length=MAX_META_CHARS)
-                schema.add_field("vec", dtype.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field in every collection
-                params = self._client.prepare_index_params()
-                params.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
-                try:
-                    self._client.create_collection(
-                        coll, schema=schema, index_params=params, consistency_level="Strong", timeout=self.timeout
-                    )
-                except Exception as e:  # another replica created it meanwhile
-                    if "already exist" not in str(e).lower():
-                        raise
+                self._create_side_collection(coll, schema)
             self._ensure_loaded(coll)
         self._meta_ready = True
         return True

@@ -41,7 +41,6 @@ import os
 import tempfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from shitu.adapt import Adaptation, Projection
 from shitu.calibrate import Calibration
 from shitu.entrymeta import EntryMeta
 from shitu.errors import Conflict, NotFound, ShiTuError
-from shitu.index import EXPORTED_FILES, GalleryIndex, Whitening, _faiss_index, _Labels, _merged_raw
+from shitu.index import GalleryIndex, Whitening, _faiss_index, _Labels, _merged_raw
 from shitu.milvus_backend import MAX_K, MilvusCollections
 from shitu.store import (
     CHANGES_SHOWN,
@@ -65,6 +64,7 @@ from shitu.store import (
     describe_change,
     describe_logged,
     diff_id_maps,
+    zipped,
 )
 
 try:
@@ -847,15 +847,7 @@ class MilvusIndexStore:
     # --- moving indices in and out -----------------------------------------------------------
     def export_zip(self, name: str) -> bytes:
         name = self.check(name)
-        index = self.get(name)
-        with tempfile.TemporaryDirectory() as tmp:
-            index.write_files(Path(tmp))
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-                for fname in EXPORTED_FILES:
-                    if (Path(tmp) / fname).exists():
-                        zf.write(Path(tmp) / fname, f"{name}/{fname}")
-            return buf.getvalue()
+        return zipped(self.get(name), name)
 
     def import_zip(self, name: str, data: bytes, *, overwrite: bool = False) -> GalleryIndex:
         from shitu.store import IndexStore

@@ -643,14 +643,7 @@ class IndexStore:
         name = self.check(name)
         with self.locked(name):
             index = self._load(name)
-        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
-            index.write_files(Path(tmp))
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-                for fname in EXPORTED_FILES:
-                    if (Path(tmp) / fname).exists():
-                        zf.write(Path(tmp) / fname, f"{name}/{fname}")
-            return buf.getvalue()
+        return zipped(index, name, self.root)
 
     def import_zip(self, name: str, data: bytes, *, overwrite: bool = False) -> GalleryIndex:
         """Import an index .zip (ours, or a zipped PaddleX ``IndexData.save`` dir)."""
@@ -678,6 +671,19 @@ class IndexStore:
             except Exception as exc:  # noqa: BLE001 - a damaged member, whatever the library says
                 raise ShiTuError(f"the .zip does not hold a usable index ({type(exc).__name__})") from None
             return self.put(name, index, overwrite=overwrite, action="import")
+
+
+def zipped(index: GalleryIndex, name: str, scratch: Path | None = None) -> bytes:
+    """``index`` as a .zip of ``name/<file>`` in PaddleX's layout (plus our metadata), every change
+    folded in; written through a temporary directory under ``scratch``."""
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        index.write_files(Path(tmp))
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for fname in EXPORTED_FILES:
+                if (Path(tmp) / fname).exists():
+                    zf.write(Path(tmp) / fname, f"{name}/{fname}")
+        return buf.getvalue()
 
 
 def describe_change(before: GalleryIndex, after: GalleryIndex) -> str:

@@ -6,6 +6,7 @@ The starter models are cached in ``$SHITU_TEST_MODEL_DIR`` (default
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -95,6 +96,42 @@ def stored_state(engine) -> dict[str, str]:
                 digest.update(vid.tobytes() + vecs.tobytes())
         out[name] = digest.hexdigest()
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def milvus_lite_server(data_dir: Path):
+    """``milvus-lite server`` on ``data_dir`` in a child process (what several replicas share);
+    yields its ``http://127.0.0.1:<port>`` URI."""
+    import socket
+    import subprocess
+    import sys
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir), "--host", "127.0.0.1",
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None and time.monotonic() < deadline, "milvus-lite server did not start"
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:

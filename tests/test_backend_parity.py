@@ -14,7 +14,6 @@ Milvus server instead (each under a collection prefix of its own).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from shitu.index import GalleryIndex  # noqa: E402
 from shitu.milvus_store import MilvusGallery, MilvusIndexStore  # noqa: E402
 from shitu.transfer import to_milvus  # noqa: E402
 
-from .conftest import MODEL_CACHE  # noqa: E402
+from .conftest import MODEL_CACHE, free_port, milvus_lite_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 32
@@ -59,12 +58,6 @@ def store(tmp_path):
     s.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def lite_server(tmp_path):
     """``milvus-lite server`` in a child process: what several replicas share. With
@@ -72,24 +65,8 @@ def lite_server(tmp_path):
     if os.environ.get("SHITU_TEST_MILVUS_URI"):
         yield os.environ["SHITU_TEST_MILVUS_URI"]
         return
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "server.db"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert server.poll() is None and time.monotonic() < deadline, "milvus-lite server did not start"
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with milvus_lite_server(tmp_path / "server.db") as uri:
+        yield uri
 
 
 # --- the same tests, on Milvus --------------------------------------------------------------------

@@ -7,10 +7,8 @@ several app replicas would share one Milvus.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,6 +20,8 @@ pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (needed 
 
 from shitu.errors import Conflict, NotFound, ShiTuError, TooLarge, Unavailable  # noqa: E402
 from shitu.milvus_backend import MilvusCollections, escape_name, unescape_name  # noqa: E402
+
+from .conftest import milvus_lite_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 32
@@ -326,28 +326,8 @@ def test_a_second_process_is_refused_with_advice_until_the_first_closes(tmp_path
     assert "opened ['held']" in other_process().stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_replicas_share_one_milvus_lite_server(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "server.db"),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert server.poll() is None and time.monotonic() < deadline, "milvus-lite server did not start"
-            time.sleep(0.2)
-        uri = f"http://127.0.0.1:{port}"
+    with milvus_lite_server(tmp_path / "server.db") as uri:
         with MilvusCollections(uri) as one, MilvusCollections(uri) as two:
             vectors, _, labels = clustered(n=50)
             fill(one, "g", vectors, labels, index_type="HNSW32", metric_type="L2", meta={"next_id": 50})
@@ -359,9 +339,6 @@ def test_replicas_share_one_milvus_lite_server(tmp_path):
             scores, found = one.search("g", vectors[:3], 1)
             assert found[:, 0].tolist() == [0, 1, 2]
             np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.skipif(not os.environ.get("SHITU_TEST_MILVUS_URI"), reason="set SHITU_TEST_MILVUS_URI to test a server")
