@@ -239,7 +239,6 @@ class MilvusIndexStore:
         self._locks: dict[str, threading.RLock] = {}
         self._guard = threading.Lock()
         self._held = threading.local()
-        self.root = Path(tempfile.gettempdir())  # where an export or import unpacks (like IndexStore.root)
 
     def close(self) -> None:
         for part in (self.rows, self.searched, self.removed, self.archive):
@@ -690,9 +689,9 @@ class MilvusIndexStore:
         """Nothing to wait for: Milvus compacts by itself."""
 
     # --- versions -----------------------------------------------------------------------------
-    def _catalog(self, name: str) -> tuple[int, dict[int, dict[str, Any]]]:
-        """The current version and the records of the versions kept (newest first): the
-        current generation's, and those of archived generations still held."""
+    def _catalog(self, name: str) -> tuple[int, dict[int, dict[str, Any]], dict[str, Any]]:
+        """The current version, the records of the versions kept (newest first: the current
+        generation's, and those of archived generations still held) and the metadata row."""
         head = self._head(name)
         current = int(head["version"])
         spans = [(int(head.get("start", 1)), current)]
@@ -704,14 +703,13 @@ class MilvusIndexStore:
                 record = self._record(name, number)
                 if record is not None:
                     catalog[number] = record
-        self._head_seen = head
-        return current, dict(sorted(catalog.items(), reverse=True))
+        return current, dict(sorted(catalog.items(), reverse=True)), head
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         name = self.check(name)
         with self.locked(name):
             self._load(name)
-            current, catalog = self._catalog(name)
+            current, catalog, _ = self._catalog(name)
             return [{"version": v, "current": v == current, **_public(rec)} for v, rec in catalog.items()]
 
     def _require(self, name: str, number: int, catalog: dict, current: int) -> None:
@@ -726,16 +724,16 @@ class MilvusIndexStore:
             f"(at most {self.keep_versions} earlier ones)"
         )
 
-    def _generation_of(self, number: int) -> dict[str, Any] | None:
+    @staticmethod
+    def _generation_of(head: dict[str, Any], number: int) -> dict[str, Any] | None:
         """The archived generation holding version ``number`` (``None``: the current one)."""
-        head = self._head_seen
         if number >= int(head.get("start", 1)):
             return None
         return next(g for g in head.get("generations", []) if g["first"] <= number <= g["last"])
 
-    def _id_map_at(self, name: str, number: int, current: int, catalog: dict) -> dict[int, str]:
+    def _id_map_at(self, name: str, number: int, current: int, catalog: dict, head: dict) -> dict[int, str]:
         """The id map of version ``number``: its generation's last, with the records since undone."""
-        generation = self._generation_of(number)
+        generation = self._generation_of(head, number)
         if generation is None:
             id_map, last = self._cache[name].id_map, current
         else:
@@ -760,12 +758,12 @@ class MilvusIndexStore:
         against = version - 1 if against is None else _number(against, "against", zero=True)
         with self.locked(name):
             self._load(name)
-            current, catalog = self._catalog(name)
+            current, catalog, head = self._catalog(name)
             self._require(name, version, catalog, current)
             if against:
                 self._require(name, against, catalog, current)
-            after = self._id_map_at(name, version, current, catalog)
-            before = self._id_map_at(name, against, current, catalog) if against else {}
+            after = self._id_map_at(name, version, current, catalog, head)
+            before = self._id_map_at(name, against, current, catalog, head) if against else {}
             record = catalog[version]
         return {
             "index": name, "version": version, "against": against, "action": record.get("action"),
@@ -780,12 +778,12 @@ class MilvusIndexStore:
         version = _number(version, "version")
         with self.locked(name):
             latest = self._load(name)
-            current, catalog = self._catalog(name)
+            current, catalog, head = self._catalog(name)
             if version == current:
                 raise ShiTuError(f"version {version} is already the current version of index {name!r}")
             self._require(name, version, catalog, current)
-            target = self._id_map_at(name, version, current, catalog)
-            generation = self._generation_of(version)
+            target = self._id_map_at(name, version, current, catalog, head)
+            generation = self._generation_of(head, version)
             if generation is not None:  # an earlier build: written anew from its archived rows
                 index = self._archived_index(name, generation["generation"], target, catalog[version]["state"])
                 index.retire_ids_below(latest.next_id)
