@@ -50,6 +50,10 @@ MAX_PREVIEWS = 48  # thumbnails in the preview gallery
 I18N = gr.I18n(**TEXT)
 CSS = """
 #result-table td, #entries-table td { white-space: normal; }
+/* the indices table scrolls sideways on a phone instead of wrapping letter by letter */
+#models-info table { display: block; overflow-x: auto; width: fit-content; max-width: 100%; border: none;
+  padding: 0; }
+#models-info th, #models-info td { white-space: nowrap; }
 #title h1 { margin-bottom: 0.2em; }
 .shitu-banner { padding: 8px 12px; border-radius: 8px; font-size: 0.95em; line-height: 1.4; }
 .shitu-banner.banner_starter { background: #fff7e0; border: 1px solid #f0c36d; color: #5c4400; }
