@@ -90,6 +90,13 @@ class Settings(BaseSettings):
         description="Paddle Inference CPU math threads per model (default: PaddleX's 10, or fewer "
         "when this process may use fewer cores: more threads than cores only adds contention)",
     )
+    build_workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="processes that decode and embed a large gallery (a build or an add of hundreds of "
+        "images) side by side; default: one per core, at most 4; 1: only the models' own process",
+    )
     isolate_models: bool = Field(
         True, description="run PaddleX in a supervised worker process, so a native crash cannot kill the server"
     )
@@ -164,7 +171,7 @@ class PipelineConfig:
     """
 
     detection: SubModule = field(default_factory=lambda: SubModule("PP-ShiTuV2_det"))
-    recognition: SubModule = field(default_factory=lambda: SubModule("PP-ShiTuV2_rec", batch_size=8))
+    recognition: SubModule = field(default_factory=lambda: SubModule("PP-ShiTuV2_rec", batch_size=4))
     det_threshold: float | None = None
     rec_threshold: float | None = None
     rec_topk: int = 5

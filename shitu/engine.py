@@ -24,9 +24,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,6 @@ from shitu.gallery import (
     crop_box,
     in_line_order,
     load_image,
-    make_thumbnail,
 )
 from shitu.ids import parse_ids
 from shitu.index import GalleryIndex
@@ -68,8 +65,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_INDEX = "sample"
 TEACH_RECALIBRATE_MAX = 5000  # teaching refits an adapted index's projection up to this size
-DECODE_THREADS = 1  # reads, decodes and thumbnails images ahead of the models while they embed
-DECODE_WINDOW_BATCHES = 3  # how many batches of decoded images may wait for the models
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 IndexRef = str | Path | GalleryIndex | None  # a name in the data dir, a directory, or an index object
 
@@ -208,6 +203,13 @@ class Engine:
         """Load the predictors now (otherwise on first use)."""
         with self._models() as runtime:
             runtime.load()
+
+    def expect_gallery(self, images: int) -> bool:
+        """A gallery of ``images`` is on its way (e.g. uploading): when it is large enough to be
+        embedded by worker processes of its own (``SHITU_BUILD_WORKERS``), start them now in the
+        background so the build finds them up. ``True`` when they start or run already."""
+        with self._models() as runtime:
+            return runtime.start_gallery_lanes(images)
 
     @property
     def feature_model(self) -> str:
@@ -409,58 +411,78 @@ class Engine:
         """Decode and embed every item: ``(features, items kept, skipped lines)``. Unusable
         images raise (listing every bad line) unless ``skip_invalid``; never silently dropped.
 
-        One pass over each image, pipelined: a decode thread reads, decodes and thumbnails
-        images a bounded window ahead, while the models embed the previous batch; memory holds
-        that window, not the whole gallery. Progress counts images embedded."""
-        skipped = list(batch.skipped)
-        kept: list[GalleryItem] = []
-        feats: list[np.ndarray] = []
-        total = len(batch.items)
-        bs = max(8, self.config.recognition.batch_size)
+        One pass over each image, where the models run: chunks of a few images go to the
+        runtime's host or, for a large gallery, to worker processes of their own, one per core
+        (``SHITU_BUILD_WORKERS``; the host works until the first of them is up), each decoding,
+        thumbnailing and embedding its chunk while the others do theirs. Memory holds a few
+        chunks, not the whole decoded gallery. Progress counts images done; features come back
+        in line order."""
+        items = list(batch.items)
+        total = len(items)
+        bs = self.config.recognition.batch_size
+        chunks = [items[i : i + bs] for i in range(0, total, bs)]
+        results: list[tuple[np.ndarray | None, list[bytes | None], list[str | None]] | None] = [None] * len(chunks)
+        lock = threading.Lock()
+        state = {"next": 0, "done": 0, "bad": False, "lanes_up": False}
+        failure: list[BaseException] = []
         max_pixels = self.settings.max_image_pixels
 
-        def prepare(item: GalleryItem) -> tuple[GalleryItem, np.ndarray | None, str | None]:
-            try:
-                rgb = load_image(item.image, max_pixels=max_pixels)
-            except ShiTuError as exc:
-                return item, None, exc.message
-            item.thumbnail = make_thumbnail(rgb)
-            return item, rgb, None
+        def drive(call: Callable[..., Any], lane: int) -> None:
+            while True:
+                with lock:
+                    if failure or state["next"] >= len(chunks) or (lane == 0 and state["lanes_up"]):
+                        return
+                    n = state["next"]
+                    state["next"] += 1
+                    embed = skip_invalid or not state["bad"]  # a bad image stops the work, not the scan
+                try:
+                    result = call([i.image for i in chunks[n]], max_pixels, bs, embed)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
+                    with lock:
+                        failure.append(exc)
+                    return
+                with lock:
+                    results[n] = result
+                    state["done"] += len(chunks[n])
+                    state["bad"] = state["bad"] or any(result[2])
+                    state["lanes_up"] = state["lanes_up"] or lane > 0
+                    done = state["done"]
+                if progress:
+                    progress(done, total, "embedding")
 
         if progress:
             progress(0, total, "embedding")
         with contextlib.ExitStack() as stack:
             rt = runtime or stack.enter_context(self._models())
-            pool = stack.enter_context(ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="shitu-decode"))
-            todo = iter(batch.items)
-            window: deque[Future] = deque()
-            chunk: list[tuple[GalleryItem, np.ndarray]] = []
-            done = 0
-
-            def embed(pairs: list[tuple[GalleryItem, np.ndarray]]) -> None:
-                if skip_invalid or len(skipped) == len(batch.skipped):  # a bad image stops the work, not the scan
-                    feats.append(rt.embed([rgb for _, rgb in pairs], bs))
-                    kept.extend(item for item, _ in pairs)
-                if progress:
-                    progress(done, total, "embedding")
-
-            while True:
-                while len(window) < bs * DECODE_WINDOW_BATCHES and (item := next(todo, None)) is not None:
-                    window.append(pool.submit(prepare, item))
-                if not window:
-                    break
-                item, rgb, error = window.popleft().result()
-                done += 1
-                if rgb is None:
-                    skipped.append(SkippedLine(item.line_no, item.source, error or "unreadable"))
+            lanes = stack.enter_context(rt.gallery_lanes(total))
+            threads = [
+                threading.Thread(target=drive, args=(call, k), name=f"shitu-lane-{k}", daemon=True)
+                for k, call in enumerate(lanes[1:], 1)
+            ]
+            for t in threads:
+                t.start()
+            drive(lanes[0], 0)  # the models' own host works until a lane is up
+            for t in threads:
+                t.join()
+        if failure:
+            raise failure[0]
+        skipped = list(batch.skipped)
+        kept: list[GalleryItem] = []
+        feats: list[np.ndarray] = []
+        for chunk, result in zip(chunks, results):
+            assert result is not None
+            chunk_feats, thumbnails, errors = result
+            for item, thumbnail, error in zip(chunk, thumbnails, errors):
+                if error is not None:
+                    skipped.append(SkippedLine(item.line_no, item.source, error))
                 else:
-                    chunk.append((item, rgb))
-                if len(chunk) == bs:
-                    embed(chunk)
-                    chunk = []
-            if chunk:
-                embed(chunk)
+                    item.thumbnail = thumbnail
+                    kept.append(item)
+            if chunk_feats is not None:
+                feats.append(chunk_feats)
         GalleryBatch(items=kept, skipped=[] if skip_invalid else skipped).require_clean()
+        if not feats:
+            raise ShiTuError(f"none of the {total} image(s) could be used")
         return np.concatenate(feats), kept, in_line_order(skipped)
 
     def build_index(

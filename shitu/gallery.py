@@ -541,6 +541,18 @@ def _stretch(values: np.ndarray, lo: float, hi: float, nonfinite: np.ndarray | N
     return out
 
 
+def swap_red_blue(arr: np.ndarray) -> np.ndarray:
+    """RGB ↔ BGR of an HxWx3 ``uint8`` array (a view or a crop is fine), as a new contiguous array.
+
+    OpenCV's channel swap where it applies: NumPy's copy of a reversed last axis is 30-50x slower
+    (5 ms for a 1200x1200 photo), which a query pays once for the detector and once per crop."""
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3 and arr.strides[1:] == (3, 1) and arr.size:
+        import cv2
+
+        return cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    return np.ascontiguousarray(arr[..., ::-1])
+
+
 def _array_to_rgb(src: np.ndarray, bgr: bool, max_side: int, max_aspect: float) -> np.ndarray:
     """An HxW, HxWx3 or HxWx4 array (BGR order when ``bgr``) → RGB ``uint8``."""
     arr = src
@@ -556,7 +568,7 @@ def _array_to_rgb(src: np.ndarray, bgr: bool, max_side: int, max_aspect: float) 
         if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_) or np.iscomplexobj(arr):
             raise ShiTuError(f"an image array must hold numbers, got {arr.dtype}")
         arr = _scale_to_uint8(arr)  # uint16 from cv2.IMREAD_UNCHANGED, floats from 0..1 pipelines
-    return np.ascontiguousarray(arr[..., ::-1] if bgr else arr)
+    return swap_red_blue(arr) if bgr else np.ascontiguousarray(arr)
 
 
 def crop_box(image: ImageInput, bbox: Sequence[float], *, ndarray_bgr: bool = False) -> Image.Image:

@@ -17,6 +17,7 @@ set so approximate search agrees with exact search.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -25,7 +26,7 @@ import re
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,28 @@ def _apply(inner: faiss.Index, params: dict[str, int]) -> None:
         inner.hnsw.efSearch = int(params["efSearch"])
     if "nprobe" in params and isinstance(inner, faiss.IndexIVF):
         inner.nprobe = min(int(params["nprobe"]), inner.nlist)
+
+
+SMALL_SEARCH = 50_000_000  # multiply-adds (~5 ms on one core) below which one faiss thread is faster
+
+
+@contextlib.contextmanager
+def one_thread_if_small(work: int) -> Iterator[None]:
+    """Run faiss on this thread alone for a search of ``work`` multiply-adds under SMALL_SEARCH.
+
+    A query's few crops against a gallery of thousands take ~0.5 ms on one thread; handing them
+    to faiss's OpenMP team costs more than that in wake-ups, and 2-15 ms while the models' own
+    threads (another OpenMP runtime) hold the cores. OpenMP keeps the thread count per calling
+    thread, so this changes nothing for other threads, and it is restored afterwards."""
+    if work >= SMALL_SEARCH:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _normalize(features: np.ndarray) -> np.ndarray:
@@ -854,6 +877,10 @@ class GalleryIndex:
         if self.whitening is not None:
             features = self.whitening.apply(features)
         k = max(1, min(int(topk), len(self)))
+        with one_thread_if_small(len(features) * (self._index.ntotal + len(self._delta[0])) * self.dim):
+            return self._search(features, k)
+
+    def _search(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, ids = self._search_base(features, k)
         delta_ids, delta_vecs = self._delta
         if len(delta_ids):

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
+import zipfile
 from collections import Counter
 from collections.abc import Callable
 from importlib import metadata
@@ -618,6 +619,23 @@ def gallery_from_uploads(files: Any, label_file: Any = None, folder_labels: bool
         reasons = "; ".join(str(s) for s in batch.skipped[:5])
         raise ShiTuError("no image/label pairs could be used" + (f": {reasons}" if reasons else ""))
     return batch
+
+
+def expect_gallery(engine: Engine, files: Any) -> None:
+    """On a gallery upload: count its images (a .zip's from its directory) so the engine can start
+    the gallery workers while the user fills in the rest; says nothing, changes nothing."""
+    images = 0
+    for path in _paths(files):
+        if path.suffix.lower() == ".zip":
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    images += sum(not info.is_dir() for info in zf.infolist())
+            except (OSError, zipfile.BadZipFile):
+                continue  # the build says what is wrong with it
+        elif path.suffix.lower() != ".txt":
+            images += 1
+    if images:
+        engine.expect_gallery(images)
 
 
 def _read_upload(path: Path) -> bytes:
@@ -1873,6 +1891,12 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
         rec_index.input(**follow_threshold, api_visibility="private")
         rec_index.change(bind(show_examples), rec_index, examples, api_visibility="private")
 
+        def gallery_uploaded(files: Any, request: gr.Request) -> None:
+            if access.allowed(request):  # strangers on a read-only Space start nothing
+                expect_gallery(engine, files)
+
+        build_files.upload(gallery_uploaded, build_files, None, api_visibility="private", queue=False)
+        add_files.upload(gallery_uploaded, add_files, None, api_visibility="private", queue=False)
         build_btn.click(
             with_progress(change(build_index), build_outputs, build_progress),
             build_inputs,

@@ -200,3 +200,78 @@ def test_paddle_math_threads_follow_the_machine(tmp_path):
             assert rt._executor._host.spec.cpu_threads == expected
         finally:
             rt.close()
+
+
+def test_a_large_gallery_is_shared_by_worker_processes_with_the_same_result(tmp_path, runtime, sample_gallery,
+                                                                            monkeypatch):  # fmt: skip
+    """SHITU_BUILD_WORKERS: chunks of a large gallery go to worker processes of their own (the
+    models' host works only until one is up); each line must still get its own vector and
+    thumbnail, in line order, bad lines reported wherever they land; the processes go when idle
+    and when the runtime closes, and start again with the next large gallery."""
+    import numpy as np
+
+    import shitu.runtime
+    from shitu.config import PipelineConfig
+    from shitu.gallery import load_image
+    from shitu.runtime import Runtime
+
+    from .conftest import make_settings, wait_until
+
+    monkeypatch.setattr(shitu.runtime, "LANE_MIN_IMAGES", 1)  # the sample gallery is small
+    root, labels = sample_gallery
+    rt = Runtime(PipelineConfig(), make_settings(tmp_path / "rt", build_workers=3), isolate=False)
+    try:
+        engine = Engine(make_settings(tmp_path / "data"), runtime=rt)
+        batch = read_label_file(labels, root)
+        one_by_one = np.concatenate([runtime.embed([load_image(i.image)]) for i in batch.items])
+        rt.start_gallery_lanes()  # as the studio does while a gallery uploads
+        wait_until(lambda: rt._lanes._users == 0 and rt._lanes.running, "the gallery workers to load")
+        lanes = list(rt._lanes._executors)
+        assert len(lanes) == 3 and all(e.running for e in lanes)
+
+        seen: list[tuple[int, str]] = []
+        feats, kept, skipped = engine.embed_gallery(
+            batch, progress=lambda d, t, w: seen.append((d, threading.current_thread().name))
+        )
+        assert len({name for _, name in seen if name.startswith("shitu-lane-")}) >= 2, seen
+        assert [i.source for i in kept] == [i.source for i in batch.items] and not skipped
+        assert np.abs(feats - one_by_one).max() < 1e-5
+        assert all(i.thumbnail for i in kept)
+        done = [d for d, _ in seen]
+        assert done[0] == 0 and done[-1] == len(batch.items) and done == sorted(done)
+
+        bad = GalleryBatch(items=list(read_label_file(labels, root).items))
+        for n in (1, 13, 22):
+            bad.items[n] = GalleryItem(f"broken{n}.jpg", b"not an image", "x", line_no=bad.items[n].line_no)
+        with pytest.raises(ShiTuError, match=r"3 gallery line\(s\) are unusable: line 2: .*; line 14: .*; line 23: "):
+            engine.embed_gallery(bad)
+        feats, kept, skipped = engine.embed_gallery(bad, skip_invalid=True)
+        assert [s.line_no for s in skipped] == [2, 14, 23] and len(kept) == len(feats) == len(bad.items) - 3
+        keep = [n for n in range(len(bad.items)) if n not in (1, 13, 22)]
+        assert np.abs(feats - one_by_one[keep]).max() < 1e-5
+
+        rt._lanes.idle_seconds = 0.2  # the next release arms the shorter timer
+        engine.embed_gallery(batch)
+        wait_until(lambda: not rt._lanes.running and not any(e.running for e in lanes), "the idle workers to stop")
+        feats, kept, _ = engine.embed_gallery(batch)  # a cold start: the host works while they start
+        assert np.abs(feats - one_by_one).max() < 1e-5 and len(kept) == len(batch.items)
+        lanes = list(rt._lanes._executors)
+    finally:
+        rt.close()
+    assert lanes and all(not e.running for e in lanes)
+
+
+def test_one_build_worker_keeps_the_gallery_in_the_models_process(tmp_path, monkeypatch):
+    import shitu.runtime
+    from shitu.config import PipelineConfig
+    from shitu.runtime import Runtime
+
+    from .conftest import make_settings
+
+    monkeypatch.setattr(shitu.runtime, "LANE_MIN_IMAGES", 1)
+    rt = Runtime(PipelineConfig(), make_settings(tmp_path, build_workers=1), isolate=False)
+    try:
+        with rt.gallery_lanes(10_000) as lanes:
+            assert len(lanes) == 1
+    finally:
+        rt.close()

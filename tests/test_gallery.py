@@ -422,3 +422,16 @@ def test_absurd_shapes_are_refused_from_the_header(size):
 @pytest.mark.parametrize("size", [(4000, 200), (200, 4000), (30000, 300)])
 def test_long_images_within_limits_are_accepted(size):
     assert load_image(encoded(Image.new("L", size), "PNG")).shape == (size[1], size[0], 3)
+
+
+def test_red_and_blue_swap_like_numpy_for_photos_crops_and_odd_arrays():
+    import numpy as np
+
+    from shitu.gallery import swap_red_blue
+
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (9, 7, 4), dtype=np.uint8)
+    for arr in (photo, photo[5:30, 11:40], photo[::2, ::3], rgba[..., :3], photo.astype(np.float32)):
+        out = swap_red_blue(arr)
+        assert np.array_equal(out, arr[..., ::-1]) and out.flags["C_CONTIGUOUS"]

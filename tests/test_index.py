@@ -288,3 +288,40 @@ def test_relabel_many_entries_at_once_keeps_vectors_and_ids():
     assert {e.id: e.label for e in index.relabel(5, "one").entries}[5] == "one"
     with pytest.raises(ShiTuError):
         index.relabel([3, 999], "x")
+
+
+def test_small_searches_run_on_one_faiss_thread_and_leave_the_setting_as_it_was(monkeypatch):
+    """A query's few crops against a small gallery are searched by this thread alone (faiss's
+    OpenMP team costs more than the search); the answers are the same either way, and neither
+    this thread's setting nor another thread's is changed."""
+    import threading
+
+    import faiss
+    import numpy as np
+
+    import shitu.index
+    from shitu.index import GalleryIndex
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((500, 64)).astype(np.float32)
+    index = GalleryIndex.build(x, [str(i // 5) for i in range(500)], index_type="Flat", adapt="off")
+    q = x[:3] + 0.05 * rng.standard_normal((3, 64)).astype(np.float32)
+    seen: list[int] = []
+    real_set = faiss.omp_set_num_threads
+    monkeypatch.setattr(faiss, "omp_set_num_threads", lambda n: (seen.append(n), real_set(n))[1])
+    before = faiss.omp_get_max_threads()
+    small = index.search(q, 5)
+    assert seen == [1, before] and faiss.omp_get_max_threads() == before
+    seen.clear()
+    monkeypatch.setattr(shitu.index, "SMALL_SEARCH", 1)  # now every search counts as large
+    large = index.search(q, 5)
+    assert seen == []
+    assert np.array_equal(small[1], large[1]) and np.allclose(small[0], large[0])
+
+    other: list[int] = []
+    worker = threading.Thread(target=lambda: other.append(faiss.omp_get_max_threads()))
+    monkeypatch.setattr(shitu.index, "SMALL_SEARCH", 10**12)
+    index.search(q, 5)
+    worker.start()
+    worker.join()
+    assert other == [faiss.omp_get_max_threads()]

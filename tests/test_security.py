@@ -27,6 +27,12 @@ def jpeg(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 RED = np.zeros((64, 64, 3), np.uint8)
 RED[..., 0] = 255  # RGB red: the crashing test detector's poison
 
@@ -99,6 +105,38 @@ def test_a_crash_is_a_toast_in_the_ui(tmp_path, crashing_runtime, sample_gallery
         ui.recognize_image(engine, RED, "g")
     image, *_ = ui.recognize_image(engine, np.full((64, 64, 3), 128, np.uint8), "g")
     assert image.size == (64, 64)
+
+
+def test_a_crash_in_a_build_worker_fails_the_build_and_changes_nothing(tmp_path, sample_gallery, monkeypatch):
+    """A large gallery is shared by extra worker processes (SHITU_BUILD_WORKERS); one of them dying
+    natively on an image fails that build with the model named, stores nothing, and the next
+    build is served (the worker restarted)."""
+    import shitu.runtime
+    from shitu.errors import ModelCrashed
+    from shitu.gallery import GalleryBatch, GalleryItem
+
+    monkeypatch.setattr(shitu.runtime, "LANE_MIN_IMAGES", 1)
+    rt = Runtime(PipelineConfig(), make_settings(tmp_path / "rt", build_workers=3), isolate=True,
+                 factory="tests.crashing_models:create")  # fmt: skip
+    try:
+        engine = Engine(make_settings(tmp_path / "data"), runtime=rt)
+        root, labels = sample_gallery
+        good = read_label_file(labels, root)
+        engine.build("g", good)
+        before = state(engine)
+        blue = np.zeros((64, 64, 3), np.uint8)
+        blue[..., 2] = 255
+        poisoned = GalleryBatch(items=list(read_label_file(labels, root).items))
+        poisoned.items[-1] = GalleryItem("blue.png", png(blue), "x", line_no=poisoned.items[-1].line_no)
+        with pytest.raises(ModelCrashed, match="recognition model crashed"):
+            engine.build("g", poisoned, overwrite=True)
+        with pytest.raises(ModelCrashed):
+            engine.add("g", poisoned)
+        assert state(engine) == before
+        engine.build("h", good)
+        assert len(engine.index("h").ids) == len(good.items)
+    finally:
+        rt.close()
 
 
 # --- 2. who may change indices ------------------------------------------------------------------------

@@ -713,3 +713,32 @@ def test_versions_table_changes_and_restore(engine, shop):
         ui.restore_version(engine, shop, None)
     with pytest.raises(gr.Error, match="no version 9"):
         ui.show_version_changes(engine, shop, 9)
+
+
+def test_a_large_gallery_upload_starts_the_gallery_workers_before_the_build(tmp_path, sample_gallery, monkeypatch):
+    """Uploading a gallery big enough for the gallery workers (SHITU_BUILD_WORKERS) starts them in the
+    background, so the build finds them up; a small upload starts nothing."""
+    import shitu.runtime
+    from shitu.config import PipelineConfig
+    from shitu.engine import Engine
+    from shitu.runtime import Runtime
+
+    from .conftest import make_settings, wait_until
+
+    monkeypatch.setattr(shitu.runtime, "LANE_MIN_IMAGES", 20)
+    root, labels = sample_gallery
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    archive = tmp_path / "gallery.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in images:
+            zf.write(p, p.relative_to(root).as_posix())
+        zf.write(labels, "gallery.txt")
+    rt = Runtime(PipelineConfig(), make_settings(tmp_path / "rt", build_workers=2), isolate=False)
+    try:
+        engine = Engine(make_settings(tmp_path / "data"), runtime=rt)
+        ui.expect_gallery(engine, [str(p) for p in images[:3]] + [str(labels)])
+        assert not rt._lanes._executors
+        ui.expect_gallery(engine, [str(archive)])
+        wait_until(lambda: rt._lanes.running and rt._lanes._users == 0, "the gallery workers to start")
+    finally:
+        rt.close()
