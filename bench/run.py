@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 DRINKS = ROOT.parent / "shared" / "data" / "drink_dataset"
+FULL_INDEX_REPORT = "benchmarks-1m.md"  # the --full index section, run on its own (about an hour)
 
 
 # --- configuration -------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def bench_query(plan: Plan, engines: dict[str, Any], bare: BarePaddleX, gallery:
             for name in order:
                 times[name][k].append(calls[name](k))
     out: dict[str, Any] = {"photos": len(rgbs), "rounds": plan.query_rounds, "stages": {}, "ratios": {},
-                           "cpu_threads": bare.cpu_threads}  # fmt: skip
+                           "cpu_threads": bare.cpu_threads, "batch_size": bare.bs}  # fmt: skip
     for name in names:
         out["stages"][name] = {
             s: 1000 * med([med([t[s] for t in per]) for per in times[name]])
@@ -283,47 +284,86 @@ def bench_query(plan: Plan, engines: dict[str, Any], bare: BarePaddleX, gallery:
 
 
 # --- 2. gallery build ----------------------------------------------------------------------------
-def bench_build(plan: Plan, engine: Any, data: Data, det_dir: str | None, rec_dir: str, bs: int) -> dict:
+def bench_build(plan: Plan, engine: Any, runtime: Any, data: Data, det_dir: str | None, rec_dir: str,
+                bs: int) -> dict:  # fmt: skip
+    """Ours, the gallery workers cold (started by the build itself) and up (started beforehand, as the
+    studio does while a gallery uploads), vs PaddleX's ``build_index`` at its shipped batch size (1),
+    at ours and at 8, all interleaved; each round's baseline is PaddleX's fastest batch size."""
     from shitu.gallery import read_label_file
 
     batch = read_label_file(data.label_file, data.root).require_clean()
     if plan.gallery_limit:
         batch.items = batch.items[: plan.gallery_limit]
     n = len(batch.items)
-    pipe = paddlex_pipeline(det_dir, rec_dir, bs)
     paths = [str(i.image) for i in batch.items]
     labels = [i.label for i in batch.items]
-    pipe.build_index(paths[:8], labels[:8], index_type="Flat")  # warm-up
+    pdx_batches = list(dict.fromkeys((1, bs, 8)))
+    pipes = {pb: paddlex_pipeline(det_dir, rec_dir, pb) for pb in pdx_batches}
+    for pipe in pipes.values():
+        pipe.build_index(paths[:8], labels[:8], index_type="Flat")  # warm-up
     engine.build_index(_fresh(batch, 8), index_type="Flat")
-    ours_t, pdx_t = [], []
+    sides = ["ours, workers cold", "ours, workers up", *[f"PaddleX, batch {pb}" for pb in pdx_batches]]
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    embed_s: dict[str, list[float]] = {side: [] for side in sides[:2]}
+    start_s: list[float] = []
     ours_index = pdx_index = None
     for r in range(plan.build_rounds):
-        for who in ("ours", "pdx") if r % 2 == 0 else ("pdx", "ours"):
+        for side in sides if r % 2 == 0 else sides[::-1]:
             gc.collect()
-            t0 = now()
-            if who == "ours":
-                ours_index = engine.build_index(_fresh(batch), index_type="Flat")
-                ours_t.append(now() - t0)
+            if side.startswith("ours"):
+                runtime.stop_gallery_lanes()
+                if side.endswith("up"):
+                    t0 = now()
+                    runtime.start_gallery_lanes(wait=True)
+                    start_s.append(now() - t0)
+                embedded: list[float] = []
+
+                def mark(done: int, total: int, what: str, embedded: list[float] = embedded) -> None:
+                    if what == "embedding" and done == total and not embedded:
+                        embedded.append(now())
+
+                t0 = now()
+                ours_index = engine.build_index(_fresh(batch), index_type="Flat", adapt="off", progress=mark)
+                times[side].append(now() - t0)
+                embed_s[side].append(embedded[-1] - t0)
             else:
+                pipe = pipes[int(side.rsplit(" ", 1)[1])]
+                t0 = now()
                 pdx_index = pipe.build_index(paths, labels, index_type="Flat", metric_type="IP")
-                pdx_t.append(now() - t0)
-            log(f"build {who}: {n / (now() - t0):.1f} img/s")
-    a = ours_index.vectors()[1]
+                times[side].append(now() - t0)
+            log(f"build {side}: {n / times[side][-1]:.1f} img/s")
+    runtime.stop_gallery_lanes()
+    # what the default adapt="auto" adds on top (cross-validated fit of a projection), same features
+    from shitu.index import GalleryIndex
+
+    raw = ours_index.vectors()[1]
+    adapt_s = {}
+    for mode in ("off", "auto"):
+        t0 = now()
+        GalleryIndex.build(raw, labels, index_type="Flat", adapt=mode)
+        adapt_s[mode] = now() - t0
+    a = raw
     b = faiss_vectors(pdx_index.index)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     diff = float(np.abs(a - b).max()) if a.shape == b.shape else float("nan")
-    ratios = [pt / ot for ot, pt in zip(ours_t, pdx_t)]
-    del pipe
+    pdx_best = [min(times[side][r] for side in sides[2:]) for r in range(plan.build_rounds)]
+    del pipes
     gc.collect()
     return {
         "images": n,
         "batch_size": bs,
+        "pdx_batches": pdx_batches,
         "rounds": plan.build_rounds,
-        "ours_s": ours_t,
-        "pdx_s": pdx_t,
-        "ours_ips": n / med(ours_t),
-        "pdx_ips": n / med(pdx_t),
-        "ratio": med(ratios),
+        "seconds": times,
+        "ips": {side: n / med(t) for side, t in times.items()},
+        "embed_s": {side: med(t) for side, t in embed_s.items()},
+        "start_s": med(start_s),
+        "pdx_best_ips": n / med(pdx_best),
+        "ratio_cold": med([p / o for o, p in zip(times[sides[0]], pdx_best)]),
+        "ratio_up": med([p / o for o, p in zip(times[sides[1]], pdx_best)]),
+        "workers": runtime._lanes.count,
+        "adapt_s": adapt_s,
+        "dim": int(a.shape[1]),
         "max_abs_diff": diff,
         "ours_index": ours_index,
     }
@@ -652,14 +692,17 @@ def plots(results: dict, out_dir: Path) -> list[str]:
         made.append("query_stages.png")
     if "build" in results:
         b = results["build"]
-        bars = [("PaddleX build_index", 1.0), ("ours: Engine.build_index", b["ratio"])]
+        best = b["pdx_best_ips"]
+        bars = [(side, b["ips"][side] / best) for side in b["seconds"]]
         for row in results.get("prototype", {}).get("rows", []):
-            bars.append((row["name"].split(" (")[0].replace("`", ""), row["vs_pdx"]))
-        fig, ax = plt.subplots(figsize=(10, 0.5 * len(bars) + 1.8))
-        ax.barh([n for n, _ in bars], [v for _, v in bars], color=["gray"] + ["C0"] * (len(bars) - 1))
+            bars.append(("ablation: " + row["name"].split(" (")[0].replace("`", ""), row["vs_pdx"]))
+        fig, ax = plt.subplots(figsize=(10, 0.45 * len(bars) + 1.8))
+        colors = ["gray" if n.startswith("PaddleX") else "C0" for n, _ in bars]
+        ax.barh([n for n, _ in bars], [v for _, v in bars], color=colors)
         ax.axvline(2.0, color="red", linestyle="--", label="goal: 2x PaddleX")
-        ax.set_xlabel(f"throughput / PaddleX's ({b['images']} images, batch {b['batch_size']})")
+        ax.set_xlabel(f"throughput / PaddleX's fastest batch size ({b['images']} images)")
         ax.set_title("Gallery build throughput")
+        ax.invert_yaxis()
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / "build_throughput.png", dpi=110)
@@ -764,7 +807,8 @@ def write_report(results: dict, plan: Plan, out: Path, plot_dir: Path, argv: lis
             f"{q['photos']} photos × {q['rounds']} interleaved rounds, after one warm-up query each. Ours = "
             "`Engine.recognize(rgb_array, index)` (decode check, options, detect → crop → embed in the runtime, "
             "top-k/threshold/NMS matching); bare PaddleX = `paddlex.create_model` det + rec on the same BGR array: "
-            "predict → clip & crop → rec.predict (batch 8, the (N, D) matrix split by hand) → L2-normalise → "
+            f"predict → clip & crop → rec.predict (batch {q.get('batch_size', 8)}, the (N, D) matrix split by hand) → "
+            "L2-normalise → "
             f"`faiss.search(top-5)` on the same Flat index, its predictors created with the same Paddle CPU threads "
             f"as ours ({q.get('cpu_threads') or 'PaddleX default'}), so the ratio is what the studio adds around "
             "the models. Median ms per photo:",
@@ -808,25 +852,43 @@ def write_report(results: dict, plan: Plan, out: Path, plot_dir: Path, argv: lis
 
     if "build" in results:
         b = results["build"]
+        sides = list(b["seconds"])
         L += [
             "## 2. Gallery build throughput (ours vs PaddleX `build_index`)",
             "",
-            f"{b['images']} images from the label file, batch size {b['batch_size']} for both, Flat/IP index, "
-            f"{b['rounds']} interleaved round(s) after a warm-up on 8 images. PaddleX = "
-            "`create_pipeline(PP-ShiTuV2).build_index(image_paths, labels, index_type='Flat')` (the same paths "
-            "and labels as ours, read by PaddleX's own reader, with its defaults: 10 Paddle CPU threads) with one "
-            "runtime patch (`bench/run.py: paddlex_pipeline`): its `rec_model.predict` is wrapped so each result "
-            "carries its own row of the (N, D) batch matrix — as shipped, `FaissBuilder.build` stacks an "
-            '(n, N, D) array and fails with "too many values to unpack" (FACTS.md). Ours = '
-            "`Engine.build_index(batch, index_type='Flat')` with models on a thread (`isolate=False`).",
+            f"{b['images']} images from the label file, Flat/IP index, {b['rounds']} interleaved round(s) after a "
+            "warm-up on 8 images. PaddleX = `create_pipeline(PP-ShiTuV2).build_index(image_paths, labels, "
+            "index_type='Flat')` (the same paths and labels as ours, read by PaddleX's own reader, with its "
+            "defaults: 10 Paddle CPU threads) at its shipped recognition batch size (1), at ours "
+            f"({b['batch_size']}) and at 8, with one runtime patch (`bench/run.py: paddlex_pipeline`): its "
+            "`rec_model.predict` is wrapped so each result carries its own row of the (N, D) batch matrix — as "
+            "shipped, `FaissBuilder.build` stacks an (n, N, D) array and fails with \"too many values to unpack\" "
+            "(FACTS.md). The baseline of each round is PaddleX's **fastest** batch size in that round. Ours = "
+            "`Engine.build_index(batch, index_type='Flat', adapt='off')` (calibration included; like PaddleX's, "
+            "no adaptation: what the default `adapt='auto'` adds is below), models on a thread "
+            f"(`isolate=False`), {b['workers']} gallery workers "
+            "(`SHITU_BUILD_WORKERS`, default one per core): *cold* = stopped before the build, which starts them "
+            "(the models' own host embeds until one is up); *up* = started beforehand, as the studio does while "
+            f"a gallery uploads (starting and loading them took {b['start_s']:.1f} s, not counted).",
             "",
-            "| | seconds (each round) | images / s |",
-            "|---|---|---:|",
-            f"| PaddleX `build_index` | {', '.join(f'{x:.1f}' for x in b['pdx_s'])} | {b['pdx_ips']:.1f} |",
-            f"| ours `Engine.build_index` | {', '.join(f'{x:.1f}' for x in b['ours_s'])} | {b['ours_ips']:.1f} |",
+            "| | seconds (each round) | images / s | of which embedding, s |",
+            "|---|---|---:|---:|",
+        ]
+        for side in sides:
+            emb = f"{b['embed_s'][side]:.1f}" if side in b["embed_s"] else "–"
+            L.append(
+                f"| {side} | {', '.join(f'{x:.1f}' for x in b['seconds'][side])} | {b['ips'][side]:.1f} | {emb} |"
+            )
+        L += [
             "",
-            f"Ours / PaddleX throughput (median of paired ratios): **{b['ratio']:.2f}×**. Features identical: "
-            f"max abs diff {b['max_abs_diff']:.1e} over {b['images']}×512 values.",
+            f"Ours / PaddleX's fastest, median of paired ratios: workers up **{b['ratio_up']:.2f}×**, workers cold "
+            f"**{b['ratio_cold']:.2f}×**. Features identical: max abs diff {b['max_abs_diff']:.1e} over "
+            f"{b['images']}×{b.get('dim', 512)} values.",
+            "",
+            f"The default `adapt='auto'` (5-fold cross-validation of a supervised projection, kept where it helps) "
+            f"adds {b['adapt_s']['auto'] - b['adapt_s']['off']:.1f} s to a build of these {b['images']} features "
+            f"(`GalleryIndex.build`: {b['adapt_s']['off']:.1f} s with `adapt='off'`, {b['adapt_s']['auto']:.1f} s "
+            "with `auto`); PaddleX has no counterpart.",
             "",
         ]
         pro = results.get("prototype")
@@ -840,7 +902,7 @@ def write_report(results: dict, plan: Plan, out: Path, plot_dir: Path, argv: lis
                 "",
                 pro["prototype_text"],
                 "",
-                "| variant | variant s | paired sequential s | speed-up | images/s | × PaddleX | max abs diff |",
+                "| variant | variant s | before s | speed-up | images/s | × PaddleX | max abs diff |",
                 "|---|---:|---:|---:|---:|---:|---:|",
             ]
             for row in pro["rows"]:
@@ -850,45 +912,41 @@ def write_report(results: dict, plan: Plan, out: Path, plot_dir: Path, argv: lis
                 )
             L += [""]
             steps = pro["steps"]
-            bound = b["images"] / steps["predictor"]
-            extra_share = (
-                100 * (steps["decode"] + steps["thumbs"]) / sum(steps[k] for k in ("decode", "thumbs", "predictor"))
-            )
-            ablation = "; ".join(
-                f"{r['name'].split(' (')[0].replace('`', '')}: {r['speedup']:.2f}×" for r in pro["rows"][1:]
-            )
-            ablation = f"against the old path, {ablation}" if ablation else "see the ablation"
+            cores = os.cpu_count() or 1
+            per_img = steps["predictor_1thread_per_img"]
+            extra = (steps["decode"] + steps["thumbs"]) / b["images"]
+            model_bound = cores / per_img
+            full_bound = cores / (per_img + extra)
             L += [
                 "### What would reach ≥ 2×",
                 "",
-                f"The predictor alone (PaddleX preprocessing + Paddle Inference, on decoded arrays) runs at "
-                f"{bound:.1f} img/s = **{bound / b['pdx_ips']:.2f}× PaddleX's whole build**: that is the ceiling for "
-                "any change outside the model call. Our build also does per image what PaddleX's does not: a PIL "
-                f"decode with EXIF orientation and size guards ({steps['decode']:.1f} s; PaddleX reads with OpenCV) "
-                f"and a thumbnail for the studio ({steps['thumbs']:.1f} s) — {extra_share:.0f}% of the steps. The "
-                "engine now runs them on a decode thread a bounded window ahead of the models (memory: that window "
-                "instead of every decoded image; progress per embedded image) and caps Paddle's math threads at the "
-                f"usable cores: {ablation}. On {os.cpu_count()} cores Paddle's math threads already keep the CPU "
-                "busy, so the decode work is only partly hidden. Reaching 2× would take a faster model call — a "
-                "smaller input, int8 quantisation, another runtime — which changes the features (no longer "
-                "PaddleX's model side by side), or more cores.",
+                f"On {cores} cores the build is CPU-bound: every core runs a gallery worker. One image costs a "
+                f"worker {1000 * per_img:.1f} ms of model time on its one thread (PaddleX's preprocessing + Paddle "
+                f"Inference) plus {1000 * extra:.1f} ms of decoding (PIL, EXIF orientation, size guards) and "
+                f"thumbnailing, which PaddleX's build does not do. With both, {cores} workers top out at "
+                f"{full_bound:.0f} img/s = {full_bound / b['pdx_best_ips']:.2f}× PaddleX's fastest build; the model "
+                f"alone, with decoding and thumbnails free, at {model_bound:.0f} img/s = "
+                f"**{model_bound / b['pdx_best_ips']:.2f}×**. So 2× is out of reach for any change outside the "
+                "model call on this machine. It would take a cheaper model call — a smaller input, int8 "
+                "quantisation, another runtime — which changes the features (no longer PaddleX's model side by "
+                "side), or more cores: the workers scale with cores, Paddle's threads within one batch of a "
+                "MobileNet do not (the sweep above).",
                 "",
             ]
         L += [f"![build throughput]({rel}/build_throughput.png)", ""]
-        best = max([b["ratio"]] + [row["vs_pdx"] for row in (pro or {}).get("rows", [])])
         why = ""
         if pro:
-            ceiling = b["images"] / pro["steps"]["predictor"] / b["pdx_ips"]
             why = (
-                f"; best variant {best:.2f}× — the predictor alone is the ceiling ({ceiling:.2f}× PaddleX's build) "
-                "and our build also decodes with guards and makes thumbnails (profile, ablation)"
+                f"; the ceiling on these {os.cpu_count()} cores is {full_bound / b['pdx_best_ips']:.2f}× with our "
+                f"decoding and thumbnails, {model_bound / b['pdx_best_ips']:.2f}× for the model alone (profile)"
             )
         goals.append(
             (
                 "Build ≥ 2× PaddleX's throughput",
-                verdict(b["ratio"] >= 2),
-                f"ours {b['ratio']:.2f}× ({b['ours_ips']:.1f} vs {b['pdx_ips']:.1f} img/s; short by "
-                f"{(2 - b['ratio']) * 100:.0f} pts){why}",
+                verdict(b["ratio_up"] >= 2),
+                f"workers up {b['ratio_up']:.2f}×, cold {b['ratio_cold']:.2f}× ({b['ips'][sides[1]]:.1f} and "
+                f"{b['ips'][sides[0]]:.1f} vs {b['pdx_best_ips']:.1f} img/s; short by "
+                f"{(2 - b['ratio_up']) * 100:.0f} pts){why}",
             )
         )
 
@@ -896,6 +954,16 @@ def write_report(results: dict, plan: Plan, out: Path, plot_dir: Path, argv: lis
         L += [
             "## 3. Index scale (clustered synthetic 512-d vectors)",
             "",
+            *(
+                [
+                    "1M vectors (and 100k with 1000 queries, PaddleX's own IVF builder): "
+                    f"[{FULL_INDEX_REPORT}]({FULL_INDEX_REPORT}), written by "
+                    f"`python bench/run.py --full --only index --out docs/{FULL_INDEX_REPORT}`.",
+                    "",
+                ]
+                if plan.mode != "full" and (out.parent / FULL_INDEX_REPORT).is_file()
+                else []
+            ),
             f"n vectors = n/10 product centres × 10 noisy views (σ 1.5, unit-normalised); {plan.index_queries} "
             "new views as single queries (one `search` call each, top-1). Recall@1 = agreement with exact (Flat) "
             "search. RSS = growth of this process's resident memory during the build (noisy: freed memory is not "
@@ -1080,7 +1148,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     engines = {"thread": Engine(settings, runtime=thread_rt), "process": Engine(settings, isolate=True)}
     det_dir, rec_dir = thread_rt.detection.model_dir, str(thread_rt.recognition.model_dir)
-    bs = max(8, PipelineConfig().recognition.batch_size)
+    bs = PipelineConfig().recognition.batch_size
     try:
         # 2. build first: its index is the gallery the queries and the HTTP bench search
         from shitu.gallery import read_label_file
@@ -1088,7 +1156,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "build" in only or "query" in only or "http" in only or "quality" in only:
             if "build" in only:
                 log("2. gallery build")
-                results["build"] = bench_build(plan, engines["thread"], data, det_dir, rec_dir, bs)
+                results["build"] = bench_build(plan, engines["thread"], thread_rt, data, det_dir, rec_dir, bs)
                 gallery = results["build"]["ours_index"]
                 from build_prototype import prototype
 
@@ -1129,8 +1197,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "query" in dump:
         dump["query"] = {**dump["query"], "ratios": {" | ".join(k): v for k, v in dump["query"]["ratios"].items()}}
     with contextlib.suppress(OSError, TypeError, ValueError):
-        default_out = args.out.resolve() == (ROOT / "docs" / "benchmarks.md").resolve()
-        (ROOT / "bench" / "results" / "benchmarks.json" if default_out else args.out.with_suffix(".json")).write_text(
+        in_docs = args.out.resolve().parent == (ROOT / "docs").resolve()
+        (ROOT / "bench" / "results" / f"{args.out.stem}.json" if in_docs else args.out.with_suffix(".json")).write_text(
             json.dumps(dump, default=str, indent=1, ensure_ascii=False), encoding="utf-8"
         )
     results["machine"] += f", at the end {os.getloadavg()[0]:.1f}"
