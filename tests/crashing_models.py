@@ -12,35 +12,28 @@ import numpy as np
 
 from shitu.runtime import ModelSpec, create_paddlex_predictors
 
-
-def is_poison(bgr: np.ndarray) -> bool:
-    return bgr.ndim == 3 and bool(np.all(bgr[..., 2] > 250)) and bool(np.all(bgr[..., :2] < 5))
+RED, BLUE = 2, 0  # the channel that is full in each poison (BGR order, as the predictors see it)
 
 
-class CrashingDetector:
-    def __init__(self, real: Any):
+def is_all(bgr: np.ndarray, channel: int) -> bool:
+    """Is ``bgr`` one pure colour: ``channel`` full, the other two empty?"""
+    others = [c for c in range(3) if c != channel]
+    return bgr.ndim == 3 and bool(np.all(bgr[..., channel] > 250)) and bool(np.all(bgr[..., others] < 5))
+
+
+class Crashing:
+    """A predictor that kills its process on an image of one pure colour."""
+
+    def __init__(self, real: Any, channel: int):
         self.real = real
+        self.channel = channel
 
     def predict(self, images: list[np.ndarray], **kwargs: Any) -> Any:
-        if any(is_poison(im) for im in images):
-            os.kill(os.getpid(), signal.SIGSEGV)
-        return self.real.predict(images, **kwargs)
-
-
-def is_blue(bgr: np.ndarray) -> bool:
-    return bgr.ndim == 3 and bool(np.all(bgr[..., 0] > 250)) and bool(np.all(bgr[..., 1:] < 5))
-
-
-class CrashingRecognizer:
-    def __init__(self, real: Any):
-        self.real = real
-
-    def predict(self, images: list[np.ndarray], **kwargs: Any) -> Any:
-        if any(is_blue(im) for im in images):
+        if any(is_all(im, self.channel) for im in images):
             os.kill(os.getpid(), signal.SIGSEGV)
         return self.real.predict(images, **kwargs)
 
 
 def create(spec: ModelSpec) -> tuple[Any, Any]:
     det, rec = create_paddlex_predictors(spec)
-    return (CrashingDetector(det) if det is not None else None), CrashingRecognizer(rec)
+    return (Crashing(det, RED) if det is not None else None), Crashing(rec, BLUE)
