@@ -598,17 +598,24 @@ def list_image_files(directory: str | Path) -> list[Path]:
 
 def make_thumbnail(rgb: np.ndarray, size: int = THUMBNAIL_SIDE) -> bytes:
     """A JPEG preview of an entry for the index metadata: the whole image (never cropped),
-    shrunk with Lanczos to fit a ``size`` x ``size`` square, keeping its aspect ratio; smaller
-    images keep their size.
+    shrunk to fit a ``size`` x ``size`` square, keeping its aspect ratio; smaller images keep
+    their size.
 
-    No sharpening: next to Lanczos alone, an unsharp mask made no visible difference on the
-    drink gallery (most images shrink by 2x or less) and cost ~8 % more bytes. Busy photos
-    that pass ``THUMBNAIL_MAX_BYTES`` are saved again at a lower quality.
+    Shrunk by OpenCV's pixel-area averaging: no ringing, and 2-3x cheaper than PIL's Lanczos
+    (~1 ms a gallery image on one core where Lanczos took 2-3 ms, a fifth of a worker's time
+    per image besides the model); the two differ by ~1.4 grey levels on average over the drink
+    gallery. No sharpening: next to Lanczos alone, an unsharp mask made no visible difference
+    there (most images shrink by 2x or less) and cost ~8 % more bytes. Busy photos that pass
+    ``THUMBNAIL_MAX_BYTES`` are saved again at a lower quality.
     """
+    h, w = rgb.shape[:2]
+    if max(h, w) > size:
+        import cv2
+
+        scale = size / max(h, w)
+        fitted = (max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale))))
+        rgb = cv2.resize(np.ascontiguousarray(rgb), fitted, interpolation=cv2.INTER_AREA)
     im = Image.fromarray(rgb)
-    # a box pre-reduction to 3x the target, then Lanczos: as sharp as Lanczos alone, and a
-    # 12-Mpx photo takes ~90 ms instead of ~250 ms
-    im.thumbnail((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
     data = b""
     for quality in THUMBNAIL_QUALITIES:
         buf = io.BytesIO()
