@@ -126,8 +126,12 @@ def _forward_output(stream: Any, pid: int) -> None:
 
 PADDLEX_CPU_THREADS = 10  # what PaddleX gives Paddle Inference on CPU unless told otherwise
 MAX_DEFAULT_WORKERS = 4  # processes embedding a large gallery, by default (each holds a model)
-LANE_MIN_IMAGES = 400  # a gallery this large starts the extra processes (~4 s each to start)
-LANE_MIN_WARM_IMAGES = 32  # ... and this large uses them while they are still up
+# Gallery workers take ~4 s to start and load a model, on the cores the build itself needs.
+LANE_MIN_IMAGES = 400  # an upload this large starts them ahead of its build (the studio)
+# A build that would start them itself: only from here on does it gain (987 drink images on 2
+# cores: 9.1 s without, 11.0 s starting them, 7.8 s with them up; 2961 images: 32.6 / 28.0 / 22.6 s)
+LANE_MIN_COLD_IMAGES = 2000
+LANE_MIN_WARM_IMAGES = 32  # a gallery this large uses them while they are up
 LANE_IDLE_SECONDS = 120.0  # how long the extra processes wait for the next large gallery
 
 
@@ -684,12 +688,13 @@ class Runtime:
         """Where ``images`` gallery images get decoded and embedded: a list of ``embed_sources``
         calls (see :meth:`ModelHost.embed_sources`), each to be driven by its own thread. This
         runtime's host first, then the worker processes of :class:`_Lanes` (``build_workers``)
-        when the gallery is large enough to repay starting them, or they are up already. The
+        when they are up already (or starting), or the gallery is large enough to repay starting
+        them (``LANE_MIN_COLD_IMAGES``). The
         host is meant to work only until a lane has answered: it runs with all the cores'
         threads, and lanes with one core's share each."""
         calls: list[Callable[..., Any]] = [lambda *a: self._call("embed_sources", *a)]
         wanted = self._lanes.count > 0 and (
-            images >= LANE_MIN_IMAGES or (self._lanes.running and images >= LANE_MIN_WARM_IMAGES)
+            images >= LANE_MIN_COLD_IMAGES or (self._lanes.running and images >= LANE_MIN_WARM_IMAGES)
         )
         extra = self._lanes.acquire() if wanted and not self._closed else []
         try:

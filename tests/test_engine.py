@@ -218,6 +218,7 @@ def test_a_large_gallery_is_shared_by_worker_processes_with_the_same_result(tmp_
     from .conftest import make_settings, wait_until
 
     monkeypatch.setattr(shitu.runtime, "LANE_MIN_IMAGES", 1)  # the sample gallery is small
+    monkeypatch.setattr(shitu.runtime, "LANE_MIN_COLD_IMAGES", 1)
     root, labels = sample_gallery
     rt = Runtime(PipelineConfig(), make_settings(tmp_path / "rt", build_workers=3), isolate=False)
     try:
@@ -268,7 +269,7 @@ def test_one_build_worker_keeps_the_gallery_in_the_models_process(tmp_path, monk
 
     from .conftest import make_settings
 
-    monkeypatch.setattr(shitu.runtime, "LANE_MIN_IMAGES", 1)
+    monkeypatch.setattr(shitu.runtime, "LANE_MIN_COLD_IMAGES", 1)
     rt = Runtime(PipelineConfig(), make_settings(tmp_path, build_workers=1), isolate=False)
     try:
         with rt.gallery_lanes(10_000) as lanes:

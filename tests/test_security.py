@@ -115,7 +115,7 @@ def test_a_crash_in_a_build_worker_fails_the_build_and_changes_nothing(tmp_path,
     from shitu.errors import ModelCrashed
     from shitu.gallery import GalleryBatch, GalleryItem
 
-    monkeypatch.setattr(shitu.runtime, "LANE_MIN_IMAGES", 1)
+    monkeypatch.setattr(shitu.runtime, "LANE_MIN_COLD_IMAGES", 1)
     rt = Runtime(PipelineConfig(), make_settings(tmp_path / "rt", build_workers=3), isolate=True,
                  factory="tests.crashing_models:create")  # fmt: skip
     try:
