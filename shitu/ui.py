@@ -669,8 +669,12 @@ def change_summary(engine: Engine, report: ChangeReport, lang: str = "en", *, bu
 
 
 def calibration_markdown(index: GalleryIndex, lang: str = "en") -> str:
-    """Whether the features were adapted to the gallery, and what the index's threshold promises."""
+    """Whether the features were adapted to the gallery, what the index's threshold promises, and
+    whether its approximate search can be trusted."""
     lines = []
+    if index.search_shortfall:
+        lines.append(_t(lang, "search_shortfall", index_type=index.index_type,
+                        agreement=index.search_params["agreement"]))  # fmt: skip
     if index.adaptation is not None:
         key = "adaptation_on" if index.adaptation.applied else "adaptation_off"
         lines.append(_t(lang, key, reason=_md(index.adaptation.reason)))

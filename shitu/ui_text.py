@@ -55,6 +55,8 @@ TEXT: dict[str, dict[str, str]] = {
         "right and accepted (top-1 {top1:.1%}), {rejected:.1%} of unknown objects rejected — {protocol}, "
         "{queries} queries.",
         "calibration_stale": "{n} entries changed since: refit and recalibrate on the Evaluate tab.",
+        "search_shortfall": "⚠️ Approximate search: {index_type} finds the exact nearest entry for only "
+        "**{agreement:.1%}** of calibration queries, even at its widest search. Rebuild as IVF or Flat.",
         "no_calibration": "No calibration yet: it needs 3+ labels and 10+ photos whose label has a second photo.",
         "adaptation_on": "Features adapted to this gallery: {reason}.",
         "adaptation_off": "Raw features ({reason}).",
@@ -302,6 +304,8 @@ TEXT: dict[str, dict[str, str]] = {
         "calibration_line": "阈值 **{threshold:.3f}**（{chosen}）：已知物体 {accepted:.1%} 被正确识别并接受"
         "（不设阈值的 top-1 为 {top1:.1%}），未知物体 {rejected:.1%} 被拒识 —— {protocol}，{queries} 次查询。",
         "calibration_stale": "此后改动了 {n} 个条目：请在“评估”页重新拟合并校准。",
+        "search_shortfall": "⚠️ 近似检索：{index_type} 即使以最大检索范围，也只对 **{agreement:.1%}** 的校准查询"
+        "找到真正最近的条目。请改用 IVF 或 Flat 重建。",
         "no_calibration": "尚未校准：需要 3 个以上标签，且至少 10 张图片所属标签有第二张图片。",
         "adaptation_on": "特征已适配本图库：{reason}。",
         "adaptation_off": "原始特征（{reason}）。",

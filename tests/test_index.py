@@ -129,8 +129,35 @@ def test_approximate_search_matches_exact(index_type, metric):
     approx_index = GalleryIndex.build(x, labels, index_type=index_type, metric_type=metric)
     approx = approx_index.search(queries, topk=1)[1][:, 0]
     assert (approx == exact).mean() >= 0.99, approx_index.search_params
-    # and the chosen parameters survive a save/load
-    assert set(approx_index.search_params) == {"efSearch" if index_type == "HNSW32" else "nprobe"}
+    assert set(approx_index.search_params) == {"efSearch" if index_type == "HNSW32" else "nprobe", "agreement"}
+    assert approx_index.search_params["agreement"] >= 0.995 and approx_index.search_shortfall is None
+
+
+def test_an_approximate_index_that_cannot_match_exact_search_says_so(tmp_path, monkeypatch, caplog):
+    """Structureless vectors (64-d Gaussian noise) with efSearch held at 1: the graph search misses
+    the true neighbour for many queries. The index records how often it agrees, warns, keeps the
+    warning across save/load, and the studio shows it; IVF on the same vectors reaches exact."""
+    import shitu.index as index_module
+    from shitu.ui import calibration_markdown
+
+    x = np.random.default_rng(3).normal(size=(3000, 64)).astype("float32")
+    labels = [f"item-{k % 300}" for k in range(len(x))]
+    monkeypatch.setattr(index_module, "HNSW_EF_CANDIDATES", (1,))
+    with caplog.at_level("WARNING", logger="shitu.index"):
+        hnsw = GalleryIndex.build(x, labels, index_type="HNSW32", adapt="off")
+    reached = hnsw.search_params["agreement"]
+    assert hnsw.search_params["efSearch"] == 1 and 0 < reached < 0.995
+    assert f"only {reached:.1%}" in hnsw.search_shortfall and "efSearch 1:" in hnsw.search_shortfall
+    assert hnsw.search_shortfall in caplog.text and hnsw.summary()["search_shortfall"] == hnsw.search_shortfall
+    hnsw.save(tmp_path / "hnsw")
+    again = GalleryIndex.load(tmp_path / "hnsw")
+    assert again.search_params == hnsw.search_params and again.search_shortfall == hnsw.search_shortfall
+    assert "Rebuild as IVF or Flat" in calibration_markdown(again)
+    assert "IVF 或 Flat" in calibration_markdown(again, "zh")
+
+    ivf = GalleryIndex.build(x, labels, index_type="IVF", adapt="off")
+    assert ivf.search_params["agreement"] >= 0.995 and ivf.search_shortfall is None
+    assert "Rebuild" not in calibration_markdown(ivf)
 
 
 @pytest.mark.parametrize("index_type", TYPES)
