@@ -46,10 +46,10 @@ def fill_matches(
     """The top-k distinct labels as candidates (best first, whatever their score); those at or
     above the threshold are the answers; the best of all is the (near-miss) candidate."""
     seen: set[str] = set()
-    for score, id_ in zip(scores, ids):
-        if id_ < 0:
+    # labels live in memory with the vectors; an entry's source and thumbnail are on disk
+    for score, id_, label in zip(scores, ids, index.labels_of(ids)):
+        if id_ < 0 or label is None:
             continue
-        label = index.entry(int(id_)).label
         if label in seen:
             continue
         seen.add(label)

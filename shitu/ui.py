@@ -464,20 +464,19 @@ def evidence(engine: Engine, result: Recognition, lang: str = "en") -> tuple[lis
     threshold = result.rec_threshold
     items: list[tuple[Image.Image, str]] = []
     owners: list[int] = []
-    for n, obj in enumerate(result.objects):
+    shown = [(obj.candidates or ([obj.candidate] if obj.candidate else []))[:MAX_EVIDENCE_PER_BOX]
+             for obj in result.objects]  # fmt: skip
+    # one read for all of them; entries removed since have no thumbnail here
+    thumbs = index.thumbnails({id_ for candidates in shown for _, _, id_ in candidates})
+    for n, (obj, candidates) in enumerate(zip(result.objects, shown)):
         items.append((_crop(result.image, obj.bbox), _t(lang, "ev_query", n=n + 1)))
         owners.append(n)
-        candidates = obj.candidates or ([obj.candidate] if obj.candidate else [])
-        for label, score, id_ in candidates[:MAX_EVIDENCE_PER_BOX]:
-            try:
-                entry = index.entry(id_)
-            except ShiTuError:  # removed since
-                continue
-            if not entry.thumbnail:
+        for label, score, id_ in candidates:
+            if not thumbs.get(id_) or index.labels_of([id_])[0] is None:
                 continue
             mark = "✓" if threshold is None or score >= threshold else "✗"
             caption = f"{n + 1}: {label} {score:.3f} {mark} #{id_}"
-            items.append((thumbnail_image(entry.thumbnail), caption))
+            items.append((thumbnail_image(thumbs[id_]), caption))
             owners.append(n)
     return items, owners
 

@@ -401,6 +401,14 @@ def test_evidence_shows_each_box_and_the_gallery_photos_it_matched(engine, shop,
     recognised = [o for o in result.objects if o.recognized]
     assert recognised and {o.label for o in recognised} <= set(LABELS)
 
+    # an entry removed since the query is no longer shown; the others still are
+    gone = result.objects[0].candidates[0][2]
+    engine.remove(shop, [gone])
+    items, owners = ui.evidence(engine, result)
+    captions = [caption for _, caption in items]
+    assert not any(c.endswith(f" #{gone}") for c in captions)
+    assert len(captions) == len(evidence) - 1 and len(owners) == len(captions)
+
 
 def test_unknown_boxes_show_their_near_miss(engine, shop, sample_queries):
     # a threshold nothing can reach: every box is unknown, with its best candidate and the threshold
