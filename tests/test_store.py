@@ -67,22 +67,37 @@ def wait_ready(proc: subprocess.Popen) -> None:
     """Block until a child script says it is ready (libraries may print to stdout first)."""
     for line in proc.stdout:
         if line.strip() == "ready":
+            drain(proc)
             return
     raise AssertionError(f"the child exited with {proc.wait()} before it was ready: {proc.stdout.read()}")
+
+
+def drain(proc: subprocess.Popen) -> None:
+    """Read the child's output from now on in the background. Otherwise a child that prints more
+    than a pipe holds (64 KiB) while the test is busy elsewhere blocks on its next print, and a
+    test that waits for it to exit waits forever (this hung CI for 90 minutes)."""
+    if hasattr(proc, "drained"):
+        return
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    proc.drained = (reader, lines)  # type: ignore[attr-defined]
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
     """The rest of a child's output once it exits (it is killed after ``timeout`` seconds).
     Read through ``proc.stdout`` itself: ``communicate(timeout=...)`` reads the pipe's file
     descriptor and would drop lines that :func:`wait_ready` already buffered."""
+    drain(proc)
+    reader, lines = proc.drained  # type: ignore[attr-defined]
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     try:
-        out = proc.stdout.read()
+        reader.join()
         proc.wait()
     finally:
         timer.cancel()
-    return out
+    return "".join(lines)
 
 
 def acks(out: str) -> list[dict]:
