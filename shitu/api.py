@@ -424,6 +424,13 @@ def read_image_field(value: str, where: str, engine: Engine) -> bytes:
 
 
 def _decode_base64(text: str, where: str) -> bytes:
+    try:  # the usual case, plain padded base64, without the copies that normalising makes
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    else:
+        if data:
+            return data
     text = _DATA_URI_RE.sub("", text, count=1)
     text = "".join(text.split()).translate(str.maketrans("-_", "+/"))
     text += "=" * (-len(text) % 4)

@@ -319,6 +319,27 @@ def test_infer_recognises_a_new_view_of_each_subject(client, base, sample_querie
         assert 0 <= x1 < x2 and 0 <= y1 < y2 and 0 < obj["score"] <= 1
 
 
+
+def test_infer_accepts_every_spelling_of_base64(client, base, sample_queries):
+    """Plain base64 takes a fast path; a data: URI, the URL-safe alphabet, missing padding and
+    line breaks are normalised first: all of them are the same image and the same answer."""
+    raw = sample_queries[2].read_bytes()
+    plain = base64.b64encode(raw).decode("ascii")
+    urlsafe = base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+    assert "-" in urlsafe or "_" in urlsafe, "the sample must exercise the URL-safe alphabet"
+    spellings = {
+        "plain": plain,
+        "data URI": "data:image/jpeg;base64," + plain,
+        "URL-safe, unpadded": urlsafe,
+        "wrapped at 76": "\n".join(plain[i : i + 76] for i in range(0, len(plain), 76)),
+    }
+    answers = {
+        name: ok(client.post(INFER, json={"image": text, "indexKey": base, "visualize": False}))["detectedObjects"]
+        for name, text in spellings.items()
+    }
+    assert answers["plain"] and top_label({"detectedObjects": answers["plain"]}) == LABELS[1]
+    assert all(a == answers["plain"] for a in answers.values())
+
 def test_infer_composite_finds_both_objects_and_draws_them(client, base, sample_queries):
     """Default visualize: the answer carries a JPEG of the input's size with the boxes drawn."""
     result = ok(client.post(INFER, json={"image": b64(sample_queries[0])}))  # active index = base
