@@ -153,3 +153,21 @@ def test_projection_apply_is_unit_norm_and_float32():
     p = Projection.fit_supervised(x, labels)
     out = p.apply(x[:5].astype(np.float64))
     assert out.dtype == np.float32 and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+def test_a_query_projects_off_blas_and_agrees_with_the_gallery_s_blas_product(monkeypatch):
+    """A few crops are projected by NumPy's own loop (BLAS's thread team, once woken, busy-waits on
+    the cores the model worker needs); a gallery by BLAS. Both give the same vectors."""
+    import shitu.adapt
+
+    x, labels = nuisance_gallery(seed=4, labels=60, per_label=8, dim=1280)
+    p = Projection.fit_supervised(x, labels)
+    few, many = x[:3], x
+    assert few.size * p.output_dim < shitu.adapt.SMALL_PRODUCT <= many.size * p.output_dim
+    small_path = p.apply(few)
+    monkeypatch.setattr(shitu.adapt, "SMALL_PRODUCT", 0)  # everything through BLAS
+    assert np.allclose(small_path, p.apply(few), atol=1e-5)
+    assert np.allclose(p.apply(many)[:3], small_path, atol=1e-5)
+    # and the top match of each query is the same either way
+    gallery = p.apply(many)
+    assert ((small_path @ gallery.T).argmax(1) == (p.apply(few) @ gallery.T).argmax(1)).all()
