@@ -339,6 +339,14 @@ def _ok(result: BaseModel) -> dict[str, Any]:
     return {"logId": str(uuid.uuid4()), "errorCode": 0, "errorMsg": "Success", "result": result}
 
 
+def _ok_now(result: BaseModel) -> Response:
+    """:func:`_ok`, serialised here. FastAPI validates what a sync route returns on a second trip
+    through its thread pool; a finished ``Response`` skips that trip (0.5–1 ms a request on 2
+    busy cores). The route's ``response_model`` still documents the shape."""
+    envelope = Envelope[type(result)](logId=str(uuid.uuid4()), result=result)  # type: ignore[misc]
+    return Response(envelope.model_dump_json(), media_type="application/json")
+
+
 def error_response(
     status: int, message: str, headers: dict[str, str] | None = None, *, quiet: bool = False
 ) -> JSONResponse:
@@ -675,14 +683,14 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         return _ok(_change_result(index, body.returnIdMap, changedIds=sorted(set(body.ids))))
 
     @app.post("/shitu-infer", response_model=Envelope[InferResult], tags=["PaddleX"], responses=ERROR_RESPONSES)
-    def infer(body: InferRequest) -> dict[str, Any]:
+    def infer(body: InferRequest) -> Response:
         """Detect the main objects of an image and label each from the index (PaddleX ``infer``)."""
         engine.index(body.indexKey)  # unknown key: 404 before the image is fetched
         data = read_image_field(body.image, "image", engine)
         result = engine.recognize(
             data, body.indexKey, det_threshold=body.detThreshold, rec_threshold=body.recThreshold, rec_topk=body.topk
         )
-        return _ok(result_to_infer(result, visualize=body.visualize is not False))
+        return _ok_now(result_to_infer(result, visualize=body.visualize is not False))
 
     listing = {"response_model": Envelope[IndexListing], "tags": ["indices"], "responses": ERROR_RESPONSES}
 
