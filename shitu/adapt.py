@@ -64,7 +64,7 @@ class Projection:
         if centred.size * self.output_dim < SMALL_PRODUCT:
             # A query's few crops: NumPy's own loop on this thread (~0.1 ms for 3 crops). A BLAS product
             # wakes BLAS's thread team, whose threads then busy-wait on the cores the model worker
-            # needs for the next query: a query against an adapted index took 2.3x as long.
+            # needs for the next query: a query against an adapted index took 2.2x as long.
             out = np.einsum("ij,jk->ik", centred, self.matrix)
         else:
             out = centred @ self.matrix
