@@ -1,8 +1,9 @@
 """Fetching images from URLs, with a guard against server-side request forgery.
 
-Every hop (the URL and each redirect) is parsed with urllib3's parser, the one that decides
-where a connection goes, and URLs whose authority two parsers could read differently
-(backslashes, ``user@``, control characters) are refused. The host is resolved exactly once,
+Every hop (the URL and each redirect) has its host read by this module's own rule and by
+urllib3's parser, the one that decides where a connection goes; URLs whose authority could be
+read differently (backslashes, ``user@``, control characters, percent-encoding, numeric hosts
+other than a dotted IPv4, or any disagreement between the two readings) are refused. The host is resolved exactly once,
 every address it resolves to is checked, and the socket is opened to the checked address
 itself: nothing resolves the name a second time, so DNS rebinding cannot swap the target.
 The request still carries the original ``Host`` header and, for https, the original name for
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
 
+import idna
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -82,7 +84,13 @@ def _shown(url: str) -> str:
 
 
 def _parse(url: str) -> _Target:
-    """Parse one hop's URL, refusing anything whose host could be read two ways."""
+    """Parse one hop's URL, refusing anything whose host could be read two ways.
+
+    The host and port are read from the raw text by this module's own rule (the parts between
+    ``//`` and the first ``/``, ``?`` or ``#``; no percent-encoding, no user info, a canonical
+    dotted IPv4, a bracketed IPv6 or a DNS name, IDNA-encoded strictly), and urllib3 — which
+    makes the connection — must read the very same host and port, or the URL is refused. So the
+    guard does not depend on how a given urllib3 version decodes or normalises a host."""
     if any(ord(ch) < 0x21 or ord(ch) == 0x7F or ch.isspace() for ch in url):
         raise ShiTuError("the URL contains spaces or control characters; percent-encode them")
     scheme, sep, rest = url.partition("://")
@@ -96,27 +104,78 @@ def _parse(url: str) -> _Target:
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
     if "@" in authority:
         raise ShiTuError("URLs with a user name or password (user@host) are not accepted")
+    if "%" in authority:
+        raise ShiTuError("percent-encoded characters are not accepted in a URL's host; write the host plainly")
+    host, port = _split_authority(authority, url)
     try:
         parsed = parse_url(url)
     except LocationParseError:
         raise ShiTuError(f"not a valid URL: {_shown(url)}") from None
-    host = (parsed.host or "").lower()
+    theirs = (parsed.host or "").lower()
+    theirs = theirs[1:-1] if theirs.startswith("[") and theirs.endswith("]") else theirs
+    if theirs.rstrip(".") != host.rstrip(".") or (parsed.port or _DEFAULT_PORTS[scheme]) != port:
+        raise ShiTuError(f"the URL's host can be read in more than one way: {_shown(url)}")
+    return _Target(url=url, scheme=scheme, host=host, port=port, request_uri=parsed.request_uri or "/")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_NUMERIC_LABEL_RE = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+
+
+def _split_authority(authority: str, url: str) -> tuple[str, int]:
+    """``(host, port)`` of a raw authority (no user info, no percent signs): the host lower
+    case and ASCII (IDNA), an IPv6 address without brackets; refuses every ambiguous form."""
+    scheme = url.partition("://")[0].lower()
+    if authority.startswith("["):
+        inside, bracket, after = authority[1:].partition("]")
+        if not bracket or (after and not after.startswith(":")):
+            raise ShiTuError(f"URL host {authority!r} is not a valid IPv6 address")
+        if "%" in inside:
+            raise ShiTuError("IPv6 zone ids (%...) are not accepted in URLs")
+        try:
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            raise ShiTuError(f"URL host [{inside}] is not a valid IPv6 address") from None
+        host, port_text = inside.lower(), after[1:] if after else None
+    else:
+        host, colon, port_text = authority.partition(":")
+        if not colon:
+            port_text = None
+        host = _ascii_host(host.lower(), url)
+    if port_text is None or port_text == "":
+        return host, _DEFAULT_PORTS[scheme]
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) < 65536:
+        raise ShiTuError(f"URL port {port_text[:8]!r} is out of range or not a number")
+    return host, int(port_text)
+
+
+def _ascii_host(host: str, url: str) -> str:
+    """A DNS name or a canonical dotted IPv4 address, as the connection will see it."""
     if not host:
         raise ShiTuError(f"URL has no host: {_shown(url)}")
-    if host.startswith("["):
+    if not host.isascii():
         try:
-            ip = ipaddress.IPv6Address(host[1:-1] if host.endswith("]") else "")
+            encoded = idna.encode(host, uts46=False).decode("ascii")
+        except (idna.IDNAError, UnicodeError, ValueError):
+            raise ShiTuError(f"URL host {host!r} is not a valid international domain name") from None
+        if not any(label.startswith("xn--") for label in encoded.split(".")):
+            # non-ASCII characters that only stand in for ASCII ones (e.g. an ideographic full stop)
+            raise ShiTuError(f"URL host {host!r} is written with look-alike characters; write it in ASCII")
+        host = encoded
+    labels = host.rstrip(".").split(".")
+    if _NUMERIC_LABEL_RE.match(labels[-1]):
+        # a host ending in a number is an IPv4 address to URL parsers and to inet_aton alike; only
+        # the one spelling everyone reads the same way is accepted (not 127.1, 0x7f.0.0.1, 017.0.0.1)
+        try:
+            canonical = str(ipaddress.IPv4Address(host))
         except ValueError:
-            raise ShiTuError(f"URL host {host!r} is not a valid IPv6 address") from None
-        if ip.scope_id:
-            raise ShiTuError("IPv6 zone ids (%...) are not accepted in URLs")
-        host = host[1:-1]  # as written, so messages and the allow-list match what the user typed
-    elif not _HOSTNAME_RE.match(host):
+            canonical = None
+        if canonical != host:
+            raise ShiTuError(f"URL host {host!r} is not a dotted IPv4 address like 192.0.2.10")
+        return host
+    if not _HOSTNAME_RE.match(host):
         raise ShiTuError(f"URL host {host!r} is not a valid host name")
-    port = parsed.port or (443 if scheme == "https" else 80)
-    if not 0 < port < 65536:
-        raise ShiTuError(f"URL port {port} is out of range")
-    return _Target(url=url, scheme=scheme, host=host, port=port, request_uri=parsed.request_uri or "/")
+    return host
 
 
 def _embedded_ipv4(addr: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
