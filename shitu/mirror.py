@@ -47,6 +47,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import yaml
 
 from shitu.fsutil import recover_dir, replace_dir
+from shitu.starter import MARKER
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,24 @@ def is_model_dir(path: Path) -> bool:
     return (path / "inference.yml").is_file() and any(
         (path / f).is_file() for f in ("inference.pdiparams", "inference.json", "inference.pdmodel")
     )
+
+
+def not_official(path: Path, model_name: str) -> str | None:
+    """Why the model dir at ``path`` (in PaddleX's cache) is not the official ``model_name``,
+    or ``None`` when nothing says otherwise: a starter-pack copy carries its marker, and
+    PaddleX's own ``inference.yml`` names the model it was exported as."""
+    if (path / MARKER).is_file():
+        return f"a copy of the offline starter pack (it has {MARKER})"
+    try:
+        with open(path / "inference.yml", "rb") as fh:
+            spec = yaml.safe_load(fh.read(1 << 20))
+    except (OSError, yaml.YAMLError):
+        return "a model dir whose inference.yml cannot be read"
+    named = spec.get("Global", {}).get("model_name") if isinstance(spec, dict) and isinstance(
+        spec.get("Global"), dict) else None  # fmt: skip
+    if named is not None and named != model_name:
+        return f"the model {str(named)[:80]!r}, not {model_name}"
+    return None
 
 
 # --- the public entry point ---------------------------------------------------------------------
@@ -218,7 +237,12 @@ def _fetch_locked(
         root.mkdir(parents=True, exist_ok=True)
         try:
             with filelock.FileLock(str(root / f".{model_name}.lock"), timeout=max(0.0, until - time.monotonic())):
-                if is_model_dir(target):  # another process finished it meanwhile
+                if is_model_dir(target):  # another process finished it meanwhile (or someone put a model there)
+                    foreign = not_official(target, model_name)
+                    if foreign:
+                        raise DownloadFailed(
+                            f"PaddleX's cache already holds {foreign} under {model_name}; move it away to download"
+                        )
                     return target
                 recover_dir(target)  # a crashed earlier download's temporary dirs
                 return _fetch(model_name, source, root, until, max_bytes, progress, cancel, answered)

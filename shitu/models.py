@@ -141,7 +141,11 @@ def try_official(
     global _hub_failure
     cached = _official_cache_dir(model_name)
     if _has_model_files(cached):
-        return cached, "official weights found in PaddleX's cache"
+        foreign = mirror.not_official(cached, model_name)
+        if foreign is None:
+            return cached, "official weights found in PaddleX's cache"
+        # it occupies the place a download would go, so nothing is downloaded over it
+        return None, f"PaddleX's cache holds {foreign} under {model_name}, so it is not used as official"
     mirror_spec = settings.model_mirror if settings else None
     mirror_only = bool(settings and settings.model_mirror_only)
     wait = settings.model_download_deadline if settings else mirror.DEFAULT_DEADLINE

@@ -192,7 +192,7 @@ def image_server(sample_queries):
     _ImageServer.cat = sample_queries[1].read_bytes()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageServer)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
@@ -227,6 +227,25 @@ def test_health_lists_models_and_indices(client, api_engine, base):
     assert base in result["indices"] and result["activeIndex"] == base
     # which store serves: faiss files, or Milvus Lite in the data dir (SHITU_TEST_VECTOR_STORE=milvus)
     assert result["vectorStore"] == {"faiss": "faiss", "milvus": "milvus_lite"}[api_engine.settings.vector_store]
+
+
+def test_health_never_calls_starter_copies_in_paddlex_cache_official(runtime, tmp_path, monkeypatch):
+    """Starter model dirs copied into PaddleX's cache (e.g. by an earlier mirror test) are what
+    they are: /health names the starter pack for both stages, with the reason."""
+    import shutil
+
+    monkeypatch.setenv("PADDLE_PDX_CACHE_HOME", str(tmp_path / "pdx"))
+    for stage, name in (("detection", "PP-ShiTuV2_det"), ("recognition", "PP-ShiTuV2_rec")):
+        shutil.copytree(getattr(runtime, stage).model_dir, tmp_path / "pdx" / "official_models" / name)
+    engine = Engine(runtime.settings.model_copy(update={"data_dir": tmp_path / "data"}), isolate=False)
+    try:
+        with TestClient(create_api(engine)) as c:
+            models = ok(c.get("/health"))["models"]
+        for stage in ("detection", "recognition"):
+            assert models[stage]["source"] == "starter", models[stage]
+            assert "starter pack (it has starter.json)" in models[stage]["reason"]
+    finally:
+        engine.close()
 
 
 def test_build_without_key_generates_one_with_flat_ip_defaults(client, api_engine, sample_gallery):

