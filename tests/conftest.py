@@ -1,24 +1,53 @@
 """Shared fixtures: real starter models (prepared once per machine), tiny real-photo galleries.
 
-The starter models are cached in ``$SHITU_TEST_MODEL_DIR`` (default
-``~/.cache/shitu-test-models``) so only the first run downloads and converts them.
+The test run is hermetic: before anything is imported, every cache and scratch place that a
+library or the app would find from the environment (``HOME``, ``XDG_CACHE_HOME``, PaddleX's
+``PADDLE_PDX_CACHE_HOME``, Gradio's temp dir, ``TMPDIR``, the data dir) points into one
+temporary directory of this run, and the developer's own ``SHITU_*`` settings are dropped. So
+a real PaddleX cache with official (or foreign) model dirs, or a stray setting, cannot change
+what the tests see, and nothing is written outside it.
+
+The one thing shared between runs, read-only once made, is the starter pack built from the
+registry weights: ``$SHITU_TEST_MODEL_DIR`` (default ``<system temp>/shitu-test-models-<uid>``),
+so only the first run on a machine downloads and converts it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
-import pytest
+_SYSTEM_TMP = Path(tempfile.gettempdir())
+MODEL_CACHE = Path(os.environ.get("SHITU_TEST_MODEL_DIR") or _SYSTEM_TMP / f"shitu-test-models-{os.getuid()}")
+SANDBOX = Path(tempfile.mkdtemp(prefix="shitu-test-env-"))
 
-from shitu.config import PipelineConfig, Settings
-from shitu.engine import Engine
-from shitu.paddlex_api import ShiTuPipeline
-from shitu.runtime import Runtime
 
-MODEL_CACHE = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
+def _hermetic_environment() -> None:
+    for key in [k for k in os.environ if k.startswith(("SHITU_", "PADDLE_PDX_", "GRADIO_")) and not k.startswith(
+            "SHITU_TEST_")]:  # fmt: skip
+        del os.environ[key]
+    places = {"HOME": "home", "XDG_CACHE_HOME": "home/.cache", "XDG_CONFIG_HOME": "home/.config",
+              "PADDLE_PDX_CACHE_HOME": "paddlex", "GRADIO_TEMP_DIR": "gradio", "MPLCONFIGDIR": "matplotlib",
+              "TMPDIR": "tmp", "SHITU_DATA_DIR": "data"}  # fmt: skip
+    for key, rel in places.items():
+        (SANDBOX / rel).mkdir(parents=True, exist_ok=True)
+        os.environ[key] = str(SANDBOX / rel)
+    os.environ["SHITU_TEST_MODEL_DIR"] = str(MODEL_CACHE)  # child processes (a child pytest too) share it
+    tempfile.tempdir = None  # re-read TMPDIR
+
+
+_hermetic_environment()
+
+import pytest  # noqa: E402  (after the environment is set: imports may read it)
+
+from shitu.config import PipelineConfig, Settings  # noqa: E402
+from shitu.engine import Engine  # noqa: E402
+from shitu.paddlex_api import ShiTuPipeline  # noqa: E402
+from shitu.runtime import Runtime  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -27,13 +56,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The run's sandbox goes away after a green run; a red one keeps it for a look."""
+    if exitstatus == 0:
+        shutil.rmtree(SANDBOX, ignore_errors=True)
+    else:
+        print(f"\ntest sandbox kept for inspection: {SANDBOX}")
+
+
+FULL_ONLY = ("slow", "browser", "milvus")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Without ``--full``, a fast subset: tests marked ``slow`` or ``browser`` are skipped."""
+    """Without ``--full``, a fast subset: tests marked ``slow``, ``browser`` or ``milvus`` are skipped."""
     if config.getoption("--full"):
         return
-    skip = pytest.mark.skip(reason="slow/browser test: run with --full")
+    skip = pytest.mark.skip(reason="slow/browser/milvus test: run with --full")
     for item in items:
-        if item.get_closest_marker("slow") or item.get_closest_marker("browser"):
+        if any(item.get_closest_marker(mark) for mark in FULL_ONLY):
             item.add_marker(skip)
 
 

@@ -24,6 +24,7 @@ import pytest
 import requests
 
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (needed for a local Milvus .db)")
+pytestmark = pytest.mark.milvus  # the optional Milvus store: runs with --full
 
 from shitu import milvus_store  # noqa: E402
 from shitu.errors import NotFound, ShiTuError  # noqa: E402

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .conftest import MODEL_CACHE
+
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_CACHE = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
 
 
 @pytest.mark.slow

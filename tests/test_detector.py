@@ -36,6 +36,8 @@ from shitu.starter.ssd import SsdAnchorOptions, postprocess_numpy, ssd_anchors
 from shitu.starter.tflite_graph import TFLiteGraph, read_tflite_graph
 from shitu.starter.tflite_to_paddle import SsdPostprocess, TFLiteNet, same_padding
 
+from .conftest import MODEL_CACHE
+
 # ------------------------------------------------------------------------------------------
 # A tiny TFLite builder and an independent numpy interpreter
 # ------------------------------------------------------------------------------------------
@@ -607,9 +609,8 @@ def test_fetch_without_registry_says_so(monkeypatch, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def starter_detector_dir() -> Path:
     """The real starter detector, in the test model cache conftest.py's settings use."""
-    cache = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
     try:
-        return det.ensure_starter_detector(cache / "starter")
+        return det.ensure_starter_detector(MODEL_CACHE / "starter")
     except StarterModelUnavailable as exc:
         pytest.skip(f"the starter detector is unavailable here: {exc}")
 
@@ -618,10 +619,9 @@ def _cached_objectron() -> Path | None:
     """The real model if a starter cache holds it (``starter_detector_dir`` fills the test cache)."""
     from shitu.config import Settings
 
-    test_models = Path(os.environ.get("SHITU_TEST_MODEL_DIR", Path.home() / ".cache" / "shitu-test-models"))
     candidates = [
         Path(os.environ.get("SHITU_OBJECTRON_TFLITE", "/nonexistent")),
-        test_models / "starter" / "downloads" / objectron.TFLITE_FILENAME,
+        MODEL_CACHE / "starter" / "downloads" / objectron.TFLITE_FILENAME,
         Settings.from_env().models_dir / "starter" / "downloads" / objectron.TFLITE_FILENAME,
     ]
     for path in candidates:

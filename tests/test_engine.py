@@ -202,6 +202,7 @@ def test_paddle_math_threads_follow_the_machine(tmp_path):
             rt.close()
 
 
+@pytest.mark.slow  # worker processes: seconds each (runs with --full)
 def test_a_large_gallery_is_shared_by_worker_processes_with_the_same_result(tmp_path, runtime, sample_gallery,
                                                                             monkeypatch):  # fmt: skip
     """SHITU_BUILD_WORKERS: chunks of a large gallery go to worker processes of their own (the

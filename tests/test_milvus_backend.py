@@ -17,6 +17,7 @@ import pytest
 
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (the Milvus backend is optional)")
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (needed for a local Milvus .db)")
+pytestmark = pytest.mark.milvus  # the optional Milvus store: runs with --full
 
 from shitu.errors import Conflict, NotFound, ShiTuError, TooLarge, Unavailable  # noqa: E402
 from shitu.milvus_backend import MilvusCollections, escape_name, unescape_name  # noqa: E402

@@ -93,6 +93,7 @@ def test_a_segfault_in_a_model_costs_one_request_not_the_server(tmp_path, crashi
     assert state(engine) == before
 
 
+@pytest.mark.slow  # worker processes: seconds each (runs with --full)
 def test_a_crash_is_a_toast_in_the_ui(tmp_path, crashing_runtime, sample_gallery):
     import gradio as gr
 
@@ -107,6 +108,7 @@ def test_a_crash_is_a_toast_in_the_ui(tmp_path, crashing_runtime, sample_gallery
     assert image.size == (64, 64)
 
 
+@pytest.mark.slow  # worker processes: seconds each (runs with --full)
 def test_a_crash_in_a_build_worker_fails_the_build_and_changes_nothing(tmp_path, sample_gallery, monkeypatch):
     """A large gallery is shared by extra worker processes (SHITU_BUILD_WORKERS); one of them dying
     natively on an image fails that build with the model named, stores nothing, and the next

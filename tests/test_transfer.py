@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (requirements-dev.txt)")
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (requirements-dev.txt)")
+pytestmark = pytest.mark.milvus  # the optional Milvus store: runs with --full
 
 from shitu.__main__ import main  # noqa: E402
 from shitu.errors import ShiTuError  # noqa: E402

@@ -723,6 +723,7 @@ def test_versions_table_changes_and_restore(engine, shop):
         ui.show_version_changes(engine, shop, 9)
 
 
+@pytest.mark.slow  # worker processes: seconds each (runs with --full)
 def test_a_large_gallery_upload_starts_the_gallery_workers_before_the_build(tmp_path, sample_gallery, monkeypatch):
     """Uploading a gallery big enough for the gallery workers (SHITU_BUILD_WORKERS) starts them in the
     background, so the build finds them up; a small upload starts nothing."""

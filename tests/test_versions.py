@@ -431,6 +431,7 @@ while True:
 """
 
 
+@pytest.mark.slow  # worker processes: seconds each (runs with --full)
 def test_processes_killed_at_random_times_leave_whole_versions(tmp_path):
     store_with_history(tmp_path, keep=3)
     rng = random.Random(20261127)
