@@ -39,10 +39,11 @@ from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, WHOLE_IMAGE_MODE
 from shitu.engine import SAMPLE_INDEX, ChangeReport, Engine, GalleryIndex
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, SkippedLine, pairs_from_uploads, read_zip_gallery
+from shitu.i18n import STARTER_MODELS, TEXT
+from shitu.i18n import text as i18n_text
 from shitu.ids import parse_ids
 from shitu.report import GalleryReport, curve_svg, map_svg
 from shitu.results import Recognition, RecognizedObject
-from shitu.ui_text import STARTER_MODELS, TEXT
 
 MAX_TABLE_ROWS = 500  # rows of one page of the entries table (read from the index a page at a time)
 MAX_LABEL_CHOICES = 5000  # labels offered by the filter (more can be typed)
@@ -93,8 +94,7 @@ def lang_of(request: gr.Request | None) -> str:
 
 
 def _t(lang: str, key: str, **values: Any) -> str:
-    text = TEXT.get(lang, TEXT["en"]).get(key) or TEXT["en"][key]
-    return text.format(**values) if values else text
+    return i18n_text(lang, key, **values)
 
 
 def _md(text: Any) -> str:

@@ -1,7 +1,24 @@
-"""The studio's words in English and Chinese: static keys feed ``gr.I18n`` (translated in the
-browser), the rest are formatted by the UI's handlers."""
+"""The product's words in English and Chinese — one catalogue for the studio, the gallery
+report and the captions drawn on images. Static keys feed ``gr.I18n`` (translated in the
+browser); the rest are formatted by :func:`text`."""
 
 from __future__ import annotations
+
+from typing import Any
+
+LANGS = ("en", "zh")
+
+
+def lang_code(lang: str | None) -> str:
+    """``zh`` for any Chinese locale (``zh-CN``, ``zh_TW``, ...), else ``en``."""
+    return "zh" if (lang or "").lower().startswith("zh") else "en"
+
+
+def text(lang: str | None, key: str, **values: Any) -> str:
+    """The words for ``key`` in ``lang`` (English where a translation is missing), formatted
+    with ``values``."""
+    found = TEXT[lang_code(lang)].get(key) or TEXT["en"][key]
+    return found.format(**values) if values else found
 
 TEXT: dict[str, dict[str, str]] = {
     "en": {
