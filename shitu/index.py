@@ -37,6 +37,7 @@ import numpy as np
 import yaml
 
 from shitu import changelog
+from shitu import changes as ch
 from shitu.adapt import ADAPT_MODES, Adaptation, Projection, adapt
 from shitu.calibrate import Calibration, calibrate_gallery
 from shitu.changelog import LOG_FILE
@@ -366,7 +367,7 @@ class GalleryIndex:
         self.trained_size = trained_size or index.ntotal
         self.skipped: list = []  # gallery lines left out by the build that made this index
         self._parent: GalleryIndex | None = None  # the index this one was derived from by _change
-        self._change: dict[str, Any] | None = None
+        self._change: ch.Change | None = None
         self._search_with: Any = None  # cached faiss search parameters skipping removed ids
         if search_params is None:
             # new or foreign index: measure which search parameters keep it exact enough
@@ -648,7 +649,7 @@ class GalleryIndex:
             raise ShiTuError("this index has no calibration curve to pick a point on (it needs 3+ labels)")
         calibration = dataclasses.replace(self.calibration, threshold=round(threshold, 4), chosen_by="user")
         result = self._same_vectors(calibration=calibration)
-        return result._derived_by(self, {"op": "threshold"})
+        return result._derived_by(self, ch.SetThreshold())
 
     def _same_vectors(self, **change) -> "GalleryIndex":
         """A sibling with other metadata (threshold, calibration) and the very same vectors:
@@ -685,9 +686,8 @@ class GalleryIndex:
             next_id=int(ids[-1]) + 1, raw=raw, changed=len(ids), calibrate=calibrate,
             meta=self._meta.with_rows(_rows(ids, sources, thumbnails)),
         )  # fmt: skip
-        change = {"op": "add", "ids": ids, "labels": clean, "vectors": stored}
-        if raw is not None:
-            change["raw"] = raw[-1][1][-len(ids) :]  # this add's alone: the chunk holds every add since the base
+        # the raw chunk holds every add since the base: this add's are its last rows
+        change = ch.Add(ids, tuple(clean), stored, raw[-1][1][-len(ids) :] if raw is not None else None)
         return result._derived_by(self, change)
 
     def remove(self, ids: Iterable[int], *, calibrate: bool = True) -> "GalleryIndex":
@@ -713,9 +713,9 @@ class GalleryIndex:
             delta=(self._delta[0][~in_delta], self._delta[1][~in_delta]),
             dead=np.union1d(self._dead, from_base), raw=raw, changed=len(wanted), calibrate=calibrate,
         )  # fmt: skip
-        return result._derived_by(self, {"op": "remove", "ids": wanted})
+        return result._derived_by(self, ch.Remove(wanted, tuple(self._labels.labels_of(wanted))))
 
-    def relabel(self, ids: int | Sequence[int], label: str) -> "GalleryIndex":
+    def relabel(self, ids: int | Sequence[int], label: str, *, calibrate: bool = True) -> "GalleryIndex":
         """A copy with entries ``ids`` (one or many) under ``label``; vectors and ids unchanged."""
         label = label.strip()
         if not label:
@@ -726,8 +726,8 @@ class GalleryIndex:
             raise NotFound(f"no entry with id {int(wanted[pos < 0][0])}")
         code = self._labels.code_of.get(label)
         changed = int(np.sum(self._labels.codes[pos] != code)) if code is not None else len(set(pos.tolist()))
-        result = self._derive(labels=self._labels.relabelled(wanted, label), changed=changed)
-        return result._derived_by(self, {"op": "relabel", "ids": wanted, "label": label})
+        result = self._derive(labels=self._labels.relabelled(wanted, label), changed=changed, calibrate=calibrate)
+        return result._derived_by(self, ch.Relabel(wanted, label, tuple(self._labels.labels_of(wanted))))
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """All ``(ids, vectors)``: the base's in storage order, then those added since."""
@@ -776,7 +776,7 @@ class GalleryIndex:
         )  # fmt: skip
         return result
 
-    def _derived_by(self, parent: "GalleryIndex", change: dict[str, Any]) -> "GalleryIndex":
+    def _derived_by(self, parent: "GalleryIndex", change: ch.Change) -> "GalleryIndex":
         """Remember that this index is ``parent`` plus ``change`` (what the change log writes)."""
         self._parent, self._change = parent, change
         if parent._depth() >= MAX_LINEAGE:  # an index mutated many times in memory keeps no long chain
@@ -789,7 +789,7 @@ class GalleryIndex:
             depth, node = depth + 1, node._parent
         return depth
 
-    def changes_since(self, ancestor: "GalleryIndex") -> list[dict[str, Any]] | None:
+    def changes_since(self, ancestor: "GalleryIndex") -> list[ch.Change] | None:
         """The changes that made this index from ``ancestor``, oldest first, or ``None`` when it
         was not made from it by :meth:`add` / :meth:`remove` / :meth:`relabel` /
         :meth:`with_threshold` alone (then only a full save can record it)."""
@@ -867,26 +867,19 @@ class GalleryIndex:
     def _adopt(self, other: "GalleryIndex") -> None:
         """Take over what is not a constructor argument from ``other`` (nothing, here)."""
 
-    def replay(self, change: dict[str, Any], arrays: dict[str, np.ndarray]) -> "GalleryIndex":
-        """This index with one logged change applied (as :meth:`add` etc. made it; the
-        calibration that came with it is set by the caller, nothing is recomputed)."""
-        op = change["op"]
-        if op == "add":
-            ids = arrays["ids"]
-            labels = list(change["labels"])
-            raw = _raw_added(self._raw, ids, arrays["raw"]) if self._raw is not None and "raw" in arrays else None
-            return self._derive(
-                labels=self._labels.added(ids, labels),
-                delta=(np.concatenate([self._delta[0], ids]), np.concatenate([self._delta[1], arrays["vectors"]])),
-                next_id=max(self._next_id, int(ids[-1]) + 1), raw=raw, calibrate=False, changed=len(ids),
-            )  # fmt: skip
-        if op == "remove":
-            return self.remove(arrays["ids"], calibrate=False)
-        if op == "relabel":
-            return self.relabel(arrays["ids"].tolist(), change["label"])
-        if op == "threshold":
-            return self._derive()
-        raise ShiTuError(f"unknown change {op!r} in the change log")
+    def with_added(
+        self, ids: np.ndarray, labels: Sequence[str], stored: np.ndarray, *, raw: np.ndarray | None = None
+    ) -> "GalleryIndex":
+        """This index with entries appended under the ids they were given (a logged add, replayed:
+        ``stored`` are the vectors as searched, ``raw`` their unprojected features); nothing is
+        recalibrated — the calibration that came with the change is set by whoever replays it."""
+        ids = np.asarray(ids, dtype=np.int64)
+        raw_chunks = _raw_added(self._raw, ids, raw) if self._raw is not None and raw is not None else None
+        return self._derive(
+            labels=self._labels.added(ids, list(labels)),
+            delta=(np.concatenate([self._delta[0], ids]), np.concatenate([self._delta[1], stored])),
+            next_id=max(self._next_id, int(ids[-1]) + 1), raw=raw_chunks, calibrate=False, changed=len(ids),
+        )  # fmt: skip
 
     # --- search --------------------------------------------------------------------------
     def search(self, features: np.ndarray, topk: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -1045,9 +1038,8 @@ class GalleryIndex:
             head = record.header
             if until_version is not None and int(head.get("version", 0)) > until_version:
                 break
-            for change in head.get("changes", []):
-                arrays = {name: record.arrays[k] for name, k in change.get("arrays", {}).items()}
-                index = index.replay(change, arrays)
+            for item in head.get("changes", []):
+                index = ch.decode(item, record.arrays).apply(index)
             state = head.get("state", {})
             if "calibration" in state:
                 index.calibration = Calibration.from_dict(state["calibration"])
@@ -1061,19 +1053,11 @@ class GalleryIndex:
     log_end: int = 0  # bytes of the change log applied to this index
     log_version: int | None = None  # the version of the last log record applied
 
-    def log_record(self, changes: list[dict[str, Any]], parent: "GalleryIndex", header: dict[str, Any]) -> bytes:
+    def log_record(self, changes: list[ch.Change], parent: "GalleryIndex", header: dict[str, Any]) -> bytes:
         """One change-log record for ``changes`` (from :meth:`changes_since`), with this index's
         resulting state, plus ``header`` (version number, time, action, ...)."""
         arrays: list[np.ndarray] = []
-        encoded = []
-        for change in changes:
-            item = {k: v for k, v in change.items() if not isinstance(v, np.ndarray)}
-            item["arrays"] = {}
-            for name, value in change.items():
-                if isinstance(value, np.ndarray):
-                    item["arrays"][name] = len(arrays)
-                    arrays.append(value)
-            encoded.append(item)
+        encoded = [ch.encode(change, arrays) for change in changes]
         state: dict[str, Any] = {"next_id": self._next_id, "changes_since_calibration": self.changes_since_calibration}
         if self.calibration is not parent.calibration:
             state["calibration"] = self.calibration.to_dict() if self.calibration is not None else None
@@ -1176,13 +1160,13 @@ def _yaml_quoted(text: str) -> str:
     """``text`` as a YAML double-quoted scalar: printable characters as they are, the rest
     (line breaks included, which YAML would fold) as escapes."""
     out = []
-    for ch in text:
-        o = ord(ch)
-        if ch in '"\\':
-            out.append("\\" + ch)
+    for char in text:
+        o = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
         elif 0x20 <= o <= 0x7E or (0xA0 <= o <= 0xFFFD and o not in _YAML_UNSAFE and not 0xD800 <= o <= 0xDFFF) \
                 or o >= 0x10000:  # fmt: skip
-            out.append(ch)
+            out.append(char)
         else:
             out.append(f"\\x{o:02x}" if o <= 0xFF else f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}")
     return '"' + "".join(out) + '"'

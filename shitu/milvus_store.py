@@ -48,6 +48,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from shitu import changes
 from shitu.adapt import Adaptation, Projection
 from shitu.calibrate import Calibration
 from shitu.entrymeta import EntryMeta
@@ -62,7 +63,6 @@ from shitu.store import (
     _version_record,
     check_name,
     describe_change,
-    describe_logged,
     diff_id_maps,
     zipped,
 )
@@ -370,14 +370,13 @@ class MilvusIndexStore:
             ids, labels = self.rows.id_labels(name)
             return self._gallery(name, ids, labels, state)
         table = index._labels
-        for change in record["changes"]:
-            ids = np.asarray(change.get("ids", []), np.int64)
-            if change["op"] == "add":
-                table = table.added(ids, change["labels"])
-            elif change["op"] == "remove":
-                table = table.removed(ids)
-            elif change["op"] == "relabel":
-                table = table.relabelled(ids, change["label"])
+        for change in map(changes.decode, record["changes"]):
+            if isinstance(change, changes.Add):
+                table = table.added(change.ids, change.labels)
+            elif isinstance(change, changes.Remove):
+                table = table.removed(change.ids)
+            elif isinstance(change, changes.Relabel):
+                table = table.relabelled(change.ids, change.label)
         result = index._derive(labels=table, calibrate=False)
         _set_state(result, state)
         result._remote = _Remote(self.rows, index._remote.searched, name, index._remote.dim)
@@ -407,51 +406,38 @@ class MilvusIndexStore:
                 return old
             chain = new.changes_since(old)
             if chain is not None:
-                return self._write_changes(name, old, new, chain, action or describe_logged(chain))
+                return self._write_changes(name, old, new, chain, action or changes.describe(chain))
             if np.array_equal(new.ids, old.ids) and isinstance(new, GalleryIndex):
                 return self._write_refit(name, old, new, action or describe_change(old, new))
             return self._write_all(name, new, action or describe_change(old, new))
 
     def _write_changes(
-        self, name: str, old: MilvusGallery, new: GalleryIndex, chain: list[dict[str, Any]], action: str
+        self, name: str, old: MilvusGallery, new: GalleryIndex, chain: list[changes.Change], action: str
     ) -> MilvusGallery:
         version = old.milvus_version + 1
-        changes = []
-        for change in chain:
-            op = change["op"]
-            ids = np.asarray(change.get("ids", []), np.int64)
-            if op == "add":
-                changes.append({"op": "add", "ids": ids.tolist(), "labels": list(change["labels"])})
-            elif op == "remove":
-                changes.append({"op": "remove", "ids": ids.tolist(), "labels": old.labels_of(ids)})
-            elif op == "relabel":
-                changes.append({"op": "relabel", "ids": ids.tolist(), "label": change["label"],
-                                "old": _labels_before(old, chain, change, ids)})  # fmt: skip
-            else:
-                changes.append({"op": op})
-        record = {**_version_record(new, version, action), "changes": changes, "state": _state_of(new, old)}
+        items = [changes.encode(change) for change in chain]
+        record = {**_version_record(new, version, action), "changes": items, "state": _state_of(new, old)}
         self._write_record(name, record)
         searched = old._remote.searched
         for change in chain:
-            ids = np.asarray(change.get("ids", []), np.int64)
-            if change["op"] == "add":
-                # an add's "raw" holds every feature added since the last write: this add's are last
-                raw = change["raw"][-len(ids) :] if new.whitening is not None else change["vectors"]
+            if isinstance(change, changes.Add):
+                ids = change.ids
+                raw = change.raw if new.whitening is not None else change.vectors
                 rows = new._meta.get(ids.tolist())
                 self.rows.insert(
-                    name, ids, np.asarray(raw, np.float32), change["labels"],
+                    name, ids, np.asarray(raw, np.float32), list(change.labels),
                     [rows.get(i, ("", None))[0] for i in ids.tolist()],
                     [rows.get(i, ("", None))[1] for i in ids.tolist()],
                 )  # fmt: skip
                 if searched is not None:
-                    searched.insert(name, ids, change["vectors"], ["-"] * len(ids), [""] * len(ids))
-            elif change["op"] == "remove":
-                self._set_aside(name, ids)
-                self.rows.delete(name, ids)
+                    searched.insert(name, ids, change.vectors, ["-"] * len(ids), [""] * len(ids))
+            elif isinstance(change, changes.Remove):
+                self._set_aside(name, change.ids)
+                self.rows.delete(name, change.ids)
                 if searched is not None:
-                    searched.delete(name, ids)
-            elif change["op"] == "relabel":
-                self.rows.relabel(name, ids, change["label"])
+                    searched.delete(name, change.ids)
+            elif isinstance(change, changes.Relabel):
+                self.rows.relabel(name, change.ids, change.label)
         return self._committed(name, new, record, old)
 
     def _set_aside(self, name: str, ids: np.ndarray) -> None:
@@ -473,7 +459,8 @@ class MilvusIndexStore:
         state = _state_of(new, old)
         if new.whitening is not None and new.whitening is not old.whitening:
             state["projection"] = self._store_projection(name, new.whitening)
-        record = {**_version_record(new, version, action), "changes": [{"op": "refit"}], "state": state}
+        record = {**_version_record(new, version, action), "changes": [changes.encode(changes.Refit())],
+                  "state": state}  # fmt: skip
         self._write_record(name, record)
         self._write_searched(name, new)
         return self._committed(name, new, record, old)
@@ -545,8 +532,8 @@ class MilvusIndexStore:
         state["dim"] = int(raw.shape[1])
         if index.whitening is not None:
             state["projection"] = self._store_projection(name, index.whitening)
-        record = {**_version_record(index, version, action), **extra, "changes": [{"op": "all"}], "state": state,
-                  "full": True}  # fmt: skip
+        record = {**_version_record(index, version, action), **extra, "changes": [changes.encode(changes.Rewrite())],
+                  "state": state, "full": True}  # fmt: skip
         self._write_record(name, record)
         self._write_searched(name, index, stored=(ids, stored))
         head = {"serving": FORMAT, "version": version, "epoch": os.urandom(6).hex(), "start": version,
@@ -632,15 +619,18 @@ class MilvusIndexStore:
         dropped = set()
         for number in gone:
             if number >= start:
-                record = self._record(name, number) or {}
-                dropped |= {i for c in record.get("changes", []) if c["op"] == "remove" for i in c["ids"]}
+                dropped |= set(self._removed_by(name, number))
         if dropped and self.removed.exists(name):
             for number in range(oldest, current + 1):
-                record = self._record(name, number) or {}
-                dropped -= {i for c in record.get("changes", []) if c["op"] == "remove" for i in c["ids"]}
+                dropped -= set(self._removed_by(name, number))
             if dropped:
                 self.removed.delete(name, sorted(dropped))
         self.rows.delete_blobs([f"log/{name}/{n:010d}" for n in gone])
+
+    def _removed_by(self, name: str, number: int) -> list[int]:
+        """The ids whose rows version ``number`` set aside."""
+        record = self._record(name, number) or {}
+        return [i for item in record.get("changes", []) for i in changes.decode(item).removed_ids()]
 
     def _archive_generation(self, name: str, head: dict[str, Any]) -> None:
         generation = int(head.get("generation", 1))
@@ -740,14 +730,8 @@ class MilvusIndexStore:
             ids, labels = self.archive.id_labels(_archived("r", generation["generation"], name))
             id_map, last = dict(zip(ids.tolist(), labels, strict=True)), generation["last"]
         for v in range(last, number, -1):
-            for change in reversed(catalog[v]["changes"]):
-                if change["op"] == "add":
-                    for i in change["ids"]:
-                        id_map.pop(int(i), None)
-                elif change["op"] == "remove":
-                    id_map.update(zip(map(int, change["ids"]), change["labels"], strict=True))
-                elif change["op"] == "relabel":
-                    id_map.update(zip(map(int, change["ids"]), change["old"], strict=True))
+            for item in reversed(catalog[v]["changes"]):
+                changes.decode(item).backward(id_map)
         return id_map
 
     def changes(
@@ -802,21 +786,21 @@ class MilvusIndexStore:
                 raise ShiTuError(f"version {version} of index {name!r} cannot be restored: removed rows are missing")
             state = dict(catalog[version]["state"])
             state["next_id"] = max(int(state["next_id"]), latest.next_id)
-            changes: list[dict[str, Any]] = []
+            steps: list[changes.Change] = []
             if back:
-                changes.append({"op": "add", "ids": back, "labels": [target[i] for i in back]})
+                steps.append(changes.Add(np.asarray(back, np.int64), tuple(target[i] for i in back)))
             if gone:
-                changes.append({"op": "remove", "ids": gone, "labels": [now[i] for i in gone]})
+                steps.append(changes.Remove(np.asarray(gone, np.int64), tuple(now[i] for i in gone)))
             for label, ids in sorted(relabel.items()):
-                changes.append({"op": "relabel", "ids": sorted(ids), "label": label,
-                                "old": [now[i] for i in sorted(ids)]})  # fmt: skip
+                steps.append(changes.Relabel(np.asarray(sorted(ids), np.int64), label,
+                                             tuple(now[i] for i in sorted(ids))))  # fmt: skip
             new_version = current + 1
             labels = _Labels.of(list(target), list(target.values()))
             record = {
                 "format": 1, "version": new_version, "time": _now(), "action": f"restore v{version}",
                 "entries": len(target), "labels": labels.distinct(), "feature_model": state.get("feature_model"),
                 "index_type": state["index_type"], "metric_type": state["metric_type"], "restored_from": version,
-                "changes": changes, "state": state,
+                "changes": [changes.encode(step) for step in steps], "state": state,
             }  # fmt: skip
             self._write_record(name, record)
             if gone:
@@ -911,24 +895,6 @@ def _transfer_keys(index: GalleryIndex) -> dict[str, Any]:
         "adapt": index.adaptation.mode if index.adaptation is not None else "off",
         "user_threshold": calibration.threshold if picked else None, "entries": len(index),
     }  # fmt: skip
-
-
-def _labels_before(old: GalleryIndex, chain: list[dict[str, Any]], change: dict[str, Any], ids: np.ndarray) -> list:
-    """The labels ``ids`` had just before ``change`` (an earlier change of the same commit may
-    have relabelled them)."""
-    labels = dict(zip(ids.tolist(), old.labels_of(ids), strict=True))
-    for earlier in chain:
-        if earlier is change:
-            break
-        if earlier["op"] == "relabel":
-            for i in np.asarray(earlier["ids"]).tolist():
-                if i in labels:
-                    labels[i] = earlier["label"]
-        elif earlier["op"] == "add":
-            for i, label in zip(np.asarray(earlier["ids"]).tolist(), earlier["labels"], strict=True):
-                if i in labels:
-                    labels[i] = label
-    return [labels[i] for i in ids.tolist()]
 
 
 def _with_raw_vectors(index: MilvusGallery) -> GalleryIndex:

@@ -47,7 +47,7 @@ from typing import IO, Any
 import numpy as np
 import yaml
 
-from shitu import changelog
+from shitu import changelog, changes
 from shitu.changelog import LOG_FILE
 from shitu.entrymeta import ENTRIES_FILE, EntryMeta
 from shitu.errors import Conflict, DamagedIndex, NotFound, ShiTuError, TooLarge
@@ -297,7 +297,7 @@ class IndexStore:
                 return old
             chain = new.changes_since(old) if self.versioned and self.log_changes else None
             if chain:
-                self._append(name, old, new, chain, action or describe_logged(chain))
+                self._append(name, old, new, chain, action or changes.describe(chain))
             else:
                 self._commit(name, new, action or describe_change(old, new))
             return new
@@ -695,15 +695,6 @@ def describe_change(before: GalleryIndex, after: GalleryIndex) -> str:
     return ", ".join(f"{word} {n}" for word, n in counts if n) or "no change"
 
 
-def describe_logged(chain: list[dict[str, Any]]) -> str:
-    """The action of a logged commit: ``add 1``, ``remove 2``, ``relabel 3``, ``threshold``."""
-    counts: dict[str, int] = {}
-    for change in chain:
-        op = change["op"]
-        counts[op] = counts.get(op, 0) + (len(change["ids"]) if "ids" in change else 0)
-    return ", ".join(f"{op} {n}" if n else op for op, n in counts.items())
-
-
 def _id_map_at(index_dir: Path, version: int) -> dict[int, str]:
     """The id map of the version ``version`` that ``index_dir`` holds (its full save's id map,
     then the logged changes up to that version; no vector is read into an index)."""
@@ -712,16 +703,8 @@ def _id_map_at(index_dir: Path, version: int) -> dict[int, str]:
     for entry in changelog.read(index_dir / LOG_FILE):
         if int(entry.header.get("version", 0)) > version:
             break
-        for change in entry.header.get("changes", []):
-            arrays = {k: entry.arrays[n] for k, n in change.get("arrays", {}).items()}
-            ids = arrays["ids"].tolist() if "ids" in arrays else []
-            if change["op"] == "add":
-                id_map.update(zip(ids, change["labels"], strict=True))
-            elif change["op"] == "remove":
-                for i in ids:
-                    id_map.pop(i, None)
-            elif change["op"] == "relabel":
-                id_map.update(dict.fromkeys(ids, change["label"]))
+        for item in entry.header.get("changes", []):
+            changes.decode(item, entry.arrays).forward(id_map)
     return id_map
 
 
