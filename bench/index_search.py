@@ -21,7 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shitu.index import GalleryIndex, _apply, _inner  # noqa: E402
+from shitu.index import GalleryIndex  # noqa: E402
+from shitu.vectors import apply_search_params, inner_of  # noqa: E402
 
 
 def data(n: int, dim: int, views: int, spread: float, queries: int, seed: int = 0):
@@ -64,9 +65,9 @@ def main() -> None:
         build = time.perf_counter() - start
         ids, t = timed_search(index, q)
         tuned = dict(index.search_params)
-        _apply(_inner(index.index), default)
+        apply_search_params(inner_of(index.index), default)
         ids_default, t_default = timed_search(index, q)
-        _apply(_inner(index.index), tuned)
+        apply_search_params(inner_of(index.index), tuned)
         print(
             f"{kind}: built + calibrated in {build:.1f}s | faiss default {default}: agreement "
             f"{(ids_default == exact).mean():.3f}, {t_default / base:.2f}x Flat time | calibrated {tuned}: "

@@ -421,7 +421,8 @@ def bench_index(plan: Plan, n: int, dim: int = 512) -> list[dict]:
     import faiss
     from paddlex.inference.pipelines.components.faisser import FaissBuilder
 
-    from shitu.index import GalleryIndex, _apply, _inner
+    from shitu.index import GalleryIndex
+    from shitu.vectors import apply_search_params, inner_of
 
     x, q = clustered(n, dim, plan.index_queries)
     labels = [str(i // 10) for i in range(n)]
@@ -486,7 +487,7 @@ def bench_index(plan: Plan, n: int, dim: int = 512) -> list[dict]:
             continue
         default = {"HNSW32": {"efSearch": 16}, "IVF": {"nprobe": 1}}[kind]
         tuned = dict(index.search_params)
-        _apply(_inner(index.index), default)
+        apply_search_params(inner_of(index.index), default)
         what = "efSearch 16 (our graph)" if kind == "HNSW32" else "nprobe 1 (our lists)"
         row(
             kind,
@@ -497,7 +498,7 @@ def bench_index(plan: Plan, n: int, dim: int = 512) -> list[dict]:
             float("nan"),
             float("nan"),
         )
-        _apply(_inner(index.index), tuned)
+        apply_search_params(inner_of(index.index), tuned)
         del index
         if kind == "HNSW32":  # PaddleX's own builder: faiss's efConstruction 40, efSearch 16
             paddlex_build("HNSW32", "efC 40, efSearch 16")
@@ -1195,7 +1196,7 @@ def main(argv: list[str] | None = None) -> dict:
     from shitu.config import PipelineConfig
     from shitu.engine import Engine
     from shitu.runtime import Runtime
-    from shitu.store import IndexStore
+    from shitu.stores.files import FileStore as IndexStore
 
     data_dir = Path(tempfile.mkdtemp(prefix="shitu-bench-"))
     settings = settings_for(data_dir)

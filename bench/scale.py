@@ -2,7 +2,7 @@
 
 For each size and index type it builds a stored index of clustered synthetic 512-d vectors
 (the shape of real galleries: several views of each product) in a fresh data dir, then
-measures through :class:`shitu.store.IndexStore`, the layer every surface commits through:
+measures through :class:`shitu.stores.files.FileStore`, the layer every surface commits through:
 
 - ``add 1`` / ``remove 1``: one committed change (saved, durable, visible to other
   processes), p50 and p90 over ``--changes`` changes;
@@ -14,7 +14,7 @@ measures through :class:`shitu.store.IndexStore`, the layer every surface commit
     python bench/scale.py --backend faiss milvus --sizes 100000 --types Flat HNSW32 --out both.json
     python bench/scale.py --compare both.json   # the two stores side by side
 
-With ``--backend milvus`` the store is :class:`shitu.milvus_store.MilvusIndexStore` on a Milvus
+With ``--backend milvus`` the store is :class:`shitu.stores.milvus.MilvusStore` on a Milvus
 Lite file (``SHITU_VECTOR_STORE=milvus``): Milvus builds its own HNSW/IVF index, in the background
 after a flush, and closing Lite waits for that build, so queries are timed on the built index.
 Lite runs inside the measuring process: its resident memory includes Milvus's own copy of the
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from shitu.index import GalleryIndex  # noqa: E402
-from shitu.store import IndexStore  # noqa: E402
+from shitu.stores.files import FileStore as IndexStore  # noqa: E402
 
 DIM = 512
 
@@ -71,8 +71,8 @@ LOAD_PROBE = """
 import json, os, sys, time
 sys.path.insert(0, {root!r})
 import numpy as np, faiss
-from shitu.store import IndexStore
-from shitu.milvus_store import MilvusIndexStore
+from shitu.stores.files import FileStore as IndexStore
+from shitu.stores.milvus import MilvusStore as MilvusIndexStore
 def rss():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) / 1024 for l in f if l.startswith("VmRSS:"))
@@ -95,7 +95,7 @@ def probe_load(data: Path, milvus: bool = False) -> dict:
 
 def open_store(data: Path, backend: str):
     if backend == "milvus":
-        from shitu.milvus_store import MilvusIndexStore
+        from shitu.stores.milvus import MilvusStore as MilvusIndexStore
 
         return MilvusIndexStore(str(data / "milvus.db"), keep_versions=2)
     return IndexStore(data, keep_versions=2)
@@ -157,7 +157,7 @@ def run_one(
     row.update(query_p50_ms=1000 * pct(lat, 50), recall_at_1=float(np.mean(np.asarray(hits) == best)),
                search_params=index.search_params)  # fmt: skip
     del index, ids_all, vecs_all
-    store._cache.clear()
+    store.drop_cache()
     if milvus:
         store.close()  # Milvus Lite: one process per file
     load = probe_load(data, milvus)

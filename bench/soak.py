@@ -10,7 +10,7 @@ one ``python -m shitu append`` after another writes to the same index from a sep
   present with that label unless that client removed it; removed ids stay gone;
 * no id is handed out twice; every acknowledged CLI append is present exactly once;
 * ``imageCount == len(idMap)``, and on disk ``ntotal == len(id_map)``
-  (:meth:`GalleryIndex.load` under the index's lock, so no save is read half-done).
+  (:func:`shitu.stores.layout.load_index` under the index's lock, so no save is read half-done).
 
 It reports per-endpoint latency (p50/p99), throughput and status counts; a 5xx is a failure.
 Only 127.0.0.1 is contacted; the run stops by itself after ``seconds`` (the requests in flight
@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shitu.api import serving  # noqa: E402
-from shitu.index import GalleryIndex  # noqa: E402
-from shitu.store import IndexStore  # noqa: E402
+from shitu.stores.files import FileStore as IndexStore  # noqa: E402
+from shitu.stores.layout import load_index  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "soak.txt"
 MAX_REQUESTS_PER_CLIENT = 20_000
@@ -243,7 +243,7 @@ def _check(base: str, key: str, state: _State, store: IndexStore | None, *, fina
         state.violate(f"listing: imageCount {listing['imageCount']} but {len(listing['idMap'])} ids")
     if store is not None:
         with store.locked(key):  # the lock every writer takes: no save is read half-done
-            on_disk = GalleryIndex.load(store.path(key))
+            on_disk = load_index(store.path(key))
         if on_disk.index.ntotal != len(on_disk.id_map):
             state.violate(f"on disk: {on_disk.index.ntotal} vectors but {len(on_disk.id_map)} labels")
         views.append(("disk", on_disk.id_map))

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shitu.config import Settings  # noqa: E402
 from shitu.engine import Engine  # noqa: E402
 from shitu.gallery import list_image_files, load_image  # noqa: E402
-from shitu.index import GalleryIndex  # noqa: E402
+from shitu.stores.layout import load_index  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="save rendered images of the default setting here")
     args = parser.parse_args()
     engine = Engine(Settings.from_env(offline=True, model_dir=os.environ.get("SHITU_MODEL_DIR")), isolate=False)
-    index = GalleryIndex.load(args.index)
+    index = load_index(args.index)
     for stage, info in engine.models().items():
         if isinstance(info, dict):
             print(f"{stage}:", info["description"])

@@ -7,10 +7,8 @@
 from shitu.engine import Engine
 from shitu.errors import NotFound, ShiTuError, StarterModelUnavailable
 from shitu.index import GalleryIndex
-from shitu.paddlex_api import ShiTuPipeline, create_pipeline
+from shitu.paddlex_api import IndexData, ShiTuPipeline, create_pipeline
 from shitu.results import Recognition, RecognizedObject, ShiTuResult
-
-IndexData = GalleryIndex  # PaddleX's name for the same thing
 
 __all__ = [
     "Engine",

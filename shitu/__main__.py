@@ -222,39 +222,29 @@ def cmd_restore(args) -> int:
 # --- moving indices to and from Milvus ---
 
 
-def _milvus(args):
-    from shitu.milvus_backend import MilvusCollections
-
+def _milvus_target(args) -> tuple[str, str | None, str]:
     settings = _settings(args)  # SHITU_MILVUS_URI / _TOKEN / _PREFIX: the collections the app serves from
-    uri = args.uri or settings.milvus_target
-    return MilvusCollections(uri, token=args.token or settings.milvus_token, prefix=settings.milvus_prefix)
+    return args.uri or settings.milvus_target, args.token or settings.milvus_token, settings.milvus_prefix
 
 
 def cmd_milvus_export(args) -> int:
-    from shitu.transfer import to_milvus
-
     engine = _engine(args, say_models=False)
-    index = engine.index(_index_ref(args.index))
+    uri, token, prefix = _milvus_target(args)
     target = args.to or Path(args.index).name
-    with _milvus(args) as milvus:
-        n = to_milvus(index, milvus, target, overwrite=args.overwrite)
-        print(f"{args.index} -> Milvus gallery {target!r} at {milvus.uri}: {n} entries")
+    n = engine.export_to_milvus(_index_ref(args.index), uri, target, token=token, prefix=prefix,
+                                overwrite=args.overwrite)  # fmt: skip
+    print(f"{args.index} -> Milvus gallery {target!r} at {uri}: {n} entries")
     return 0
 
 
 def cmd_milvus_import(args) -> int:
-    from shitu.transfer import from_milvus
-
     engine = _engine(args, say_models=False)
-    store, key = engine.locate(_index_ref(args.index))
-    if not args.overwrite and store.exists(key):
-        raise ShiTuError(f"an index named {key!r} already exists; choose another name or --overwrite it")
-    with _milvus(args) as milvus:
-        index = from_milvus(milvus, args.source or key)
-    store.put(key, index, overwrite=args.overwrite, action="import")
+    uri, token, prefix = _milvus_target(args)
+    index = engine.import_from_milvus(_index_ref(args.index), uri, args.source or Path(args.index).name,
+                                      token=token, prefix=prefix, overwrite=args.overwrite)  # fmt: skip
     s = index.summary()
-    print(f"Milvus gallery {args.source or key!r} -> {args.index}: {s['entries']} entries, {s['labels']} labels "
-          f"({s['index_type']}/{s['metric_type']}), next id {s['next_id']}")  # fmt: skip
+    print(f"Milvus gallery {args.source or Path(args.index).name!r} -> {args.index}: {s['entries']} entries, "
+          f"{s['labels']} labels ({s['index_type']}/{s['metric_type']}), next id {s['next_id']}")  # fmt: skip
     return 0
 
 

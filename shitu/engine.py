@@ -6,8 +6,9 @@ an index file directly. The engine owns:
 
 * the models (:class:`~shitu.runtime.Runtime`), swapped under a lock — a request in flight
   keeps the runtime it started with, and a replaced runtime is closed when its last request ends;
-* the indices: named ones in the data dir, and PaddleX-layout directories given by path (both
-  are :class:`~shitu.store.IndexStore` s, so there is one code path);
+* the indices: named ones in the vector store (files in the data dir, or Milvus), and
+  PaddleX-layout directories given by path — all :class:`~shitu.stores.base.GalleryStore` s,
+  so there is one code path;
 * export/import, and the defaults of every per-call option (thresholds included).
 
 Data flows one way: image → :meth:`Runtime.analyze` (detect → crop → embed) →
@@ -56,7 +57,9 @@ from shitu.matching import match_objects
 from shitu.report import GalleryReport, gallery_report
 from shitu.results import Recognition
 from shitu.runtime import Runtime
-from shitu.store import IndexStore, check_name
+from shitu.stores.base import GalleryStore, check_name, open_store
+from shitu.stores.files import FileStore
+from shitu.stores.layout import load_index
 
 # GalleryIndex is part of the engine's surface: it is what PaddleX calls IndexData
 __all__ = ["ChangeReport", "Engine", "GalleryIndex", "Options", "Progress", "UNSET"]
@@ -137,7 +140,7 @@ class Engine:
         self._device = device
         self._isolate = isolate
         self._store = self._named_store()
-        self._dir_stores: dict[Path, IndexStore] = {}
+        self._dir_stores: dict[Path, GalleryStore] = {}
         self._runtime = runtime
         self._owns_runtime = runtime is None
         self._rt_lock = threading.Lock()
@@ -146,19 +149,9 @@ class Engine:
         # the last few gallery reports: {(name, id(index)): (weakref to that index version, report)}
         self._report_cache: dict[tuple[str | None, int], tuple[weakref.ref, GalleryReport]] = {}
 
-    def _named_store(self) -> IndexStore:
-        """Where named indices live: faiss files in the data dir, or Milvus (``SHITU_VECTOR_STORE``)."""
-        settings = self.settings
-        if settings.vector_store == "milvus":
-            from shitu.milvus_store import MilvusIndexStore
-
-            return MilvusIndexStore(  # type: ignore[return-value] - the same interface
-                settings.milvus_target, settings.milvus_token, prefix=settings.milvus_prefix,
-                lock_dir=settings.data_dir / "locks", keep_versions=settings.history_versions,
-            )  # fmt: skip
-        return IndexStore(
-            settings.indices_dir, lock_dir=settings.data_dir / "locks", keep_versions=settings.history_versions
-        )
+    def _named_store(self) -> GalleryStore:
+        """Where named indices live: ``SHITU_VECTOR_STORE`` (faiss files in the data dir, or Milvus)."""
+        return open_store(self.settings.vector_store, self.settings)
 
     @property
     def vector_store(self) -> str:
@@ -294,9 +287,7 @@ class Engine:
             runtime, self._runtime = self._runtime, None
         if runtime is not None and self._owns_runtime:
             runtime.close()
-        close_store = getattr(self._store, "close", None)  # Milvus: its connection
-        if close_store is not None:
-            close_store()
+        self._store.close()
 
     # --- thresholds and options ---------------------------------------------------------------
     @property
@@ -357,7 +348,7 @@ class Engine:
         )
 
     # --- where indices live -------------------------------------------------------------------
-    def locate(self, ref: str | Path | None) -> tuple[IndexStore, str]:
+    def locate(self, ref: str | Path | None) -> tuple[GalleryStore, str]:
         """Which store holds an index: a ``str`` is a *name* in the data dir (letters, digits,
         ``_.-``; anything else is refused, so a name typed by a visitor can never reach another
         path); a ``pathlib.Path`` is a PaddleX-layout directory anywhere (the CLI and the Python
@@ -370,7 +361,7 @@ class Engine:
         with self._rt_lock:
             store = self._dir_stores.get(path.parent)
             if store is None:
-                store = IndexStore(path.parent, strict_names=False, lock_dir=self.settings.data_dir / "locks")
+                store = FileStore(path.parent, strict_names=False, lock_dir=self.settings.data_dir / "locks")
                 self._dir_stores[path.parent] = store
         return store, path.name
 
@@ -539,8 +530,22 @@ class Engine:
         new.skipped = skipped
         return new
 
+    def load_index_dir(self, path: str | Path) -> GalleryIndex:
+        """The index in the directory ``path`` (PaddleX's layout or ours), read whole into memory:
+        usable after the directory is gone."""
+        index = load_index(path)
+        index.rows = index.rows.in_memory(index.ids.tolist())
+        return index
+
+    def save_index_dir(self, index: GalleryIndex, path: str | Path) -> Path:
+        """Write ``index`` to the directory ``path`` in PaddleX's layout (every change folded in,
+        atomically; files of others in it stay) — PaddleX's ``IndexData.save``."""
+        store, key = self.locate(Path(path))
+        store.put(key, index)
+        return store.path(key)
+
     # --- versions -------------------------------------------------------------------------------
-    # Every committed change of a stored index is a version (shitu.store keeps the replaced copy,
+    # Every committed change of a stored index is a version (shitu.stores keeps the replaced copy,
     # at most settings.history_versions of them); a restore is itself a new version.
     def versions(self, ref: str | Path | None = None) -> list[dict[str, Any]]:
         """The versions of a stored index, newest first, the current one included and marked:
@@ -753,6 +758,35 @@ class Engine:
     def import_zip(self, name: str, data: bytes, *, overwrite: bool = False) -> GalleryIndex:
         store, key = self.locate(name)
         return store.import_zip(key, data, overwrite=overwrite)
+
+    def export_to_milvus(
+        self, ref: str | Path | None, uri: str, gallery: str, *, token: str | None = None, prefix: str = "shitu_",
+        overwrite: bool = False,
+    ) -> int:  # fmt: skip
+        """Copy an index into the Milvus gallery ``gallery`` at ``uri`` (``shitu milvus-export``:
+        unprojected vectors, labels, sources, thumbnails); the entries written."""
+        from shitu.stores.milvus_collections import MilvusCollections
+        from shitu.transfer import to_milvus
+
+        index = self.index(ref)
+        with MilvusCollections(uri, token, prefix) as milvus:
+            return to_milvus(index, milvus, gallery, overwrite=overwrite)
+
+    def import_from_milvus(
+        self, ref: str | Path | None, uri: str, gallery: str, *, token: str | None = None, prefix: str = "shitu_",
+        overwrite: bool = False,
+    ) -> GalleryIndex:  # fmt: skip
+        """Store the Milvus gallery ``gallery`` at ``uri`` as an index here (``shitu milvus-import``:
+        the projection refitted and the curve remeasured from its vectors; ids kept)."""
+        from shitu.stores.milvus_collections import MilvusCollections
+        from shitu.transfer import from_milvus
+
+        store, key = self.locate(ref)
+        if not overwrite and store.exists(key):
+            raise Conflict(f"an index named {key!r} already exists; choose another name or overwrite it")
+        with MilvusCollections(uri, token, prefix) as milvus:
+            index = from_milvus(milvus, gallery)
+        return store.put(key, index, overwrite=overwrite, action="import")
 
     def _report(self, name: str, index: GalleryIndex, ids: list[int], skipped: list[SkippedLine]) -> ChangeReport:
         return ChangeReport(name, ids, list(skipped), index.summary(), index)

@@ -57,6 +57,10 @@ class EntryMeta:
             out = {i: (row[0], None) for i, row in out.items()}
         return out
 
+    def in_memory(self, ids: Iterable[int]) -> "EntryMeta":
+        """These ids' rows held in memory, independent of any file."""
+        return EntryMeta(None, self.get(ids))
+
     def flush(self, db: str | Path) -> "EntryMeta":
         """Write the pending rows into ``db``; the saved view."""
         write_rows(db, self.pending)

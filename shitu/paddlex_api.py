@@ -11,7 +11,7 @@ PaddleX scripts run with only the import changed::
         res.save_to_img("./output/")
 
 As in PaddleX, ``build_index`` / ``append_index`` / ``remove_index`` return index objects
-(:class:`~shitu.index.GalleryIndex`, PaddleX's ``IndexData``) and never write to disk:
+(:class:`IndexData`, over a :class:`~shitu.index.GalleryIndex`) and never write to disk:
 ``index.save(dir)`` does. ``index=`` takes such an object, a PaddleX index directory, or a
 PaddleX ``IndexData``. Arrays are BGR, as in PaddleX; results are PaddleX's result dicts.
 """
@@ -30,6 +30,34 @@ from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
 from shitu.ids import parse_ids, read_id_file
 from shitu.report import GalleryReport
 from shitu.results import ShiTuResult
+
+
+class IndexData:
+    """PaddleX's ``IndexData``: an index in memory that ``save`` writes to a directory in PaddleX's
+    layout. Everything else — ``index`` (the faiss index), ``id_map``, ``metric_type``,
+    ``index_type``, ``index_info``, ``len()``, ``calibration``, ``skipped``, ``summary()`` ... — is
+    the :class:`~shitu.index.GalleryIndex` it holds (``.gallery``)."""
+
+    def __init__(self, gallery: GalleryIndex, engine: Engine):
+        self.gallery = gallery
+        self._engine = engine
+
+    def save(self, save_dir: str | Path) -> Path:
+        return self._engine.save_index_dir(self.gallery, save_dir)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.gallery, name)
+
+    def __len__(self) -> int:
+        return len(self.gallery)
+
+    def __contains__(self, id_: object) -> bool:
+        return id_ in self.gallery
+
+    def __repr__(self) -> str:
+        return f"IndexData({len(self.gallery)} entries, {self.gallery.index_type}/{self.gallery.metric_type})"
 
 
 class ShiTuPipeline:
@@ -60,17 +88,17 @@ class ShiTuPipeline:
         progress: Progress | None = None,
         whiten: bool = False,
         adapt: str = "auto",
-    ) -> GalleryIndex:
+    ) -> IndexData:
         """Embed a gallery and index it: a root dir and a PaddleX label file, or a list of
         images and a list of labels. Unusable lines raise :class:`ShiTuError` listing their
         line numbers, unless ``skip_invalid`` (then they are reported in ``index.skipped``).
         ``adapt`` (``auto``/``on``/``off``): fit the features to the gallery's labels where
         cross-validation says it helps; the index carries its own calibrated threshold
         (``index.calibration``), which :meth:`predict` uses unless given ``rec_threshold``."""
-        return self.engine.build_index(
+        return IndexData(self.engine.build_index(
             as_batch(gallery_imgs, gallery_label), index_type=index_type, metric_type=metric_type,
             skip_invalid=skip_invalid, progress=progress, whiten=whiten, adapt=adapt,
-        )  # fmt: skip
+        ), self.engine)  # fmt: skip
 
     def append_index(
         self,
@@ -80,20 +108,20 @@ class ShiTuPipeline:
         *,
         skip_invalid: bool = False,
         progress: Progress | None = None,
-    ) -> GalleryIndex:
+    ) -> IndexData:
         """A new index with the gallery appended (the given one is not modified)."""
         base = self._index(index)
-        return self.engine.extend_index(
+        return IndexData(self.engine.extend_index(
             base, as_batch(gallery_imgs, gallery_label), skip_invalid=skip_invalid, progress=progress
-        )
+        ), self.engine)  # fmt: skip
 
-    def remove_index(self, remove_ids: Any, index: Any = None) -> GalleryIndex:
+    def remove_index(self, remove_ids: Any, index: Any = None) -> IndexData:
         """A new index without ``remove_ids`` (a list of ids, or a .txt file with one id per line)."""
         if isinstance(remove_ids, Path) or (isinstance(remove_ids, str) and Path(remove_ids).suffix == ".txt"):
             ids = read_id_file(remove_ids)
         else:
             ids = parse_ids(remove_ids)
-        return self._index(index).remove(ids)
+        return IndexData(self._index(index).remove(ids), self.engine)
 
     # --- evaluation (not in PaddleX) -----------------------------------------------------------
     def evaluate(self, index: Any = None, *, progress: Progress | None = None) -> GalleryReport:
@@ -146,6 +174,8 @@ class ShiTuPipeline:
         self.engine.close()
 
     def _index(self, index: Any) -> GalleryIndex:
+        if isinstance(index, IndexData):
+            return index.gallery
         if isinstance(index, GalleryIndex):
             return index
         if index is None:
@@ -153,7 +183,7 @@ class ShiTuPipeline:
         if hasattr(index, "index") and hasattr(index, "id_map") and hasattr(index, "save"):  # PaddleX IndexData
             with tempfile.TemporaryDirectory() as tmp:
                 index.save(tmp)
-                return GalleryIndex.load(tmp)
+                return self.engine.load_index_dir(tmp)
         if isinstance(index, (str, Path)):
             return self.engine.index(Path(index))  # PaddleX: a string is always a directory
         raise ShiTuError(f"index must be an index object or a directory, not {type(index).__name__}")

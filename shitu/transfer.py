@@ -39,12 +39,12 @@ def to_milvus(
     ids, _ = index.vectors()
     order = np.argsort(ids)
     ids = ids[order]
-    if index.whitening is not None and index._raw is None:
+    if index.whitening is not None and index.raw_chunks is None and index.base.local:
         raise ShiTuError(
             "this index is PCA-whitened and keeps no unprojected vectors, so it cannot be moved: "
             "rebuild it without whitening (adaptation is the default and does better)"
         )
-    vectors = index._raw_features(ids) if index.whitening is not None else index.vectors()[1][order]
+    vectors = index.raw_features(ids) if index.whitening is not None else index.vectors()[1][order]
     calibration = index.calibration
     picked = calibration is not None and calibration.chosen_by == "user"
     meta = {
@@ -61,7 +61,7 @@ def to_milvus(
     try:
         for start in range(0, len(ids), BATCH):
             part = ids[start : start + BATCH].tolist()
-            rows = index._meta.get(part)
+            rows = index.rows.get(part)
             milvus.insert(
                 name, part, vectors[start : start + BATCH], index.labels_of(part),
                 [rows.get(i, ("", None))[0] for i in part], [rows.get(i, ("", None))[1] for i in part],

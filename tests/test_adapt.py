@@ -9,6 +9,7 @@ from shitu.adapt import Projection, adapt
 from shitu.calibrate import TARGET_REJECTION, Calibration, calibrate, calibrate_gallery
 from shitu.errors import ShiTuError
 from shitu.index import GalleryIndex
+from shitu.stores.layout import load_index, save_index
 
 
 def nuisance_gallery(labels: int = 30, per_label: int = 6, dim: int = 64, seed: int = 0, nuisance: float = 3.0):
@@ -49,8 +50,8 @@ def test_projection_is_chosen_when_it_helps_and_generalises_to_new_photos(tmp_pa
     assert adapted.summary()["projection"] == "supervised"
     assert adapted.summary()["adaptation"]["applied"] is True
 
-    adapted.save(tmp_path / "a")
-    back = GalleryIndex.load(tmp_path / "a")
+    save_index(adapted, tmp_path / "a")
+    back = load_index(tmp_path / "a")
     assert back.whitening.kind == "supervised" and back.adaptation.applied
     assert back.calibration.threshold == adapted.calibration.threshold
     np.testing.assert_allclose(back.search(queries, topk=3)[0], adapted.search(queries, topk=3)[0], atol=1e-5)
@@ -132,8 +133,8 @@ def test_changes_keep_calibration_current_and_user_choice_survives(tmp_path):
     changed = adapted.add(x[:2, :64], ["new", "new"]).remove([0]).relabel(5, "renamed")
     assert changed.changes_since_calibration == 4
     assert changed.summary()["calibration"]["changes_since"] == 4
-    changed.save(tmp_path / "c")
-    back = GalleryIndex.load(tmp_path / "c")
+    save_index(changed, tmp_path / "c")
+    back = load_index(tmp_path / "c")
     assert back.changes_since_calibration == 4
     refitted = back.recalibrated()
     assert refitted.changes_since_calibration == 0 and refitted.whitening.kind == "supervised"
@@ -141,7 +142,7 @@ def test_changes_keep_calibration_current_and_user_choice_survives(tmp_path):
     assert refitted.entry(5).label == "renamed" and refitted.next_id == back.next_id
     # the refit projection still finds every stored entry as its own nearest neighbour
     ids, _ = back.vectors()
-    own = refitted._raw_features(ids[:20])
+    own = refitted.raw_features(ids[:20])
     assert refitted.search(own, topk=1)[1][:, 0].tolist() == ids[:20].tolist()
     turned_off = back.recalibrated("off")
     assert turned_off.whitening is None and turned_off.calibration.protocol == "leave-one-out"

@@ -26,10 +26,10 @@ import requests
 pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (needed for a local Milvus .db)")
 pytestmark = pytest.mark.milvus  # the optional Milvus store: runs with --full
 
-from shitu import milvus_store  # noqa: E402
 from shitu.errors import NotFound, ShiTuError  # noqa: E402
 from shitu.index import GalleryIndex  # noqa: E402
-from shitu.milvus_store import MilvusGallery, MilvusIndexStore  # noqa: E402
+from shitu.stores import milvus as milvus_store  # noqa: E402
+from shitu.stores.milvus import MilvusStore  # noqa: E402
 from shitu.transfer import to_milvus  # noqa: E402
 
 from .conftest import MODEL_CACHE, free_port, milvus_lite_server  # noqa: E402
@@ -54,7 +54,7 @@ def store(tmp_path):
     external = os.environ.get("SHITU_TEST_MILVUS_URI")
     uri = external or str(tmp_path / "m.db")
     prefix = f"t{os.urandom(4).hex()}_" if external else "shitu_"
-    s = MilvusIndexStore(uri, prefix=prefix, lock_dir=tmp_path / "locks", keep_versions=3)
+    s = MilvusStore(uri, prefix=prefix, lock_dir=tmp_path / "locks", keep_versions=3)
     yield s
     s.close()
 
@@ -96,7 +96,7 @@ def test_answers_match_an_in_memory_faiss_index_through_every_change(store, adap
     x, labels = clustered(300)
     local = GalleryIndex.build(x, labels, index_type="Flat", adapt=adapt, sources=[f"s{i}" for i in range(300)])
     served = store.put("a", local)
-    assert isinstance(served, MilvusGallery) and served.summary()["vector_store"] == "milvus"
+    assert not served.base.local, "searched in Milvus"
     assert (served.whitening is not None) == (adapt == "on")
     q = clustered(40, seed=7)[0]
 
@@ -119,7 +119,7 @@ def test_answers_match_an_in_memory_faiss_index_through_every_change(store, adap
         same(local, served)
     assert served.entry(300) == local.entry(300)  # source and thumbnail from the Milvus row
     # a fresh process's view: rows, labels, state
-    again = MilvusIndexStore(store.uri, prefix=store.rows.prefix, keep_versions=3)
+    again = MilvusStore(store.uri, prefix=store.rows.prefix, keep_versions=3)
     try:
         same(local, again.get("a"))
         refit = again.mutate("a", lambda i: i.recalibrated(adapt))
@@ -131,8 +131,8 @@ def test_answers_match_an_in_memory_faiss_index_through_every_change(store, adap
 def test_replicas_see_each_others_changes_and_never_reuse_ids(lite_server, tmp_path, monkeypatch):
     monkeypatch.setattr(milvus_store, "SYNC_SECONDS", 0.0)  # check the version on every read
     prefix = f"r{os.urandom(4).hex()}_"  # a server may be shared with other runs
-    one = MilvusIndexStore(lite_server, prefix=prefix, lock_dir=tmp_path / "locks-1")
-    two = MilvusIndexStore(lite_server, prefix=prefix, lock_dir=tmp_path / "locks-2")  # another machine: no lock
+    one = MilvusStore(lite_server, prefix=prefix, lock_dir=tmp_path / "locks-1")
+    two = MilvusStore(lite_server, prefix=prefix, lock_dir=tmp_path / "locks-2")  # another machine: no lock
     try:
         x, labels = clustered(60)
         one.put("shop", GalleryIndex.build(x, labels, index_type="HNSW32"))
@@ -165,7 +165,7 @@ def test_a_change_cut_short_leaves_a_consistent_gallery_and_retired_ids(store, m
     with pytest.raises(RuntimeError):
         store.mutate("a", lambda i: i.add(new, ["n", "n", "n"]))
     monkeypatch.setattr(store.rows, "put_meta", real)
-    later = MilvusIndexStore(store.uri, prefix=store.rows.prefix)  # what the next process sees
+    later = MilvusStore(store.uri, prefix=store.rows.prefix)  # what the next process sees
     try:
         index = later.get("a")
         assert len(index) == 53 and index.label(52) == "n"  # the rows are the truth: listed and searched
@@ -201,7 +201,7 @@ def test_restore_reaches_back_across_rebuilds_while_versions_are_kept(store):
         store.mutate("a", lambda i: i.relabel([0], "z"))
     with pytest.raises(NotFound, match="no longer kept"):
         store.restore("a", 2)
-    archived = [c for c in store.archive._client.list_collections() if c.startswith(store.archive.prefix)]
+    archived = [c for c in store.archive.connection.client.list_collections() if c.startswith(store.archive.prefix)]
     assert len(archived) <= 2  # the rebuild's generation (rows, and nothing set aside) at most
 
 

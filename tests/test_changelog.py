@@ -20,8 +20,10 @@ import yaml
 from shitu import changelog
 from shitu.changelog import LOG_FILE
 from shitu.entrymeta import ENTRIES_FILE
-from shitu.index import ID_MAP_FILE, VECTOR_FILE, VERSION_FILE, GalleryIndex
-from shitu.store import COMPACT_MIN_CHANGES, IndexStore
+from shitu.index import GalleryIndex
+from shitu.stores.files import COMPACT_MIN_CHANGES
+from shitu.stores.files import FileStore as IndexStore
+from shitu.stores.layout import ID_MAP_FILE, VECTOR_FILE, VERSION_FILE, load_index
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 32
@@ -106,7 +108,7 @@ def test_versions_live_in_the_log_and_can_be_restored(tmp_path):
     store.mutate("g", lambda i: i.add(x[:2], ["p", "q"]))
     store.mutate("g", lambda i: i.remove([0, 1]))
     store.mutate("g", lambda i: i.relabel([5], "r"))
-    maps = {v: GalleryIndex.load(tmp_path / "g", until_version=v).id_map for v in (1, 2, 3, 4)}
+    maps = {v: load_index(tmp_path / "g", until_version=v).id_map for v in (1, 2, 3, 4)}
     assert [(v["version"], v["action"]) for v in store.versions("g")] == [
         (4, "relabel 1"), (3, "remove 2"), (2, "add 2"), (1, "build")]  # fmt: skip
     assert store.changes("g", 3)["removed"] == [{"id": 0, "label": labels[0]}, {"id": 1, "label": labels[1]}]
@@ -152,7 +154,7 @@ def test_a_reader_in_another_process_applies_only_the_new_records(tmp_path):
     writer.mutate("g", lambda i: i.add(x[:1] * 2, ["twin"]))
     second = reader.get("g")
     assert second is not first and second.id_map[40] == "twin"
-    assert second._index is first._index  # the full save was not read again
+    assert second.base is first.base  # the full save was not read again
     assert reader.get("g") is second
 
 
@@ -171,14 +173,14 @@ def test_background_compaction_keeps_every_commit_made_meanwhile(tmp_path):
     assert len(expected) == 200 + COMPACT_MIN_CHANGES + 20
     fresh = IndexStore(tmp_path).get("g")
     assert fresh.id_map == expected
-    assert fresh.log_end < 200_000  # what was committed after the compaction began
+    assert changelog.size(tmp_path / "g" / LOG_FILE) < 200_000  # what was committed after the compaction began
     assert json.loads((tmp_path / "g" / VERSION_FILE).read_text())["compacted"] is True
 
 
 KILLED_WRITER = r"""
 import sys
 import numpy as np
-from shitu.store import IndexStore
+from shitu.stores.files import FileStore as IndexStore
 store = IndexStore(sys.argv[1])
 rng = np.random.default_rng()
 print("ready", flush=True)
@@ -219,7 +221,8 @@ def test_the_id_map_file_reads_back_as_the_labels_whatever_they_hold():
     must read every label back as the same text."""
     import random
 
-    from shitu.index import _Labels, id_map_yaml
+    from shitu.labels import LabelTable
+    from shitu.stores.layout import id_map_yaml
 
     tricky = ["猫", "脉动", "yes", "No", "null", "~", "123", "1.5", "2024-01-01", "a: b", "a #b", " lead", "trail ",
               "-x", "?q", "[x]", "{y}", "!t", "&a", "*b", "'q'", '"d"', "a\nb", "t\tx", "Coca-Cola 330ml", "x/y (z)",
@@ -228,11 +231,11 @@ def test_the_id_map_file_reads_back_as_the_labels_whatever_they_hold():
     rng = random.Random(0)
     alphabet = "ab猫 :#-'\"\\\n\t{}[],&*!|>%@`?.0123456789yYnN\u2028\x85😀"
     tricky += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 8))) for _ in range(3000)]
-    labels = _Labels.of(list(range(len(tricky))), tricky)
+    labels = LabelTable.of(list(range(len(tricky))), tricky)
     back = yaml.safe_load(id_map_yaml(labels, "HNSW32", "L2").decode("utf-8", "surrogatepass"))
     assert {int(k): str(v) for k, v in back["id_map"].items()} == dict(enumerate(tricky))
     assert (back["index_type"], back["metric_type"]) == ("HNSW32", "L2")
-    assert yaml.safe_load(id_map_yaml(_Labels.of([], []), "Flat", "IP").decode())["id_map"] == {}
+    assert yaml.safe_load(id_map_yaml(LabelTable.of([], []), "Flat", "IP").decode())["id_map"] == {}
 
 
 def test_an_adapted_index_reloaded_from_its_log_keeps_each_entrys_own_raw_features(tmp_path):
@@ -241,7 +244,7 @@ def test_an_adapted_index_reloaded_from_its_log_keeps_each_entrys_own_raw_featur
     refit after a reload then paired ids with the wrong features)."""
     x, labels = clustered(400, seed=3)
     built = GalleryIndex.build(x, labels, index_type="Flat", adapt="on")
-    assert built.whitening is not None and built._raw is not None
+    assert built.whitening is not None and built.raw_chunks is not None
     store = IndexStore(tmp_path / "d", compact_in_background=False)
     store.put("a", built)
     first, second = clustered(2, seed=4)[0], clustered(3, seed=5)[0]
@@ -251,5 +254,5 @@ def test_an_adapted_index_reloaded_from_its_log_keeps_each_entrys_own_raw_featur
     added = np.arange(400, 405)
     expected = np.concatenate([first, second])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
-    np.testing.assert_allclose(reloaded._raw_features(added), expected, atol=2e-3)  # float16 storage
-    assert sum(len(ids) for ids, _ in reloaded._raw) == sum(len(f) for _, f in reloaded._raw) == 405
+    np.testing.assert_allclose(reloaded.raw_features(added), expected, atol=2e-3)  # float16 storage
+    assert sum(len(ids) for ids, _ in reloaded.raw_chunks) == sum(len(f) for _, f in reloaded.raw_chunks) == 405

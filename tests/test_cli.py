@@ -49,12 +49,12 @@ def test_index_directory_mode_and_config(cli_env, sample_gallery, capsys):
     capsys.readouterr()
     assert main(["append", "--gallery-root", str(root), "--labels", str(labels), "--index", str(target)]) == 0
     assert "added 24" in capsys.readouterr().out
-    from shitu.index import GalleryIndex
+    from shitu.stores.layout import load_index
 
-    on_disk = GalleryIndex.load(target)
+    on_disk = load_index(target)
     assert len(on_disk) == 24 - 3 + 24 and {5, 7, 8}.isdisjoint(on_disk.id_map) and max(on_disk.id_map) == 47
     assert main(["relabel", "--index", str(target), "--ids", "0-1", "--label", "renamed"]) == 0
-    assert GalleryIndex.load(target).id_map[1] == "renamed"
+    assert load_index(target).id_map[1] == "renamed"
     query = root / "1" / "0.jpg"
     assert main(["predict", str(query), "--index", str(target), "--json", "--whole-image", "always"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

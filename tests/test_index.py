@@ -8,7 +8,9 @@ import yaml
 
 from shitu.errors import NotFound, ShiTuError
 from shitu.fsutil import recover_dir
-from shitu.index import ALT_ID_MAP_FILE, ID_MAP_FILE, GalleryIndex, ivf_nlist
+from shitu.index import GalleryIndex
+from shitu.stores.layout import ALT_ID_MAP_FILE, ID_MAP_FILE, load_index, save_index
+from shitu.vectors import ivf_nlist
 
 TYPES = ["Flat", "IVF", "HNSW32"]
 METRICS = ["IP", "L2"]
@@ -137,20 +139,20 @@ def test_an_approximate_index_that_cannot_match_exact_search_says_so(tmp_path, m
     """Structureless vectors (64-d Gaussian noise) with efSearch held at 1: the graph search misses
     the true neighbour for many queries. The index records how often it agrees, warns, keeps the
     warning across save/load, and the studio shows it; IVF on the same vectors reaches exact."""
-    import shitu.index as index_module
+    import shitu.vectors as vectors_module
     from shitu.ui import calibration_markdown
 
     x = np.random.default_rng(3).normal(size=(3000, 64)).astype("float32")
     labels = [f"item-{k % 300}" for k in range(len(x))]
-    monkeypatch.setattr(index_module, "HNSW_EF_CANDIDATES", (1,))
-    with caplog.at_level("WARNING", logger="shitu.index"):
+    monkeypatch.setattr(vectors_module, "HNSW_EF_CANDIDATES", (1,))
+    with caplog.at_level("WARNING", logger="shitu.vectors"):
         hnsw = GalleryIndex.build(x, labels, index_type="HNSW32", adapt="off")
     reached = hnsw.search_params["agreement"]
     assert hnsw.search_params["efSearch"] == 1 and 0 < reached < 0.995
     assert f"only {reached:.1%}" in hnsw.search_shortfall and "efSearch 1:" in hnsw.search_shortfall
     assert hnsw.search_shortfall in caplog.text and hnsw.summary()["search_shortfall"] == hnsw.search_shortfall
-    hnsw.save(tmp_path / "hnsw")
-    again = GalleryIndex.load(tmp_path / "hnsw")
+    save_index(hnsw, tmp_path / "hnsw")
+    again = load_index(tmp_path / "hnsw")
     assert again.search_params == hnsw.search_params and again.search_shortfall == hnsw.search_shortfall
     assert "Rebuild as IVF or Flat" in calibration_markdown(again)
     assert "IVF 或 Flat" in calibration_markdown(again, "zh")
@@ -169,8 +171,8 @@ def test_save_load_identical_results(tmp_path, data, index_type, metric):
         thumbnails=[b"\xff\xd8thumb"] * 200, feature_model="test:model",
     )  # fmt: skip
     idx = idx.remove([3])
-    idx.save(tmp_path / "idx")
-    back = GalleryIndex.load(tmp_path / "idx")
+    save_index(idx, tmp_path / "idx")
+    back = load_index(tmp_path / "idx")
     s1, i1 = idx.search(x, topk=5)
     s2, i2 = back.search(x, topk=5)
     assert (i1 == i2).all()
@@ -186,7 +188,7 @@ def test_paddlex_layout_and_interop(tmp_path, data):
 
     x, labels = data
     ours = GalleryIndex.build(x, labels, index_type="Flat", metric_type="IP")
-    ours.save(tmp_path / "ours")
+    save_index(ours, tmp_path / "ours")
     info = yaml.safe_load((tmp_path / "ours" / ID_MAP_FILE).read_text(encoding="utf-8"))
     assert set(info) >= {"index_type", "metric_type", "id_map"}
     preds = FaissIndexer(str(tmp_path / "ours"))(x[:3], score_thres=0.5, hamming_radius=0, topk=1)
@@ -199,7 +201,7 @@ def test_paddlex_layout_and_interop(tmp_path, data):
         [str(i) for i in range(200)], labels, fake_features, metric_type="IP", index_type="Flat"
     )
     theirs.save(str(tmp_path / "theirs"))
-    loaded = GalleryIndex.load(tmp_path / "theirs")
+    loaded = load_index(tmp_path / "theirs")
     assert loaded.id_map == dict(enumerate(labels))
     assert loaded.search(x[:3], topk=1)[1][:, 0].tolist() == [0, 1, 2]
     assert isinstance(theirs, IndexData)
@@ -207,26 +209,26 @@ def test_paddlex_layout_and_interop(tmp_path, data):
 
 def test_reads_index_info_yaml_name(tmp_path, data):
     x, labels = data
-    GalleryIndex.build(x, labels, index_type="Flat").save(tmp_path / "i")
+    save_index(GalleryIndex.build(x, labels, index_type="Flat"), tmp_path / "i")
     (tmp_path / "i" / ID_MAP_FILE).rename(tmp_path / "i" / ALT_ID_MAP_FILE)
-    assert len(GalleryIndex.load(tmp_path / "i")) == 200
+    assert len(load_index(tmp_path / "i")) == 200
 
 
 def test_failed_save_leaves_previous_version(tmp_path, data, monkeypatch):
     import faiss
 
     x, labels = data
-    GalleryIndex.build(x[:10], labels[:10], index_type="Flat").save(tmp_path / "i")
-    bigger = GalleryIndex.load(tmp_path / "i").add(x[10:20], labels[10:20])
+    save_index(GalleryIndex.build(x[:10], labels[:10], index_type="Flat"), tmp_path / "i")
+    bigger = load_index(tmp_path / "i").add(x[10:20], labels[10:20])
 
     def broken(*_a, **_k):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(faiss, "write_index", broken)
     with pytest.raises(RuntimeError):
-        bigger.save(tmp_path / "i")
+        save_index(bigger, tmp_path / "i")
     monkeypatch.undo()
-    assert len(GalleryIndex.load(tmp_path / "i")) == 10
+    assert len(load_index(tmp_path / "i")) == 10
     assert [p.name for p in tmp_path.iterdir()] == ["i"], "no temporary leftovers"
 
 
@@ -234,20 +236,20 @@ def test_recover_interrupted_swap_rolls_forward_to_the_complete_copy(tmp_path, d
     import json
 
     x, labels = data
-    GalleryIndex.build(x[:10], labels[:10], index_type="Flat").save(tmp_path / "i")
-    GalleryIndex.build(x[:12], labels[:12], index_type="Flat").save(tmp_path / ".i.tmp-5678")  # the new copy
+    save_index(GalleryIndex.build(x[:10], labels[:10], index_type="Flat"), tmp_path / "i")
+    save_index(GalleryIndex.build(x[:12], labels[:12], index_type="Flat"), tmp_path / ".i.tmp-5678")  # the new copy
     (tmp_path / ".i.swap").write_text(json.dumps({"new": ".i.tmp-5678", "old": ".i.old-1234abcd"}))
     (tmp_path / "i").rename(tmp_path / ".i.old-1234abcd")  # crash between the two renames
     recover_dir(tmp_path / "i")
-    assert len(GalleryIndex.load(tmp_path / "i")) == 12
+    assert len(load_index(tmp_path / "i")) == 12
     assert sorted(p.name for p in tmp_path.iterdir()) == ["i"], "journal and old copy cleaned up"
 
 
 def test_leftovers_without_a_journal_are_never_restored(tmp_path, data):
     """A deleted or renamed index must not come back from an old crash's leftovers."""
     x, labels = data
-    GalleryIndex.build(x[:10], labels[:10], index_type="Flat").save(tmp_path / ".i.old-1234abcd")
-    GalleryIndex.build(x[:10], labels[:10], index_type="Flat").save(tmp_path / ".i.tmp-99")
+    save_index(GalleryIndex.build(x[:10], labels[:10], index_type="Flat"), tmp_path / ".i.old-1234abcd")
+    save_index(GalleryIndex.build(x[:10], labels[:10], index_type="Flat"), tmp_path / ".i.tmp-99")
     recover_dir(tmp_path / "i")
     assert list(tmp_path.iterdir()) == [], "leftovers removed, nothing resurrected"
 
@@ -284,8 +286,8 @@ def test_whitened_index_round_trip(tmp_path, index_type):
     extra = clustered(2, dim=48, centers=30, spread=0.6, seed=9)[0]
     grown = idx.add(extra, ["new a", "new b"]).remove([0, 1])
     assert grown.search(extra, topk=1)[1][:, 0].tolist() == [300, 301], "added raw features are whitened too"
-    grown.save(tmp_path / "w")
-    back = GalleryIndex.load(tmp_path / "w")
+    save_index(grown, tmp_path / "w")
+    back = load_index(tmp_path / "w")
     assert back.whitening is not None and back.suggested_rec_threshold == idx.suggested_rec_threshold
     np.testing.assert_allclose(back.search(x, topk=3)[0], grown.search(x, topk=3)[0], atol=1e-5)
     assert (back.search(x, topk=3)[1] == grown.search(x, topk=3)[1]).all()
@@ -326,7 +328,7 @@ def test_small_searches_run_on_one_faiss_thread_and_leave_the_setting_as_it_was(
     import faiss
     import numpy as np
 
-    import shitu.index
+    import shitu.vectors
     from shitu.index import GalleryIndex
 
     rng = np.random.default_rng(3)
@@ -340,14 +342,14 @@ def test_small_searches_run_on_one_faiss_thread_and_leave_the_setting_as_it_was(
     small = index.search(q, 5)
     assert seen == [1, before] and faiss.omp_get_max_threads() == before
     seen.clear()
-    monkeypatch.setattr(shitu.index, "SMALL_SEARCH", 1)  # now every search counts as large
+    monkeypatch.setattr(shitu.vectors, "SMALL_SEARCH", 1)  # now every search counts as large
     large = index.search(q, 5)
     assert seen == []
     assert np.array_equal(small[1], large[1]) and np.allclose(small[0], large[0])
 
     other: list[int] = []
     worker = threading.Thread(target=lambda: other.append(faiss.omp_get_max_threads()))
-    monkeypatch.setattr(shitu.index, "SMALL_SEARCH", 10**12)
+    monkeypatch.setattr(shitu.vectors, "SMALL_SEARCH", 10**12)
     index.search(q, 5)
     worker.start()
     worker.join()

@@ -20,7 +20,7 @@ pytest.importorskip("milvus_lite", reason="milvus-lite is not installed (needed 
 pytestmark = pytest.mark.milvus  # the optional Milvus store: runs with --full
 
 from shitu.errors import Conflict, NotFound, ShiTuError, TooLarge, Unavailable  # noqa: E402
-from shitu.milvus_backend import MilvusCollections, escape_name, unescape_name  # noqa: E402
+from shitu.stores.milvus_collections import MilvusCollections, escape_name, unescape_name  # noqa: E402
 
 from .conftest import milvus_lite_server  # noqa: E402
 
@@ -57,7 +57,7 @@ def store(tmp_path):
 
 
 def test_importing_the_module_does_not_import_pymilvus():
-    code = "import sys, shitu.milvus_backend; assert 'pymilvus' not in sys.modules, 'imported eagerly'"
+    code = "import sys, shitu.stores.milvus_collections; assert 'pymilvus' not in sys.modules, 'imported eagerly'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
 
 
@@ -298,7 +298,7 @@ def test_bad_requests_are_clear_errors_and_change_nothing(store, capfd):
 SECOND_PROCESS = r"""
 import sys
 from shitu.errors import Unavailable
-from shitu.milvus_backend import MilvusCollections
+from shitu.stores.milvus_collections import MilvusCollections
 try:
     with MilvusCollections(sys.argv[1]) as m:
         print("opened", m.names())

@@ -21,6 +21,7 @@ from shitu.models import try_official
 from shitu.results import RecognizedObject, ShiTuResult
 from shitu.runtime import Runtime
 from shitu.sample import SAMPLE_SUBJECTS
+from shitu.stores.layout import load_index
 
 from .conftest import make_settings
 
@@ -205,7 +206,7 @@ def test_seed_script_shape(pipeline, sample_gallery, tmp_path):
     index_data.save(str(tmp_path / "my.index"))
     out = list(pipeline.predict(str(root / "1" / "0.jpg"), index=str(tmp_path / "my.index")))
     assert isinstance(out[0], ShiTuResult) and isinstance(out[0], dict)
-    assert len(GalleryIndex.load(tmp_path / "my.index")) == 46
+    assert len(load_index(tmp_path / "my.index")) == 46
 
 
 # --- model resolution --------------------------------------------------------------------------

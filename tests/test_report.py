@@ -28,6 +28,7 @@ from shitu.errors import ShiTuError
 from shitu.index import GalleryIndex
 from shitu.paddlex_api import ShiTuPipeline
 from shitu.report import GalleryReport, curve_svg, gallery_report, map_svg, tsne_2d
+from shitu.stores.layout import save_index
 
 from .conftest import MODEL_CACHE, make_settings
 
@@ -437,7 +438,7 @@ def cli_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SHITU_MODEL_DIR", str(MODEL_CACHE))
     monkeypatch.setenv("SHITU_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("SHITU_OFFLINE", "1")
-    build_gallery().save(tmp_path / "data" / "indices" / "demo")
+    save_index(build_gallery(), tmp_path / "data" / "indices" / "demo")
     return tmp_path
 
 

@@ -29,7 +29,8 @@ from shitu.api import create_api
 from shitu.engine import Engine
 from shitu.errors import DamagedIndex, NotFound, ShiTuError
 from shitu.gallery import GalleryBatch, GalleryItem
-from shitu.index import META_FILE, GalleryIndex
+from shitu.index import GalleryIndex
+from shitu.stores.layout import META_FILE, load_index
 
 from .conftest import CRASH_AT_NTH_CALL, MODEL_CACHE
 
@@ -145,7 +146,7 @@ def consistent(index: GalleryIndex) -> GalleryIndex:
 def assert_consistent(engine: Engine, name: str) -> GalleryIndex:
     """The index in memory and on disk: one whole version, the same one."""
     in_memory = consistent(engine.index(name))
-    on_disk = consistent(GalleryIndex.load(engine.settings.indices_dir / name))
+    on_disk = consistent(load_index(engine.settings.indices_dir / name))
     assert on_disk.id_map == in_memory.id_map and on_disk.next_id == in_memory.next_id
     return in_memory
 
@@ -260,7 +261,7 @@ def test_writers_in_two_processes_and_the_server_lose_nothing(engine, template, 
             acked[id_] = line["label"]
     assert min(acked) == TEMPLATE_SIZE and sorted(acked) == list(range(TEMPLATE_SIZE, TEMPLATE_SIZE + 20))
     final = assert_consistent(engine, "t2")
-    expected = {i: lab for i, lab in GalleryIndex.load(template).id_map.items() if i not in removed} | acked
+    expected = {i: lab for i, lab in load_index(template).id_map.items() if i not in removed} | acked
     assert final.id_map == expected
     assert snapshot(engine, ["keep"]) == keep
 
@@ -380,7 +381,7 @@ def test_a_deleted_index_never_comes_back(engine, template, keep):
     make_leftovers(engine, "a", template)
     engine.import_zip("a", new_version)
     assert leftovers(engine, "a") == []
-    assert assert_consistent(engine, "a").id_map == {i: lab for i, lab in GalleryIndex.load(template).id_map.items()
+    assert assert_consistent(engine, "a").id_map == {i: lab for i, lab in load_index(template).id_map.items()
                                                      if i < 10}  # fmt: skip
     assert engine.index_names() == ["a", "keep"]
     assert snapshot(engine, ["keep"]) == keep
@@ -506,7 +507,7 @@ def test_processes_killed_at_random_times_leave_a_whole_index(engine, template, 
         assert check_acks(index, out) > 0
         fresh.relabel("k", [TEMPLATE_SIZE - 1], f"after kill {round_}")
         assert leftovers(engine, "k") == []
-        assert consistent(GalleryIndex.load(engine.settings.indices_dir / "k")).id_map[TEMPLATE_SIZE - 1] == (
+        assert consistent(load_index(engine.settings.indices_dir / "k")).id_map[TEMPLATE_SIZE - 1] == (
             f"after kill {round_}"
         )
         assert consistent(engine.index("k")).id_map == fresh.index("k").id_map  # the server follows

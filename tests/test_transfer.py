@@ -15,8 +15,8 @@ pytestmark = pytest.mark.milvus  # the optional Milvus store: runs with --full
 from shitu.__main__ import main  # noqa: E402
 from shitu.errors import ShiTuError  # noqa: E402
 from shitu.index import GalleryIndex  # noqa: E402
-from shitu.milvus_backend import MilvusCollections  # noqa: E402
-from shitu.store import IndexStore  # noqa: E402
+from shitu.stores.files import FileStore as IndexStore  # noqa: E402
+from shitu.stores.milvus_collections import MilvusCollections  # noqa: E402
 from shitu.transfer import from_milvus, to_milvus  # noqa: E402
 
 DIM = 24

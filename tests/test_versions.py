@@ -30,8 +30,10 @@ from shitu.api import create_api
 from shitu.config import Settings, SettingsError
 from shitu.engine import Engine
 from shitu.errors import Conflict, NotFound, ShiTuError
-from shitu.index import VECTOR_FILE, VERSION_FILE, GalleryIndex
-from shitu.store import HISTORY_DIR, IndexStore
+from shitu.index import GalleryIndex
+from shitu.stores.files import HISTORY_DIR
+from shitu.stores.files import FileStore as IndexStore
+from shitu.stores.layout import VECTOR_FILE, VERSION_FILE, load_index, save_index
 
 from .conftest import CRASH_AT_NTH_CALL
 
@@ -85,13 +87,13 @@ def assert_history_whole(root: Path, name: str, keep: int = 10) -> dict[int, dic
     assert numbers == sorted(numbers, reverse=True) and len(set(numbers)) == len(numbers), numbers
     assert [v["current"] for v in listed] == [True] + [False] * (len(listed) - 1)
     maps = {}
-    _, catalog = store._catalog(name)
+    catalog = store._catalog(name)
     for v in listed:
         # a version is a full save (its version file says which) plus the logged changes up to it
-        path = catalog[v["version"]][0]
+        path = catalog.where[v["version"]]
         assert path == root / name if v["current"] else path in (root / name, root / HISTORY_DIR / name / path.name)
         assert json.loads((path / VERSION_FILE).read_text())["version"] <= v["version"]
-        index = GalleryIndex.load(path, until_version=v["version"])
+        index = load_index(path, until_version=v["version"])
         assert index.index.ntotal == len(index.id_map) == v["entries"], (v, len(index.id_map))
         maps[v["version"]] = index.id_map
     assert maps[numbers[0]] == store.get(name).id_map
@@ -165,7 +167,7 @@ def test_unknown_versions_and_bad_numbers_are_refused(tmp_path):
 def test_restore_brings_back_the_exact_index_as_a_new_version(tmp_path):
     store = store_with_history(tmp_path)
     queries = np.concatenate([vectors(6, 0), vectors(3, 1), vectors(4, 9)])
-    v2 = GalleryIndex.load(tmp_path / HISTORY_DIR / "a" / "2")
+    v2 = load_index(tmp_path / HISTORY_DIR / "a" / "2")
     expected_scores, expected_ids = v2.search(queries, topk=4)
     other_process = IndexStore(tmp_path)
     assert other_process.get("a").id_map == V4  # cached there
@@ -311,7 +313,7 @@ def test_a_user_directory_keeps_no_history_and_gets_no_extra_files(tmp_path):
 def test_a_directory_saved_without_a_version_file_is_one_version(tmp_path):
     """PaddleX's layout (or any plain save) has no version file: it is version 1, or the one after
     the newest kept; its copy in the history is described from its id map."""
-    GalleryIndex.build(vectors(3, 0), ["x", "y", "z"], index_type="Flat").save(tmp_path / "p")
+    save_index(GalleryIndex.build(vectors(3, 0), ["x", "y", "z"], index_type="Flat"), tmp_path / "p")
     store = IndexStore(tmp_path)
     assert [(v["version"], v["action"], v["entries"]) for v in store.versions("p")] == [(1, None, 3)]
     store.mutate("p", lambda i: i.remove([2]))
@@ -323,7 +325,7 @@ def test_a_directory_saved_without_a_version_file_is_one_version(tmp_path):
     assert store.changes("p", 2)["removed"] == [{"id": 2, "label": "z"}]
     # a plain save over a versioned index replaces the copy that held those versions (its full
     # save and its change log): it is a first version again, action unknown
-    GalleryIndex.build(vectors(4, 1), list("abcd"), index_type="Flat").save(tmp_path / "p")
+    save_index(GalleryIndex.build(vectors(4, 1), list("abcd"), index_type="Flat"), tmp_path / "p")
     assert [(v["version"], v["action"]) for v in IndexStore(tmp_path).versions("p")] == [(1, None)]
 
 
@@ -352,7 +354,7 @@ CRASHER = r"""
 import os, pathlib, sys
 import numpy as np
 from shitu.index import GalleryIndex
-from shitu.store import IndexStore
+from shitu.stores.files import FileStore as IndexStore
 root, what, crash_on, nth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = IndexStore(root, log_changes=False)  # full saves: the swap of whole copies is what crashes here
 store.get("a")
@@ -411,7 +413,7 @@ def test_a_crash_mid_save_leaves_a_whole_current_version_and_a_whole_history(
 MUTATOR = r"""
 import sys
 import numpy as np
-from shitu.store import IndexStore
+from shitu.stores.files import FileStore as IndexStore
 root = sys.argv[1]
 store = IndexStore(root, keep_versions=3)
 rng = np.random.default_rng()
@@ -464,7 +466,7 @@ def test_processes_killed_at_random_times_leave_whole_versions(tmp_path):
 
 
 def install(engine: Engine, name: str, template: Path) -> None:
-    engine._store.put(name, GalleryIndex.load(template))  # version 1, "build", on either backend
+    engine._store.put(name, load_index(template))  # version 1, "build", on either backend
 
 
 def body_of(resp, status: int = 200) -> dict:
@@ -508,7 +510,7 @@ def test_versions_through_the_engine_and_the_http_api(engine, template, sample_q
 
     restored = body_of(client.post("/shitu-index/t/versions/1/restore"))
     assert (restored["version"], restored["restoredFrom"], restored["imageCount"]) == (4, 1, 24)
-    assert restored["idMap"] == {str(i): lab for i, lab in sorted(GalleryIndex.load(template).id_map.items())}
+    assert restored["idMap"] == {str(i): lab for i, lab in sorted(load_index(template).id_map.items())}
     after = engine.recognize(query, "t", whole_image="always", rec_threshold=0)
     assert [(o.labels, o.scores, o.ids) for o in after.objects] == [(o.labels, o.scores, o.ids) for o in before.objects]
     report = engine.restore("t", "v3")  # undo the restore
@@ -600,7 +602,7 @@ def test_cli_versions_changes_restore(tmp_path, monkeypatch, capsys):
 
 def test_cli_on_an_index_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SHITU_DATA_DIR", str(tmp_path / "data"))
-    GalleryIndex.build(vectors(3, 0), ["x", "y", "z"], index_type="Flat").save(tmp_path / "mine")
+    save_index(GalleryIndex.build(vectors(3, 0), ["x", "y", "z"], index_type="Flat"), tmp_path / "mine")
     assert main(["versions", str(tmp_path / "mine")]) == 0
     assert capsys.readouterr().out.startswith("v1")
     assert main(["restore", str(tmp_path / "mine"), "2"]) == 2

@@ -53,21 +53,19 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shitu.errors import Conflict, NotFound, ShiTuError, TooLarge, Unavailable
-from shitu.store import check_name  # the project's one rule for index names
+from shitu.errors import Conflict, NotFound, ShiTuError, TooLarge
+from shitu.stores.base import check_name  # the project's one rule for index names
+from shitu.stores.milvus_client import MilvusConnection, connect, pymilvus_module, quote
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from pymilvus import MilvusClient
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +92,6 @@ _ITER_BATCH = 4096
 _SEARCH_QUERIES = 256  # queries per search request
 _INFO_PROPERTY = "shitu.gallery"
 _GALLERY_PART, _HASHED_PART, _META_PART = "g_", "x_", "meta"
-
-# Per Milvus Lite file: how many of our instances use its in-process server (closed at zero, if we
-# started it) and the lock that serialises writes to it from this process.
-_LITE_GUARD = threading.Lock()
-_LITE_USERS: dict[str, int] = {}
-_LITE_STARTED_BY_US: set[str] = set()
-_WRITE_LOCKS: dict[str, threading.RLock] = {}
-_LITE_UNFLUSHED: dict[tuple[str, str], int] = {}  # (file, collection) -> rows written since the last flush
-
 
 # ---------------------------------------------------------------------------------------------
 # names
@@ -149,103 +138,9 @@ def unescape_name(text: str) -> str:
     return "".join(out)
 
 
-def _quote(value: str) -> str:
-    """A string literal for a Milvus filter expression."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return '"' + escaped.replace("\t", "\\t") + '"'
-
-
-# ---------------------------------------------------------------------------------------------
-# errors and logs
-# ---------------------------------------------------------------------------------------------
-
-
-class _OneLineLogs(logging.Filter):
-    """Cuts pymilvus's / milvus-lite's records about failed calls to one line, drops known noise."""
-
-    # pymilvus's query iterator asks for a timestamp that milvus-lite does not implement, then warns
-    NOISE = ("failed to get mvccTs", "failed to set up mvccTs", "Method not implemented")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a broken record is still logged, as is
-            return True
-        error = record.exc_info[1] if record.exc_info else None
-        if any(n in message or n in str(error or "") for n in self.NOISE):
-            return False
-        changed = message.split("\nTraceback", 1)[0]
-        if record.exc_info and record.exc_info[1] is not None:
-            changed += f" ({_first_line(record.exc_info[1])})"
-        if changed != message or record.exc_info:
-            record.msg, record.args, record.exc_info, record.exc_text = changed, None, None, None
-        return True
-
-
-_LOG_FILTER = _OneLineLogs()
-_NOISY_LOGGERS = (
-    "pymilvus.decorators",
-    "pymilvus.client.iterator.query_iterator",
-    "milvus_lite.adapter.grpc.servicer",
-    "milvus_lite.server_manager",
-    "grpc._server",  # milvus-lite's in-process gRPC server
-)
-
-
-def _quiet_library_logs() -> None:
-    for name in _NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        if _LOG_FILTER not in logger.filters:
-            logger.addFilter(_LOG_FILTER)
-
-
-def _first_line(error: BaseException) -> str:
-    text = getattr(error, "message", None) or str(error) or type(error).__name__
-    text = str(text).strip().splitlines()[0] if str(text).strip() else type(error).__name__
-    return text[:300]
-
-
-def _translate(error: Exception, what: str) -> ShiTuError:
-    """A pymilvus / gRPC / milvus-lite error as one of ours, with a one-line message."""
-    if isinstance(error, ShiTuError):
-        return error
-    text = _first_line(error)
-    low = text.lower()
-    message = f"Milvus could not {what}: {text}"
-    if "not exist" in low or "not found" in low or "can't find" in low:
-        return NotFound(message)
-    if "already exist" in low:
-        return Conflict(message)
-    kind = type(error).__name__
-    if (
-        kind in ("MilvusUnavailableException", "RpcError", "_InactiveRpcError", "FutureTimeoutError")
-        or "unavailable" in low
-        or "connect" in low
-        or "deadline" in low
-        or "timeout" in low
-    ):
-        return Unavailable(message)
-    return ShiTuError(message)
-
-
 # ---------------------------------------------------------------------------------------------
 # the backend
 # ---------------------------------------------------------------------------------------------
-
-
-def _pymilvus():
-    try:
-        import pymilvus
-    except ImportError:
-        raise Unavailable(
-            "the Milvus backend needs pymilvus (and milvus-lite for a local .db): pip install pymilvus milvus-lite"
-        ) from None
-    _quiet_library_logs()
-    return pymilvus
-
-
-def _is_remote(uri: str) -> bool:
-    return uri.lower().startswith(("http://", "https://", "tcp://"))
 
 
 class MilvusCollections:
@@ -257,88 +152,28 @@ class MilvusCollections:
     Use as a context manager or call :meth:`close`.
     """
 
-    lite_flush_rows = 1000  # Milvus Lite: flush after this many inserted / relabelled rows (see _written)
-
     def __init__(self, uri: str, token: str | None = None, prefix: str = "shitu_", *, timeout: float = 30.0):
         if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
             raise ShiTuError(f"invalid Milvus collection prefix {str(prefix)[:40]!r}: use letters, digits and '_'")
-        if not isinstance(uri, str) or not uri.strip():
-            raise ShiTuError("no Milvus URI given: use a local path ending in .db or http(s)://host:port")
         self.prefix = prefix
-        self.timeout = timeout
         self._specs: dict[str, dict[str, Any]] = {}  # collection -> info(), cached
-        self._loaded: set[str] = set()
         self._meta_ready = False
-        self._lite_path: str | None = None
-        uri = uri.strip()
-        pymilvus = _pymilvus()
-        if _is_remote(uri):
-            self.uri = uri
-            key = uri
-        else:
-            path = Path(uri).expanduser().resolve()
-            if path.suffix != ".db":
-                raise ShiTuError(f"a Milvus Lite path must end in .db (got {uri[:200]!r})")
-            if path.is_file():
-                raise ShiTuError(
-                    f"{path} is a file, not a Milvus Lite 3 data directory (milvus-lite 2.x files cannot be "
-                    "read by milvus-lite 3.x: export it with the old version and import it here)"
-                )
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ShiTuError(f"cannot create the folder for the Milvus Lite file {path}: {e.strerror}") from None
-            self.uri = key = self._lite_path = str(path)
-        with _LITE_GUARD:
-            self._write_lock = _WRITE_LOCKS.setdefault(key, threading.RLock())
-            started_before = self._lite_path is not None and _lite_server_running(self._lite_path)
-        try:
-            self._client: MilvusClient = pymilvus.MilvusClient(uri=self.uri, token=token or "", timeout=timeout)
-        except Exception as e:  # noqa: BLE001 - connection problems become one clear message
-            raise self._open_error(e) from None
-        if self._lite_path is not None:
-            with _LITE_GUARD:
-                _LITE_USERS[self._lite_path] = _LITE_USERS.get(self._lite_path, 0) + 1
-                if not started_before and _lite_server_running(self._lite_path):
-                    _LITE_STARTED_BY_US.add(self._lite_path)
+        self._conn = connect(uri, token, timeout=timeout)  # shared by every user of this Milvus in the process
+        self._client = self._conn.client
+        self._calling = self._conn.calling
+        self._write_lock = self._conn.write_lock
+        self.uri, self.timeout = self._conn.uri, timeout
         self._closed = False
 
-    def _open_error(self, error: Exception) -> ShiTuError:
-        if self._lite_path is not None:
-            if _lite_lock_held(self._lite_path):
-                return Unavailable(
-                    f"the Milvus Lite file {self._lite_path} is open in another process: Milvus Lite allows one "
-                    f"process per file. To share it, run `milvus-lite server --data-dir {self._lite_path} "
-                    "--port 19530` and give every process http://127.0.0.1:19530"
-                )
-            return Unavailable(f"cannot open the Milvus Lite file {self._lite_path}: {_first_line(error)}")
-        return Unavailable(f"cannot connect to Milvus at {self.uri}: {_first_line(error)}")
-
-    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def connection(self) -> MilvusConnection:
+        return self._conn
 
     def close(self) -> None:
-        """Closes the connection; the last of our instances on a Milvus Lite file we opened stops its
-        in-process server, which releases the file for other processes."""
-        if getattr(self, "_closed", True):
-            return
-        self._closed = True
-        with contextlib.suppress(Exception):
-            self._client.close()
-        if self._lite_path is None:
-            return
-        with _LITE_GUARD:
-            left = _LITE_USERS.get(self._lite_path, 1) - 1
-            if left > 0:
-                _LITE_USERS[self._lite_path] = left
-                return
-            _LITE_USERS.pop(self._lite_path, None)
-            ours = self._lite_path in _LITE_STARTED_BY_US
-            _LITE_STARTED_BY_US.discard(self._lite_path)
-        if ours:
-            with contextlib.suppress(Exception):
-                from milvus_lite.server_manager import server_manager_instance
-
-                server_manager_instance.release_server(self._lite_path)
+        """Lets go of the shared connection (the last user closes it)."""
+        if not self._closed:
+            self._closed = True
+            self._conn.close()
 
     def __enter__(self) -> MilvusCollections:
         return self
@@ -347,18 +182,6 @@ class MilvusCollections:
         self.close()
 
     # -- plumbing -------------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _calling(self, what: str) -> Iterator[None]:
-        if self._closed:
-            raise ShiTuError("this Milvus connection is closed")
-        try:
-            yield
-        except ShiTuError:
-            raise
-        except Exception as e:  # noqa: BLE001 - every library error becomes one of ours
-            log.debug("Milvus call failed: %s", what, exc_info=True)
-            raise _translate(e, what) from None
 
     def _collection(self, name: str) -> str:
         """The collection that holds gallery ``name`` (escaped, or hashed when that is too long)."""
@@ -382,32 +205,10 @@ class MilvusCollections:
         return coll
 
     def _ensure_loaded(self, coll: str) -> None:
-        """A server may hold a collection released (not searchable); load it once per instance. On
-        Milvus Lite, also seal rows replayed from its write-ahead log (see :meth:`_written`)."""
-        if coll in self._loaded:
-            return
-        with self._calling("load a collection"):
-            state = str(self._client.get_load_state(coll, timeout=self.timeout).get("state", ""))
-            if "NotLoad" in state:
-                self._client.load_collection(coll, timeout=self.timeout)
-            if self._lite_path is not None:
-                with self._write_lock:
-                    self._client.flush(coll, timeout=self.timeout)  # a no-op when nothing is buffered
-        self._loaded.add(coll)
+        self._conn.ensure_loaded(coll)
 
     def _written(self, coll: str, rows: int) -> None:
-        """Milvus Lite searches rows it has not flushed yet by a slow scan (about 50 µs per row and
-        query at 512 dimensions: 1.7 s per query for 30k rows, 45 ms once flushed), so we flush once
-        :attr:`lite_flush_rows` rows have been written. Servers manage this themselves."""
-        if self._lite_path is None:
-            return
-        key = (self._lite_path, coll)
-        pending = _LITE_UNFLUSHED.get(key, 0) + rows
-        if pending >= self.lite_flush_rows:
-            with self._calling("flush a collection"):
-                self._client.flush(coll, timeout=self.timeout)
-            pending = 0
-        _LITE_UNFLUSHED[key] = pending
+        self._conn.written(coll, rows)
 
     def _spec(self, name: str) -> tuple[str, dict[str, Any]]:
         coll = self._existing(name)
@@ -507,7 +308,7 @@ class MilvusCollections:
             raise ShiTuError(f"unknown index type {index_type!r}: use one of {', '.join(INDEX_TYPES)}")
         meta_text = self._meta_text(meta or {})
         coll = self._collection(name)
-        dtype = _pymilvus().DataType
+        dtype = pymilvus_module().DataType
         with self._write_lock, self._calling(f"create index {name!r}"):
             if self._client.has_collection(coll, timeout=self.timeout):
                 raise Conflict(f"an index named {name!r} already exists in Milvus")
@@ -537,7 +338,7 @@ class MilvusCollections:
                 timeout=self.timeout,
             )
             self._specs.pop(coll, None)
-            self._loaded.discard(coll)
+            self._conn.forget(coll)
             self._write_meta(coll, meta_text)
 
     def move(self, name: str, to: "MilvusCollections", new_name: str) -> None:
@@ -552,7 +353,7 @@ class MilvusCollections:
             self._client.rename_collection(src, dst, timeout=self.timeout)
             for part in (self, to):
                 part._specs.pop(src, None), part._specs.pop(dst, None)
-                part._loaded.discard(src), part._loaded.discard(dst)
+                part.connection.forget(src), part.connection.forget(dst)
             if self._client.has_collection(self._meta_collection, timeout=self.timeout):
                 self._client.delete(self._meta_collection, ids=[src], timeout=self.timeout)
             to._write_meta(dst, to._meta_text(meta))
@@ -563,11 +364,10 @@ class MilvusCollections:
             coll = self._existing(name)
             with self._calling(f"drop index {name!r}"):
                 self._client.drop_collection(coll, timeout=self.timeout)
-                _LITE_UNFLUSHED.pop((self._lite_path or "", coll), None)
                 if self._client.has_collection(self._meta_collection, timeout=self.timeout):
                     self._client.delete(self._meta_collection, ids=[coll], timeout=self.timeout)
             self._specs.pop(coll, None)
-            self._loaded.discard(coll)
+            self._conn.forget(coll)
 
     def flush(self, name: str) -> None:
         """Seals buffered rows into a segment. Not needed for correctness: rows are searchable and
@@ -578,8 +378,7 @@ class MilvusCollections:
         coll = self._existing(name)
         with self._write_lock, self._calling(f"flush index {name!r}"):
             self._client.flush(coll, timeout=self.timeout)
-            if self._lite_path is not None:
-                _LITE_UNFLUSHED[(self._lite_path, coll)] = 0
+            self._conn.flushed(coll)
 
     # -- rows -----------------------------------------------------------------------------------
 
@@ -613,8 +412,8 @@ class MilvusCollections:
                 {
                     "id": id_list[i],
                     "vec": vecs[i].tolist(),
-                    "label": _check_text(labels[i], "label", MAX_LABEL_BYTES, empty_ok=False),
-                    "source": _check_text(sources[i], "source", MAX_SOURCE_BYTES),
+                    "label": check_text(labels[i], "label", MAX_LABEL_BYTES, empty_ok=False),
+                    "source": check_text(sources[i], "source", MAX_SOURCE_BYTES),
                     "thumb": _encode_thumb(thumbs[i]),
                 }
             )
@@ -655,7 +454,7 @@ class MilvusCollections:
         """Gives rows a new label, keeping vector, source and thumbnail (read back, then upserted);
         returns how many rows there were (missing ids are ignored)."""
         coll, spec = self._spec(name)
-        label = _check_text(label, "label", MAX_LABEL_BYTES, empty_ok=False)
+        label = check_text(label, "label", MAX_LABEL_BYTES, empty_ok=False)
         id_list = sorted(set(_check_ids(ids)))
         with self._write_lock:
             rows = self._get_rows(coll, id_list, ["vec", "label", "source", "thumb"], f"read index {name!r}")
@@ -752,7 +551,7 @@ class MilvusCollections:
                 raise ShiTuError(f"invalid {what} {value!r}: use a whole number ≥ 0")
         if limit == 0:
             return []
-        expr = "" if label is None else f"label == {_quote(_check_text(label, 'label', MAX_LABEL_BYTES))}"
+        expr = "" if label is None else f"label == {quote(check_text(label, 'label', MAX_LABEL_BYTES))}"
         out: list[dict[str, Any]] = []
         rows = self._iterate(
             coll, ["label", "source"], expr, batch=min(offset + limit, _ITER_BATCH), limit=offset + limit
@@ -818,104 +617,6 @@ class MilvusCollections:
             labels.append(row["label"])
         return np.asarray(ids, np.int64), labels
 
-    # -- blobs: bytes of any size under a key, shared by every replica ----------------------------
-
-    def put_blob(self, key: str, data: bytes, *, group: str = "") -> None:
-        """Stores ``data`` under ``key`` (replacing what was there), split into rows of 49149 bytes;
-        :meth:`blob_keys` lists the keys of one ``group``. A reader never sees a mix of two writes:
-        parts carry the write's token and count."""
-        key = _check_text(key, "blob key", 512, empty_ok=False)
-        group = _check_text(group, "blob group", 512)
-        token = os.urandom(8).hex()
-        parts = [bytes(data[i : i + MAX_THUMB_BYTES]) for i in range(0, len(data), MAX_THUMB_BYTES)] or [b""]
-        rows = [
-            {"key": f"{key}#{token}#{n}", "name": key, "grp": group, "part": n, "total": len(parts),
-             "data": base64.b64encode(chunk).decode("ascii"), "vec": [1.0, 0.0]}
-            for n, chunk in enumerate(parts)
-        ]  # fmt: skip
-        with self._write_lock:
-            self._ensure_blob_collection(create=True)
-            old = self._blob_keys(key)
-            with self._calling("store a blob"):
-                for k in range(0, len(rows), 256):
-                    self._client.insert(self._blob_collection, rows[k : k + 256], timeout=self.timeout)
-                if old:
-                    self._client.delete(self._blob_collection, ids=old, timeout=self.timeout)
-
-    def get_blob(self, key: str) -> bytes | None:
-        """The bytes stored under ``key``, or ``None`` (also for a write that did not finish)."""
-        key = _check_text(key, "blob key", 512, empty_ok=False)
-        if not self._ensure_blob_collection(create=False):
-            return None
-        with self._calling("read a blob"):
-            rows = self._client.query(
-                self._blob_collection, filter=f"name == {_quote(key)}",
-                output_fields=["key", "part", "total", "data"], timeout=self.timeout,
-            )  # fmt: skip
-        writes: dict[str, list[dict]] = {}
-        for row in rows:
-            writes.setdefault(row["key"].rsplit("#", 2)[1], []).append(row)
-        for parts in writes.values():  # a complete write (the newest one wins if two are complete)
-            parts.sort(key=lambda r: int(r["part"]))
-            if len(parts) == int(parts[0]["total"]) and [int(r["part"]) for r in parts] == list(range(len(parts))):
-                return b"".join(base64.b64decode(r["data"]) for r in parts)
-        return None
-
-    def delete_blobs(self, keys: Sequence[str]) -> None:
-        """Removes the blobs under these keys (missing ones are ignored)."""
-        if not keys or not self._ensure_blob_collection(create=False):
-            return
-        names = [_check_text(k, "blob key", 512, empty_ok=False) for k in keys]
-        with self._write_lock, self._calling("delete blobs"):
-            for k in range(0, len(names), 256):
-                listed = ", ".join(_quote(n) for n in names[k : k + 256])
-                self._client.delete(self._blob_collection, filter=f"name in [{listed}]", timeout=self.timeout)
-
-    def blob_keys(self, group: str) -> list[str]:
-        """The keys of the blobs stored with this ``group``, sorted."""
-        if not self._ensure_blob_collection(create=False):
-            return []
-        with self._calling("list blobs"):
-            rows = self._client.query(
-                self._blob_collection, filter=f"grp == {_quote(_check_text(group, 'blob group', 512))}",
-                output_fields=["name"], timeout=self.timeout,
-            )  # fmt: skip
-        return sorted({r["name"] for r in rows})
-
-    def _blob_keys(self, key: str) -> list[str]:
-        with self._calling("look up a blob"):
-            rows = self._client.query(
-                self._blob_collection, filter=f"name == {_quote(key)}", output_fields=["key"], timeout=self.timeout
-            )
-        return [r["key"] for r in rows]
-
-    @property
-    def _blob_collection(self) -> str:
-        return f"{self.prefix}blob"
-
-    def _ensure_blob_collection(self, *, create: bool) -> bool:
-        if getattr(self, "_blob_ready", False):
-            return True
-        coll = self._blob_collection
-        with self._calling("open the blob collection"):
-            if not self._client.has_collection(coll, timeout=self.timeout):
-                if not create:
-                    return False
-                dtype = _pymilvus().DataType
-                schema = self._client.create_schema(
-                    auto_id=False, enable_dynamic_field=False, description="shitu blobs (bytes in parts)"
-                )
-                schema.add_field("key", dtype.VARCHAR, is_primary=True, max_length=600)
-                schema.add_field("name", dtype.VARCHAR, max_length=520)
-                schema.add_field("grp", dtype.VARCHAR, max_length=520)
-                schema.add_field("part", dtype.INT64)
-                schema.add_field("total", dtype.INT64)
-                schema.add_field("data", dtype.VARCHAR, max_length=MAX_THUMB_CHARS)
-                self._create_side_collection(coll, schema)
-            self._ensure_loaded(coll)
-        self._blob_ready = True
-        return True
-
     # -- index-level metadata -------------------------------------------------------------------
 
     def get_meta(self, name: str) -> dict:
@@ -960,20 +661,6 @@ class MilvusCollections:
                 self._meta_collection, [{"key": coll, "value": text, "vec": [1.0, 0.0]}], timeout=self.timeout
             )
 
-    def _create_side_collection(self, coll: str, schema: Any) -> None:
-        """A collection of ours that is not a gallery (metadata, blobs): Milvus needs a vector
-        field in every collection, so it gets a 2-d dummy; another replica may create it first."""
-        schema.add_field("vec", _pymilvus().DataType.FLOAT_VECTOR, dim=2)
-        params = self._client.prepare_index_params()
-        params.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
-        try:
-            self._client.create_collection(
-                coll, schema=schema, index_params=params, consistency_level="Strong", timeout=self.timeout
-            )
-        except Exception as e:  # another replica created it meanwhile
-            if "already exist" not in str(e).lower():
-                raise
-
     def _ensure_meta_collection(self, *, create: bool) -> bool:
         if self._meta_ready:
             return True
@@ -982,13 +669,13 @@ class MilvusCollections:
             if not self._client.has_collection(coll, timeout=self.timeout):
                 if not create:
                     return False
-                dtype = _pymilvus().DataType
+                dtype = pymilvus_module().DataType
                 schema = self._client.create_schema(
                     auto_id=False, enable_dynamic_field=False, description="shitu index metadata (JSON per gallery)"
                 )
                 schema.add_field("key", dtype.VARCHAR, is_primary=True, max_length=MAX_COLLECTION_NAME + 1)
                 schema.add_field("value", dtype.VARCHAR, max_length=MAX_META_CHARS)
-                self._create_side_collection(coll, schema)
+                self._conn.create_side_collection(coll, schema)
             self._ensure_loaded(coll)
         self._meta_ready = True
         return True
@@ -1036,7 +723,7 @@ def _check_vectors(vectors: np.ndarray, dim: int, what: str) -> np.ndarray:
     return arr.reshape(len(arr), dim)
 
 
-def _check_text(value: Any, what: str, max_bytes: int, *, empty_ok: bool = True) -> str:
+def check_text(value: Any, what: str, max_bytes: int, *, empty_ok: bool = True) -> str:
     if value is None:
         value = ""
     if not isinstance(value, str):
@@ -1082,32 +769,3 @@ def _chunks(rows: list[dict], dim: int) -> Iterator[list[dict]]:
         size += row_size
     if part:
         yield part
-
-
-def _lite_server_running(path: str) -> bool:
-    try:
-        from milvus_lite.server_manager import server_manager_instance
-    except ImportError:
-        return False
-    return os.path.abspath(path) in getattr(server_manager_instance, "_servers", {})
-
-
-def _lite_lock_held(path: str) -> bool:
-    """Whether another process holds milvus-lite's ``flock`` on ``<path>/LOCK``."""
-    lock = os.path.join(path, "LOCK")
-    if not os.path.exists(lock):
-        return False
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        return False
-    fd = os.open(lock, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)

@@ -1,0 +1,1 @@
+"""Where galleries are kept: named, versioned stores (files in the data dir, or Milvus)."""
