@@ -150,9 +150,12 @@ class ShiTuResult(dict):
     def _to_str(self, json_format: bool = False, indent: int = 4, ensure_ascii: bool = False) -> str:
         return json.dumps({"res": self._plain()}, indent=indent, ensure_ascii=ensure_ascii)
 
-    def print(self, json_format: bool = False, indent: int = 4, ensure_ascii: bool = False) -> None:
-        """Print the result as JSON (``format_json`` is accepted as PaddleX's docs spell it)."""
-        print(self._to_str(json_format, indent, ensure_ascii))
+    def print(
+        self, format_json: bool = False, indent: int = 4, ensure_ascii: bool = False, *, json_format: bool | None = None
+    ) -> None:
+        """Print the result, pretty-printed as JSON with ``format_json=True`` (as PaddleX's
+        pipeline docs spell it; ``json_format``, PaddleX's own parameter name, is accepted too)."""
+        print(self._to_str(format_json if json_format is None else json_format, indent, ensure_ascii))
 
     # --- saving ---------------------------------------------------------------------------------
     def _stem(self) -> str:

@@ -18,12 +18,13 @@ from shitu import GalleryIndex, ShiTuError, create_pipeline
 from shitu.config import PipelineConfig
 from shitu.matching import merge_same_label
 from shitu.models import try_official
+from shitu.paddlex_api import as_batch
 from shitu.results import RecognizedObject, ShiTuResult
 from shitu.runtime import Runtime
 from shitu.sample import SAMPLE_SUBJECTS
 from shitu.stores.layout import load_index
 
-from .conftest import make_settings
+from .conftest import MODEL_CACHE, make_settings
 
 LABELS = list(SAMPLE_SUBJECTS)
 
@@ -347,7 +348,9 @@ def test_paddlex_style_script_runs_unchanged(pipeline, index, sample_queries, tm
         assert set(res.json["res"]) >= {"input_path", "boxes"}
         assert "input_img" not in res.json["res"] and res["input_img"].shape[2] == 3
         res.print(indent=2)
-        res.print(json_format=True, indent=4, ensure_ascii=False)
+        res.print(format_json=True, indent=4, ensure_ascii=False)  # as the seed's pipeline docs write it
+        res.print(json_format=True, indent=4, ensure_ascii=False)  # PaddleX's own parameter name
+        res.print(True)
         res.save_to_json(tmp_path, indent=4, ensure_ascii=False)
         res.save_to_img(tmp_path)
         assert res.img["res"].size == res["input_img"].shape[1::-1]
@@ -358,4 +361,25 @@ def test_paddlex_style_script_runs_unchanged(pipeline, index, sample_queries, tm
             assert len(box["labels"]) == len(box["rec_scores"]) and len(box["coordinate"]) == 4
     out = capsys.readouterr().out
     assert '"boxes"' in out and '"input_img"' not in out
+    assert '\n    "res": {' in out, "format_json pretty-prints with the indent given"
     assert (tmp_path / "query_two_objects_res.json").exists() and (tmp_path / "query_two_objects_res.jpg").exists()
+
+
+@pytest.mark.milvus
+def test_the_seed_scripts_create_two_pipelines_in_one_process_on_milvus(tmp_path, sample_gallery, monkeypatch):
+    """PaddleX's §2.2.3 creates a pipeline per snippet: both work on one Milvus Lite file (one
+    connection per URI per process, shared)."""
+    pytest.importorskip("milvus_lite")
+    root, label_file = sample_gallery
+    common = {"data_dir": tmp_path / "data", "model_dir": MODEL_CACHE, "offline": True, "vector_store": "milvus"}
+    first = create_pipeline("PP-ShiTuV2", **common)
+    second = create_pipeline("PP-ShiTuV2", **common)
+    try:
+        built = first.build_index(gallery_imgs=str(root), gallery_label=str(label_file), index_type="Flat")
+        first.engine.build("shared", as_batch(str(root), str(label_file)))
+        assert second.engine.index_names() == ["shared"] and len(second.engine.index("shared")) == len(built)
+        edited = second.remove_index(remove_ids=[0, 1], index=built)
+        assert len(edited) == len(built) - 2
+    finally:
+        first.close()
+        second.close()

@@ -154,7 +154,7 @@ def connect(uri: str, token: str | None = None, *, timeout: float = 30.0) -> Mil
         if conn is not None:
             conn.users += 1
             return conn
-        conn = MilvusConnection(uri, token, lite_path, timeout)
+        conn = MilvusConnection(uri, token, lite_path, timeout)  # raises before it is shared, if it cannot open
         _OPEN[key] = conn
         return conn
 
@@ -181,8 +181,6 @@ class MilvusConnection:
         self._started_lite = lite_path is not None and not started_before and _lite_server_running(lite_path)
 
     def _open_error(self, error: Exception) -> ShiTuError:
-        with _GUARD:
-            _OPEN.pop(self._key, None)
         if self.lite_path is not None:
             if _lite_lock_held(self.lite_path):
                 return Unavailable(
