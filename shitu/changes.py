@@ -132,7 +132,7 @@ class Relabel(Change):
         return len(self.ids)
 
     def apply(self, index: GalleryIndex) -> GalleryIndex:
-        return index.relabel(self.ids.tolist(), self.label, calibrate=False)
+        return index.relabel(self.ids.tolist(), self.label, calibrate=False, replayed=True)
 
     def forward(self, id_map: dict[int, str]) -> None:
         id_map.update(dict.fromkeys(self.ids.tolist(), self.label))

@@ -34,7 +34,7 @@ from shitu.calibrate import Calibration, calibrate_gallery
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.entrymeta import EntryMeta
 from shitu.errors import NotFound, ShiTuError
-from shitu.labels import LabelTable
+from shitu.labels import LabelTable, clean_label
 from shitu.vectors import FaissBase, Live, VectorBase, normalize, one_thread_if_small, search_shortfall
 
 MAX_LINEAGE = 16  # changes remembered between two commits (more: the next commit is a full save)
@@ -509,11 +509,12 @@ class GalleryIndex:
         )  # fmt: skip
         return result._derived_by(self, ch.Remove(wanted, tuple(self._labels.labels_of(wanted))))
 
-    def relabel(self, ids: int | Sequence[int], label: str, *, calibrate: bool = True) -> GalleryIndex:
-        """A copy with entries ``ids`` (one or many) under ``label``; vectors and ids unchanged."""
-        label = label.strip()
-        if not label:
-            raise ShiTuError("a label cannot be empty")
+    def relabel(
+        self, ids: int | Sequence[int], label: str, *, calibrate: bool = True, replayed: bool = False
+    ) -> GalleryIndex:
+        """A copy with entries ``ids`` (one or many) under ``label``; vectors and ids unchanged.
+        ``replayed``: a committed relabel read back (its label is taken as it was stored)."""
+        label = label if replayed else clean_label(label)
         wanted = np.asarray([ids] if isinstance(ids, (int, np.integer)) else list(ids), dtype=np.int64)
         pos = self._labels.positions(wanted)
         if (pos < 0).any():
@@ -718,13 +719,7 @@ def _empty_raw(index: GalleryIndex) -> RawChunks:
 
 
 def _clean_labels(labels: Sequence[str]) -> list[str]:
-    out = []
-    for label in labels:
-        label = str(label).strip()
-        if not label:
-            raise ShiTuError("a gallery label cannot be empty")
-        out.append(label)
-    return out
+    return [clean_label(label) for label in labels]
 
 
 def _rows(ids: np.ndarray, sources, thumbnails) -> dict[int, tuple[str, bytes | None]]:

@@ -1,12 +1,37 @@
 """Every gallery entry's id and label, as arrays: what search results are named with, what the
-id map in PaddleX's ``id_map.yaml`` holds, and what a change log's relabel changes."""
+id map in PaddleX's ``id_map.yaml`` holds, and what a change log's relabel changes; and the one
+rule a new label keeps (:func:`clean_label`)."""
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+
+from shitu.errors import ShiTuError
+
+MAX_LABEL_CHARS = 256
+
+
+def clean_label(label: object) -> str:
+    """A label as it is stored: trimmed, 1 to :data:`MAX_LABEL_CHARS` characters of valid
+    Unicode (no lone surrogates, which no file or database can store) and no control characters
+    (a line break would split a PaddleX label file line). :class:`ShiTuError` says what is wrong."""
+    text = str(label).strip()
+    if not text:
+        raise ShiTuError("a label cannot be empty")
+    shown = text[:40].encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > MAX_LABEL_CHARS:
+        raise ShiTuError(f"the label {shown!r}... is longer than {MAX_LABEL_CHARS} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ShiTuError(f"the label {shown!r} is not valid text (it holds a lone surrogate)") from None
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
+        raise ShiTuError(f"the label {shown!r} contains a control character (a tab, a line break ...)")
+    return text
 
 
 class LabelTable:

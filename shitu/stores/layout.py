@@ -20,6 +20,7 @@ import io
 import json
 import re
 import shutil
+import struct
 import tempfile
 import uuid
 import zipfile
@@ -42,7 +43,7 @@ from shitu.entrymeta import ENTRIES_FILE, EntryMeta
 from shitu.errors import NotFound, ShiTuError, TooLarge
 from shitu.fsutil import replace_dir
 from shitu.index import Fit, GalleryIndex, Whitening
-from shitu.labels import LabelTable
+from shitu.labels import LabelTable, clean_label
 from shitu.vectors import FaissBase
 
 VECTOR_FILE = "vector.index"
@@ -59,6 +60,9 @@ OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE, RAW_FILE, VERS
 EXPORTED_FILES = (VECTOR_FILE, ID_MAP_FILE, LABELS_FILE, META_FILE, WHITENING_FILE, RAW_FILE, ENTRIES_FILE)
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_IMPORT_BYTES = 4 << 30
+MAX_NEXT_ID = 1 << 62  # an imported index may hand out ids up to here (faiss ids are int64)
+MAX_RATIO = 100  # a member may expand at most this many times (faiss vectors ~1.1x, YAML id maps ~10x)
+RATIO_FROM = 1 << 20  # ... once it is past this size (tiny files compress arbitrarily well)
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,38 @@ def log_record(index: GalleryIndex, chain: list[ch.Change], parent: GalleryIndex
     return changelog.encode({**header, "changes": encoded, "state": state}, arrays)
 
 
+_FAISS_HEADER = struct.Struct("<iqqqBi")  # d, ntotal, two unused int64, is_trained, metric type
+_ID_MAPS = (b"IxM2", b"IxMp")
+_FLAT = (b"IxFI", b"IxF2", b"IxFl")
+MAX_DIM = 65536
+
+
+def check_faiss_header(path: Path) -> None:
+    """Refuse a ``vector.index`` whose header declares more than the file holds, before faiss
+    reads it (faiss allocates what a header declares: a patched size field in a 1 MB file asked
+    for gigabytes). Checks the id map's dimensions and count, and a flat inner index's vector
+    size; other inner layouts are left to faiss, whose reads stop at the end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(4 + _FAISS_HEADER.size + 4 + 4 + _FAISS_HEADER.size + 4 + 8)
+    damaged = ShiTuError(f"{path.name} is damaged: its header does not match its {size:,} bytes")
+    if len(head) < 4 + _FAISS_HEADER.size or head[:4] not in _ID_MAPS:
+        raise ShiTuError(f"{path.name} is not an id-mapped faiss index (PaddleX's IndexIDMap2)")
+    d, ntotal, _, _, _, metric = _FAISS_HEADER.unpack_from(head, 4)
+    if not 0 < d <= MAX_DIM or not 0 <= ntotal or ntotal * d * 4 > size:
+        raise damaged
+    pos = 4 + _FAISS_HEADER.size + (4 if metric > 1 else 0)
+    inner = head[pos : pos + 4]
+    if inner in _FLAT and len(head) >= pos + 4 + _FAISS_HEADER.size + 8:
+        d_in, n_in, _, _, _, metric_in = _FAISS_HEADER.unpack_from(head, pos + 4)
+        at = pos + 4 + _FAISS_HEADER.size + (4 if metric_in > 1 else 0)
+        if at + 8 > len(head):
+            raise damaged
+        (words,) = struct.unpack_from("<Q", head, at)
+        if d_in != d or n_in != ntotal or words * 4 > size or words != n_in * d_in:
+            raise damaged
+
+
 def load_base(index_dir: str | Path) -> GalleryIndex:
     """The last full save alone (no logged changes)."""
     index_dir = Path(index_dir)
@@ -177,6 +213,7 @@ def load_base(index_dir: str | Path) -> GalleryIndex:
     info_path = next((index_dir / n for n in (ID_MAP_FILE, ALT_ID_MAP_FILE) if (index_dir / n).exists()), None)
     if not vector_path.exists() or info_path is None:
         raise NotFound(f"{index_dir} is not an index directory (needs {VECTOR_FILE} and {ID_MAP_FILE})")
+    check_faiss_header(vector_path)
     try:
         info, labels = read_id_map(info_path)
         index = faiss.read_index(str(vector_path))
@@ -289,6 +326,7 @@ def read_id_map(info_path: Path) -> tuple[dict[str, Any], LabelTable]:
                         return info, labels
         except (OSError, ValueError, KeyError, yaml.YAMLError):
             pass  # damaged or foreign: the YAML decides
+    _refuse_aliases(text, info_path.name)
     info = yaml.load(text, Loader=_YAML_LOADER) or {}  # noqa: S506 - a safe loader
     if not isinstance(info, dict):
         raise ShiTuError(f"{info_path.name} cannot be read (not a mapping)")
@@ -297,6 +335,19 @@ def read_id_map(info_path: Path) -> tuple[dict[str, Any], LabelTable]:
     except (AttributeError, TypeError, ValueError):
         raise ShiTuError(f"{info_path.name} cannot be read (its id map is not id: label pairs)") from None
     return info, LabelTable.of(list(id_map), list(id_map.values()))
+
+
+def _refuse_aliases(text: bytes, name: str) -> None:
+    """An id map has no use for YAML anchors and aliases, and a few hundred bytes of nested
+    aliases expand to gigabytes ("billion laughs"): refuse any, before anything is built."""
+    if b"&" not in text and b"*" not in text:
+        return  # no anchor or alias can be written without these
+    try:
+        for event in yaml.parse(text, Loader=_YAML_LOADER):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ShiTuError(f"{name} uses YAML anchors or aliases, which an id map never needs")
+    except yaml.YAMLError:
+        raise ShiTuError(f"{name} cannot be read (not valid YAML)") from None
 
 
 def replace_index_dir(new: Path, target: Path) -> None:
@@ -348,18 +399,35 @@ def unzipped_index(data: bytes, scratch: Path | None = None) -> Iterator[Gallery
             raise ShiTuError(exc.message.replace(tmp, "the .zip")) from None
         except Exception as exc:  # noqa: BLE001 - a damaged member, whatever the library says
             raise ShiTuError(f"the .zip does not hold a usable index ({type(exc).__name__})") from None
+        _check_imported(index)
         yield index
 
 
+def _check_imported(index: GalleryIndex) -> None:
+    """What an import must not bring: ids that would overflow on the next add, labels that no file
+    or database can store again (lone surrogates, control characters, over-long)."""
+    if index.next_id > MAX_NEXT_ID:
+        raise ShiTuError(f"the .zip's index hands out ids from {index.next_id}, past {MAX_NEXT_ID}: refused")
+    for name in index.labels.names:
+        try:
+            clean_label(name)
+        except ShiTuError as exc:
+            raise ShiTuError(f"the .zip's id map holds a label that cannot be kept: {exc.message}") from None
+
+
 def _extract_capped(archive: zipfile.ZipFile, member: zipfile.ZipInfo, target: Path, budget: int) -> int:
-    """Stream one member to ``target`` (never more than ``budget`` bytes); returns its size."""
+    """Stream one member to ``target`` (never more than ``budget`` bytes, nor more than
+    :data:`MAX_RATIO` times its compressed size once past :data:`RATIO_FROM`); returns its size."""
     written = 0
+    limit = min(budget, max(RATIO_FROM, MAX_RATIO * member.compress_size))
     try:
         with archive.open(member) as src, open(target, "wb") as dst:
             while chunk := src.read(1 << 20):
                 written += len(chunk)
-                if written > budget:
-                    raise TooLarge(f"{member.filename} in the .zip is larger than {MAX_IMPORT_BYTES >> 30} GiB")
+                if written > limit:
+                    if written > budget:
+                        raise TooLarge(f"{member.filename} in the .zip is larger than {MAX_IMPORT_BYTES >> 30} GiB")
+                    raise TooLarge(f"{member.filename} in the .zip expands more than {MAX_RATIO} times: refused")
                 dst.write(chunk)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, OSError) as exc:
         reason = "encrypted" if "encrypt" in str(exc).lower() or "password" in str(exc).lower() else str(exc)
