@@ -18,6 +18,7 @@ The Gradio UI can be mounted on the same app at ``/`` (routes registered here ar
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -29,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -589,8 +591,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ShiTuError)
     async def _shitu_error(request: Request, exc: ShiTuError) -> JSONResponse:
         status = http_status(exc)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return error_response(status, exc.message, headers)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        if exc.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        return error_response(status, exc.message, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -855,14 +859,18 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         engine.switch_recognition_model(body.modelName)
         return _ok(_models_result())
 
+    health_pool = ThreadPoolExecutor(1, thread_name_prefix="shitu-health")  # never behind the model queue
+
     @app.get("/health", response_model=Envelope[HealthResult], tags=["service"])
-    def health() -> dict[str, Any]:
-        """Which models are active and which indices exist."""
+    async def health() -> dict[str, Any]:
+        """Which models are active and which indices exist. Answered on the event loop (the index
+        listing on a thread of its own), so a full request queue never makes it wait."""
+        names = await asyncio.get_running_loop().run_in_executor(health_pool, engine.index_names)
         return _ok(
             HealthResult(
                 status="ok",
                 models=engine.models(),
-                indices=engine.index_names(),
+                indices=names,
                 activeIndex=engine.settings.default_index,
                 modelDownloads=engine.model_download_status(),
                 vectorStore=engine.vector_store,

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     url_allowlist: Annotated[tuple[str, ...], NoDecode] = Field((), description="hosts allowed even if private")
     max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard")
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest HTTP API request body")
+    max_waiting_requests: int = Field(
+        32, gt=0, description="requests that may use or wait for the models at once; more are answered 'busy'"
+    )
     default_index: str = Field("sample", description="the index used when a call names none")
     model_mirror: str | None = Field(
         None,

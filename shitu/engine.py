@@ -41,7 +41,7 @@ from shitu.config import (
     PipelineConfig,
     Settings,
 )
-from shitu.errors import Conflict, NotFound, ShiTuError, Unavailable
+from shitu.errors import Busy, Conflict, NotFound, ShiTuError, Unavailable
 from shitu.gallery import (
     GalleryBatch,
     GalleryItem,
@@ -144,6 +144,8 @@ class Engine:
         self._runtime = runtime
         self._owns_runtime = runtime is None
         self._rt_lock = threading.Lock()
+        self._admission = threading.BoundedSemaphore(self.settings.max_waiting_requests)
+        self._admission_depth = threading.local()
         self._in_flight: dict[int, int] = {}
         self._retired: dict[int, Runtime] = {}
         # the last few gallery reports: {(name, id(index)): (weakref to that index version, report)}
@@ -170,8 +172,28 @@ class Engine:
         return self._runtime
 
     @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """A place among the requests that use or wait for the models (``SHITU_MAX_WAITING_REQUESTS``),
+        or :class:`Busy` at once: a full queue answers "retry in a moment" instead of growing."""
+        depth = getattr(self._admission_depth, "n", 0)  # a request's own nested calls count once
+        if depth == 0 and not self._admission.acquire(blocking=False):
+            limit = self.settings.max_waiting_requests
+            raise Busy(f"the models are busy ({limit} requests are being answered); retry in a moment")
+        self._admission_depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._admission_depth.n = depth
+            if depth == 0:
+                self._admission.release()
+
+    @contextlib.contextmanager
     def _models(self) -> Iterator[Runtime]:
         """The runtime for one request: the same from its start to its end, even across a switch."""
+        with self._admitted():
+            yield from self._same_runtime()
+
+    def _same_runtime(self) -> Iterator[Runtime]:
         runtime = self._current_runtime()
         with self._rt_lock:
             runtime = self._runtime or runtime

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 
 class ShiTuError(Exception):
-    """A problem with what the caller asked for (bad file, bad argument, ...): fix the input."""
+    """A problem with what the caller asked for (bad file, bad argument, ...): fix the input.
+    ``retry_after``: seconds after which the same request may succeed (``None``: it will not)."""
 
-    def __init__(self, message: str):
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class NotFound(ShiTuError):
@@ -46,6 +51,12 @@ class FetchTimeout(ShiTuError):
 
 class Unavailable(ShiTuError):
     """The service cannot do it right now (models missing, busy, a worker restarting): try again."""
+
+    retry_after = 2.0
+
+
+class Busy(Unavailable):
+    """Too many requests wait for the models already: this one is turned away at once, not queued."""
 
 
 class ModelCrashed(Unavailable):

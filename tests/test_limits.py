@@ -169,3 +169,38 @@ def test_values_that_were_5xx_are_4xx_and_change_nothing(api, sample_queries, pa
     assert 400 <= resp.status_code < 500 and envelope["errorCode"] == resp.status_code, envelope
     assert fragment in envelope["errorMsg"], envelope["errorMsg"]
     assert stored_state(engine) == before and engine.index_names() == ["shop"]
+
+
+# --- liveness: a full model queue answers "busy" at once; /health never waits ------------------------
+def test_a_full_model_queue_answers_503_with_retry_after_and_health_still_answers(tmp_path, runtime, sample_gallery,
+                                                                                   sample_queries):  # fmt: skip
+    import base64
+    import threading
+
+    engine = Engine(make_settings(tmp_path / "data", max_waiting_requests=1), runtime=runtime)
+    root, labels = sample_gallery
+    engine.build("shop", read_label_file(labels, root))
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_only_place() -> None:
+        with engine._models():  # a long request using the models
+            holding.set()
+            release.wait(60)
+
+    worker = threading.Thread(target=hold_the_only_place)
+    worker.start()
+    try:
+        assert holding.wait(30)
+        with TestClient(create_api(engine)) as client:
+            image = base64.b64encode(sample_queries[1].read_bytes()).decode()
+            busy = client.post("/shitu-infer", json={"indexKey": "shop", "image": image})
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "2"
+            assert "busy" in busy.json()["errorMsg"]
+            assert client.get("/health").status_code == 200, "health does not queue behind the models"
+            release.set()
+            worker.join(30)
+            served = client.post("/shitu-infer", json={"indexKey": "shop", "image": image})
+            assert served.status_code == 200, "the place is given back"
+    finally:
+        release.set()
+        worker.join(30)
