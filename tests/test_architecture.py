@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FRONT_ENDS = ["app.py", "shitu/api.py", "shitu/ui.py", "shitu/__main__.py", "shitu/paddlex_api.py"]
+FRONT_ENDS = ["app.py", "shitu/api.py", "shitu/__main__.py", "shitu/paddlex_api.py",
+              *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "shitu" / "ui").glob("*.py"))]  # fmt: skip
 INTERNALS = {"shitu.index", "shitu.store", "shitu.milvus_store", "shitu.runtime", "shitu.models", "shitu.matching",
              "shitu.starter"}  # fmt: skip
 
