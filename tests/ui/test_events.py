@@ -83,3 +83,25 @@ def test_with_a_token_visitors_recognise_but_only_signed_in_sessions_change(engi
         remove(shop, "1", None, request=visitor)
     assert 1 in engine.index(shop).id_map
 
+
+def test_scratch_files_are_cleared_after_an_hour_and_at_shutdown(engine, monkeypatch):
+    """Files handed to the browser do not pile up: an hour-old one goes when the next is made, and
+    the whole scratch folder goes when the server stops."""
+    import os
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from app import build_app
+
+    with TestClient(build_app(engine, prepare_sample=False)):
+        old = events.scratch_file("old.json")
+        old.write_text("{}", encoding="utf-8")
+        an_hour_ago = time.time() - events.Scratch.MAX_AGE_S - 1
+        os.utime(old.parent, (an_hour_ago, an_hour_ago))
+        new = events.scratch_file("new.json")
+        new.write_text("{}", encoding="utf-8")
+        assert not old.exists() and new.exists()
+        folder = events.SCRATCH.root
+        assert folder is not None and new.is_relative_to(folder)
+    assert not folder.exists() and events.SCRATCH.root is None
