@@ -37,7 +37,7 @@ from .conftest import MODEL_CACHE, free_port, milvus_lite_server  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DIM = 32
 PARITY_MODULES = ["test_engine.py", "test_api.py", "test_versions.py", "test_learning.py", "test_report.py",
-                  "test_cli.py", "test_pipeline.py", "test_ui.py"]  # fmt: skip
+                  "test_cli.py", "test_pipeline.py", "ui"]  # fmt: skip
 
 
 def clustered(n: int, seed: int = 0, groups: int = 30) -> tuple[np.ndarray, list[str]]:
