@@ -10,7 +10,7 @@ from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.engine import Engine  # a runtime import: Gradio reads the handlers' type hints
 from shitu.ui.events import I18N, PRIVATE, QUIETLY, Wiring, index_dropdown, lang_of, progress_callback, user_errors
 from shitu.ui.summaries import change_summary
-from shitu.ui.uploads import gallery_from_uploads, gallery_uploader
+from shitu.ui.uploads import gallery_files_input, gallery_from_uploads, gallery_uploader
 
 if TYPE_CHECKING:
     from shitu.ui.evaluate import EvaluateTab
@@ -57,13 +57,7 @@ class BuildTab:
         with gr.Tab(I18N("tab_build"), id="build"):
             gr.Markdown(I18N("build_help"))
             with gr.Row():
-                self.files = gr.File(
-                    label=I18N("gallery_files"),
-                    file_count="multiple",
-                    file_types=["image", ".zip", ".txt"],
-                    height=200,
-                    elem_id="build-files",
-                )
+                self.files = gallery_files_input(200, elem_id="build-files")
                 self.labels = gr.File(
                     label=I18N("label_file"),
                     file_count="single",

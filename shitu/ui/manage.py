@@ -31,7 +31,13 @@ from shitu.ui.events import (
     user_errors,
 )
 from shitu.ui.summaries import change_summary
-from shitu.ui.uploads import gallery_from_uploads, gallery_uploader, read_upload, upload_paths
+from shitu.ui.uploads import (
+    gallery_files_input,
+    gallery_from_uploads,
+    gallery_uploader,
+    read_upload,
+    upload_paths,
+)
 
 if TYPE_CHECKING:
     from shitu.ui.recognize import RecognizeTab
@@ -464,12 +470,7 @@ class ManageTab:
             self.status = gr.Markdown(elem_id="manage-status")
             with gr.Accordion(I18N("add_section"), open=False):
                 with gr.Row():
-                    self.add_files = gr.File(
-                        label=I18N("gallery_files"),
-                        file_count="multiple",
-                        file_types=["image", ".zip", ".txt"],
-                        height=160,
-                    )
+                    self.add_files = gallery_files_input(160)
                     self.add_labels = gr.File(label=I18N("label_file"), file_types=[".txt"], height=160)
                 with gr.Row():
                     self.add_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))

@@ -13,6 +13,7 @@ import gradio as gr
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, pairs_from_uploads, read_zip_gallery
 from shitu.i18n import TEXT
+from shitu.ui.events import I18N
 
 if TYPE_CHECKING:
     from shitu.engine import Engine
@@ -26,6 +27,12 @@ def upload_paths(files: Any) -> list[Path]:
     if isinstance(files, (str, Path)):
         files = [files]
     return [Path(getattr(f, "name", f)) for f in files if f]
+
+
+def gallery_files_input(height: int, elem_id: str | None = None) -> gr.File:
+    """Where a gallery is uploaded (Build, Add entries): many images, a label file, or one .zip."""
+    return gr.File(label=I18N("gallery_files"), file_count="multiple", file_types=["image", ".zip", ".txt"],
+                   height=height, elem_id=elem_id)  # fmt: skip
 
 
 def read_upload(path: Path) -> bytes:
