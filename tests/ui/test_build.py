@@ -156,7 +156,7 @@ def test_a_large_gallery_upload_starts_the_gallery_workers_before_the_build(tmp_
     from shitu.engine import Engine
     from shitu.runtime import Runtime
 
-    from .conftest import make_settings, wait_until
+    from ..conftest import make_settings, wait_until
 
     monkeypatch.setattr(shitu.runtime, "LANE_MIN_IMAGES", 20)
     root, labels = sample_gallery
