@@ -91,10 +91,12 @@ class BuildTab:
         return [self.summary, recognize.index, manage.index, self.progress]
 
     def add_endpoints(self, w: Wiring, recognize: RecognizeTab, manage: ManageTab) -> None:
+        """The named endpoints for programmatic callers (the plain handlers: an error stays an error)."""
         w.endpoint("build_index", w.change(build_index), self.inputs, self.outputs(recognize, manage)[:3],
                    concurrency_limit=1, concurrency_id="index-jobs")  # fmt: skip
 
     def wire(self, w: Wiring, recognize: RecognizeTab, manage: ManageTab, evaluate: EvaluateTab) -> None:
+        """The page's own events: private, user errors as toasts, long jobs with a progress bar."""
         outputs = self.outputs(recognize, manage)
         self.files.upload(gallery_uploader(w), self.files, None, queue=False, **PRIVATE)
         self.button.click(

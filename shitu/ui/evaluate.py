@@ -246,10 +246,12 @@ class EvaluateTab:
                         self.pairs, self.flagged, self.examples, self.files, self.progress]  # fmt: skip
 
     def add_endpoints(self, w: Wiring) -> None:
+        """The named endpoints for programmatic callers (the plain handlers: an error stays an error)."""
         w.endpoint("evaluate", w.bind(evaluate_index), self.index_name, self.outputs[:-1],
                    concurrency_limit=1, concurrency_id="evaluate")  # fmt: skip
 
     def wire(self, w: Wiring, recognize: RecognizeTab) -> None:
+        """The page's own events: private, user errors as toasts, long jobs with a progress bar."""
         self.button.click(
             w.with_progress(w.bind(evaluate_index), self.outputs, self.progress),
             self.index,
@@ -285,4 +287,5 @@ class EvaluateTab:
         )
 
     def load(self, demo: gr.Blocks, w: Wiring) -> None:
+        """What the tab shows when a page opens, read then."""
         demo.load(w.soft(w.bind(initial_index), [self.index]), None, self.index, **PRIVATE)

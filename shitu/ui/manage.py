@@ -90,6 +90,8 @@ def previews(engine: Engine, name: str | None, ids: list[int]) -> list[tuple[Ima
 
 
 def index_info(engine: Engine, name: str | None, lang: str = "en", table: pd.DataFrame | None = None) -> str:
+    """The line above the entries table: the index's size, type and model, which rows the table
+    shows, and whether the index must be rebuilt for the model that runs."""
     index = engine.index(name)
     stats = index.summary()
     text = tr(
@@ -521,15 +523,19 @@ class ManageTab:
         self.import_inputs = [self.import_file, self.import_name, self.import_overwrite]
 
     def renamed(self, recognize: RecognizeTab) -> list:
+        """A rename's outputs: its status, and both index pickers switched to the new name."""
         return [self.status, self.index, recognize.index]
 
     def deleted(self, recognize: RecognizeTab) -> list:
+        """A deletion's outputs: its status, both index pickers without it, the confirmation unticked."""
         return [self.status, self.index, recognize.index, self.confirm_delete]
 
     def imported(self, recognize: RecognizeTab) -> list:
+        """An import's outputs: its status, both index pickers on the imported index, the progress bar."""
         return [self.status, self.index, recognize.index, self.progress]
 
     def add_endpoints(self, w: Wiring, recognize: RecognizeTab) -> None:
+        """The named endpoints for programmatic callers (the plain handlers: an error stays an error)."""
         index, selected = self.index_name, self.selected
         w.endpoint("open_index", w.bind(open_index), index, self.view)
         w.endpoint("filter_entries", w.bind(filter_entries), [index, self.label_filter, selected], self.filtered)
@@ -554,6 +560,7 @@ class ManageTab:
         return dict(fn=w.soft(w.bind(open_index), self.view), inputs=self.index, outputs=self.view, **PRIVATE)
 
     def wire(self, w: Wiring, recognize: RecognizeTab) -> None:
+        """The page's own events: private, user errors as toasts, long jobs with a progress bar."""
         index, selected, label_filter = self.index, self.selected, self.label_filter
         open_event = self.open_event(w)
         # every change is a new version: the versions list follows (hidden: it only shows when opened)
@@ -631,5 +638,6 @@ class ManageTab:
         ).success(**open_event)
 
     def load(self, demo: gr.Blocks, w: Wiring) -> None:
+        """What the tab shows when a page opens, read then."""
         shown = [self.index, *self.view]
         demo.load(w.soft(w.bind(initial_view), shown), None, shown, **PRIVATE)

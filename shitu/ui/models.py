@@ -204,9 +204,11 @@ class ModelsTab:
         return [self.info, recognize.threshold, banner, self.model]
 
     def add_endpoints(self, w: Wiring, banner: gr.HTML, recognize: RecognizeTab) -> None:
+        """The named endpoints for programmatic callers (the plain handlers: an error stays an error)."""
         w.endpoint("switch_model", w.change(switch_model), self.model, self.switched(banner, recognize)[:-1])
 
     def wire(self, w: Wiring, banner: gr.HTML, recognize: RecognizeTab) -> None:
+        """The page's own events: private, user errors as toasts, long jobs with a progress bar."""
         self.tab.select(w.bind(models_markdown), None, self.info, **PRIVATE)
         self.timer.tick(w.bind(refresh_models), None, [self.info, self.timer, banner], **PRIVATE)
         switch = w.change(switch_model)
@@ -225,5 +227,6 @@ class ModelsTab:
         )
 
     def load(self, demo: gr.Blocks, w: Wiring, banner: gr.HTML) -> None:
+        """What the tab shows when a page opens, read then."""
         shown = [self.info, banner, self.model, self.models_table, self.timer]
         demo.load(w.soft(w.bind(initial_view), shown), None, shown, **PRIVATE)

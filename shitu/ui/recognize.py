@@ -452,10 +452,12 @@ class RecognizeTab:
         return dict(fn=w.bind(threshold_for_index), inputs=self.index, outputs=self.threshold)
 
     def add_endpoints(self, w: Wiring) -> None:
+        """The named endpoints for programmatic callers (the plain handlers: an error stays an error)."""
         inputs = [self.index_name if c is self.index else c for c in self.inputs]
         w.endpoint("recognize", first_outputs(w.bind(recognize_image), 4), inputs, self.outputs[:4])
 
     def wire(self, w: Wiring) -> None:
+        """The page's own events: private, user errors as toasts, long jobs with a progress bar."""
         bound = w.bind(recognize_image)
 
         @functools.wraps(bound)  # Gradio reads the type hints: the request is injected
@@ -490,6 +492,7 @@ class RecognizeTab:
         self.index.change(w.bind(show_examples), self.index, self.examples, **PRIVATE)
 
     def load(self, demo: gr.Blocks, w: Wiring) -> None:
+        """What the tab shows when a page opens, read then."""
         shown = [self.index, self.examples, self.threshold, self.topk, self.det_threshold, self.whole_image,
                  self.use_nms, self.nms_iou]  # fmt: skip
         demo.load(w.soft(w.bind(initial_values), shown), None, shown, **PRIVATE)
