@@ -140,7 +140,7 @@ def test_an_approximate_index_that_cannot_match_exact_search_says_so(tmp_path, m
     the true neighbour for many queries. The index records how often it agrees, warns, keeps the
     warning across save/load, and the studio shows it; IVF on the same vectors reaches exact."""
     import shitu.vectors as vectors_module
-    from shitu.ui import calibration_markdown
+    from shitu.ui.summaries import calibration_markdown
 
     x = np.random.default_rng(3).normal(size=(3000, 64)).astype("float32")
     labels = [f"item-{k % 300}" for k in range(len(x))]

@@ -105,9 +105,9 @@ def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery
     # the report does not pass off leave-one-out in a space fitted to these entries as accuracy
     report = engine.report("big")
     assert any("optimistic" in note and "Held out" in note for note in report.notes)
-    from shitu import ui
+    from shitu.ui.evaluate import evaluate_index
 
-    summary = ui.evaluate_index(engine, "big")[0]
+    summary = evaluate_index(engine, "big")[0]
     assert f"recall@1 **{taught.adaptation.adapted_recall:.1%}**" in summary
 
 

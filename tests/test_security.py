@@ -97,14 +97,14 @@ def test_a_segfault_in_a_model_costs_one_request_not_the_server(tmp_path, crashi
 def test_a_crash_is_a_toast_in_the_ui(tmp_path, crashing_runtime, sample_gallery):
     import gradio as gr
 
-    from shitu import ui
+    from shitu.ui.recognize import recognize_image
 
     engine = Engine(make_settings(tmp_path / "data"), runtime=crashing_runtime)
     root, labels = sample_gallery
     engine.build("g", read_label_file(labels, root))
     with pytest.raises(gr.Error, match="detection model crashed"):
-        ui.recognize_image(engine, RED, "g")
-    image, *_ = ui.recognize_image(engine, np.full((64, 64, 3), 128, np.uint8), "g")
+        recognize_image(engine, RED, "g")
+    image, *_ = recognize_image(engine, np.full((64, 64, 3), 128, np.uint8), "g")
     assert image.size == (64, 64)
 
 
@@ -244,10 +244,10 @@ def test_unknown_routes_and_wrong_methods_answer_in_the_envelope(gallery_engine,
 
 
 def test_health_and_models_show_no_server_paths(gallery_engine, app_client):
-    from shitu import ui
+    from shitu.ui.models import models_markdown
 
     client = app_client(gallery_engine)
     text = client.get("/health").text
     for private in (str(gallery_engine.settings.data_dir), str(gallery_engine.settings.models_dir), "/root", "/tmp"):
         assert private not in text
-    assert str(gallery_engine.settings.data_dir) not in ui.models_markdown(gallery_engine)
+    assert str(gallery_engine.settings.data_dir) not in models_markdown(gallery_engine)

@@ -1,8 +1,9 @@
-"""Start-up: the app answers from its first second, says what it is preparing, hands over to the
-real app without a restart, reports a failure once; the model-hub check is cheap; the log keeps to
-lines a person can act on.
+"""Start-up: the app answers from its first second, says what it is preparing, serves the studio
+once the engine is ready (no restart, no second app), reports a failure once; the model-hub check
+is cheap; the log keeps to lines a person can act on.
 
-The wrapper is driven with a fake, slow builder (no models); one slow test runs ``python app.py``.
+The app is the real one (``build_app`` with a :class:`Readiness`, as ``main`` serves it) over a real
+engine whose preparation is replaced by a fake, slow one; one slow test runs ``python app.py``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
+import gradio as gr
 import pytest
 import requests
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 import app as studio
@@ -34,8 +35,10 @@ from shitu import mirror, runtime
 from shitu.config import Settings
 from shitu.errors import ShiTuError
 from shitu.models import try_official
+from shitu.startup import Readiness
 
 from .conftest import MODEL_CACHE, wait_until
+from .test_security import gradio_call
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,70 +51,66 @@ def assert_503_envelope(resp, fragment: str, retry: bool = True) -> None:
     assert ("retry-after" in resp.headers) is retry
 
 
-class FakeEngine:
-    """What main's builder thread uses of the engine besides build_app."""
+class SettingsOnly:
+    """An engine that has settings and fails any other read: what building the app may touch."""
 
-    def __init__(self) -> None:
-        self.prepared = threading.Event()
+    def __init__(self, settings: Settings):
+        self.settings = settings
 
-    def prepare_models(self) -> None:
-        self.prepared.set()
-
-    def close(self) -> None:
-        pass
-
-
-def real_app() -> tuple[FastAPI, list[str]]:
-    """A stand-in for build_app's app, whose lifespan (Gradio's queue starts there) is recorded."""
-    events: list[str] = []
-
-    @asynccontextmanager
-    async def lifespan(app):
-        events.append("startup")
-        yield
-        events.append("shutdown")
-
-    app = FastAPI(lifespan=lifespan)
-
-    @app.get("/")
-    def page():
-        return {"ui": "the real one"}
-
-    @app.get("/health")
-    def health():
-        return {"errorCode": 0, "result": {"status": "ok"}}
-
-    return app, events
+    def __getattr__(self, name: str):
+        raise AssertionError(f"engine.{name} was read before the engine was ready")
 
 
 @pytest.fixture
-def slow_builder(monkeypatch):
-    """Replaces app.build_app: reports two steps, then waits for the test to release it."""
+def slow_preparation(monkeypatch):
+    """Replaces app.prepare_engine: reports two steps, then waits for the test to release it (and
+    raises ``outcome["error"]`` if the test put one there)."""
     release = threading.Event()
     outcome: dict = {}
 
-    def build_app(engine, *, host=None, on_step=None):
+    def prepare_engine(engine, *, prepare_sample=True, on_step=None):
         on_step("preparing models: official weights if a model hub answers, else the offline starter pack")
         assert release.wait(30)
         on_step("preparing the sample gallery: embedding 3/24")
         if "error" in outcome:
             raise outcome["error"]
-        return outcome["app"]
 
-    monkeypatch.setattr(studio, "build_app", build_app)
+    monkeypatch.setattr(studio, "prepare_engine", prepare_engine)
     return release, outcome
 
 
-# --- the starting page and the handover -----------------------------------------------------------
-def test_starting_page_and_503_until_ready_then_the_real_app(slow_builder):
-    release, outcome = slow_builder
-    app, events = real_app()
-    outcome["app"] = app
-    starting = studio.StartingApp()
-    engine = FakeEngine()
-    with TestClient(starting) as client:  # runs the lifespan, as uvicorn does
-        studio.prepare_in_background(starting, engine, "127.0.0.1", "http://127.0.0.1:1", threading.Event())
-        wait_until(lambda: "preparing models" in starting.step, "the first step")
+@pytest.fixture
+def starting(engine, slow_preparation, monkeypatch):
+    """What ``main`` serves, over a fresh engine (the session's models), prepared on a thread by the
+    slow fake: ``app``, ``readiness``, ``release`` (lets the preparation go on), ``outcome``,
+    ``models_loaded`` (set when the models would be loaded, once the studio is ready), ``start()``."""
+    release, outcome = slow_preparation
+    models_loaded = threading.Event()
+    monkeypatch.setattr(engine, "prepare_models", models_loaded.set)
+    readiness = Readiness()
+
+    def start() -> threading.Thread:
+        return studio.prepare_in_background(readiness, engine, "http://127.0.0.1:1", threading.Event())
+
+    app = studio.build_app(engine, readiness=readiness)
+    return SimpleNamespace(app=app, readiness=readiness, release=release, outcome=outcome,
+                           models_loaded=models_loaded, start=start)  # fmt: skip
+
+
+# --- the starting page, and the studio once ready ---------------------------------------------------
+def test_the_app_is_built_and_answers_before_the_engine_is_asked_anything(tmp_path):
+    from .conftest import make_settings
+
+    app = studio.build_app(SettingsOnly(make_settings(tmp_path / "data")), readiness=Readiness())
+    client = TestClient(app)  # (no lifespan: the gate answers without one)
+    assert "ShiTu Studio is starting" in client.get("/").text
+    assert_503_envelope(client.get("/health"), "ShiTu Studio is starting (starting)")
+
+
+def test_starting_page_and_503_until_ready_then_the_studio(starting):
+    with TestClient(starting.app) as client:  # runs the lifespan, as uvicorn does: Gradio's queue starts at once
+        starting.start()
+        wait_until(lambda: "preparing models" in starting.readiness.step, "the first step")
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
         assert "ShiTu Studio is starting" in page.text and "preparing models / sample gallery" in page.text.lower()
@@ -125,15 +124,16 @@ def test_starting_page_and_503_until_ready_then_the_real_app(slow_builder):
         assert_503_envelope(client.post("/gradio_api/queue/join", json={}), "starting")
         assert_503_envelope(client.get("/docs"), "starting")
         assert client.get("/health").headers["retry-after"] == "2"
-        assert events == []
+        assert not starting.models_loaded.is_set()
 
-        release.set()
-        wait_until(lambda: starting.app is not None, "the handover")
-        assert events == ["startup"], "the real app's lifespan runs before it serves"
-        assert client.get("/").json() == {"ui": "the real one"}
+        starting.release.set()
+        wait_until(lambda: starting.readiness.ready, "the studio to be ready")
+        page = client.get("/")
+        assert page.status_code == 200 and "gradio" in page.text.lower() and "is starting" not in page.text
         assert client.get("/health").json()["result"]["status"] == "ok"
-        assert engine.prepared.wait(10), "the models are loaded once the app serves"
-    assert events == ["startup", "shutdown"], "the real app's lifespan ends with the server's"
+        kind, payload = gradio_call(client, "open_index", [None])  # the UI's events run: its queue started
+        assert kind == "complete" and "No indices yet" in payload[0]
+        assert starting.models_loaded.wait(10), "the models are loaded once the studio serves"
 
 
 @pytest.mark.parametrize(
@@ -142,15 +142,13 @@ def test_starting_page_and_503_until_ready_then_the_real_app(slow_builder):
       "model dir"), (RuntimeError("boom"), "RuntimeError: boom")],
     ids=["bad-input", "unexpected"],
 )  # fmt: skip
-def test_a_failed_start_is_shown_on_the_page_and_the_api_and_logged_once(slow_builder, caplog, error, message):
-    release, outcome = slow_builder
-    outcome["error"] = error
-    starting = studio.StartingApp()
+def test_a_failed_start_is_shown_on_the_page_and_the_api_and_logged_once(starting, caplog, error, message):
+    starting.outcome["error"] = error
     caplog.set_level(logging.INFO)
-    with TestClient(starting) as client:
-        studio.prepare_in_background(starting, FakeEngine(), "127.0.0.1", "http://127.0.0.1:1", threading.Event())
-        release.set()
-        wait_until(lambda: starting.error is not None, "the failure")
+    with TestClient(starting.app) as client:
+        starting.start()
+        starting.release.set()
+        wait_until(lambda: starting.readiness.error is not None, "the failure")
         page = client.get("/")
         assert page.status_code == 503 and "ShiTu Studio could not start" in page.text
         assert message in page.text and "http-equiv" not in page.text  # nothing to wait for
@@ -159,40 +157,36 @@ def test_a_failed_start_is_shown_on_the_page_and_the_api_and_logged_once(slow_bu
     said = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(said) == 1 and said[0].levelno == logging.ERROR, [r.getMessage() for r in said]
     assert said[0].getMessage() == f"could not start: {message}"
+    assert not starting.models_loaded.is_set()
 
 
-def test_the_real_apps_failing_lifespan_is_a_failed_start(slow_builder, caplog):
-    release, outcome = slow_builder
+def test_a_failing_start_up_of_the_app_is_a_failed_start(starting, caplog, monkeypatch):
+    """Gradio starts its queue in the app's lifespan; if that fails, the server still answers and
+    says why (rather than exiting with a traceback the browser never sees), even once the engine
+    is ready."""
 
-    @asynccontextmanager
-    async def lifespan(app):
+    def fails(self):
         raise RuntimeError("queue did not start")
-        yield  # pragma: no cover
 
-    outcome["app"] = FastAPI(lifespan=lifespan)
-    starting = studio.StartingApp()
-    with TestClient(starting) as client:
-        studio.prepare_in_background(starting, FakeEngine(), "127.0.0.1", "http://127.0.0.1:1", threading.Event())
-        release.set()
-        wait_until(lambda: starting.error is not None, "the failure")
-        assert starting.app is None
+    monkeypatch.setattr(gr.Blocks, "run_startup_events", fails)
+    caplog.set_level(logging.INFO)
+    with TestClient(starting.app) as client:
         assert_503_envelope(client.get("/health"), "queue did not start", retry=False)
+        starting.release.set()
+        starting.start().join(30)
+        assert not starting.readiness.ready
+        assert_503_envelope(client.get("/health"), "the app's start-up failed: RuntimeError: queue did not start",
+                            retry=False)  # fmt: skip
+        assert "could not start" in client.get("/").text
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said == ["could not start: the app's start-up failed: RuntimeError: queue did not start"]
+    assert not any("ready in" in r.getMessage() for r in caplog.records)
 
 
-def test_without_a_lifespan_the_app_is_used_once_built():
-    """A server (or test client) that runs no lifespan still gets the real app."""
-    app, _ = real_app()
-    starting = studio.StartingApp()
-    client = TestClient(starting)  # not entered: no lifespan
-    assert client.get("/").status_code == 200 and "starting" in client.get("/").text
-    starting.ready(app)
-    assert client.get("/").json() == {"ui": "the real one"}
-
-
-def test_websockets_are_asked_to_come_back_later():
+def test_websockets_are_asked_to_come_back_later(starting):
     from starlette.websockets import WebSocketDisconnect
 
-    client = TestClient(studio.StartingApp())
+    client = TestClient(starting.app)
     with pytest.raises(WebSocketDisconnect) as closed, client.websocket_connect("/gradio_api/queue/ws"):
         pass
     assert closed.value.code == 1013
@@ -220,7 +214,9 @@ def test_a_missing_cjk_font_is_one_warning_at_start(monkeypatch, caplog):
     assert studio.check_cjk_font() is True and not caplog.records
 
 
-def test_build_app_checks_the_font_before_anything_else(monkeypatch):
+def test_preparing_the_engine_checks_the_font_before_anything_else(monkeypatch, tmp_path):
+    from .conftest import make_settings
+
     class Checked(Exception):
         pass
 
@@ -229,7 +225,7 @@ def test_build_app_checks_the_font_before_anything_else(monkeypatch):
 
     monkeypatch.setattr(studio, "check_cjk_font", check)
     with pytest.raises(Checked):
-        studio.build_app(prepare_sample=False)  # before any engine is made
+        studio.prepare_engine(SettingsOnly(make_settings(tmp_path / "data")))  # before the engine is asked anything
 
 
 # --- the model-hub check ---------------------------------------------------------------------------
@@ -505,7 +501,7 @@ def test_python_app_py_serves_a_starting_page_at_once_then_the_studio(tmp_path):
             assert first_answer == "starting" and seen[-1] == "ready", seen
             assert health.status_code == 200 and health.json()["result"]["status"] == "ok"
             assert requests.get(f"{base}/shitu-index/sample", timeout=10).json()["result"]["imageCount"] > 0
-            # the UI's events run: Gradio's queue started with the handed-over app's lifespan
+            # the UI's events run: Gradio's queue started with the server
             from gradio_client import Client
 
             ui = Client(f"{base}/", verbose=False)

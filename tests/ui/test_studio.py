@@ -1,0 +1,130 @@
+"""The page as a whole (shitu.ui.studio): five tabs, named endpoints for programmatic callers,
+wiring that keeps what Gradio injects, nothing read from the engine while the page is built and
+everything that depends on the data filled in when a page opens."""
+
+from __future__ import annotations
+
+import inspect
+
+import gradio as gr
+import pytest
+
+from shitu.ui import I18N, studio
+
+
+def test_demo_has_five_tabs_and_named_endpoints(engine, shop):
+    demo = studio.build_demo(engine)
+    config = demo.get_config_file()
+    tabs = [c["props"].get("label") for c in config["components"] if c.get("type") == "tabitem"]
+    assert [str(t) for t in tabs] == [
+        str(I18N(k)) for k in ("tab_recognize", "tab_build", "tab_manage", "tab_evaluate", "tab_models")
+    ]
+    api_names = {fn.api_name for fn in demo.fns.values()}
+    assert {"recognize", "build_index", "remove_entries", "add_entries", "rename_index", "delete_index",
+            "export_index", "import_index", "switch_model", "filter_entries", "evaluate", "versions",
+            "version_changes", "restore_version"} <= api_names  # fmt: skip
+
+
+def test_wired_handlers_still_get_the_request(engine):
+    """Wrappers (user errors, progress, sign-in) must keep the type hints Gradio reads, or the
+    request — the visitor's language and session — silently becomes None."""
+    from gradio.helpers import special_args
+
+    demo = studio.build_demo(engine)
+    request = gr.Request()
+    checked = 0
+    for block in demo.fns.values():
+        if "request" not in inspect.signature(block.fn).parameters:
+            continue
+        inputs, progress_index, *_ = special_args(block.fn, [None] * len(block.inputs), request=request)
+        assert request in inputs, block.name
+        if block.api_name is None or block.api_visibility == "private":
+            assert progress_index is None, block.name  # the page shows our own bar, not an overlay per output
+        checked += 1
+    assert checked >= 20
+
+
+def test_named_endpoints_keep_errors_errors_while_the_page_gets_toasts(engine, shop, monkeypatch):
+    """Programmatic callers of /gradio_api/... learn that a change was refused; the page's own
+    event for the same button shows a toast and keeps its outputs."""
+    monkeypatch.setattr(gr, "Warning", lambda message, **kw: None)
+    demo = studio.build_demo(engine)
+    named = {b.api_name: b for b in demo.fns.values() if b.api_visibility != "private" and b.api_name}
+    with pytest.raises(gr.Error, match="tick the confirmation box"):
+        named["delete_index"].fn(shop, False)
+    page = [b for b in demo.fns.values() if b.api_visibility == "private" and b.fn.__name__ == "delete_index"]
+    status, *rest = page[0].fn(shop, False)
+    assert "tick the confirmation box" in status and shop in engine.index_names()
+
+
+def test_a_failed_model_switch_puts_the_dropdown_back(engine, monkeypatch):
+    monkeypatch.setattr(gr, "Warning", lambda message, **kw: None)
+    demo = studio.build_demo(engine)
+    switch = next(b for b in demo.fns.values() if b.fn.__name__ == "switch_model" and len(b.outputs) == 4)
+    *_, dropdown = switch.fn("PP-ShiTuV2_rec_CLIP_vit_base")
+    assert dropdown["value"] == engine.models()["recognition"]["model_name"] == "PP-ShiTuV2_rec"
+
+
+def test_build_app_serves_ui_and_api_on_one_port(engine, shop):
+    from fastapi.testclient import TestClient
+
+    from app import build_app
+
+    client = TestClient(build_app(engine, prepare_sample=False))
+    page = client.get("/")
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+    config = client.get("/config").json()
+    assert "i18n_translations" in config and "zh" in config["i18n_translations"]
+
+
+class Untouchable:
+    """An engine that fails any read: building the page must not ask it anything."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"the page read engine.{name} while it was being built")
+
+
+def test_building_the_page_reads_nothing_from_the_engine():
+    demo = studio.build_demo(Untouchable())
+    assert {"recognize", "open_index", "evaluate", "switch_model"} <= {fn.api_name for fn in demo.fns.values()}
+
+
+def test_every_data_dependent_value_is_filled_in_when_a_page_opens(engine, shop):
+    """The page's load events read the indices, the options and the models when a visitor opens
+    it (here: ``shop`` is the only index, so every picker chooses it)."""
+    from shitu.ui import evaluate, manage, models, recognize
+
+    demo = studio.build_demo(engine)
+    loaded = {c.elem_id for fn in demo.fns.values() if any(t == "load" for _, t in fn.targets) for c in fn.outputs}
+    assert {"rec-index", "examples", "rec-threshold", "manage-index", "manage-info", "entries-table", "eval-index",
+            "models-info", "models-banner", "rec-model", "rec-models-table"} <= loaded  # fmt: skip
+
+    picker, examples, threshold, topk, det_threshold, whole_image, use_nms, nms_iou = recognize.initial_values(engine)
+    assert picker["choices"] == ["shop"] and picker["value"] == "shop"
+    assert examples and {caption.split(" · ")[0] for _, caption in examples} <= set(engine.index(shop).label_counts())
+    assert threshold == engine.rec_threshold_for(engine.index(shop))
+    assert (topk, det_threshold, whole_image) == (engine.config.rec_topk, engine.default_det_threshold, "auto")
+    assert use_nms is (engine.config.nms_iou is not None) and nms_iou == engine.config.nms_iou
+    picker, info, table, label_filter, previews, selected = manage.initial_view(engine)
+    assert picker["value"] == "shop" and "24 entries" in info and len(table) == 24 and len(previews) == 24
+    assert evaluate.initial_index(engine)["value"] == "shop"
+    markdown, banner, model, table, timer = models.initial_view(engine)
+    assert "| shop | 24 | 6 | Flat | IP |" in markdown and "Offline starter pack running" in banner
+    assert model == "PP-ShiTuV2_rec" and "AliProducts recall@1" in table and timer.active is False
+
+
+def test_named_endpoints_take_an_index_made_after_the_page(engine, shop):
+    """Programmatic callers name any index (the engine checks the name); the page's dropdowns only
+    offer what a visitor's page has loaded."""
+    from fastapi.testclient import TestClient
+
+    from app import build_app
+
+    from ..test_security import gradio_call
+
+    with TestClient(build_app(engine, prepare_sample=False)) as client:
+        engine.import_zip("later", engine.export_zip(shop))  # an index the page was never built with
+        kind, payload = gradio_call(client, "open_index", ["later"])
+        assert kind == "complete" and "24 entries" in payload[0]
+        kind, payload = gradio_call(client, "versions", ["no-such-index"])
+        assert kind == "error" and "no-such-index" in str(payload)
