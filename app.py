@@ -84,6 +84,59 @@ class EnvelopeForUnknownRoutes:
         await self.app(scope, receive, capture)
 
 
+def product_errors() -> None:
+    """What a visitor sees and the log keeps when a UI event fails, in the product's own words.
+
+    Gradio prints a traceback for every ``gr.Error`` (a user's bad input, already shown as a toast)
+    and for a value one of its components cannot preprocess, and shows the latter's framework text
+    to the visitor (a component's name, the handler's, a server path). Here: a refused input is one
+    log line and the message "one of the inputs is not valid"; our own ``gr.Error`` messages go out
+    as they are; anything else is "something went wrong on the server" to the visitor and a full
+    traceback in the log, as a fault should be. Gradio has no setting for this, so its queue's
+    ``traceback`` and ``error_payload`` are wrapped, once."""
+    import sys
+    import traceback
+
+    import gradio as gr
+    from gradio import queueing
+    from gradio.exceptions import ComponentProcessingError, InvalidPathError
+    from pydantic import ValidationError
+
+    from shitu.errors import ShiTuError
+
+    if getattr(queueing.traceback, "shitu_wrapped", False):
+        return
+    not_valid = (ComponentProcessingError, InvalidPathError, ValidationError)  # inputs Gradio could not take
+    refused = (gr.Error, ShiTuError, *not_valid)
+    framework_payload = queueing.error_payload
+
+    class Traceback:
+        shitu_wrapped = True
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(traceback, name)
+
+        def print_exc(self, *args: Any, **kwargs: Any) -> None:
+            error = sys.exc_info()[1]
+            if isinstance(error, refused):
+                first = str(getattr(error, "message", error)).splitlines()[0] if str(error) else type(error).__name__
+                log.info("a UI event was refused: %s", first[:300])
+                return
+            traceback.print_exc(*args, **kwargs)
+
+    def error_payload(error: BaseException | None, show_error: bool) -> dict[str, Any]:
+        if isinstance(error, gr.Error) or error is None:
+            return framework_payload(error, show_error)
+        if isinstance(error, ShiTuError):  # the product's own message, from a handler that did not convert it
+            return framework_payload(gr.Error(error.message), True)
+        if isinstance(error, not_valid):
+            return framework_payload(gr.Error("one of this step's inputs is not valid; check it and try again"), True)
+        return framework_payload(gr.Error("something went wrong on the server (it is logged); try again"), True)
+
+    queueing.traceback = Traceback()  # type: ignore[assignment]
+    queueing.error_payload = error_payload  # type: ignore[assignment]
+
+
 def check_cjk_font() -> bool:
     """Look for a CJK font once, at start (not at the first drawing): ``False``, with one WARNING
     that says how to fix it, when Chinese labels would be drawn as boxes."""
@@ -159,6 +212,7 @@ def build_app(
     from shitu.ui import CSS, I18N, build_demo
     from shitu.ui.events import SCRATCH
 
+    product_errors()
     engine = engine or Engine()
     if readiness is None:
         prepare_engine(engine, prepare_sample=prepare_sample)
@@ -274,6 +328,7 @@ def main() -> None:
 
     from shitu.engine import Engine
     from shitu.errors import ShiTuError
+    from shitu.limits import server_config
     from shitu.startup import Readiness
 
     try:
@@ -323,8 +378,9 @@ def main() -> None:
             logging.getLogger("uvicorn.access").setLevel(logging.INFO)
         # an open browser tab (Gradio's event stream) would otherwise hold a SIGTERM off for ever, until
         # the process is killed without closing the model worker
-        config = uvicorn.Config(
-            app, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        config = server_config(
+            app, engine.settings, on_space=bool(os.environ.get("SPACE_ID")), log_level="warning", lifespan="on",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )  # fmt: skip
         server = Server(config)
         prepare_in_background(readiness, engine, url, stopping, after_step=keep_graceful_shutdown)

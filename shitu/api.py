@@ -41,12 +41,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, StrictInt, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shitu import net
 from shitu.access import AccessPolicy
 from shitu.adapt import ADAPT_MODES
-from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS
+from shitu.config import INDEX_TYPES, METRIC_TYPES, REC_MODELS, Settings
 from shitu.engine import Engine
 from shitu.errors import (
     Conflict,
@@ -61,6 +60,7 @@ from shitu.errors import (
     Unavailable,
 )
 from shitu.gallery import GalleryBatch, GalleryItem, check_image_bytes, crop_box
+from shitu.limits import RequestLimits, server_config
 from shitu.results import Recognition
 
 log = logging.getLogger(__name__)
@@ -494,54 +494,6 @@ def result_to_infer(result: Recognition, visualize: bool) -> InferResult:
 # --- request body limit ----------------------------------------------------------------------
 
 
-class BodySizeLimit:
-    """Answer 413 for API requests whose body is over ``settings.max_request_bytes``: by the
-    declared Content-Length before reading anything, else by counting what actually arrives.
-    Other paths (the mounted UI, which has its own upload limits) pass through untouched."""
-
-    def __init__(self, app: ASGIApp, engine: Engine):
-        self.app = app
-        self.engine = engine
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
-            await self.app(scope, receive, send)
-            return
-        limit = int(self.engine.settings.max_request_bytes)
-        too_large = f"the request body is larger than {limit:,} bytes (SHITU_MAX_REQUEST_BYTES)"
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                size = int(declared)
-            except ValueError:
-                await error_response(400, "invalid Content-Length header")(scope, receive, send)
-                return
-            if size > limit:
-                await error_response(413, too_large)(scope, receive, send)
-                return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # client went away
-                return
-            body.extend(message.get("body", b""))
-            if len(body) > limit:
-                await error_response(413, too_large)(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-
 # --- error handlers --------------------------------------------------------------------------
 
 
@@ -639,7 +591,8 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         version="1.0",
     )
     app.state.engine = engine
-    app.add_middleware(BodySizeLimit, engine=engine)
+    # every route, Gradio's (mounted on this app later) too; refusals in the API's envelope
+    app.add_middleware(RequestLimits, settings=engine.settings, refuse=error_response)
     install_error_handlers(app)
     access = policy or AccessPolicy.for_server(engine.settings.api_token, engine.settings.read_only, host=None)
     app.state.access = access
@@ -908,7 +861,9 @@ def serving(app: Any, host: str = "127.0.0.1", start_timeout: float = 120.0) -> 
     with socket.socket() as sock:
         sock.bind((host, 0))
         port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    settings = getattr(getattr(app, "state", None), "engine", None)
+    settings = settings.settings if settings is not None else Settings.from_env()
+    server = uvicorn.Server(server_config(app, settings, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True, name="uvicorn")
     thread.start()
     deadline = time.monotonic() + start_timeout
@@ -940,7 +895,7 @@ def serve(engine: Engine | None = None, host: str = "127.0.0.1", port: int = 808
             engine.close()  # here: after a SIGTERM, uvicorn re-raises it once run() ends, ending the process
 
     try:
-        Server(uvicorn.Config(create_api(engine, policy), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5)).run()  # fmt: skip
+        Server(server_config(create_api(engine, policy), engine.settings, host=host, port=port,
+                             log_level=log_level, timeout_graceful_shutdown=5)).run()  # fmt: skip
     finally:
         engine.close()

@@ -69,6 +69,14 @@ class Settings(BaseSettings):
     url_allowlist: Annotated[tuple[str, ...], NoDecode] = Field((), description="hosts allowed even if private")
     max_image_pixels: int = Field(40_000_000, gt=0, description="decompression-bomb guard")
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest HTTP API request body")
+    max_event_bytes: int = Field(1024 * 1024, gt=0, description="largest body of a Gradio event call (JSON)")
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="addresses or networks whose X-Forwarded-For is believed (default: none; a Space's network)"
+    )
+    max_upload_bytes_per_client: int = Field(
+        512 * 1024 * 1024, gt=0, description="bytes one address may upload to the studio per 15 minutes"
+    )
+    max_gallery_jobs: int = Field(2, gt=0, description="galleries embedded at once (builds, adds); more are 'busy'")
     max_waiting_requests: int = Field(
         32, gt=0, description="requests that may use or wait for the models at once; more are answered 'busy'"
     )
@@ -117,7 +125,7 @@ class Settings(BaseSettings):
     milvus_token: str | None = Field(None, description="Milvus: 'user:password' or an API key")
     milvus_prefix: str = Field("shitu_", description="Milvus: the prefix of our collections")
 
-    @field_validator("url_allowlist", mode="before")
+    @field_validator("url_allowlist", "trusted_proxies", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_INDEX = "sample"
 TEACH_RECALIBRATE_MAX = 5000  # teaching refits an adapted index's projection up to this size
+GALLERY_JOB_MIN_IMAGES = 32  # a gallery of at least this many images counts as a job (SHITU_MAX_GALLERY_JOBS)
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 IndexRef = str | Path | GalleryIndex | None  # a name in the data dir, a directory, or an index object
 
@@ -146,6 +147,7 @@ class Engine:
         self._rt_lock = threading.Lock()
         self._admission = threading.BoundedSemaphore(self.settings.max_waiting_requests)
         self._admission_depth = threading.local()
+        self._gallery_jobs = threading.BoundedSemaphore(self.settings.max_gallery_jobs)
         self._in_flight: dict[int, int] = {}
         self._retired: dict[int, Runtime] = {}
         # the last few gallery reports: {(name, id(index)): (weakref to that index version, report)}
@@ -186,6 +188,23 @@ class Engine:
             self._admission_depth.n = depth
             if depth == 0:
                 self._admission.release()
+
+    @contextlib.contextmanager
+    def _gallery_job(self, images: int) -> Iterator[None]:
+        """A place among the large galleries being embedded at once (``SHITU_MAX_GALLERY_JOBS``: a
+        build of hundreds of images takes minutes and the models' whole attention), or :class:`Busy`
+        at once. Small ones (adding a few photos, teaching a box) are not counted."""
+        if images < GALLERY_JOB_MIN_IMAGES:
+            yield
+            return
+        if not self._gallery_jobs.acquire(blocking=False):
+            jobs = self.settings.max_gallery_jobs
+            raise Busy(f"{jobs} galleries are being embedded already; try again when one has finished",
+                       retry_after=30)  # fmt: skip
+        try:
+            yield
+        finally:
+            self._gallery_jobs.release()
 
     @contextlib.contextmanager
     def _models(self) -> Iterator[Runtime]:
@@ -518,7 +537,7 @@ class Engine:
             raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
         if metric_type not in METRIC_TYPES:
             raise ShiTuError(f"metric_type must be one of {', '.join(METRIC_TYPES)}, not {metric_type!r}")
-        with self._models() as runtime:
+        with self._gallery_job(len(batch.items)), self._models() as runtime:
             feats, items, skipped = self.embed_gallery(
                 batch, skip_invalid=skip_invalid, progress=progress, runtime=runtime
             )
@@ -543,7 +562,7 @@ class Engine:
         progress: Progress | None = None,
     ) -> GalleryIndex:  # fmt: skip
         """A new, unsaved index: ``index`` with ``batch`` appended (``index`` is not changed)."""
-        with self._models() as runtime:
+        with self._gallery_job(len(batch.items)), self._models() as runtime:
             self._check_compatible(index, runtime, None)
             feats, items, skipped = self.embed_gallery(
                 batch, skip_invalid=skip_invalid, progress=progress, runtime=runtime
@@ -664,7 +683,7 @@ class Engine:
     ) -> ChangeReport:  # fmt: skip
         """Embed ``batch`` and append it to a stored index; ids are never reused."""
         store, key = self.locate(ref)
-        with self._models() as runtime:
+        with self._gallery_job(len(batch.items)), self._models() as runtime:
             self._check_compatible(store.get(key), runtime, key)
             # embedding is the slow part and needs no lock; the append itself is serialised
             feats, items, skipped = self.embed_gallery(

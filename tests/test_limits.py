@@ -204,3 +204,126 @@ def test_a_full_model_queue_answers_503_with_retry_after_and_health_still_answer
     finally:
         release.set()
         worker.join(30)
+
+
+# --- the whole app: Gradio's routes under the same limits ---------------------------------------------
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, runtime, sample_gallery):
+    """The real app (HTTP API + Gradio UI), small limits so they are cheap to reach."""
+    from app import build_app
+
+    engine = Engine(make_settings(tmp_path_factory.mktemp("studio") / "data", max_event_bytes=64 * 1024,
+                                  max_upload_bytes_per_client=300_000), runtime=runtime)  # fmt: skip
+    root, labels = sample_gallery
+    engine.build("shop", read_label_file(labels, root))
+    with TestClient(build_app(engine, prepare_sample=False)) as client:
+        yield client, engine
+
+
+def test_gradio_event_calls_take_small_bodies_only(studio):
+    """A 100 MiB /run/filter_entries took 213 s and 6 GB; event calls name files, they do not carry them."""
+    client, engine = studio
+    before = stored_state(engine)
+    padded = json.dumps({"data": ["shop", [], "1 " * 40_000], "session_hash": "abc"})
+    for path in ("/gradio_api/call/filter_entries", "/gradio_api/run/filter_entries", "/gradio_api/queue/join"):
+        resp = client.post(path, content=padded, headers={"content-type": "application/json"})
+        assert resp.status_code == 413 and "SHITU_MAX_EVENT_BYTES" in resp.json()["errorMsg"], path
+    chunked = client.post("/gradio_api/call/filter_entries", content=iter([padded.encode()]),
+                          headers={"content-type": "application/json"})  # fmt: skip
+    assert chunked.status_code == 413, "a body without Content-Length is counted as it arrives"
+    page = client.post("/", content=b"x" * 100_000)
+    assert page.status_code == 413
+    assert stored_state(engine) == before
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [({"data": [], "fn_index": 0, "session_hash": ""}, "session_hash"),
+     ({"data": [], "fn_index": 0}, "session_hash"),
+     ({"data": "x", "fn_index": 0, "session_hash": "ok"}, "data must be a list"),
+     ({"data": [], "fn_index": True, "session_hash": "ok"}, "fn_index"),
+     ([1, 2], "JSON object")],
+)  # fmt: skip
+def test_a_malformed_queue_join_is_a_400_not_a_500(studio, payload, message):
+    client, _ = studio
+    resp = client.post("/gradio_api/queue/join", json=payload)
+    assert resp.status_code == 400 and message in resp.json()["errorMsg"], resp.text
+
+
+def test_uploads_are_counted_per_address(studio, sample_queries):
+    client, _ = studio
+    photo = sample_queries[1].read_bytes()
+    answers = []
+    for _ in range(300_000 // len(photo) + 2):
+        resp = client.post("/gradio_api/upload", files={"files": ("photo.jpg", photo, "image/jpeg")})
+        answers.append(resp.status_code)
+        if resp.status_code == 429:
+            assert int(resp.headers["Retry-After"]) > 0
+            assert "uploaded more than 300,000 bytes" in resp.json()["errorMsg"]
+            break
+    assert answers[0] == 200 and answers[-1] == 429, answers
+
+
+def test_a_second_gallery_job_is_busy_not_queued(tmp_path, runtime, sample_gallery):
+    import threading
+
+    engine = Engine(make_settings(tmp_path / "data", max_gallery_jobs=1), runtime=runtime)
+    root, labels = sample_gallery
+    holding, release = threading.Event(), threading.Event()
+
+    def one_long_build() -> None:
+        with engine._gallery_job(1000):
+            holding.set()
+            release.wait(60)
+
+    worker = threading.Thread(target=one_long_build)
+    worker.start()
+    try:
+        assert holding.wait(30)
+        batch = read_label_file(labels, root)
+        batch.items = batch.items * 2  # 48 images: a job (a few photos would not count)
+        with pytest.raises(ShiTuError, match="galleries are being embedded already") as busy:
+            engine.build("second", batch)
+        assert busy.value.retry_after == 30 and engine.index_names() == []
+        assert engine.build("small", read_label_file(labels, root)).image_count == 24, "24 photos are not a job"
+    finally:
+        release.set()
+        worker.join(30)
+    assert engine.build("second", batch).image_count == 48
+
+
+# --- the server: connections that never send a request, forwarded addresses ------------------------
+def test_a_connection_that_sends_no_request_is_dropped(monkeypatch, api):
+    import socket
+
+    from shitu import limits
+    from shitu.api import serving
+
+    client, engine = api
+    monkeypatch.setattr(limits, "HEADER_TIMEOUT", 0.5)
+    with serving(create_api(engine)) as base:
+        host, port = base.split("//")[1].rstrip("/").split(":")
+        with socket.create_connection((host, int(port))) as idle, socket.create_connection((host, int(port))) as half:
+            half.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            idle.settimeout(30)
+            half.settimeout(30)
+            assert idle.recv(1) == b"", "closed by the server"
+            assert half.recv(1) == b""
+
+
+def test_forwarded_addresses_are_not_believed_without_a_trusted_proxy(api):
+    """Rotating X-Forwarded-For used to dodge the sign-in lock-out (uvicorn believed it from loopback)."""
+    import requests
+
+    from shitu.access import AccessPolicy
+    from shitu.api import serving
+
+    _, engine = api
+    app = create_api(engine, AccessPolicy(token="s3cret", restricted=True))
+    with serving(app) as base:
+        codes = [
+            requests.post(f"{base}shitu-index-remove", json={"indexKey": "shop", "ids": [0]}, timeout=30,
+                          headers={"Authorization": "Bearer guess", "X-Forwarded-For": f"203.0.113.{k}"}).status_code
+            for k in range(7)
+        ]  # fmt: skip
+    assert codes[:5] == [401] * 5 and codes[5:] == [429, 429], codes

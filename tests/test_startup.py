@@ -484,7 +484,7 @@ def test_python_app_py_serves_a_starting_page_at_once_then_the_studio(tmp_path):
                 try:
                     page = requests.get(f"{base}/", timeout=5)
                     health = requests.get(f"{base}/health", timeout=5)
-                except requests.ConnectionError:
+                except (requests.ConnectionError, requests.Timeout):  # bound, the app still being built
                     time.sleep(0.1)
                     continue
                 if "ShiTu Studio is starting" in page.text:

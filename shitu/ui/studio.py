@@ -85,7 +85,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
     is read from ``engine`` here; each tab's load event reads what it shows when a page opens."""
     access = SessionAccess(policy or AccessPolicy(token=None, restricted=False))
     w = Wiring(engine, access)
-    with gr.Blocks(title="ShiTu Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+    with gr.Blocks(title="ShiTu Studio", analytics_enabled=False, delete_cache=(300, 900)) as demo:
         with gr.Row(elem_id="header"):
             gr.Markdown(I18N("title"), elem_id="title")
         banner = gr.HTML(elem_id="models-banner")
