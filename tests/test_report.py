@@ -19,7 +19,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from shitu import report as report_mod
 from shitu.__main__ import main
 from shitu.api import create_api
 from shitu.calibrate import calibrate_gallery
@@ -27,7 +26,7 @@ from shitu.engine import Engine
 from shitu.errors import ShiTuError
 from shitu.index import GalleryIndex
 from shitu.paddlex_api import ShiTuPipeline
-from shitu.report import GalleryReport, curve_svg, gallery_report, map_svg, tsne_2d
+from shitu.report import GalleryReport, Limits, curve_svg, gallery_report, map_svg, tsne_2d
 
 from .conftest import MODEL_CACHE, make_settings
 
@@ -212,14 +211,12 @@ def test_threshold_curve_is_the_index_calibration_or_computed_from_the_gallery(g
     assert bare.calibration.threshold == computed.threshold and bare.calibration.points == computed.points
 
 
-def test_sampled_path_above_the_full_limit(monkeypatch):
-    """Above FULL_LIMIT: a seeded sample of queries against the full gallery, an approximate
+def test_sampled_path_above_the_full_limit():
+    """Above the full limit: a seeded sample of queries against the full gallery, an approximate
     all-entry pass for mislabels and duplicates, every mislabel confirmed exactly."""
-    monkeypatch.setattr(report_mod, "FULL_LIMIT", 20)
-    monkeypatch.setattr(report_mod, "SAMPLE_QUERIES", 30)
-    monkeypatch.setattr(report_mod, "MAP_POINTS", 24)
+    limits = Limits(full_limit=20, sample_queries=30, map_points=24)
     index = build_gallery()
-    r = gallery_report(index)
+    r = gallery_report(index, limits=limits)
     assert r.sampled and r.evaluated == 30 and r.evaluable == 51
     assert sum(row.queries for row in r.per_label) == 30
     assert any("sample of 30" in note for note in r.notes)
@@ -232,7 +229,7 @@ def test_sampled_path_above_the_full_limit(monkeypatch):
     sizes = {row.label: row.images for row in r.per_label}
     assert all(sum(p.label == lab for p in r.map_points) == sizes[lab] for lab in drawn)
     assert drawn & {LABELS[2], "b&q", "e", "f"}
-    assert gallery_report(index).to_dict() == {**r.to_dict(), "timings": ANY, "seconds": ANY}
+    assert gallery_report(index, limits=limits).to_dict() == {**r.to_dict(), "timings": ANY, "seconds": ANY}
 
 
 class _Any:
@@ -310,12 +307,12 @@ def test_html_is_one_well_formed_self_contained_page_with_labels_escaped(rep):
     assert "Noto Sans CJK SC" in page and "Microsoft YaHei" in page  # a CJK-capable font stack
     # the hostile label is text, never markup
     assert "script" not in checker.tags and "<script" not in page.lower().replace("&lt;script", "")
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
     text = "".join(checker.text)
     assert "<script>alert('x')</script>" in text and "脉动" in text and "b&q" in text
     # self-contained: thumbnails inline, nothing fetched
     assert "data:image/jpeg;base64," in page
-    fetched = page.replace("http://www.w3.org/2000/svg", "").replace("HYPERLINK(&quot;http://evil&quot;)", "")
+    fetched = page.replace("http://www.w3.org/2000/svg", "").replace("HYPERLINK(&#34;http://evil&#34;)", "")
     assert "http://" not in fetched and "https://" not in fetched and 'src="http' not in fetched
     assert checker.tags.count("svg") == 2  # the curve and the map
     assert f"脉动 #{0}" in checker.titles
@@ -330,7 +327,7 @@ def test_map_svg_has_one_circle_per_point_rings_for_outliers_and_escaped_tooltip
     assert checker.stack == []
     assert checker.tags.count("circle") == len(rep.map_points) == 52
     assert svg.count('fill="#fff" fill-opacity="0.6"') == 4  # the four outliers are rings
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; #8" in svg
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; #8" in svg
     assert f"f #{MISLABELLED} (outlier)" in checker.titles
 
 
