@@ -188,6 +188,20 @@ def test_tsne_separates_clusters_and_handles_tiny_inputs():
         assert out.shape == (n, 2) and np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
 
+@pytest.mark.parametrize("n", [5, 8, 12, 16, 32])
+def test_small_maps_keep_every_point_apart_and_report_progress(n):
+    """A few dozen photos with no cluster structure: early exaggeration must not squeeze the map
+    into one spot that Barnes-Hut cannot pull apart (it did at these sizes with openTSNE's own
+    learning rate, n / exaggeration)."""
+    x = np.random.default_rng(0).normal(size=(n, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    seen: list[tuple[int, int]] = []
+    y = tsne_2d(x, progress=lambda done, total: seen.append((done, total)))
+    assert len(np.unique(y.round(3), axis=0)) == n
+    assert y.min() == 0 and y.max() == 1
+    assert seen[-1] == (300, 300) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
 def test_threshold_curve_is_the_index_calibration_or_computed_from_the_gallery(gallery, rep):
     own = getattr(gallery, "calibration", None)
     ids, x = gallery.vectors()
