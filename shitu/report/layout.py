@@ -43,7 +43,9 @@ def tsne_2d(
     k = min(n - 1, int(3 * perplexity))
     perplexity = min(perplexity, k / 3.0)  # what openTSNE would settle on, without its warning
     sims, nbrs = exact_knn(x, np.arange(n), k)
-    distances = np.sqrt(np.maximum(2.0 - 2.0 * sims.astype(np.float64), 0.0))  # euclidean, on unit vectors
+    # cosine distance, as openTSNE's metric="cosine" (on these maps it kept more true neighbours than
+    # the euclidean distance of unit vectors: bench/results/map_methods.txt)
+    distances = np.maximum(1.0 - sims.astype(np.float64), 0.0)
     affinities = PerplexityBasedNN(
         knn_index=PrecomputedNeighbors(nbrs, distances), perplexity=perplexity, n_jobs=1, random_state=SEED
     )
@@ -55,13 +57,10 @@ def tsne_2d(
         start = random_start(n, random_state=SEED)
     total = early_iterations + late_iterations
     embedding = TSNEEmbedding(start, affinities, negative_gradient_method="bh", n_jobs=1, random_state=SEED)
-    for done, iterations, exaggeration, momentum in (
-        (0, early_iterations, 12.0, 0.5),
-        (early_iterations, late_iterations, 1.0, 0.8),
-    ):
+    for done, iterations, exaggeration in ((0, early_iterations, 12.0), (early_iterations, late_iterations, 1.0)):
         if iterations:
             embedding = embedding.optimize(
-                n_iter=iterations, exaggeration=exaggeration, momentum=momentum,
+                n_iter=iterations, exaggeration=exaggeration, momentum=0.8,
                 learning_rate=max(n / exaggeration, MIN_LEARNING_RATE),
                 callbacks=_progress_callback(progress, done, total), callbacks_every_iters=PROGRESS_EVERY,
             )  # fmt: skip
