@@ -22,6 +22,82 @@ def text(lang: str | None, key: str, **values: Any) -> str:
 
 TEXT: dict[str, dict[str, str]] = {
     "en": {
+        # --- the gallery report (shitu.report) and the captions drawn on images (shitu.render) ---
+        "report.title": "Gallery report",
+        "report.entries": "entries",
+        "report.labels": "labels",
+        "report.recall1": "recall@1",
+        "report.recall5": "recall@5",
+        "report.evaluated": "Leave-one-out: each entry searched against all the others; {queries:,} of {evaluable:,} "
+        "evaluable entries measured{sampled}. recall@k: an entry of the right label among the k nearest.",
+        "report.sampled": " (a seeded random sample)",
+        "report.seconds": "computed in {seconds:.2f} s",
+        "report.flag_mislabelled": "suspected mislabelled",
+        "report.flag_conflicting": "conflicting duplicate pairs",
+        "report.flag_redundant": "redundant duplicate pairs",
+        "report.flag_few": "labels with too few images",
+        "report.flag_outliers": "outliers (wrong nearest neighbour)",
+        "report.curve_title": "Threshold curve",
+        "report.curve_x": "similarity threshold (cosine)",
+        "report.curve_correct": "right answer accepted",
+        "report.curve_unknown": "unknown object rejected",
+        "report.curve_wrong": "wrong answer accepted",
+        "report.curve_chosen": "chosen",
+        "report.curve_current": "in use",
+        "report.curve_empty": "No threshold curve: it needs at least 3 labels and 10 entries whose label has another "
+        "image.",
+        "report.curve_from_index": "The index's own calibration ({protocol}; {known:,} known and {unknown:,} unknown "
+        "queries).",
+        "report.curve_computed": "Computed now from the gallery ({protocol}; {known:,} known and {unknown:,} unknown "
+        "queries).",
+        "report.curve_point": "At {threshold:.3f}: {correct:.0%} of objects in the gallery get the right answer, "
+        "{rejected:.0%} of objects that are not in the gallery are rejected, {wrong:.0%} get a wrong answer.",
+        "report.map_title": "Map of the gallery",
+        "report.map_help": "Each dot is a gallery image, placed so that similar images sit together (t-SNE of the "
+        "feature vectors) and coloured by label. A ring is an outlier: its nearest image has another label, or it "
+        "looks mislabelled. Hover a dot for its label and id.",
+        "report.map_empty": "Nothing to map.",
+        "report.outlier": "outlier",
+        "report.legend_ring": "ring = outlier",
+        "report.legend_more": " · {n} more labels (hover)",
+        "report.labels_title": "Labels, worst first",
+        "report.labels_more": "Showing the {shown} worst of {total} labels; the labels CSV has all of them.",
+        "report.col_label": "label",
+        "report.col_images": "images",
+        "report.col_queries": "queries",
+        "report.col_confused": "most often confused with",
+        "report.pairs_title": "Most confused label pairs",
+        "report.pairs_help": "Leave-one-out top-1 errors between two labels, both directions. Each example: an image "
+        "and the image of the other label it matched.",
+        "report.col_errors": "errors",
+        "report.col_examples": "examples",
+        "report.mislabelled_title": "Suspected mislabelled entries",
+        "report.mislabelled_help": "At least {votes} of the {k} nearest images agree on one other label, and no image "
+        "of its own label is as close.",
+        "report.col_entry": "entry",
+        "report.col_suggested": "suggested label",
+        "report.col_nearest": "closest of that label",
+        "report.col_agree": "neighbours agree",
+        "report.col_similarity": "similarity",
+        "report.col_own": "best of own label",
+        "report.duplicates_title": "Near duplicates",
+        "report.duplicates_help": "Pairs with cosine similarity ≥ {similarity} (in the index's stored space). "
+        "Conflicting: the same picture under two labels, so one is wrong. Redundant: the same label twice.",
+        "report.conflicting": "conflicting",
+        "report.redundant": "redundant",
+        "report.neighbourhood_says": "neighbours say",
+        "report.few_title": "Labels with too few images",
+        "report.few_help": "1 image: cannot be evaluated (leave-one-out leaves no other image of the label) and a new "
+        "photo must match that one image; up to {fragile} images: fragile, one poor photo decides. Add photos from "
+        "other angles.",
+        "report.cannot": "cannot be evaluated",
+        "report.fragile": "fragile",
+        "report.none": "None found.",
+        "report.timings": "Time per stage",
+        "report.more_rows": "Showing {shown} of {total}; the entries CSV has all of them.",
+        "caption.unknown": "unknown",
+        "caption.maybe": "maybe {label} {score}",
+        # --- the studio ---
         "title": "# ShiTu Studio\nRecognise products and objects it was never trained on: PP-ShiTuV2 finds each "
         "object, turns it into a feature vector and looks it up in a gallery of labelled photos that you build and "
         "edit here.",
@@ -273,6 +349,76 @@ TEXT: dict[str, dict[str, str]] = {
         "signed_out": "Signed out.",
     },
     "zh": {
+        # --- the gallery report (shitu.report) and the captions drawn on images (shitu.render) ---
+        "report.title": "图库评估报告",
+        "report.entries": "条目",
+        "report.labels": "标签",
+        "report.recall1": "recall@1",
+        "report.recall5": "recall@5",
+        "report.evaluated": "留一法：每个条目与其余所有条目检索；共评估 {queries:,} / {evaluable:,} 个可评估条目"
+        "{sampled}。recall@k：前 k 个最近邻中有同标签条目。",
+        "report.sampled": "（固定种子的随机抽样）",
+        "report.seconds": "用时 {seconds:.2f} 秒",
+        "report.flag_mislabelled": "疑似标错",
+        "report.flag_conflicting": "冲突的近重复对",
+        "report.flag_redundant": "冗余的近重复对",
+        "report.flag_few": "图片过少的标签",
+        "report.flag_outliers": "离群条目（最近邻标签不同）",
+        "report.curve_title": "阈值曲线",
+        "report.curve_x": "相似度阈值（余弦）",
+        "report.curve_correct": "正确且被接受",
+        "report.curve_unknown": "未知物体被拒绝",
+        "report.curve_wrong": "错误但被接受",
+        "report.curve_chosen": "推荐",
+        "report.curve_current": "当前",
+        "report.curve_empty": "无阈值曲线：至少需要 3 个标签和 10 个有同标签图片的条目。",
+        "report.curve_from_index": "索引自带的校准（{protocol}；已知查询 {known:,} 个，未知查询 {unknown:,} 个）。",
+        "report.curve_computed": "根据图库即时计算（{protocol}；已知查询 {known:,} 个，未知查询 {unknown:,} 个）。",
+        "report.curve_point": "阈值 {threshold:.3f} 时：图库中已有的物体 {correct:.0%} 得到正确答案，"
+        "图库外的物体 {rejected:.0%} 被拒绝，{wrong:.0%} 得到错误答案。",
+        "report.map_title": "图库分布图",
+        "report.map_help": "每个点是一张图库图片，相似的图片靠在一起（特征向量的 t-SNE），颜色表示标签。"
+        "空心圆为离群：最近的图片标签不同，或疑似标错。将鼠标悬停在点上可查看标签和 id。",
+        "report.map_empty": "没有可绘制的条目。",
+        "report.outlier": "离群",
+        "report.legend_ring": "空心圆 = 离群",
+        "report.legend_more": " · 另有 {n} 个标签（悬停查看）",
+        "report.labels_title": "各标签（最差在前）",
+        "report.labels_more": "显示最差的 {shown} 个标签（共 {total} 个）；标签 CSV 包含全部。",
+        "report.col_label": "标签",
+        "report.col_images": "图片数",
+        "report.col_queries": "查询数",
+        "report.col_confused": "最常混淆为",
+        "report.pairs_title": "最易混淆的标签对",
+        "report.pairs_help": "两个标签之间的留一法 top-1 错误（双向合计）。"
+        "每个示例：一张图片及其匹配到的另一标签图片。",
+        "report.col_errors": "错误数",
+        "report.col_examples": "示例",
+        "report.mislabelled_title": "疑似标错的条目",
+        "report.mislabelled_help": "最近的 {k} 张图片中至少 {votes} 张属于同一个其他标签，且本标签没有同样接近的图片。",
+        "report.col_entry": "条目",
+        "report.col_suggested": "建议标签",
+        "report.col_nearest": "该标签最近的图片",
+        "report.col_agree": "近邻一致数",
+        "report.col_similarity": "相似度",
+        "report.col_own": "本标签最高相似度",
+        "report.duplicates_title": "近重复条目",
+        "report.duplicates_help": "余弦相似度 ≥ {similarity} 的条目对（索引存储空间）。"
+        "冲突：同一图片有两个标签，其中一个是错的。冗余：同一标签重复。",
+        "report.conflicting": "冲突",
+        "report.redundant": "冗余",
+        "report.neighbourhood_says": "近邻支持",
+        "report.few_title": "图片过少的标签",
+        "report.few_help": "1 张图片：无法评估（留一法后该标签没有其他图片），新照片只能匹配这一张；"
+        "{fragile} 张及以下：不稳定，一张差的照片就会决定结果。请补充不同角度的照片。",
+        "report.cannot": "无法评估",
+        "report.fragile": "不稳定",
+        "report.none": "未发现。",
+        "report.timings": "各阶段用时",
+        "report.more_rows": "显示 {shown} / {total} 条；条目 CSV 包含全部。",
+        "caption.unknown": "未知",
+        "caption.maybe": "可能是 {label} {score}",
+        # --- the studio ---
         "title": "# ShiTu Studio 通用图像识别工作台\n识别从未训练过的商品和物体：PP-ShiTuV2 先检测每个物体，"
         "提取特征向量，"
         "再到您在这里建立和编辑的带标签图库中检索。",

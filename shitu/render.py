@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from shitu import i18n
 from shitu.results import RecognizedObject
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,6 @@ UNRECOGNISED_COLOR = (150, 150, 150)
 DIMMED_TOWARD = (200, 200, 200)  # with a highlight, the other boxes are blended toward this grey
 DIM_MIX = 0.6  # how far toward it (0 keeps the colour, 1 is the grey)
 BLACK, WHITE = (0, 0, 0), (255, 255, 255)
-
-# The few words drawn on images, per UI language (labels themselves are the user's own).
-CAPTION_WORDS: dict[str, dict[str, str]] = {
-    "en": {"unknown": "unknown", "maybe": "maybe"},
-    "zh": {"unknown": "未知", "maybe": "可能是"},
-}
 
 # Results are mostly looked at fitted in a phone's 360 x 360 box: captions are sized so their
 # font is about DISPLAY_TEXT_PX high there (images smaller than that are shown at their size).
@@ -103,10 +98,6 @@ def color_for(label: str | None) -> tuple[int, int, int]:
     return PALETTE[sum(label.encode("utf-8")) % len(PALETTE)]
 
 
-def _words(lang: str) -> dict[str, str]:
-    return CAPTION_WORDS["zh" if lang.lower().startswith("zh") else "en"]
-
-
 def _below(score: float, threshold: float | None) -> str:
     """``0.84 < 0.85``: the score and the threshold it missed, with as many decimals (2 to 4) as
     it takes to tell them apart; just the score when there is no threshold it is under."""
@@ -126,11 +117,11 @@ def caption(obj: RecognizedObject, *, lang: str = "en", threshold: float | None 
     """
     if obj.recognized:
         return f"{obj.label} {obj.score:.2f}"
-    words = _words(lang)
+    unknown = i18n.text(lang, "caption.unknown")  # the few words drawn on images; labels are the user's own
     if obj.candidate is None:
-        return words["unknown"]
+        return unknown
     label, score, _id = obj.candidate
-    return f"{words['unknown']} · {words['maybe']} {label} {_below(float(score), threshold)}"
+    return f"{unknown} · {i18n.text(lang, 'caption.maybe', label=label, score=_below(float(score), threshold))}"
 
 
 def _luminance(rgb: tuple[int, int, int]) -> float:

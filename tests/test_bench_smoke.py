@@ -99,3 +99,19 @@ def test_bench_scale_runs_both_stores_side_by_side(tmp_path: Path) -> None:
     table = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--compare", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout  # fmt: skip
     assert "| faiss (files) | Milvus Lite |" in table and table.count("| 2,000 | Flat |") >= 8
+
+
+@pytest.mark.slow
+def test_bench_map_methods_tiny_measures_the_report_map() -> None:
+    """bench/map_methods.py on a small synthetic gallery: the report's own map is timed, found
+    deterministic, and its quality numbers are in range."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "map_methods.py"), "--synthetic", "300", "--grow", "0",
+         "--methods", "tsne_2d"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if "shitu.report.tsne_2d" in line)
+    *_, again, label_knn, space, trust, kept, _load = row.split()
+    assert again == "same"
+    assert all(0 <= float(v) <= 1 for v in (label_knn, space, trust, kept)) and float(trust) > 0.9

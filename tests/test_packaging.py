@@ -48,6 +48,15 @@ def test_pip_install_gives_a_console_script_and_an_importable_package(tmp_path):
     )  # fmt: skip
     assert imported.returncode == 0, imported.stderr[-2000:]
     assert str(env_dir) in imported.stdout, "imported from the installed package, not the checkout"
+    # package data: the report's templates are installed with it, and load
+    templates = subprocess.run(
+        [str(python), "-c", "from shitu.report.templating import environment; from shitu.report import curve_svg; "
+         "print(sorted(environment().list_templates())); print(curve_svg(None))"],
+        capture_output=True, text=True, cwd=elsewhere,
+    )  # fmt: skip
+    assert templates.returncode == 0, templates.stderr[-2000:]
+    assert "['curve.svg', 'map.svg', 'page.css', 'page.html']" in templates.stdout
+    assert "No threshold curve" in templates.stdout
 
 
 # --- the lock: the tested install is the install ------------------------------------------------

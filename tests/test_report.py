@@ -19,7 +19,6 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from shitu import report as report_mod
 from shitu.__main__ import main
 from shitu.api import create_api
 from shitu.calibrate import calibrate_gallery
@@ -27,7 +26,7 @@ from shitu.engine import Engine
 from shitu.errors import ShiTuError
 from shitu.index import GalleryIndex
 from shitu.paddlex_api import ShiTuPipeline
-from shitu.report import GalleryReport, curve_svg, gallery_report, map_svg, tsne_2d
+from shitu.report import GalleryReport, Limits, curve_svg, gallery_report, map_svg, tsne_2d
 from shitu.stores.layout import save_index
 
 from .conftest import MODEL_CACHE, make_settings
@@ -190,6 +189,20 @@ def test_tsne_separates_clusters_and_handles_tiny_inputs():
         assert out.shape == (n, 2) and np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
 
+@pytest.mark.parametrize("n", [5, 8, 12, 16, 32])
+def test_small_maps_keep_every_point_apart_and_report_progress(n):
+    """A few dozen photos with no cluster structure: early exaggeration must not squeeze the map
+    into one spot that Barnes-Hut cannot pull apart (it did at these sizes with openTSNE's own
+    learning rate, n / exaggeration)."""
+    x = np.random.default_rng(0).normal(size=(n, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    seen: list[tuple[int, int]] = []
+    y = tsne_2d(x, progress=lambda done, total: seen.append((done, total)))
+    assert len(np.unique(y.round(3), axis=0)) == n
+    assert y.min() == 0 and y.max() == 1
+    assert seen[-1] == (300, 300) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+
+
 def test_threshold_curve_is_the_index_calibration_or_computed_from_the_gallery(gallery, rep):
     own = getattr(gallery, "calibration", None)
     ids, x = gallery.vectors()
@@ -213,14 +226,12 @@ def test_threshold_curve_is_the_index_calibration_or_computed_from_the_gallery(g
     assert bare.calibration.threshold == computed.threshold and bare.calibration.points == computed.points
 
 
-def test_sampled_path_above_the_full_limit(monkeypatch):
-    """Above FULL_LIMIT: a seeded sample of queries against the full gallery, an approximate
+def test_sampled_path_above_the_full_limit():
+    """Above the full limit: a seeded sample of queries against the full gallery, an approximate
     all-entry pass for mislabels and duplicates, every mislabel confirmed exactly."""
-    monkeypatch.setattr(report_mod, "FULL_LIMIT", 20)
-    monkeypatch.setattr(report_mod, "SAMPLE_QUERIES", 30)
-    monkeypatch.setattr(report_mod, "MAP_POINTS", 24)
+    limits = Limits(full_limit=20, sample_queries=30, map_points=24)
     index = build_gallery()
-    r = gallery_report(index)
+    r = gallery_report(index, limits=limits)
     assert r.sampled and r.evaluated == 30 and r.evaluable == 51
     assert sum(row.queries for row in r.per_label) == 30
     assert any("sample of 30" in note for note in r.notes)
@@ -233,7 +244,7 @@ def test_sampled_path_above_the_full_limit(monkeypatch):
     sizes = {row.label: row.images for row in r.per_label}
     assert all(sum(p.label == lab for p in r.map_points) == sizes[lab] for lab in drawn)
     assert drawn & {LABELS[2], "b&q", "e", "f"}
-    assert gallery_report(index).to_dict() == {**r.to_dict(), "timings": ANY, "seconds": ANY}
+    assert gallery_report(index, limits=limits).to_dict() == {**r.to_dict(), "timings": ANY, "seconds": ANY}
 
 
 class _Any:
@@ -311,12 +322,12 @@ def test_html_is_one_well_formed_self_contained_page_with_labels_escaped(rep):
     assert "Noto Sans CJK SC" in page and "Microsoft YaHei" in page  # a CJK-capable font stack
     # the hostile label is text, never markup
     assert "script" not in checker.tags and "<script" not in page.lower().replace("&lt;script", "")
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page
     text = "".join(checker.text)
     assert "<script>alert('x')</script>" in text and "脉动" in text and "b&q" in text
     # self-contained: thumbnails inline, nothing fetched
     assert "data:image/jpeg;base64," in page
-    fetched = page.replace("http://www.w3.org/2000/svg", "").replace("HYPERLINK(&quot;http://evil&quot;)", "")
+    fetched = page.replace("http://www.w3.org/2000/svg", "").replace("HYPERLINK(&#34;http://evil&#34;)", "")
     assert "http://" not in fetched and "https://" not in fetched and 'src="http' not in fetched
     assert checker.tags.count("svg") == 2  # the curve and the map
     assert f"脉动 #{0}" in checker.titles
@@ -331,7 +342,7 @@ def test_map_svg_has_one_circle_per_point_rings_for_outliers_and_escaped_tooltip
     assert checker.stack == []
     assert checker.tags.count("circle") == len(rep.map_points) == 52
     assert svg.count('fill="#fff" fill-opacity="0.6"') == 4  # the four outliers are rings
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; #8" in svg
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; #8" in svg
     assert f"f #{MISLABELLED} (outlier)" in checker.titles
 
 
