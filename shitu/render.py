@@ -10,12 +10,15 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from shitu import i18n
-from shitu.results import RecognizedObject
+
+if TYPE_CHECKING:  # results draws through here: only the type goes the other way
+    from shitu.results import RecognizedObject
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from shitu.render import draw_objects
+
 
 @dataclass
 class RecognizedObject:
@@ -107,8 +109,6 @@ class Recognition:
         """The image with boxes and labels drawn (PIL.Image), unknown boxes with their near miss
         against :attr:`rec_threshold`, captions in ``lang``, ``highlight`` (an index into
         :attr:`objects`) emphasised; see :func:`shitu.render.draw_objects`."""
-        from shitu.render import draw_objects
-
         return draw_objects(self.image, self.objects, lang=lang, threshold=self.rec_threshold, highlight=highlight)
 
 
