@@ -11,6 +11,7 @@ python -m shitu get-config --save-path ./my_pipeline
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -185,11 +186,11 @@ def cmd_info(args) -> int:
 def cmd_versions(args) -> int:
     versions = _engine(args, say_models=False).versions(_index_ref(args.name))
     if args.json:
-        print(json.dumps(versions, indent=2, ensure_ascii=False))
+        print(json.dumps([dataclasses.asdict(v) for v in versions], indent=2, ensure_ascii=False))
         return 0
     for v in versions:
-        print(f"v{v['version']:<4} {'current' if v['current'] else '       '}  {v['time'] or '?':20}  "
-              f"{v['action'] or '?':18} {v['entries']} entries, {v['labels']} labels")  # fmt: skip
+        print(f"v{v.version:<4} {'current' if v.current else '       '}  {v.time or '?':20}  "
+              f"{v.action or '?':18} {v.entries} entries, {v.labels} labels")  # fmt: skip
     return 0
 
 
@@ -197,17 +198,18 @@ def cmd_changes(args) -> int:
     engine = _engine(args, say_models=False)
     c = engine.version_changes(_index_ref(args.name), args.version, args.against, limit=args.limit)
     if args.json:
-        print(json.dumps(c, indent=2, ensure_ascii=False))
+        print(json.dumps(c.to_dict(), indent=2, ensure_ascii=False))
         return 0
-    against = f"v{c['against']}" if c["against"] else "an empty index"
-    print(f"{c['index']} v{c['version']} ({c['action'] or 'unknown change'}) against {against}: "
-          f"{c['added_count']} added, {c['removed_count']} removed, {c['relabelled_count']} relabelled; "
-          f"{c['entries_before']} -> {c['entries_after']} entries")  # fmt: skip
-    for kind, sign in (("added", "+"), ("removed", "-"), ("relabelled", "~")):
-        for e in c[kind]:
-            print(f"  {sign} {e['id']}  " + (f"{e['from']} -> {e['to']}" if kind == "relabelled" else e["label"]))
-        if c[f"{kind}_count"] > len(c[kind]):
-            print(f"  {sign} ... and {c[f'{kind}_count'] - len(c[kind])} more (--limit)")
+    against = f"v{c.against}" if c.against else "an empty index"
+    print(f"{c.index} v{c.version} ({c.action or 'unknown change'}) against {against}: "
+          f"{c.added_count} added, {c.removed_count} removed, {c.relabelled_count} relabelled; "
+          f"{c.entries_before} -> {c.entries_after} entries")  # fmt: skip
+    listed = (("+", c.added, c.added_count), ("-", c.removed, c.removed_count), ("~", c.relabelled, c.relabelled_count))
+    for sign, entries, count in listed:
+        for e in entries:
+            print(f"  {sign} {e.id}  " + (f"{e.old_label} -> {e.new_label}" if sign == "~" else e.label))
+        if count > len(entries):
+            print(f"  {sign} ... and {count - len(entries)} more (--limit)")
     return 0
 
 

@@ -38,7 +38,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field, StrictInt, StringConstraints
+from pydantic import AliasChoices, AliasGenerator, BaseModel, ConfigDict, Field, StrictInt, StringConstraints
+from pydantic.alias_generators import to_camel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -227,16 +228,35 @@ class CalibrationResult(BaseModel):
 # --- index versions (GET/POST /shitu-index/{indexKey}/versions...) ---
 
 
-class IndexVersion(BaseModel):
+class FromEngine(BaseModel):
+    """An answer read off one of the engine's read models (:mod:`shitu.views`): fields named as the
+    engine names them, sent in camelCase (the API's spelling), with a field's own alias where the
+    API says it otherwise (PaddleX's ``imageCount`` for entries)."""
+
+    model_config = ConfigDict(
+        from_attributes=True,
+        populate_by_name=True,
+        alias_generator=AliasGenerator(
+            validation_alias=lambda name: AliasChoices(name, to_camel(name)), serialization_alias=to_camel
+        ),
+    )
+
+
+def renamed(name: str, api_name: str, **field: Any) -> Any:
+    """Field ``name`` of the engine's model, sent as ``api_name`` (read back by either)."""
+    return Field(serialization_alias=api_name, validation_alias=AliasChoices(name, api_name), **field)
+
+
+class IndexVersion(FromEngine):
     version: int
     current: bool = Field(description="True for the version searched now")
     time: str | None = Field(description="When it was committed (UTC, ISO 8601)")
     action: str | None = Field(description="What made it: build, import, add 3, remove 2, relabel 1, restore v4, ...")
-    imageCount: int | None
-    labelCount: int | None
-    featureModel: str | None
-    indexType: str | None
-    metricType: str | None
+    entries: int | None = renamed("entries", "imageCount")
+    labels: int | None = renamed("labels", "labelCount")
+    feature_model: str | None
+    index_type: str | None
+    metric_type: str | None
 
 
 class IndexVersions(BaseModel):
@@ -246,28 +266,28 @@ class IndexVersions(BaseModel):
     versions: list[IndexVersion] = Field(description="Newest first, the current one included")
 
 
-class EntryLabel(BaseModel):
+class EntryLabel(FromEngine):
     id: int
     label: str
 
 
-class EntryRelabel(BaseModel):
+class EntryRelabel(FromEngine):
     id: int
-    oldLabel: str
-    newLabel: str
+    old_label: str
+    new_label: str
 
 
-class VersionChanges(BaseModel):
-    indexKey: str
+class VersionChanges(FromEngine):
+    index: str = renamed("index", "indexKey")
     version: int
     against: int = Field(description="The version compared with (0: an empty index)")
     action: str | None
     time: str | None
-    imageCountBefore: int
-    imageCount: int
-    addedCount: int
-    removedCount: int
-    relabelledCount: int
+    entries_before: int = renamed("entries_before", "imageCountBefore")
+    entries_after: int = renamed("entries_after", "imageCount")
+    added_count: int
+    removed_count: int
+    relabelled_count: int
     added: list[EntryLabel] = Field(description="Ids in this version but not in the other (first `limit`)")
     removed: list[EntryLabel] = Field(description="Ids in the other version but not in this one (first `limit`)")
     relabelled: list[EntryRelabel] = Field(description="Ids whose label differs (first `limit`)")
@@ -364,40 +384,6 @@ def error_response(
 
 def _id_map(mapping: dict[int, str]) -> dict[str, str]:
     return {str(i): label for i, label in sorted(mapping.items())}
-
-
-def _index_version(v: dict[str, Any]) -> IndexVersion:
-    """One of :meth:`Engine.versions`' dicts in the API's field names."""
-    return IndexVersion(
-        version=v["version"],
-        current=v["current"],
-        time=v["time"],
-        action=v["action"],
-        imageCount=v["entries"],
-        labelCount=v["labels"],
-        featureModel=v["feature_model"],
-        indexType=v["index_type"],
-        metricType=v["metric_type"],
-    )
-
-
-def _version_changes(index_key: str, c: dict[str, Any]) -> VersionChanges:
-    """:meth:`Engine.version_changes`' dict in the API's field names."""
-    return VersionChanges(
-        indexKey=index_key,
-        version=c["version"],
-        against=c["against"],
-        action=c["action"],
-        time=c["time"],
-        imageCountBefore=c["entries_before"],
-        imageCount=c["entries_after"],
-        addedCount=c["added_count"],
-        removedCount=c["removed_count"],
-        relabelledCount=c["relabelled_count"],
-        added=[EntryLabel(**e) for e in c["added"]],
-        removed=[EntryLabel(**e) for e in c["removed"]],
-        relabelled=[EntryRelabel(id=e["id"], oldLabel=e["from"], newLabel=e["to"]) for e in c["relabelled"]],
-    )
 
 
 REPORT_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"  # the report page runs no script
@@ -756,9 +742,9 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
         return _ok(
             IndexVersions(
                 indexKey=indexKey,
-                current=next(v["version"] for v in versions if v["current"]),
+                current=next(v.version for v in versions if v.current),
                 historyLimit=engine.settings.history_versions,
-                versions=[_index_version(v) for v in versions],
+                versions=[IndexVersion.model_validate(v) for v in versions],
             )
         )
 
@@ -771,7 +757,8 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
     ) -> dict[str, Any]:
         """What changed in a version: ids added, removed and relabelled (read from the id maps);
         ``against=0`` compares with an empty index, a newer ``against`` previews a restore."""
-        return _ok(_version_changes(indexKey, engine.version_changes(indexKey, version, against, limit=limit)))
+        diff = engine.version_changes(indexKey, version, against, limit=limit)
+        return _ok(VersionChanges.model_validate(diff).model_copy(update={"index": indexKey}))
 
     @app.post(
         "/shitu-index/{indexKey}/versions/{version}/restore",

@@ -60,6 +60,15 @@ from shitu.runtime import Runtime
 from shitu.stores.base import GalleryStore, check_name, open_store
 from shitu.stores.files import FileStore
 from shitu.stores.layout import load_index
+from shitu.views import (
+    CalibrationView,
+    EntryPage,
+    EntryView,
+    IndexInfo,
+    OperatingPoint,
+    VersionDiff,
+    VersionInfo,
+)
 
 # GalleryIndex is part of the engine's surface: it is what PaddleX calls IndexData
 __all__ = ["ChangeReport", "Engine", "GalleryIndex", "Options", "Progress", "UNSET"]
@@ -435,6 +444,45 @@ class Engine:
                 f"{runtime.feature_model}; rebuild it with the active model"
             )
 
+    # --- what the front ends read (shitu.views) ---------------------------------------------------
+    def info(self, ref: str | Path | None = None) -> IndexInfo:
+        """A stored index at a glance: counts, types, the threshold a query gets, its calibration."""
+        index = self.index(ref)
+        summary = index.summary()
+        return IndexInfo(
+            name=self.display_name(ref), entries=len(index), labels=index.label_count, index_type=index.index_type,
+            metric_type=index.metric_type, dim=index.dim, feature_model=index.feature_model, next_id=index.next_id,
+            threshold=self.rec_threshold_for(index), calibration=_calibration_view(index),
+            adaptation=summary["adaptation"], search_params=dict(index.search_params),
+            search_shortfall=index.search_shortfall, projection=summary["projection"], summary=summary,
+        )  # fmt: skip
+
+    def calibration(self, ref: str | Path | None = None) -> CalibrationView | None:
+        """The index's own threshold and its curve (``None``: too few labels to measure one)."""
+        return _calibration_view(self.index(ref))
+
+    def entries(
+        self, ref: str | Path | None = None, offset: int = 0, limit: int = 100, *, labels: Any = None,
+        thumbnails: bool = False,
+    ) -> EntryPage:  # fmt: skip
+        """Entries ``offset`` to ``offset + limit`` in id order (only those under ``labels`` if
+        given), with sources (and thumbnails if asked for) read for the page alone."""
+        matching, rows = self.index(ref).page(offset, limit, labels=labels, thumbnails=thumbnails)
+        views = tuple(EntryView(e.id, e.label, e.source, e.thumbnail) for e in rows)
+        return EntryPage(self.display_name(ref), matching, max(0, int(offset)), max(0, int(limit)), views)
+
+    def label_counts(self, ref: str | Path | None = None) -> dict[str, int]:
+        """How many entries each label has."""
+        return dict(self.index(ref).label_counts())
+
+    def thumbnails(self, ref: str | Path | None, ids: Any) -> dict[int, bytes]:
+        """``id → thumbnail JPEG`` of the entries that have one."""
+        return self.index(ref).thumbnails([int(i) for i in ids])
+
+    def threshold(self, ref: str | Path | None = None) -> float:
+        """The recognition threshold a query of this index gets when it names none."""
+        return self.rec_threshold_for(self.index(ref))
+
     # --- gallery → vectors ----------------------------------------------------------------------
     def embed_gallery(
         self, batch: GalleryBatch, *, skip_invalid: bool = False, progress: Progress | None = None,
@@ -588,29 +636,27 @@ class Engine:
     # --- versions -------------------------------------------------------------------------------
     # Every committed change of a stored index is a version (shitu.stores keeps the replaced copy,
     # at most settings.history_versions of them); a restore is itself a new version.
-    def versions(self, ref: str | Path | None = None) -> list[dict[str, Any]]:
-        """The versions of a stored index, newest first, the current one included and marked:
-        ``version`` (a number), ``current`` (bool), ``time`` (UTC, ISO 8601), ``action``
-        (``build``, ``import``, ``add 3``, ``remove 2``, ``relabel 1``, ``restore v4``; ``None``
-        when unknown), ``entries``, ``labels``, ``feature_model``, ``index_type``,
-        ``metric_type``. A directory given by path keeps no history: only its current version."""
+    def versions(self, ref: str | Path | None = None) -> list[VersionInfo]:
+        """The versions of a stored index, newest first, the current one included and marked
+        (what made each: ``build``, ``import``, ``add 3``, ``remove 2``, ``relabel 1``,
+        ``restore v4``; ``None`` when unknown). A directory given by path keeps no history: only
+        its current version."""
         store, key = self.locate(ref)
-        return store.versions(key)
+        return [VersionInfo.of(v) for v in store.versions(key)]
 
     def version_changes(
         self, ref: str | Path | None, version: int | str, against: int | str | None = None, *, limit: int = 100
-    ) -> dict[str, Any]:
+    ) -> VersionDiff:
         """What changed from version ``against`` (default: the one just before; ``0``: an empty
-        index) to ``version`` (numbers, or text like ``"v3"``), read from the id maps:
-        ``added`` / ``removed`` (``{id, label}``) and ``relabelled`` (``{id, from, to}``), each
-        with a ``..._count`` and at most ``limit`` entries in id order, plus ``action``, ``time``,
-        ``entries_before`` and ``entries_after``. ``against`` may be newer: ``version_changes(ref,
-        3, against=<current>)`` is what restoring version 3 would do. :class:`NotFound` for a
-        version that does not exist or is no longer kept."""
+        index) to ``version`` (numbers, or text like ``"v3"``), read from the id maps: entries
+        added, removed and relabelled, each kind counted and its first ``limit`` listed in id
+        order. ``against`` may be newer: ``version_changes(ref, 3, against=<current>)`` is what
+        restoring version 3 would do. :class:`NotFound` for a version that does not exist or is no
+        longer kept."""
         store, key = self.locate(ref)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ShiTuError(f"limit must be a whole number of at least 0, not {limit!r}")
-        return {**store.changes(key, version, against, limit=limit), "index": self.display_name(ref)}
+        return VersionDiff.of(self.display_name(ref), store.changes(key, version, against, limit=limit))
 
     def restore(self, ref: str | Path | None, version: int | str) -> ChangeReport:
         """Make an earlier version current again, as a new version (``restore vN``, so it can be
@@ -910,6 +956,27 @@ class Engine:
         from shitu.sample import ensure_sample_files
 
         return ensure_sample_files(self.settings)[2]
+
+
+def _calibration_view(index: GalleryIndex) -> CalibrationView | None:
+    c = index.calibration
+    if c is None:
+        return None
+    points = tuple(OperatingPoint(p.threshold, p.correct_accepted, p.wrong_accepted, p.unknown_rejected)
+                   for p in c.points)  # fmt: skip
+    chosen = c.chosen
+    extra = {k: v for k, v in (index.calibration_summary() or {}).items() if k not in _CALIBRATION_FIELDS}
+    return CalibrationView(
+        threshold=c.threshold, chosen_by=c.chosen_by,
+        expected=OperatingPoint(chosen.threshold, chosen.correct_accepted, chosen.wrong_accepted,
+                                chosen.unknown_rejected),
+        top1=c.top1, protocol=c.protocol, known_queries=c.known, unknown_queries=c.unknown,
+        changes_since=index.changes_since_calibration, curve=points, details=extra,
+    )  # fmt: skip
+
+
+_CALIBRATION_FIELDS = {"threshold", "chosen_by", "correct_accepted", "wrong_accepted", "unknown_rejected", "top1",
+                       "protocol", "known_queries", "unknown_queries", "changes_since"}  # fmt: skip
 
 
 def _append(index: GalleryIndex, feats: np.ndarray, items: list[GalleryItem]) -> GalleryIndex:

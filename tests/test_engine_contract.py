@@ -85,7 +85,7 @@ class TestEveryFrontEndOnEveryStore:
         assert LABELS[0] not in [o.label for o in answer.objects]
         engine.relabel("shop", [gone[-1] + 1], "renamed")
         assert engine.index("shop").label(gone[-1] + 1) == "renamed"
-        assert [v["action"] for v in engine.versions("shop")][:3] == ["relabel 1", f"remove {len(gone)}", "build"]
+        assert [v.action for v in engine.versions("shop")][:3] == ["relabel 1", f"remove {len(gone)}", "build"]
         restored = engine.restore("shop", 1)
         assert restored.summary["restored_from"] == 1 and engine.index("shop").label(gone[0]) == LABELS[0]
         assert LABELS[0] in [o.label for o in engine.recognize(sample_queries[1], "shop").objects]
@@ -103,7 +103,7 @@ class TestEveryFrontEndOnEveryStore:
         assert index.changes_since_calibration == 0, "calibrated again after the teach"
         picked = engine.set_threshold("shop", 0.5)
         assert picked.calibration.chosen_by == "user" and engine.index("shop").suggested_rec_threshold == 0.5
-        assert engine.versions("shop")[0]["action"] == "threshold 0.500"
+        assert engine.versions("shop")[0].action == "threshold 0.500"
 
     def test_the_http_api(self, engine, sample_gallery, sample_queries):
         root, labels = sample_gallery

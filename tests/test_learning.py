@@ -46,7 +46,7 @@ def test_every_index_is_calibrated_and_predict_uses_its_threshold(shop, sample_q
     shop.set_threshold("shop", 0.42)
     assert shop.recognize(sample_queries[1], "shop", whole_image="always").rec_threshold == 0.42
     assert shop.recognize(sample_queries[1], "shop", whole_image="always", rec_threshold=0.6).rec_threshold == 0.6
-    assert shop.versions("shop")[0]["action"] == "threshold 0.420"
+    assert shop.versions("shop")[0].action == "threshold 0.420"
     # a refit measures the curve again and goes back to the calibrated default
     again = shop.calibrate("shop", adapt="off")
     assert again.calibration.chosen_by == "default" and again.calibration.threshold == c.threshold
@@ -65,7 +65,7 @@ def test_teaching_a_box_makes_the_next_query_recognise_it(shop, sample_queries):
     box_w, box_h = obj.bbox[2] - obj.bbox[0], obj.bbox[3] - obj.bbox[1]
     assert abs(thumb.width / thumb.height - box_w / box_h) < 0.1, "the thumbnail is the box, not the whole photo"
     assert index.changes_since_calibration == 0, "the calibration followed the change"
-    assert shop.versions("shop")[0]["action"] == "add 1"
+    assert shop.versions("shop")[0].action == "add 1"
 
     again = shop.recognize(query, "shop", whole_image="never")
     same = min(again.objects, key=lambda o: np.abs(np.subtract(o.bbox, obj.bbox)).sum())
@@ -101,7 +101,7 @@ def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery
     taught = engine.index("big")
     assert len(taught) == 61 and taught.changes_since_calibration == 0
     assert taught.whitening is not index.whitening, "the projection was refitted with the new entry"
-    assert engine.versions("big")[0]["action"].startswith("calibrate")
+    assert engine.versions("big")[0].action.startswith("calibrate")
     # the report does not pass off leave-one-out in a space fitted to these entries as accuracy
     report = engine.report("big")
     assert any("optimistic" in note and "Held out" in note for note in report.notes)

@@ -115,6 +115,6 @@ def test_an_exported_index_is_served_by_switching_the_vector_store(tmp_path, cap
         assert served.entry(7).source == "g/7.jpg" and served.entry(7).thumbnail == b"\xff\xd8\x07"
         q = gallery(seed=5)[0][:20]
         assert np.array_equal(served.search(q, 1)[1], files.recalibrated().search(q, 1)[1])  # refitted once
-        assert engine.versions("shop")[0]["action"] == "adopt (milvus-export)"
+        assert engine.versions("shop")[0].action == "adopt (milvus-export)"
     finally:
         engine.close()

@@ -250,7 +250,7 @@ def test_the_bound_is_a_setting(tmp_path, monkeypatch):
     store, key = engine.locate("a")
     for k in range(4):
         store.put(key, GalleryIndex.build(vectors(2, k), ["x", "y"], index_type="Flat"))
-    assert [v["version"] for v in engine.versions("a")] == [4, 3, 2]
+    assert [v.version for v in engine.versions("a")] == [4, 3, 2]
     monkeypatch.setenv("SHITU_HISTORY_VERSIONS", "-1")
     with pytest.raises(SettingsError, match="SHITU_HISTORY_VERSIONS"):
         Settings.from_env(data_dir=tmp_path)
@@ -515,7 +515,7 @@ def test_versions_through_the_engine_and_the_http_api(engine, template, sample_q
     assert [(o.labels, o.scores, o.ids) for o in after.objects] == [(o.labels, o.scores, o.ids) for o in before.objects]
     report = engine.restore("t", "v3")  # undo the restore
     assert (report.summary["version"], report.summary["restored_from"], len(report.id_map)) == (5, 3, 23)
-    assert engine.versions("t")[0]["action"] == "restore v3"
+    assert engine.versions("t")[0].action == "restore v3"
 
     # errors: in the envelope, nothing changes
     unchanged = engine.versions("t"), engine.index("t").id_map
@@ -557,7 +557,7 @@ def test_a_version_made_by_another_model_can_be_restored_and_says_so_when_search
     engine.restore("m", 1)  # back to the active model's vectors: searchable again
     assert engine.recognize(sample_queries[1], "m", whole_image="always").objects
     engine.restore("m", 2)  # allowed; the index says which model made it, and searching says so
-    assert [(v["version"], v["feature_model"]) for v in engine.versions("m")][:2] == [
+    assert [(v.version, v.feature_model) for v in engine.versions("m")][:2] == [
         (4, "some-other-model"), (3, engine.feature_model),
     ]  # fmt: skip
     with pytest.raises(Conflict, match="was built with some-other-model"):

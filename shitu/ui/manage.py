@@ -365,8 +365,8 @@ def versions_table(engine: Engine, name: str | None, request: gr.Request | None 
     if not name:
         return pd.DataFrame(columns=columns)
     rows = [
-        (v["version"], (v.get("time") or "")[:19].replace("T", " "), v.get("action") or "", v.get("entries"),
-         v.get("labels"), "✓" if v.get("current") else "")
+        (v.version, (v.time or "")[:19].replace("T", " "), v.action or "", v.entries, v.labels,
+         "✓" if v.current else "")
         for v in engine.versions(name)
     ]  # fmt: skip
     return pd.DataFrame(rows, columns=columns)
@@ -396,13 +396,13 @@ def show_version_changes(engine: Engine, name: str | None, version: Any, request
     c = engine.version_changes(name, _version_number(version), limit=50)
     lang = lang_of(request)
     lines = [
-        tr(lang, "changes_head", version=c.get("version", version), action=md_safe(c.get("action") or "?"),
-           time=(c.get("time") or "")[:19].replace("T", " "), against=c.get("against", "?"),
-           added=c["added_count"], removed=c["removed_count"], relabelled=c["relabelled_count"])
+        tr(lang, "changes_head", version=c.version, action=md_safe(c.action or "?"),
+           time=(c.time or "")[:19].replace("T", " "), against=c.against, added=c.added_count,
+           removed=c.removed_count, relabelled=c.relabelled_count)
     ]  # fmt: skip
-    lines += [f"- \\+ #{e['id']} {md_safe(e['label'])}" for e in c["added"][:20]]
-    lines += [f"- − #{e['id']} {md_safe(e['label'])}" for e in c["removed"][:20]]
-    lines += [f"- ~ #{e['id']} {md_safe(e['from'])} → {md_safe(e['to'])}" for e in c["relabelled"][:20]]
+    lines += [f"- \\+ #{e.id} {md_safe(e.label)}" for e in c.added[:20]]
+    lines += [f"- − #{e.id} {md_safe(e.label)}" for e in c.removed[:20]]
+    lines += [f"- ~ #{e.id} {md_safe(e.old_label)} → {md_safe(e.new_label)}" for e in c.relabelled[:20]]
     return "\n".join(lines)
 
 

@@ -1,0 +1,153 @@
+"""What the engine tells its front ends about stored galleries: frozen read models.
+
+The web UI, the HTTP API and the CLI read an index through these, never through the
+:class:`~shitu.index.GalleryIndex` itself: what a gallery *is* (its counts, its calibration, its
+versions, a page of its entries) is stated once here, in the engine's words, and each front end
+only says it in its own (the API with pydantic aliases, the UI in Markdown, the CLI as text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One threshold of a calibration curve and what it promises (shares of the measured queries)."""
+
+    threshold: float
+    correct_accepted: float  # known objects answered correctly and accepted
+    wrong_accepted: float  # known objects answered wrongly but accepted
+    unknown_rejected: float  # objects not in the gallery that are rejected
+
+
+@dataclass(frozen=True)
+class CalibrationView:
+    """An index's own threshold and the curve it was picked from."""
+
+    threshold: float
+    chosen_by: str  # "default" (calibrated) or "user" (picked on the curve)
+    expected: OperatingPoint
+    top1: float | None  # known objects whose best match is right, whatever the score
+    protocol: str  # how the curve was measured (leave-one-out, or held-out folds)
+    known_queries: int
+    unknown_queries: int
+    changes_since: int  # entries changed since the curve was measured
+    curve: tuple[OperatingPoint, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)  # what else the calibration measured (e.g. uncertainty)
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """A stored index at a glance (:meth:`shitu.engine.Engine.info`)."""
+
+    name: str
+    entries: int
+    labels: int
+    index_type: str
+    metric_type: str
+    dim: int
+    feature_model: str | None
+    next_id: int
+    threshold: float | None  # the threshold a query gets when it names none
+    calibration: CalibrationView | None
+    adaptation: dict[str, Any] | None  # whether a projection was fitted to the gallery, and why
+    search_params: dict[str, float]
+    search_shortfall: str | None  # why an approximate index cannot be trusted to find the nearest entry
+    projection: str | None  # "supervised", "pca-whitening" or None (raw features)
+    summary: dict[str, Any] = field(default_factory=dict)  # the same, as the index's summary dict
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.summary)
+
+
+@dataclass(frozen=True)
+class EntryView:
+    """One gallery entry: its id, label, where it came from and (when asked for) its thumbnail."""
+
+    id: int
+    label: str
+    source: str = ""
+    thumbnail: bytes | None = None
+
+
+@dataclass(frozen=True)
+class EntryPage:
+    """A page of an index's entries in id order (``matching`` counts every entry the filter keeps)."""
+
+    index: str
+    matching: int
+    offset: int
+    limit: int
+    entries: tuple[EntryView, ...]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One kept version of an index."""
+
+    version: int
+    current: bool
+    time: str | None  # UTC, ISO 8601
+    action: str | None  # build, import, add 3, remove 2, relabel 1, restore v4, ...
+    entries: int | None
+    labels: int | None
+    feature_model: str | None
+    index_type: str | None
+    metric_type: str | None
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> VersionInfo:
+        return cls(**{name: record.get(name) for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class LabelledId:
+    id: int
+    label: str
+
+
+@dataclass(frozen=True)
+class Relabelled:
+    id: int
+    old_label: str
+    new_label: str
+
+
+@dataclass(frozen=True)
+class VersionDiff:
+    """What changed from version ``against`` (0: an empty index) to ``version``, read from their id
+    maps: each kind's count and its first ``limit`` entries in id order."""
+
+    index: str
+    version: int
+    against: int
+    action: str | None
+    time: str | None
+    entries_before: int
+    entries_after: int
+    added_count: int
+    removed_count: int
+    relabelled_count: int
+    added: tuple[LabelledId, ...]
+    removed: tuple[LabelledId, ...]
+    relabelled: tuple[Relabelled, ...]
+    limit: int
+
+    @classmethod
+    def of(cls, index: str, diff: dict[str, Any]) -> VersionDiff:
+        return cls(
+            index=index, version=diff["version"], against=diff["against"], action=diff.get("action"),
+            time=diff.get("time"), entries_before=diff["entries_before"], entries_after=diff["entries_after"],
+            added_count=diff["added_count"], removed_count=diff["removed_count"],
+            relabelled_count=diff["relabelled_count"], added=tuple(LabelledId(**e) for e in diff["added"]),
+            removed=tuple(LabelledId(**e) for e in diff["removed"]),
+            relabelled=tuple(Relabelled(e["id"], e["from"], e["to"]) for e in diff["relabelled"]), limit=diff["limit"],
+        )  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The store's spelling (the CLI's ``--json``): a relabel as ``{"id", "from", "to"}``."""
+        out = asdict(self)
+        out["relabelled"] = [{"id": e.id, "from": e.old_label, "to": e.new_label} for e in self.relabelled]
+        return out
