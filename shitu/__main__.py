@@ -132,8 +132,8 @@ def _ids(args) -> list[int]:
 
 def cmd_remove(args) -> int:
     ids = _ids(args)
-    index = _engine(args, say_models=False).remove(_index_ref(args.index), ids)
-    print(f"{args.index}: now {len(index)} entries")
+    report = _engine(args, say_models=False).remove(_index_ref(args.index), ids)
+    print(f"{args.index}: now {report.image_count} entries")
     return 0
 
 
@@ -171,11 +171,11 @@ def cmd_predict(args) -> int:
 def cmd_info(args) -> int:
     engine = _engine(args, say_models=False)
     if args.index and isinstance(_index_ref(args.index), Path):
-        print(json.dumps(engine.index(_index_ref(args.index)).summary(), indent=2, ensure_ascii=False))
+        print(json.dumps(engine.info(_index_ref(args.index)).to_dict(), indent=2, ensure_ascii=False))
         return 0
     info = {"models": engine.models(), "data_dir": str(engine.settings.data_dir), "indices": {}}
     for name in [args.index] if args.index else engine.index_names():
-        info["indices"][name] = engine.index(name).summary()
+        info["indices"][name] = engine.info(name).to_dict()
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
 
@@ -242,9 +242,9 @@ def cmd_milvus_export(args) -> int:
 def cmd_milvus_import(args) -> int:
     engine = _engine(args, say_models=False)
     uri, token, prefix = _milvus_target(args)
-    index = engine.import_from_milvus(_index_ref(args.index), uri, args.source or Path(args.index).name,
-                                      token=token, prefix=prefix, overwrite=args.overwrite)  # fmt: skip
-    s = index.summary()
+    report = engine.import_from_milvus(_index_ref(args.index), uri, args.source or Path(args.index).name,
+                                       token=token, prefix=prefix, overwrite=args.overwrite)  # fmt: skip
+    s = report.summary
     print(f"Milvus gallery {args.source or Path(args.index).name!r} -> {args.index}: {s['entries']} entries, "
           f"{s['labels']} labels ({s['index_type']}/{s['metric_type']}), next id {s['next_id']}")  # fmt: skip
     return 0
@@ -253,18 +253,21 @@ def cmd_milvus_import(args) -> int:
 def cmd_calibrate(args) -> int:
     engine = _engine(args, say_models=False)
     with _Bar() as bar:
-        index = engine.calibrate(_index_ref(args.index), adapt=args.adapt, progress=bar)
-    summary = index.summary()
+        summary = engine.calibrate(_index_ref(args.index), adapt=args.adapt, progress=bar).summary
+    c = engine.calibration(_index_ref(args.index))
     if args.json:
-        curve = index.calibration.to_dict() if index.calibration else None
+        curve = None if c is None else {
+            "threshold": c.threshold, "chosen_by": c.chosen_by, "top1": c.top1, "known": c.known_queries,
+            "unknown": c.unknown_queries, "protocol": c.protocol, "points": [dataclasses.asdict(p) for p in c.curve],
+        }  # fmt: skip
         print(json.dumps({**summary, "curve": curve}, ensure_ascii=False, indent=2))
         return 0
     print(f"index {engine.display_name(_index_ref(args.index))!r}: {summary['entries']} entries, "
           f"{summary['labels']} labels")  # fmt: skip
     _print_calibration(summary)
-    if index.calibration:
+    if c is not None:
         print("threshold | correct & accepted | wrong & accepted | unknown rejected")
-        points = index.calibration.points
+        points = c.curve
         for p in points[:: max(1, len(points) // 12)]:
             print(f"{p.threshold:9.3f} | {p.correct_accepted:18.1%} | {p.wrong_accepted:16.1%} | "
                   f"{p.unknown_rejected:.1%}")  # fmt: skip
@@ -284,8 +287,7 @@ def cmd_teach(args) -> int:
 
 
 def cmd_threshold(args) -> int:
-    index = _engine(args, say_models=False).set_threshold(_index_ref(args.index), args.value)
-    _print_calibration(index.summary())
+    _print_calibration(_engine(args, say_models=False).set_threshold(_index_ref(args.index), args.value).summary)
     return 0
 
 

@@ -45,7 +45,7 @@ from starlette.routing import Match
 from shitu import net
 from shitu.access import AccessPolicy
 from shitu.config import Settings
-from shitu.engine import Engine
+from shitu.engine import ChangeReport, Engine
 from shitu.errors import (
     Conflict,
     FetchTimeout,
@@ -98,10 +98,10 @@ _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _DATA_URI_RE = re.compile(r"^data:[^,;]*(;[^,;]*)*;base64,", re.IGNORECASE)
 
 
-def _change_result(index: Any, full: bool, **ids: list[int]) -> "IndexChangeResult":
+def _change_result(report: ChangeReport, full: bool, **ids: list[int]) -> IndexChangeResult:
     if full:
-        return IndexChangeResult(idMap=_id_map(index.id_map), imageCount=len(index))
-    return IndexChangeResult(idMap=None, imageCount=len(index), **ids)
+        return IndexChangeResult(idMap=_id_map(report.id_map), imageCount=report.image_count)
+    return IndexChangeResult(idMap=None, imageCount=report.image_count, **ids)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -354,31 +354,31 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
     @app.post("/shitu-index-add", tags=["PaddleX"], **changing)
     def add_images(body: AddImagesRequest) -> dict[str, Any]:
         """Append image/label pairs to an index (PaddleX ``addImagesToIndex``); ids are never reused."""
-        engine.index(body.indexKey)  # unknown key: 404 before any image is fetched
+        engine.require(body.indexKey)  # unknown key: 404 before any image is fetched
         batch = pairs_to_batch(body.imageLabelPairs, engine)
         report = engine.add(body.indexKey, batch, skip_invalid=False)
-        index = report.gallery
+        after = report
         if any(p.bbox is not None for p in body.imageLabelPairs):  # taught from results: keep the threshold true
-            index = engine.keep_calibrated(body.indexKey)
-        return _ok(_change_result(index, body.returnIdMap, addedIds=report.added_ids))
+            after = engine.keep_calibrated(body.indexKey)
+        return _ok(_change_result(after, body.returnIdMap, addedIds=report.added_ids))
 
     @app.post("/shitu-index-remove", tags=["PaddleX"], **changing)
     def remove_images(body: RemoveImagesRequest) -> dict[str, Any]:
         """Remove entries by vector id (PaddleX ``removeImagesFromIndex``); unknown ids change nothing."""
-        index = engine.remove(body.indexKey, body.ids)
-        return _ok(_change_result(index, body.returnIdMap, removedIds=sorted(set(body.ids))))
+        report = engine.remove(body.indexKey, body.ids)
+        return _ok(_change_result(report, body.returnIdMap, removedIds=sorted(set(body.ids))))
 
     @app.post("/shitu-index-relabel", tags=["indices"], **changing)
     def relabel_images(body: RelabelImagesRequest) -> dict[str, Any]:
         """Give entries a new label, keeping their vectors and ids; an unknown id or an empty label
         changes nothing. (Not in PaddleX's API: there a relabel is a remove and an add.)"""
-        index = engine.relabel(body.indexKey, body.ids, body.label)
-        return _ok(_change_result(index, body.returnIdMap, changedIds=sorted(set(body.ids))))
+        report = engine.relabel(body.indexKey, body.ids, body.label)
+        return _ok(_change_result(report, body.returnIdMap, changedIds=sorted(set(body.ids))))
 
     @app.post("/shitu-infer", response_model=Envelope[InferResult], tags=["PaddleX"], responses=ERROR_RESPONSES)
     def infer(body: InferRequest) -> Response:
         """Detect the main objects of an image and label each from the index (PaddleX ``infer``)."""
-        engine.index(body.indexKey)  # unknown key: 404 before the image is fetched
+        engine.require(body.indexKey)  # unknown key: 404 before the image is fetched
         data = read_image_field(body.image, "image", engine)
         result = engine.recognize(
             data, body.indexKey, det_threshold=body.detThreshold, rec_threshold=body.recThreshold, rec_topk=body.topk
@@ -395,19 +395,18 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
     ) -> dict[str, Any]:
         """A page of an index's id → label map, with its size, type and feature model (only the
         page is read: the cost follows ``limit``, not the index)."""
-        index = engine.index(indexKey)
-        _, page = index.page(offset, limit, thumbnails=False)
+        info, page = engine.info(indexKey), engine.entries(indexKey, offset, limit)
         return _ok(
             IndexListing(
                 indexKey=indexKey,
-                imageCount=len(index),
-                labelCount=len(index.label_counts()),
-                indexType=index.index_type,
-                metricType=index.metric_type,
-                featureModel=index.feature_model,
+                imageCount=info.entries,
+                labelCount=info.labels,
+                indexType=info.index_type,
+                metricType=info.metric_type,
+                featureModel=info.feature_model,
                 offset=offset,
                 limit=limit,
-                idMap={str(e.id): e.label for e in page},
+                idMap={str(e.id): e.label for e in page.entries},
             )
         )
 
@@ -445,22 +444,23 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
     # --- calibration ---
     calibration_route = {"response_model": Envelope[CalibrationResult], "tags": ["indices"]}
 
-    def calibration_result(key: str, index) -> dict[str, Any]:
-        c = index.calibration
+    def calibration_result(key: str) -> dict[str, Any]:
+        info = engine.info(key)
+        c = info.calibration
         return _ok(
             CalibrationResult(
                 indexKey=key,
-                imageCount=len(index),
+                imageCount=info.entries,
                 threshold=c.threshold if c else None,
                 chosenBy=c.chosen_by if c else None,
-                expected=OperatingPointModel(**vars(c.chosen)) if c else None,
+                expected=OperatingPointModel(**vars(c.expected)) if c else None,
                 top1=c.top1 if c else None,
                 protocol=c.protocol if c else None,
-                knownQueries=c.known if c else 0,
-                unknownQueries=c.unknown if c else 0,
-                changesSince=index.changes_since_calibration,
-                adaptation=index.adaptation.to_dict() if index.adaptation else None,
-                curve=[OperatingPointModel(**vars(p)) for p in c.points] if c else [],
+                knownQueries=c.known_queries if c else 0,
+                unknownQueries=c.unknown_queries if c else 0,
+                changesSince=info.changes_since_calibration,
+                adaptation=info.adaptation,
+                curve=[OperatingPointModel(**vars(p)) for p in c.curve] if c else [],
             )
         )
 
@@ -468,18 +468,20 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
     def get_calibration(indexKey: str) -> dict[str, Any]:
         """The index's threshold curve (known objects accepted vs unknown objects rejected, per
         threshold), the threshold in use and what it promises."""
-        return calibration_result(indexKey, engine.index(indexKey))
+        return calibration_result(indexKey)
 
     @app.post("/shitu-index/{indexKey}/calibration", **calibration_route, **mutating)
     def recalibrate(indexKey: str, body: CalibrateRequest | None = None) -> dict[str, Any]:
         """Refit the projection and remeasure the curve on the index's current entries (after
         adds, removes and relabels; nothing is embedded again)."""
-        return calibration_result(indexKey, engine.calibrate(indexKey, adapt=body.adapt if body else None))
+        engine.calibrate(indexKey, adapt=body.adapt if body else None)
+        return calibration_result(indexKey)
 
     @app.post("/shitu-index/{indexKey}/threshold", **calibration_route, **mutating)
     def set_threshold(indexKey: str, body: ThresholdRequest) -> dict[str, Any]:
         """Make a point of the curve the index's own threshold (used when a request gives none)."""
-        return calibration_result(indexKey, engine.set_threshold(indexKey, body.threshold))
+        engine.set_threshold(indexKey, body.threshold)
+        return calibration_result(indexKey)
 
     # --- index versions ---
     versions_route = {"tags": ["indices"], "responses": ERROR_RESPONSES}

@@ -84,7 +84,10 @@ IndexRef = str | Path | GalleryIndex | None  # a name in the data dir, a directo
 
 @dataclass
 class ChangeReport:
-    """What a build or add did, for summaries in the UI, API and CLI."""
+    """What a change did, for summaries in the UI, API and CLI: the ids it gave new entries (none
+    for a remove, relabel, calibration or import), the lines it skipped, the index's summary after
+    it. The index itself stays with the engine (``gallery``: for the engine and the Python API's
+    ``IndexData``); front ends read ``id_map`` and ``image_count``, or ask the engine."""
 
     index: str
     added_ids: list[int]
@@ -429,6 +432,11 @@ class Engine:
     def index_names(self) -> list[str]:
         return self._store.names()
 
+    def require(self, ref: str | Path | None) -> None:
+        """:class:`NotFound` unless the index exists (and can be read): a front end checks this
+        before it fetches or decodes anything for a change or a query."""
+        self.index(ref)
+
     def exists(self, ref: str | Path | None) -> bool:
         store, name = self.locate(ref)
         return store.exists(name)
@@ -454,7 +462,9 @@ class Engine:
             metric_type=index.metric_type, dim=index.dim, feature_model=index.feature_model, next_id=index.next_id,
             threshold=self.rec_threshold_for(index), calibration=_calibration_view(index),
             adaptation=summary["adaptation"], search_params=dict(index.search_params),
-            search_shortfall=index.search_shortfall, projection=summary["projection"], summary=summary,
+            search_shortfall=index.search_shortfall, projection=summary["projection"],
+            changes_since_calibration=index.changes_since_calibration, compatible=self.compatible(index),
+            summary=summary,
         )  # fmt: skip
 
     def calibration(self, ref: str | Path | None = None) -> CalibrationView | None:
@@ -470,6 +480,18 @@ class Engine:
         matching, rows = self.index(ref).page(offset, limit, labels=labels, thumbnails=thumbnails)
         views = tuple(EntryView(e.id, e.label, e.source, e.thumbnail) for e in rows)
         return EntryPage(self.display_name(ref), matching, max(0, int(offset)), max(0, int(limit)), views)
+
+    def lookup(self, ref: str | Path | None, ids: Any, *, thumbnails: bool = False) -> tuple[EntryView, ...]:
+        """The entries of ``ids`` that the index holds, in the order asked (sources and thumbnails
+        read for them alone); ids it does not hold are left out."""
+        index = self.index(ref)
+        wanted = [i for i in dict.fromkeys(int(i) for i in ids) if i in index]
+        found = index.sources(wanted, thumbnails=thumbnails)
+        return tuple(EntryView(i, index.label(i), *found.get(i, ("", None))) for i in wanted)
+
+    def first_of_each_label(self, ref: str | Path | None = None) -> list[int]:
+        """The lowest id of each label, ascending (one example per label)."""
+        return self.index(ref).one_per_label().tolist()
 
     def label_counts(self, ref: str | Path | None = None) -> dict[str, int]:
         """How many entries each label has."""
@@ -744,13 +766,13 @@ class Engine:
         index = store.mutate(key, change)
         return self._report(self.display_name(ref), index, list(range(first[0], index.next_id)), skipped)
 
-    def remove(self, ref: str | Path | None, ids: Any) -> GalleryIndex:
+    def remove(self, ref: str | Path | None, ids: Any) -> ChangeReport:
         """Remove entries by id (a list, or text like ``"3, 7 192-197"``); unknown ids change nothing."""
         store, key = self.locate(ref)
         wanted = parse_ids(ids)
-        return store.mutate(key, lambda latest: latest.remove(wanted))
+        return self._changed(ref, store.mutate(key, lambda latest: latest.remove(wanted)))
 
-    def relabel(self, ref: str | Path | None, ids: Any, label: str) -> GalleryIndex:
+    def relabel(self, ref: str | Path | None, ids: Any, label: str) -> ChangeReport:
         """Give entries (one id, a list, or a range text) a new label."""
         store, key = self.locate(ref)
         wanted = parse_ids(ids)
@@ -764,7 +786,7 @@ class Engine:
                 raise NotFound(f"no entries with ids {', '.join(map(str, missing[:20]))}")
             return latest.relabel(wanted, label)
 
-        return store.mutate(key, change)
+        return self._changed(ref, store.mutate(key, change))
 
     def teach(
         self,
@@ -789,22 +811,24 @@ class Engine:
         box = ", ".join(f"{float(v):.0f}" for v in bbox)
         item = GalleryItem(source=source or f"taught box ({box})", image=crop, label=label)
         report = self.add(ref, GalleryBatch(items=[item]), skip_invalid=False)
-        index = self.keep_calibrated(ref) if recalibrate else self.index(ref)
-        report.summary = {**index.summary(), "taught_id": report.added_ids[0]}
+        if recalibrate:
+            calibrated = self.keep_calibrated(ref)
+            report.gallery, report.summary = calibrated.gallery, calibrated.summary
+        report.summary = {**report.summary, "taught_id": report.added_ids[0]}
         return report
 
-    def keep_calibrated(self, ref: str | Path | None) -> GalleryIndex:
+    def keep_calibrated(self, ref: str | Path | None) -> ChangeReport:
         """After a small change: refit and recalibrate an index whose calibration is out of
         date, if it has at most :data:`TEACH_RECALIBRATE_MAX` entries; else leave it (its
         summary counts the changes)."""
         index = self.index(ref)
         if index.changes_since_calibration and len(index) <= TEACH_RECALIBRATE_MAX:
-            index = self.calibrate(ref)
-        return index
+            return self.calibrate(ref)
+        return self._changed(ref, index)
 
     def calibrate(
         self, ref: str | Path | None = None, *, adapt: str | None = None, progress: Progress | None = None
-    ) -> GalleryIndex:
+    ) -> ChangeReport:
         """Refit the index's projection (``adapt``: ``auto``/``on``/``off``; default: as it was
         built) and remeasure its threshold curve on its current entries. No image is embedded
         again. A threshold the user picked is replaced by the new default."""
@@ -819,14 +843,15 @@ class Engine:
             return fitted
 
         mode = adapt or (fitted.adaptation.mode if fitted.adaptation else "auto")
-        return store.mutate(key, change, action=f"calibrate (adapt {mode})")
+        return self._changed(ref, store.mutate(key, change, action=f"calibrate (adapt {mode})"))
 
-    def set_threshold(self, ref: str | Path | None, threshold: float) -> GalleryIndex:
+    def set_threshold(self, ref: str | Path | None, threshold: float) -> ChangeReport:
         """Make ``threshold`` (a point on the index's calibration curve) the index's own
         recognition threshold: :meth:`predict` and the API use it unless a call passes one."""
         store, key = self.locate(ref)
         value = float(threshold)
-        return store.mutate(key, lambda latest: latest.with_threshold(value), action=f"threshold {value:.3f}")
+        changed = store.mutate(key, lambda latest: latest.with_threshold(value), action=f"threshold {value:.3f}")
+        return self._changed(ref, changed)
 
     def delete(self, name: str) -> None:
         store, key = self.locate(name)
@@ -842,9 +867,9 @@ class Engine:
         store, key = self.locate(name)
         return store.export_zip(key)
 
-    def import_zip(self, name: str, data: bytes, *, overwrite: bool = False) -> GalleryIndex:
+    def import_zip(self, name: str, data: bytes, *, overwrite: bool = False) -> ChangeReport:
         store, key = self.locate(name)
-        return store.import_zip(key, data, overwrite=overwrite)
+        return self._changed(name, store.import_zip(key, data, overwrite=overwrite))
 
     def export_to_milvus(
         self, ref: str | Path | None, uri: str, gallery: str, *, token: str | None = None, prefix: str = "shitu_",
@@ -862,7 +887,7 @@ class Engine:
     def import_from_milvus(
         self, ref: str | Path | None, uri: str, gallery: str, *, token: str | None = None, prefix: str = "shitu_",
         overwrite: bool = False,
-    ) -> GalleryIndex:  # fmt: skip
+    ) -> ChangeReport:  # fmt: skip
         """Store the Milvus gallery ``gallery`` at ``uri`` as an index here (``shitu milvus-import``:
         the projection refitted and the curve remeasured from its vectors; ids kept)."""
         from shitu.stores.milvus_collections import MilvusCollections
@@ -873,10 +898,14 @@ class Engine:
             raise Conflict(f"an index named {key!r} already exists; choose another name or overwrite it")
         with MilvusCollections(uri, token, prefix) as milvus:
             index = from_milvus(milvus, gallery)
-        return store.put(key, index, overwrite=overwrite, action="import")
+        return self._changed(ref, store.put(key, index, overwrite=overwrite, action="import"))
 
     def _report(self, name: str, index: GalleryIndex, ids: list[int], skipped: list[SkippedLine]) -> ChangeReport:
         return ChangeReport(name, ids, list(skipped), index.summary(), index)
+
+    def _changed(self, ref: str | Path | None, index: GalleryIndex) -> ChangeReport:
+        """A change that embedded nothing (remove, relabel, calibrate, import, ...)."""
+        return ChangeReport(self.display_name(ref), [], [], index.summary(), index)
 
     # --- recognition ---------------------------------------------------------------------------
     def recognize(

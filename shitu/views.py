@@ -37,6 +37,18 @@ class CalibrationView:
     curve: tuple[OperatingPoint, ...] = ()
     details: dict[str, Any] = field(default_factory=dict)  # what else the calibration measured (e.g. uncertainty)
 
+    @property
+    def points(self) -> tuple[OperatingPoint, ...]:
+        return self.curve
+
+    @property
+    def chosen(self) -> OperatingPoint:
+        return self.expected
+
+    def at(self, threshold: float) -> OperatingPoint:
+        """The curve's point nearest to ``threshold`` (what trying that threshold would do)."""
+        return min(self.curve, key=lambda p: abs(p.threshold - threshold)) if self.curve else self.expected
+
 
 @dataclass(frozen=True)
 class IndexInfo:
@@ -56,6 +68,8 @@ class IndexInfo:
     search_params: dict[str, float]
     search_shortfall: str | None  # why an approximate index cannot be trusted to find the nearest entry
     projection: str | None  # "supervised", "pca-whitening" or None (raw features)
+    changes_since_calibration: int  # entries added, removed or relabelled since the curve was measured
+    compatible: bool  # built with the recognition model that runs now (else it must be rebuilt)
     summary: dict[str, Any] = field(default_factory=dict)  # the same, as the index's summary dict
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,10 @@ FRONT_ENDS = ["app.py", "shitu/api.py", "shitu/schemas.py", "shitu/startup.py", 
               *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "shitu" / "ui").glob("*.py"))]  # fmt: skip
 MODULES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "shitu").glob("**/*.py"))
 ENGINE_PRIVATE = ("store", "pipeline", "runtime")  # public-looking names that would still hand out the engine's parts
+# engine methods that hand out an index object: for the engine's own callers, the tests and the Python API (whose
+# IndexData holds an index, as PaddleX's does); the UI, the HTTP API and the CLI read shitu.views instead
+INDEX_OBJECTS = ("index", "locate", "rec_threshold_for", "compatible")
+READ_MODEL_FRONT_ENDS = [p for p in FRONT_ENDS if p != "shitu/paddlex_api.py"]
 
 
 def _tree(path: str) -> ast.Module:
@@ -40,10 +44,10 @@ def _imports(tree: ast.Module) -> set[str]:
     return found
 
 
-def _engine_reaches(tree: ast.AST) -> list[str]:
+def _engine_reaches(tree: ast.AST, names: tuple[str, ...] = ENGINE_PRIVATE) -> list[str]:
     """Reads of the engine's private state: ``<...>.engine.<attr>`` where the engine is a name or the
     end of an attribute chain (``engine``, ``self.engine``, ``w.engine``, ``app.state.engine``) and
-    ``attr`` is private or hands out its parts."""
+    ``attr`` is private or one of ``names``."""
     found = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Attribute):
@@ -52,7 +56,7 @@ def _engine_reaches(tree: ast.AST) -> list[str]:
         is_engine = (isinstance(holder, ast.Name) and holder.id == "engine") or (
             isinstance(holder, ast.Attribute) and holder.attr == "engine"
         )
-        if is_engine and (node.attr.startswith("_") or node.attr in ENGINE_PRIVATE):
+        if is_engine and (node.attr.startswith("_") or node.attr in names):
             found.append(f"line {node.lineno}: {ast.unparse(node)}")
     return found
 
@@ -85,6 +89,17 @@ def test_front_ends_never_reach_into_the_engine(path):
     assert not reaches, f"{path} reaches into the engine: {reaches}"
 
 
+@pytest.mark.parametrize("path", READ_MODEL_FRONT_ENDS)
+def test_front_ends_read_indices_through_read_models(path):
+    """No index object, store or threshold rule in the UI, the HTTP API or the CLI: they ask the
+    engine (info, entries, lookup, calibration, versions, ...) and get frozen read models back."""
+    tree = _tree(path)
+    objects = _engine_reaches(tree, INDEX_OBJECTS)
+    galleries = [f"line {n.lineno}: {ast.unparse(n)}" for n in ast.walk(tree)
+                 if isinstance(n, ast.Attribute) and n.attr == "gallery"]  # a ChangeReport's index  # fmt: skip
+    assert not objects + galleries, f"{path} handles index objects: {objects + galleries}"
+
+
 @pytest.mark.parametrize("path", MODULES)
 def test_no_module_imports_another_modules_private_names(path):
     private = _private_imports(_tree(path))
@@ -99,6 +114,8 @@ def test_no_module_imports_another_modules_private_names(path):
 )  # fmt: skip
 def test_the_engine_check_catches_attribute_chains(source, caught):
     assert bool(_engine_reaches(ast.parse(source))) is caught
+    if source == "engine.index(name)":
+        assert _engine_reaches(ast.parse(source), INDEX_OBJECTS)  # what the read-model check refuses
 
 
 def test_the_private_import_check_catches_private_names():

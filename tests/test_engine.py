@@ -87,7 +87,7 @@ def test_rename_delete_export_import(built):
     built.delete("drinks2")
     assert built.index_names() == []
     imported = built.import_zip("back", data)
-    assert len(imported) == 24 and built.index_names() == ["back"]
+    assert imported.image_count == 24 and built.index_names() == ["back"]
     with pytest.raises(ShiTuError, match="already exists"):
         built.import_zip("back", data)
     with pytest.raises(ShiTuError, match="invalid index name"):

@@ -102,7 +102,8 @@ class TestEveryFrontEndOnEveryStore:
         assert taught.summary["taught_id"] == 24 and index.label(24) == "taught label"
         assert index.changes_since_calibration == 0, "calibrated again after the teach"
         picked = engine.set_threshold("shop", 0.5)
-        assert picked.calibration.chosen_by == "user" and engine.index("shop").suggested_rec_threshold == 0.5
+        assert picked.summary["calibration"]["chosen_by"] == "user" and engine.threshold("shop") == 0.5
+        assert engine.calibration("shop").chosen_by == "user" and engine.info("shop").threshold == 0.5
         assert engine.versions("shop")[0].action == "threshold 0.500"
 
     def test_the_http_api(self, engine, sample_gallery, sample_queries):

@@ -48,8 +48,9 @@ def test_every_index_is_calibrated_and_predict_uses_its_threshold(shop, sample_q
     assert shop.recognize(sample_queries[1], "shop", whole_image="always", rec_threshold=0.6).rec_threshold == 0.6
     assert shop.versions("shop")[0].action == "threshold 0.420"
     # a refit measures the curve again and goes back to the calibrated default
-    again = shop.calibrate("shop", adapt="off")
-    assert again.calibration.chosen_by == "default" and again.calibration.threshold == c.threshold
+    shop.calibrate("shop", adapt="off")
+    again = shop.calibration("shop")
+    assert again.chosen_by == "default" and again.threshold == c.threshold
 
 
 def test_teaching_a_box_makes_the_next_query_recognise_it(shop, sample_queries):

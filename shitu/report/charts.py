@@ -19,6 +19,7 @@ from shitu.report.templating import render, shorten
 
 if TYPE_CHECKING:  # the charts read a finished report; the report's module renders them
     from shitu.report.model import GalleryReport, MapPoint
+    from shitu.views import CalibrationView  # the engine's view of an index's curve draws the same
 
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf", "#393b79", "#e6550d", "#31a354", "#a50f15", "#6b6ecf", "#8c6d31",
@@ -47,8 +48,8 @@ def map_svg(report: GalleryReport, *, width: int = 760, height: int = 520, lang:
 
 
 def curve_svg(
-    calibration: Calibration | None, highlight: float | None = None, *, width: int = 760, height: int = 340,
-    lang: str = "en",
+    calibration: Calibration | CalibrationView | None, highlight: float | None = None, *, width: int = 760,
+    height: int = 340, lang: str = "en",
 ) -> str:  # fmt: skip
     """The threshold curve as inline SVG: right answers accepted, unknowns rejected and wrong
     answers accepted against the similarity threshold, the calibrated threshold marked (and
@@ -113,7 +114,7 @@ def _cluster_names(pts: Sequence[MapPoint], at, width: int) -> list[dict[str, An
     return names
 
 
-def curve_chart(calibration: Calibration | None, highlight: float | None = None, *, width: int = 760,
+def curve_chart(calibration: Calibration | CalibrationView | None, highlight: float | None = None, *, width: int = 760,
                 height: int = 340, lang: str = "en") -> dict[str, Any]:  # fmt: skip
     """Everything ``curve.svg`` draws, in pixels (the legend's names in ``lang``, as they set
     where each entry starts)."""

@@ -30,8 +30,8 @@ from shitu.ui.events import (
 from shitu.ui.summaries import calibration_markdown
 
 if TYPE_CHECKING:
-    from shitu.engine import GalleryIndex
     from shitu.ui.recognize import RecognizeTab
+    from shitu.views import CalibrationView
 
 MAX_REPORT_ROWS = 200  # rows of each report table shown on the page (the CSVs have them all)
 MAX_LABEL_ROWS = 500
@@ -41,8 +41,7 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
-def _threshold_slider(index: GalleryIndex, value: float | None = None) -> dict[str, Any]:
-    c = index.calibration
+def _threshold_slider(c: CalibrationView | None, value: float | None = None) -> dict[str, Any]:
     if c is None:
         return gr.update(interactive=False)
     lo, hi = c.points[0].threshold, c.points[-1].threshold
@@ -62,8 +61,7 @@ def operating_point(engine: Engine, name: str | None, threshold: float | None, r
     lang = lang_of(request)
     if not name:
         return gr.skip(), ""
-    index = engine.index(name)
-    c = index.calibration
+    c = engine.calibration(name)
     if c is None or threshold is None:
         return curve_svg(c, lang=lang), tr(lang, "no_calibration")
     p = c.at(float(threshold))
@@ -137,7 +135,7 @@ def evaluate_index(engine: Engine, name: str | None, request: gr.Request | None 
         raise ShiTuError(TEXT["en"]["err_pick_index"])
     lang = lang_of(request)
     report = engine.report(name, progress=progress_callback(progress))
-    index = engine.index(name)
+    info = engine.info(name)
     summary = tr(
         lang, "eval_summary", name=md_safe(name), entries=report.entries, labels=report.labels,
         r1=_pct(report.recall_at_1), r5=_pct(report.recall_at_5), evaluated=report.evaluated,
@@ -145,13 +143,13 @@ def evaluate_index(engine: Engine, name: str | None, request: gr.Request | None 
         conflicting=report.duplicate_counts.get("conflicting", 0),
         redundant=report.duplicate_counts.get("redundant", 0), few=len(report.few_images), seconds=report.seconds,
     )  # fmt: skip
-    a = index.adaptation
-    if a is not None and a.applied and a.adapted_recall is not None:  # leave-one-out is optimistic in a fitted space
-        summary += "\n\n" + tr(lang, "eval_fitted", heldout=a.adapted_recall, raw=a.raw_recall)
-    c = index.calibration
+    a = info.adaptation
+    if a and a.get("applied") and a.get("adapted_recall") is not None:  # leave-one-out flatters a fitted space
+        summary += "\n\n" + tr(lang, "eval_fitted", heldout=a["adapted_recall"], raw=a["raw_recall"])
+    c = info.calibration
     curve, point = operating_point(engine, name, c.threshold if c else None, request)
     labels, pairs, flagged = _report_tables(report, lang)
-    return (summary, calibration_markdown(index, lang), curve, _threshold_slider(index), point,
+    return (summary, calibration_markdown(info, lang), curve, _threshold_slider(c), point,
             map_svg(report, lang=lang), labels, pairs, flagged, _examples(report),
             _report_files(report, name, lang))  # fmt: skip
 
@@ -166,12 +164,12 @@ def use_threshold(
         raise ShiTuError(TEXT["en"]["err_pick_index"])
     if threshold is None:
         raise ShiTuError(TEXT["en"]["no_calibration"])
-    index = engine.set_threshold(name, float(threshold))
-    lang = lang_of(request)
-    return (tr(lang, "threshold_set", threshold=float(threshold)), calibration_markdown(index, lang),
+    engine.set_threshold(name, float(threshold))
+    info, lang = engine.info(name), lang_of(request)
+    return (tr(lang, "threshold_set", threshold=float(threshold)), calibration_markdown(info, lang),
             # the Recognize tab's slider follows when it searches this index
-            gr.update(value=index.suggested_rec_threshold) if searched == name else gr.skip(),
-            curve_svg(index.calibration, lang=lang))  # fmt: skip
+            gr.update(value=info.threshold) if searched == name else gr.skip(),
+            curve_svg(info.calibration, lang=lang))  # fmt: skip
 
 
 @user_errors
@@ -180,11 +178,11 @@ def recalibrate_index(engine: Engine, name: str | None, adapt: str | None = None
     """Refit the projection and remeasure the curve: (calibration markdown, curve, slider, point)."""
     if not name:
         raise ShiTuError(TEXT["en"]["err_pick_index"])
-    index = engine.calibrate(name, adapt=adapt or None, progress=progress_callback(progress))
-    lang = lang_of(request)
-    c = index.calibration
+    engine.calibrate(name, adapt=adapt or None, progress=progress_callback(progress))
+    info = engine.info(name)
+    c = info.calibration
     curve, point = operating_point(engine, name, c.threshold if c else None, request)
-    return calibration_markdown(index, lang), curve, _threshold_slider(index), point
+    return calibration_markdown(info, lang_of(request)), curve, _threshold_slider(c), point
 
 
 class EvaluateTab:

@@ -52,12 +52,12 @@ def entries_table(
 ) -> pd.DataFrame:
     """One page (:data:`MAX_TABLE_ROWS` rows, in id order) of an index's entries, optionally only
     some labels; only that page is read. ``table.attrs["matching"]``: rows matching in all."""
-    index = engine.index(name)
     start = (_page_number(page) - 1) * MAX_TABLE_ROWS
-    matching, rows = index.page(start, MAX_TABLE_ROWS, labels=labels or None, thumbnails=False)
-    if not rows and start and matching:  # past the end (the index shrank): the last page
-        start = (matching - 1) // MAX_TABLE_ROWS * MAX_TABLE_ROWS
-        matching, rows = index.page(start, MAX_TABLE_ROWS, labels=labels or None, thumbnails=False)
+    shown = engine.entries(name, start, MAX_TABLE_ROWS, labels=labels or None)
+    if not shown.entries and start and shown.matching:  # past the end (the index shrank): the last page
+        start = (shown.matching - 1) // MAX_TABLE_ROWS * MAX_TABLE_ROWS
+        shown = engine.entries(name, start, MAX_TABLE_ROWS, labels=labels or None)
+    matching, rows = shown.matching, shown.entries
     columns = [tr(lang, "col_id"), tr(lang, "col_label"), tr(lang, "col_source")]
     table = pd.DataFrame([(e.id, e.label, e.source) for e in rows], columns=columns)
     table.attrs.update(matching=matching, first=start + 1, page=start // MAX_TABLE_ROWS + 1)
@@ -83,42 +83,31 @@ def styled_entries(table: pd.DataFrame, selected: list[int]):
 
 def previews(engine: Engine, name: str | None, ids: list[int]) -> list[tuple[Image.Image, str]]:
     """Thumbnails with ``#id label`` captions (entries without a stored thumbnail are left out)."""
-    index = engine.index(name)
-    wanted = [i for i in ids if i in index][: 4 * MAX_PREVIEWS]
-    thumbs = index.thumbnails(wanted)  # one read for the page, not one per entry
-    return [(thumbnail_image(thumbs[i]), f"#{i} {index.label(i)}") for i in wanted if i in thumbs][:MAX_PREVIEWS]
+    found = engine.lookup(name, ids[: 4 * MAX_PREVIEWS], thumbnails=True)  # one read for the page
+    return [(thumbnail_image(e.thumbnail), f"#{e.id} {e.label}") for e in found if e.thumbnail][:MAX_PREVIEWS]
 
 
 def index_info(engine: Engine, name: str | None, lang: str = "en", table: pd.DataFrame | None = None) -> str:
     """The line above the entries table: the index's size, type and model, which rows the table
     shows, and whether the index must be rebuilt for the model that runs."""
-    index = engine.index(name)
-    stats = index.summary()
-    text = tr(
-        lang,
-        "info",
-        name=name or engine.settings.default_index,
-        entries=stats["entries"],
-        labels=stats["labels"],
-        index_type=stats["index_type"],
-        metric_type=stats["metric_type"],
-        dim=stats["dim"],
-        model=stats["feature_model"] or "?",
-    )
+    info = engine.info(name)
+    text = tr(lang, "info", name=name or engine.settings.default_index, entries=info.entries, labels=info.labels,
+              index_type=info.index_type, metric_type=info.metric_type, dim=info.dim,
+              model=info.feature_model or "?")  # fmt: skip
     matching = table.attrs.get("matching", 0) if table is not None else 0
     if matching > len(table):
         first = table.attrs["first"]
         text += "  \n" + tr(lang, "page_rows", first=first, last=first + len(table) - 1, shown=matching,
                             page=table.attrs["page"], pages=-(-matching // MAX_TABLE_ROWS))  # fmt: skip
-    elif table is not None and len(table) < stats["entries"]:
-        text += "  \n" + tr(lang, "showing", shown=len(table), total=stats["entries"])
-    if not engine.compatible(index):
+    elif table is not None and len(table) < info.entries:
+        text += "  \n" + tr(lang, "showing", shown=len(table), total=info.entries)
+    if not info.compatible:
         text += "  \n" + tr(lang, "incompatible")
     return text
 
 
 def _label_choices(engine: Engine, name: str | None) -> dict[str, Any]:
-    counts = engine.index(name).label_counts()
+    counts = engine.label_counts(name)
     shown = sorted(counts.items())[:MAX_LABEL_CHOICES]
     return gr.update(choices=[(f"{label} ({n})", label) for label, n in shown], value=[])
 
@@ -139,7 +128,6 @@ def open_index(engine: Engine, name: str | None, request: gr.Request | None = No
     if not name:  # e.g. the last index was just deleted
         empty = pd.DataFrame(columns=[tr(lang, "col_id"), tr(lang, "col_label"), tr(lang, "col_source")])
         return tr(lang, "no_indices"), empty, gr.update(choices=[], value=[]), [], ""
-    engine.index(name)  # must exist
     info, table, thumbs = _view(engine, name, None, None, lang)
     return info, table, _label_choices(engine, name), thumbs, ""
 
@@ -351,8 +339,7 @@ def import_index(engine: Engine, file: Any, name: str, overwrite: bool = False, 
     if not paths:
         raise ShiTuError("no .zip was uploaded")
     name = (name or "").strip() or paths[0].stem
-    index = engine.import_zip(name, read_upload(paths[0]), overwrite=bool(overwrite))
-    stats = index.summary()
+    stats = engine.import_zip(name, read_upload(paths[0]), overwrite=bool(overwrite)).summary
     status = tr(lang_of(request), "imported", name=name, entries=stats["entries"], labels=stats["labels"])
     return status, index_dropdown(engine, name), index_dropdown(engine, name)
 

@@ -99,16 +99,15 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
         lines.append(tr(lang, "indices_table") + "\n|---|---|---|---|---|---|---|---|")
         for name in names:
             try:
-                index = engine.index(name)
+                info = engine.info(name)
             except ShiTuError as exc:
                 lines.append(f"| {md_safe(name)} | — | — | — | — | — | {md_safe(exc.message)} | |")
                 continue
-            s = index.summary()
-            ok = tr(lang, "usable") if engine.compatible(index) else "⚠️ " + tr(lang, "rebuild")
+            ok = tr(lang, "usable") if info.compatible else "⚠️ " + tr(lang, "rebuild")
             active = " ★" if name == engine.settings.default_index else ""
             lines.append(
-                f"| {md_safe(name)}{active} | {s['entries']} | {s['labels']} | {s['index_type']} | "
-                f"{s['metric_type']} | {s['dim']} | `{s['feature_model']}` | {ok} |"
+                f"| {md_safe(name)}{active} | {info.entries} | {info.labels} | {info.index_type} | "
+                f"{info.metric_type} | {info.dim} | `{info.feature_model}` | {ok} |"
             )
     return "\n".join(lines)
 

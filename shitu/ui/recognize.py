@@ -43,7 +43,7 @@ def threshold_for_index(engine: Engine, name: str | None) -> dict[str, Any]:
     """The recognition-threshold slider follows the chosen index: its own calibrated (or picked)
     threshold, else the model's default."""
     try:
-        return gr.update(value=engine.rec_threshold_for(engine.index(name)))
+        return gr.update(value=engine.threshold(name))
     except ShiTuError:
         return gr.update()
 
@@ -173,22 +173,23 @@ def evidence(engine: Engine, result: Recognition, lang: str = "en") -> tuple[lis
     answer. Also returns, per item, the box it belongs to."""
     if not result.objects:
         return [], []
-    try:
-        index = engine.index(result.index_name)
-    except ShiTuError:
-        return [], []
     threshold = result.rec_threshold
     items: list[tuple[Image.Image, str]] = []
     owners: list[int] = []
     shown = [(obj.candidates or ([obj.candidate] if obj.candidate else []))[:MAX_EVIDENCE_PER_BOX]
              for obj in result.objects]  # fmt: skip
     # one read for all of them; entries removed since have no thumbnail here
-    thumbs = index.thumbnails({id_ for candidates in shown for _, _, id_ in candidates})
+    try:
+        held = engine.lookup(result.index_name, {id_ for candidates in shown for _, _, id_ in candidates},
+                             thumbnails=True)  # fmt: skip
+    except ShiTuError:
+        return [], []
+    thumbs = {e.id: e.thumbnail for e in held if e.thumbnail}
     for n, (obj, candidates) in enumerate(zip(result.objects, shown)):
         items.append((_crop(result.image, obj.bbox), tr(lang, "ev_query", n=n + 1)))
         owners.append(n)
         for label, score, id_ in candidates:
-            if not thumbs.get(id_) or index.labels_of([id_])[0] is None:
+            if id_ not in thumbs:
                 continue
             mark = "✓" if threshold is None or score >= threshold else "✗"
             caption = f"{n + 1}: {label} {score:.3f} {mark} #{id_}"
@@ -265,16 +266,13 @@ def examples_for(engine: Engine, name: str | None, limit: int = MAX_EXAMPLES) ->
         queries = sorted(engine.sample_queries(), key=lambda p: "two_objects" not in p.name)  # the richest first
         return [(str(p), p.stem.removeprefix("query_").replace("_", " ")) for p in queries[:limit]]
     try:
-        index = engine.index(name)
+        firsts = engine.first_of_each_label(name)
+        step = max(1, len(firsts) // (3 * limit))  # spread over the labels; spares for entries without a thumbnail
+        found = [e for e in engine.lookup(name, firsts[::step][: 3 * limit], thumbnails=True) if e.thumbnail]
     except ShiTuError:
         return []
-    firsts = index.one_per_label()
-    step = max(1, len(firsts) // (3 * limit))  # spread over the labels; a few spare for entries without a thumbnail
-    picks = firsts[::step][: 3 * limit].tolist()
-    thumbs = index.thumbnails(picks)
-    picks = [i for i in picks if i in thumbs]
-    picks = picks[:: max(1, len(picks) // limit)][:limit]
-    return [(thumbnail_image(thumbs[i]), f"{index.label(i)} · #{i}") for i in picks]
+    picks = found[:: max(1, len(found) // limit)][:limit]
+    return [(thumbnail_image(e.thumbnail), f"{e.label} · #{e.id}") for e in picks]
 
 
 def show_examples(engine: Engine, name: str | None):
@@ -336,8 +334,8 @@ def teach_box(
     report = engine.teach(result.index_name, result.image, obj.bbox, label)
     lang = lang_of(request)
     head = tr(lang, "taught", box=box, index=report.index, id=report.added_ids[0], label=md_safe(label.strip()))
-    index = engine.index(result.index_name)
-    return head + "\n\n" + calibration_markdown(index, lang), threshold_for_index(engine, result.index_name)
+    info = engine.info(result.index_name)
+    return head + "\n\n" + calibration_markdown(info, lang), threshold_for_index(engine, result.index_name)
 
 
 # --- the tab ---------------------------------------------------------------------------------------------
