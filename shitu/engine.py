@@ -53,13 +53,14 @@ from shitu.gallery import (
 )
 from shitu.ids import parse_ids
 from shitu.index import GalleryIndex
-from shitu.matching import match_objects
+from shitu.matching import search_regions
 from shitu.report import GalleryReport, gallery_report
-from shitu.results import Recognition
+from shitu.results import Recognition, merge_same_label
 from shitu.runtime import Runtime
 from shitu.stores.base import GalleryStore, check_name, open_store
 from shitu.stores.files import FileStore
 from shitu.stores.layout import load_index
+from shitu.threshold import ThresholdPolicy
 from shitu.views import (
     CalibrationView,
     EntryPage,
@@ -70,8 +71,7 @@ from shitu.views import (
     VersionInfo,
 )
 
-# GalleryIndex is part of the engine's surface: it is what PaddleX calls IndexData
-__all__ = ["ChangeReport", "Engine", "GalleryIndex", "Options", "Progress", "UNSET"]
+__all__ = ["ChangeReport", "Engine", "Options", "Progress", "UNSET"]
 
 log = logging.getLogger(__name__)
 
@@ -348,19 +348,20 @@ class Engine:
         return self._current_runtime().default_det_threshold
 
     @property
+    def thresholds(self) -> ThresholdPolicy:
+        """Which recognition threshold a query gets (:mod:`shitu.threshold`): the call's, the
+        YAML's, the index's own (a projected index's similarities live on another scale), the
+        active model's default."""
+        return ThresholdPolicy(self.config.rec_threshold, self._current_runtime().model_rec_threshold)
+
+    @property
     def default_rec_threshold(self) -> float:
-        """The YAML's ``rec_threshold`` if it sets one, else the active model's default."""
-        return self._current_runtime().default_rec_threshold
+        """The threshold of a query of an uncalibrated index: the YAML's, else the model's."""
+        return self.thresholds.for_index(None)
 
     def rec_threshold_for(self, index: GalleryIndex) -> float:
-        """The threshold used when a call gives none: the YAML's ``rec_threshold`` if it sets
-        one, else the index's own suggestion (a whitened index's similarities live on another
-        scale), else the active model's default."""
-        if self.config.rec_threshold is not None:
-            return self.config.rec_threshold
-        if index.suggested_rec_threshold is not None:
-            return index.suggested_rec_threshold
-        return self._current_runtime().default_rec_threshold
+        """The threshold used when a call gives none."""
+        return self.thresholds.for_index(index.suggested_rec_threshold)
 
     def options(
         self,
@@ -392,9 +393,10 @@ class Engine:
             det_threshold=self.default_det_threshold
             if det_threshold is None
             else number("det_threshold", det_threshold, 0, 1),
-            rec_threshold=self.rec_threshold_for(index)
-            if rec_threshold is None
-            else number("rec_threshold", rec_threshold, -1, 1),
+            rec_threshold=self.thresholds.resolve(
+                None if rec_threshold is None else number("rec_threshold", rec_threshold, -1, 1),
+                index.suggested_rec_threshold,
+            ),
             rec_topk=self.config.rec_topk if rec_topk is None else int(rec_topk),
             whole_image=mode,
             nms_iou=None if nms is None else number("nms_iou", nms, 0, 1),
@@ -426,6 +428,8 @@ class Engine:
         """The latest committed version of an index (an index object is returned as it is)."""
         if isinstance(ref, GalleryIndex):
             return ref
+        if ref is not None and not isinstance(ref, (str, Path)):
+            raise ShiTuError(f"index must be an index object, a name or a directory, not {type(ref).__name__}")
         store, name = self.locate(ref)
         return store.get(name)
 
@@ -937,13 +941,12 @@ class Engine:
             regions, feats, timings = runtime.analyze(rgb, opts.det_threshold, opts.whole_image)
             models = {"detection": runtime.detection.describe(), "recognition": runtime.recognition.describe()}
         t = time.perf_counter()
-        objects = match_objects(
-            regions, feats, gallery, rec_threshold=opts.rec_threshold, rec_topk=opts.rec_topk, nms_iou=opts.nms_iou
-        )
+        boxes = search_regions(regions, feats, gallery, rec_threshold=opts.rec_threshold, rec_topk=opts.rec_topk)
+        objects = merge_same_label(boxes, opts.nms_iou) if opts.nms_iou is not None else boxes
         timings["search"] = time.perf_counter() - t
         return Recognition(
             input_path=input_path, image=rgb, objects=objects, timings=timings, models=models,
-            index_name=name, rec_threshold=opts.rec_threshold,
+            index_name=name, rec_threshold=opts.rec_threshold, nms_iou=opts.nms_iou, boxes=boxes,
         )  # fmt: skip
 
     def recognize_many(

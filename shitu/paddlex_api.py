@@ -21,15 +21,18 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shitu.config import PipelineConfig, Settings
-from shitu.engine import UNSET, Engine, GalleryIndex, Progress
+from shitu.engine import UNSET, Engine, Progress
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
 from shitu.ids import parse_ids, read_id_file
 from shitu.report import GalleryReport
 from shitu.results import ShiTuResult
+
+if TYPE_CHECKING:  # IndexData holds one (PaddleX's IndexData holds its faiss index); the engine makes them
+    from shitu.index import GalleryIndex
 
 
 class IndexData:
@@ -176,8 +179,6 @@ class ShiTuPipeline:
     def _index(self, index: Any) -> GalleryIndex:
         if isinstance(index, IndexData):
             return index.gallery
-        if isinstance(index, GalleryIndex):
-            return index
         if index is None:
             raise ShiTuError("no index given: build one with build_index, or pass index=<dir>")
         if hasattr(index, "index") and hasattr(index, "id_map") and hasattr(index, "save"):  # PaddleX IndexData
@@ -186,7 +187,7 @@ class ShiTuPipeline:
                 return self.engine.load_index_dir(tmp)
         if isinstance(index, (str, Path)):
             return self.engine.index(Path(index))  # PaddleX: a string is always a directory
-        raise ShiTuError(f"index must be an index object or a directory, not {type(index).__name__}")
+        return self.engine.index(index)  # one of the engine's index objects, as it is; anything else is refused
 
 
 def as_batch(gallery_imgs: Any, gallery_label: Any) -> GalleryBatch:

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import mimetypes
 import time
@@ -21,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from shitu.geometry import box_iou
 from shitu.render import draw_objects
+from shitu.threshold import accepts
 
 
 @dataclass
@@ -33,7 +37,8 @@ class RecognizedObject:
     *unknown*). ``candidate`` is the best match whatever the threshold — the near miss of an
     unknown box — as ``(label, score, id)``, or ``None`` for an empty gallery. ``candidates``
     holds the top-k distinct labels *whatever* the threshold, best first, as ``(label, score,
-    id)``: what a person needs to judge an answer or a near miss.
+    id)``: what a person needs to judge an answer or a near miss, and what :meth:`decide` reads
+    the answers from again at another threshold.
     """
 
     bbox: tuple[float, float, float, float]  # x1, y1, x2, y2 in original-image pixels
@@ -45,6 +50,21 @@ class RecognizedObject:
     whole_image: bool = False  # the box is the whole image, not a detection
     candidate: tuple[str, float, int] | None = None
     candidates: list[tuple[str, float, int]] = field(default_factory=list)
+    # each candidate's similarity in the model's own space (NaN: not measured), for a calibration floor
+    candidate_raw: list[float] = field(default_factory=list, repr=False, compare=False)
+
+    def decide(self, threshold: float, floor: float | None = None) -> None:
+        """The answers at ``threshold``: the longest prefix of the candidates (best first) that
+        :func:`shitu.threshold.accepts`; the best candidate is kept either way (the near miss)."""
+        self.labels, self.scores, self.ids = [], [], []
+        for k, (label, score, id_) in enumerate(self.candidates):
+            raw = self.candidate_raw[k] if k < len(self.candidate_raw) else None
+            if not accepts(score, threshold, raw, floor):
+                break
+            self.labels.append(label)
+            self.scores.append(score)
+            self.ids.append(id_)
+        self.candidate = self.candidates[0] if self.candidates else None
 
     @property
     def label(self) -> str | None:
@@ -91,6 +111,20 @@ class Recognition:
     models: dict[str, str] = field(default_factory=dict)  # stage → active model description
     index_name: str | None = None
     rec_threshold: float | None = None
+    floor: float | None = None  # the index calibration's floor in the model's own space, if it keeps one
+    nms_iou: float | None = None  # cross-box NMS of this query (None: off)
+    # every box before cross-box NMS, with its candidates: what at_threshold decides again
+    boxes: list[RecognizedObject] | None = field(default=None, repr=False, compare=False)
+
+    def at_threshold(self, threshold: float) -> Recognition:
+        """The same query decided at another threshold, without running a model or searching
+        again: each box's candidates were kept whatever their score, and boxes that cross-box NMS
+        merges at the new threshold are merged again (the studio's slider redraws with this)."""
+        every = [copy.copy(o) for o in (self.boxes if self.boxes is not None else self.objects)]
+        for obj in every:
+            obj.decide(float(threshold), self.floor)
+        objects = merge_same_label(every, self.nms_iou) if self.nms_iou is not None else every
+        return dataclasses.replace(self, objects=objects, rec_threshold=float(threshold), boxes=every)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, in PaddleX's schema without ``input_img``."""
@@ -110,6 +144,19 @@ class Recognition:
         against :attr:`rec_threshold`, captions in ``lang``, ``highlight`` (an index into
         :attr:`objects`) emphasised; see :func:`shitu.render.draw_objects`."""
         return draw_objects(self.image, self.objects, lang=lang, threshold=self.rec_threshold, highlight=highlight)
+
+
+def merge_same_label(objects: list[RecognizedObject], iou: float) -> list[RecognizedObject]:
+    """Cross-box NMS: of boxes recognised as the same label that overlap more than ``iou``,
+    keep the one with the best recognition score. Unrecognised boxes are kept as they are."""
+    recognised = sorted((o for o in objects if o.recognized), key=lambda o: -o.scores[0])
+    kept: list[RecognizedObject] = []
+    for obj in recognised:
+        same = [k for k in kept if k.label == obj.label]
+        if same and box_iou(np.array([obj.bbox]), np.array([k.bbox for k in same])).max() > iou:
+            continue
+        kept.append(obj)
+    return kept + [o for o in objects if not o.recognized]
 
 
 class ShiTuResult(dict):

@@ -641,10 +641,9 @@ class Runtime:
         return self.detection.default_threshold or 0.5
 
     @property
-    def default_rec_threshold(self) -> float:
-        """The YAML's ``rec_threshold`` when it sets one, else the active model's default."""
-        if self.config.rec_threshold is not None:
-            return self.config.rec_threshold
+    def model_rec_threshold(self) -> float:
+        """The active recognition model's own default threshold (the YAML's and an index's own
+        come first: :class:`shitu.threshold.ThresholdPolicy`)."""
         return self.recognition.default_threshold or 0.5
 
     # --- calls ---------------------------------------------------------------------------------

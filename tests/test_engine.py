@@ -100,6 +100,27 @@ def test_recognize_named_index(built, sample_queries):
     assert any(o.whole_image and o.label == "咖啡 coffee" for o in result.objects)
 
 
+@pytest.mark.parametrize("nms_iou", [0.5, None], ids=["cross-box NMS", "no NMS"])
+def test_a_result_decided_at_another_threshold_is_the_query_run_at_it(built, sample_queries, nms_iou):
+    """What the studio's threshold slider redraws without a new query: one result decided again
+    at each threshold gives every box, answer and near miss that running the query at that
+    threshold gives (boxes merged by cross-box NMS merged again)."""
+    photo = sample_queries[0].read_bytes()  # two products: several boxes, some near each other
+    base = built.recognize(photo, "drinks", whole_image="always", rec_threshold=0.99, nms_iou=nms_iou)
+    scores = sorted({score for box in base.boxes for _, score, _ in box.candidates})
+    assert len(scores) >= 4, "the photo should give several candidates to decide between"
+    picks = [0.0, scores[len(scores) // 2], (scores[1] + scores[2]) / 2, scores[-1], scores[-1] + 0.01]
+    answers = set()
+    for t in picks:
+        again = built.recognize(photo, "drinks", whole_image="always", rec_threshold=t, nms_iou=nms_iou)
+        redrawn = base.at_threshold(t)
+        assert redrawn.rec_threshold == again.rec_threshold == t
+        assert [o.to_dict() for o in redrawn.objects] == [o.to_dict() for o in again.objects], t
+        answers.add(tuple(tuple(o.labels) for o in redrawn.objects))
+    assert len(answers) >= 3, "the thresholds picked should change the answers"
+    assert all(not o.recognized for o in base.objects)  # the base itself stays as it was decided
+
+
 def test_sample_index_is_built_once(engine, tmp_path):
     assert engine.ensure_sample_index() == "sample"
     first = stored_state(engine), engine.versions("sample")

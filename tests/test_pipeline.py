@@ -16,10 +16,9 @@ from PIL import Image
 
 from shitu import GalleryIndex, ShiTuError, create_pipeline
 from shitu.config import PipelineConfig
-from shitu.matching import merge_same_label
 from shitu.models import try_official
 from shitu.paddlex_api import as_batch
-from shitu.results import RecognizedObject, ShiTuResult
+from shitu.results import RecognizedObject, ShiTuResult, merge_same_label
 from shitu.runtime import Runtime
 from shitu.sample import SAMPLE_SUBJECTS
 from shitu.stores.layout import load_index
