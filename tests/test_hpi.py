@@ -293,3 +293,72 @@ def test_multiclass_nms_matches_paddles_kernel():
         ours, our_count = postprocess.nms_cut(boxes, scores, settings)
         np.testing.assert_array_equal(our_count, count.numpy())
         np.testing.assert_allclose(ours, out.numpy(), atol=1e-5)
+
+
+# A PaddleDetection-style detector (the official PP-ShiTuV2_det, a PicoDet, is one): a head whose
+# decoded boxes [N, M, 4] (original pixels: divided by scale_factor) and class scores [N, C, M] go into
+# multiclass_nms3, whose own outputs are the model's. Saved by paddle.jit from this file (to_static
+# needs the source in a real file).
+def _picodet_like(tmp_path: Path) -> Path:
+    import paddle
+    from paddle import _C_ops, nn
+
+    class TinyPicoDet(nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Conv2D(3, 8, 3, stride=4, padding=1)
+            self.box_head = nn.Conv2D(8, 4, 1)
+            self.cls_head = nn.Conv2D(8, 3, 1)
+
+        def forward(self, image, scale_factor):
+            f = nn.functional.relu(self.features(image))
+            n = image.shape[0]
+            grid = paddle.arange(64, dtype="float32")
+            cx = (grid % 8) * 4 + 2
+            cy = paddle.floor(grid / 8) * 4 + 2
+            d = paddle.exp(paddle.reshape(self.box_head(f), [n, 4, 64]) * 0.5) * 3
+            boxes = paddle.stack([cx - d[:, 0], cy - d[:, 1], cx + d[:, 2], cy + d[:, 3]], axis=-1)
+            scale = paddle.concat([scale_factor[:, 1:2], scale_factor[:, 0:1]] * 2, axis=1)
+            boxes = boxes / paddle.unsqueeze(scale, 1)
+            scores = nn.functional.sigmoid(paddle.reshape(self.cls_head(f), [n, 3, 64]))
+            out, _, count = _C_ops.multiclass_nms3(boxes, scores, None, 0.3, 1000, 20, 0.5, True, 1.0, -1)
+            return out, count
+
+    paddle.seed(3)
+    net = TinyPicoDet()
+    net.eval()
+    spec = [paddle.static.InputSpec([None, 3, 32, 32], "float32", "image"),
+            paddle.static.InputSpec([None, 2], "float32", "scale_factor")]  # fmt: skip
+    model_dir = tmp_path / "picodet"
+    paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True), str(model_dir / "inference"))
+    return model_dir
+
+
+def test_a_picodet_style_detector_is_cut_before_its_nms(tmp_path):
+    import paddle.inference as pi
+
+    from shitu.hpi import convert, load_fast_model
+
+    model_dir = _picodet_like(tmp_path)
+    entry, made = convert(model_dir, "detection", tmp_path / "cache")
+    meta = json.loads((entry / "hpi.json").read_text())
+    assert made and meta["variant"] == "nms-cut" and meta["nms"]["keep_top_k"] == 20
+    config = pi.Config(str(model_dir / "inference.json"), str(model_dir / "inference.pdiparams"))
+    config.disable_mkldnn()
+    config.disable_glog_info()
+    paddle_model = pi.create_predictor(config)
+    rng = np.random.default_rng(0)
+    for backend in BACKENDS:
+        runner = FastRunner(load_fast_model(entry, backend, 1, "cpu"), ["image", "scale_factor"], meta)
+        for n in (1, 3):
+            image = rng.normal(size=(n, 3, 32, 32)).astype(np.float32)
+            scale = rng.uniform(0.2, 1.5, (n, 2)).astype(np.float32)
+            for name, value in zip(paddle_model.get_input_names(), (image, scale)):
+                paddle_model.get_input_handle(name).copy_from_cpu(value)
+            paddle_model.run()
+            expected = [paddle_model.get_output_handle(o).copy_to_cpu() for o in paddle_model.get_output_names()]
+            got = runner([image, scale])
+            assert expected[0].shape[0] > 0
+            np.testing.assert_array_equal(got[1], expected[1])
+            np.testing.assert_array_equal(got[0][:, 0], expected[0][:, 0])
+            np.testing.assert_allclose(got[0][:, 1:], expected[0][:, 1:], atol=1e-3)
