@@ -112,7 +112,6 @@ def plan_detector(model_dir: Path, out_dir: Path) -> tuple[Path | None, dict[str
         if len(raw) != 2 or len(boxes) != 1 or len(scores) != 1:
             raise ExportRefused(f"the SSD post-processing takes {shapes}; expected boxes [N,K,4] and scores [N,K,C]")
         outputs = [boxes[0], scores[0]]
-        feeds = [data[name] for name in feed_names if name != "scale_factor"]  # only the decoding reads it
         anchors = _ssd_anchors(ssd_ops, int(boxes[0].shape[1]))
         np.save(out_dir / "anchors.npy", anchors)
         starter = _read_json(model_dir / "starter.json")
@@ -138,8 +137,23 @@ def plan_detector(model_dir: Path, out_dir: Path) -> tuple[Path | None, dict[str
         meta = {"variant": "nms-cut", "nms": settings, "outputs": ["bboxes", "scores"]}
     pruned = out_dir / "pruned"
     pruned.mkdir(parents=True, exist_ok=True)
-    paddle.static.save_inference_model(str(pruned / "inference"), feeds, outputs, exe, program=program)
+    _save_pruned(str(pruned / "inference"), feeds, outputs, exe, program)
     return pruned, meta
+
+
+def _save_pruned(path: str, feeds: list[Any], outputs: list[Any], exe: Any, program: Any) -> None:
+    """The program cut to ``outputs``; an input they do not need (Paddle refuses it) is left out."""
+    import paddle
+
+    for drop in [None, *range(len(feeds))]:
+        kept = [f for k, f in enumerate(feeds) if k != drop]
+        try:
+            paddle.static.save_inference_model(path, kept, outputs, exe, program=program)
+            return
+        except ValueError as exc:
+            if "not involved" not in str(exc) or not kept:
+                raise
+    raise ExportRefused("the cut program needs none of the model's inputs")
 
 
 def export(model_dir: Path, out_dir: Path, stage: str) -> dict[str, Any]:
