@@ -236,6 +236,32 @@ def test_a_conversion_that_does_not_match_paddle_is_refused(hpi_cache, tmp_path)
     assert choice.engine == "paddle" and choice.reason.startswith("refused:") and "cosine" in choice.reason
 
 
+def test_an_engine_that_killed_its_process_is_not_tried_again(hpi_cache, tmp_path):
+    """A native crash while the engine loads or checks a model kills the worker; its marker, left in
+    the cache entry by a process that no longer exists, keeps the next start on Paddle."""
+    import subprocess
+    import sys
+
+    model_dir = starter_dir("recognition")
+    good = cache_entry(model_dir, "recognition", hpi_cache)
+    if not good.is_dir():
+        accelerate(predictor("recognition"), "recognition", str(model_dir), HpiSpec(True, cache_dir=str(hpi_cache)),
+                   "cpu", 2)  # fmt: skip
+    entry = cache_entry(model_dir, "recognition", tmp_path)
+    shutil.copytree(good, entry)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (entry / f".openvino.loading.{gone.pid}").write_text("")
+    for _ in range(2):
+        choice = accelerate(predictor("recognition"), "recognition", str(model_dir),
+                            HpiSpec(True, cache_dir=str(tmp_path)), "cpu", 2)  # fmt: skip
+        assert choice.engine == "paddle" and "OpenVINO ended the process" in choice.reason
+    other = accelerate(predictor("recognition"), "recognition", str(model_dir),
+                       HpiSpec(True, "onnxruntime", cache_dir=str(tmp_path)), "cpu", 2)  # fmt: skip
+    assert other.engine == "onnxruntime", other.reason  # the other engine is still tried
+    assert not list(entry.glob(".onnxruntime.loading.*"))  # its marker went away after the check
+
+
 def test_a_missing_engine_keeps_paddle(monkeypatch):
     import importlib.util
 

@@ -430,7 +430,13 @@ def accelerate(predictor: Any, stage: str, model_dir: str | None, spec: HpiSpec 
         return paddle_choice(exc.args[0], backend)
     from shitu.hpi.runners import FastRunner
 
+    guard = _CrashGuard(entry, backend)
+    crashed = guard.crashed_before()
+    if crashed:
+        log.warning("%s model stays on Paddle: %s", stage, crashed)
+        return paddle_choice(crashed, backend)
     try:
+        guard.arm()
         meta = json.loads((entry / "hpi.json").read_text(encoding="utf-8"))
         anchors = np.load(entry / "anchors.npy") if (entry / "anchors.npy").is_file() else None
         model = load_fast_model(entry, backend, spec.cpu_threads or default_threads, device, spec.providers)
@@ -444,6 +450,8 @@ def accelerate(predictor: Any, stage: str, model_dir: str | None, spec: HpiSpec 
         reason = f"{ENGINE_NAMES[backend]} could not run the converted model ({type(exc).__name__}: {first})"
         log.warning("%s model stays on Paddle: %s", stage, reason)
         return paddle_choice(reason, backend)
+    finally:
+        guard.disarm()
     if not check["ok"]:
         reason = f"refused: the converted model does not reproduce Paddle's outputs ({check['why']})"
         log.warning("%s model stays on Paddle: %s", stage, reason)
@@ -466,6 +474,58 @@ def accelerate(predictor: Any, stage: str, model_dir: str | None, spec: HpiSpec 
     runner.on_fallback = fell_back
     _unwrap(predictor).runner = runner
     return choice
+
+
+class _CrashGuard:
+    """A native crash of the engine while it loads or checks a model (the worker process dies) must not
+    repeat at every restart: a marker naming this process lies in the cache entry meanwhile; a marker
+    left by a process that no longer exists means it died there, and that engine is not tried again on
+    this model (until ``<backend>.crashed`` is deleted)."""
+
+    def __init__(self, entry: Path, backend: str):
+        self.entry, self.backend = entry, backend
+        self.marker = entry / f".{backend}.loading.{os.getpid()}"
+        self.note = entry / f"{backend}.crashed"
+
+    def crashed_before(self) -> str | None:
+        try:
+            if self.note.is_file():
+                return self.note.read_text(encoding="utf-8").strip()
+            for marker in self.entry.glob(f".{self.backend}.loading.*"):
+                pid = int(marker.name.rsplit(".", 1)[1])
+                if pid != os.getpid() and not _alive(pid):
+                    reason = (
+                        f"{ENGINE_NAMES[self.backend]} ended the process (pid {pid}) while loading or checking this "
+                        f"model; Paddle keeps it (delete {self.note.name} in the conversion cache to try again)"
+                    )
+                    self.note.write_text(reason + "\n", encoding="utf-8")
+                    marker.unlink(missing_ok=True)
+                    return reason
+        except (OSError, ValueError):  # a read-only or odd cache: no memory of crashes
+            return None
+        return None
+
+    def arm(self) -> None:
+        try:
+            self.marker.write_text("", encoding="utf-8")
+        except OSError:
+            pass
+
+    def disarm(self) -> None:
+        try:
+            self.marker.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _paddle_feed_names(predictor: Any, model: Any) -> list[str]:
