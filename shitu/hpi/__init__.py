@@ -186,9 +186,10 @@ def _reason_from_output(output: str, returncode: int) -> str:
     refused = [ln.removeprefix("REFUSED: ") for ln in lines if ln.startswith("REFUSED: ")]
     if refused:
         return refused[-1]
-    errors = [ln for ln in lines if "[ERROR]" in ln or "Error" in ln.split(":")[0]]
+    paddle2onnx_errors = [ln for ln in lines if "[ERROR]" in ln]  # e.g. "... unsupported operators ..."
+    errors = [ln for ln in lines if "Error" in ln.split(":")[0]]
     how = f"signal {signal.Signals(-returncode).name}" if returncode < 0 else f"exit code {returncode}"
-    detail = (errors or lines or ["no output"])[-1]
+    detail = (paddle2onnx_errors or errors or lines or ["no output"])[-1]
     detail = detail.replace("[ERROR][Paddle2ONNX] ", "")
     return f"paddle2onnx could not convert it ({how}): {detail[:240]}"
 
