@@ -390,9 +390,8 @@ def bench_build(plan: Plan, engines: dict[str, Any], runtime: Any, data: Data, d
     b = faiss_vectors(pdx_index.index)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     diff = float(np.abs(raw - b).max()) if raw.shape == b.shape else float("nan")
-    hpi = indices[DEFAULT_HPI]
-    hpi_raw = hpi.raw_features(hpi.vectors()[0]) if hpi.whitening is not None else hpi.vectors()[1]
-    hpi_cos = float(np.min(np.sum(hpi_raw * raw, axis=1))) if hpi_raw.shape == raw.shape else float("nan")
+    hpi_feats = engines["hpi"].embed_gallery(_fresh(batch))[0]  # (an index keeps its raw features as float16)
+    hpi_cos = float(np.min(np.sum(hpi_feats * raw, axis=1))) if hpi_feats.shape == raw.shape else float("nan")
     rounds = range(plan.build_rounds)
     pdx_best = [min(times[side][r] for side in pdx_sides) for r in rounds]
     pdx_shipped = times[f"PaddleX, batch {PDX_SHIPPED}"]
