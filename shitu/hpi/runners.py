@@ -21,7 +21,8 @@ from shitu.hpi import postprocess
 
 log = logging.getLogger(__name__)
 
-MAX_SHAPES = 8  # OpenVINO compiles one static-shape model per input shape (batch sizes); this many are kept
+MAX_SHAPES = 8  # OpenVINO compiles one static-shape model per input shape; this many are kept
+BATCH_SIZES = (8, 4, 2, 1)  # a batch of another size runs as these (7 = 4 + 2 + 1): no compile per new size
 
 
 class OpenVinoModel:
@@ -30,7 +31,9 @@ class OpenVinoModel:
 
     engine = "openvino"
 
-    def __init__(self, path: Path, threads: int | None, device: str = "CPU"):
+    def __init__(self, path: Path, threads: int | None, device: str = "CPU", *, split_batches: bool = False):
+        """``split_batches``: every input and output has the batch on axis 0, so a batch of any size
+        runs as batches of ``BATCH_SIZES`` — a query's 1-18 crops then never wait for a compile."""
         import openvino as ov
 
         self._ov = ov
@@ -46,6 +49,7 @@ class OpenVinoModel:
         self.output_names = [p.get_any_name() for p in probe.outputs]
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
+        self.split_batches = split_batches
         self.version = ov.get_version().split("-")[0]
 
     def _for(self, feeds: dict[str, np.ndarray]) -> Any:
@@ -62,11 +66,28 @@ class OpenVinoModel:
             self._compiled.move_to_end(key)
         return compiled
 
+    def _run_static(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        compiled = self._for(feeds)
+        results = compiled(feeds)
+        return [np.array(results[out]) for out in compiled.outputs]
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         with self._lock:
-            compiled = self._for(feeds)
-            results = compiled(feeds)
-            return [np.asarray(results[out]) for out in compiled.outputs]
+            n = len(next(iter(feeds.values())))
+            if not self.split_batches or n in BATCH_SIZES or n == 0:
+                return self._run_static(feeds)
+            parts, start = [], 0
+            while start < n:
+                size = next(b for b in BATCH_SIZES if b <= n - start)
+                parts.append(self._run_static({k: v[start : start + size] for k, v in feeds.items()}))
+                start += size
+            return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+    def warm_up(self, feeds: dict[str, np.ndarray]) -> None:
+        """Compile now for each batch size (from one example batch), not at the first query."""
+        if self.split_batches:
+            for size in BATCH_SIZES:
+                self.run({k: np.repeat(v[:1], size, axis=0) for k, v in feeds.items()})
 
 
 class OnnxRuntimeModel:
