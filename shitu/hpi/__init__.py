@@ -15,10 +15,13 @@ when the models load (:func:`accelerate`):
    :mod:`shitu.hpi.postprocess` reproduces in NumPy.
 3. **Verification.** The fast model must reproduce Paddle's own outputs on a probe batch
    (scikit-image's bundled photos, through PaddleX's own preprocessing): features at cosine
-   ≥ ``MIN_COSINE``, detector boxes equal within ``BOX_TOLERANCE_PX`` with the same classes and counts.
+   ≥ ``MIN_COSINE``; detector boxes with the same classes and counts, coordinates within
+   ``BOX_TOLERANCE_PX`` and scores within ``SCORE_TOLERANCE`` (a box scored at the NMS floor itself,
+   within ``FLOOR_MARGIN``, may be kept by one engine only: see :func:`compare_boxes`).
 4. **Swap.** The PaddleX predictor keeps its pre- and post-processing; only its ``runner`` (the model
    call) is replaced (:class:`shitu.hpi.runners.FastRunner`), with Paddle's runner kept as the
-   fallback should the fast engine ever fail on an input.
+   fallback should the fast engine ever fail on an input. An engine that kills the process while it
+   loads or checks a model is not tried on it again (:class:`_CrashGuard`).
 
 Any step that fails keeps Paddle and says why in one line (:class:`EngineChoice`), which
 ``Runtime.models`` / ``Engine.models()`` / ``/health`` report per model.
