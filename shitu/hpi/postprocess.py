@@ -16,40 +16,47 @@ from typing import Any
 
 import numpy as np
 
-from shitu.geometry import box_iou
 
-
-def _overlaps(boxes: np.ndarray, normalized: bool) -> np.ndarray:
-    """Pairwise IoU as Paddle's ``JaccardOverlap``: pixel boxes (``normalized=False``) count +1."""
-    if normalized:
-        return box_iou(boxes, boxes)
-    b = boxes.astype(np.float64)
-    lt = np.maximum(b[:, None, :2], b[None, :, :2])
-    rb = np.minimum(b[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt + 1, 0, None), axis=2)
-    area = np.prod(np.clip(b[:, 2:] - b[:, :2] + 1, 0, None), axis=1)
-    return inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-9)
+def _overlap_row(box: np.ndarray, boxes: np.ndarray, normalized: bool) -> np.ndarray:
+    """IoU of one box with each of ``boxes`` (the row of :func:`shitu.geometry.box_iou`, without its
+    matrix set-up: this runs once per kept box), as Paddle's ``JaccardOverlap``: pixel boxes
+    (``normalized=False``) count their edges, +1."""
+    edge = 0.0 if normalized else 1.0
+    x1, y1, x2, y2 = (float(v) for v in box)
+    w = np.clip(np.minimum(x2, boxes[:, 2]) - np.maximum(x1, boxes[:, 0]) + edge, 0, None)
+    h = np.clip(np.minimum(y2, boxes[:, 3]) - np.maximum(y1, boxes[:, 1]) + edge, 0, None)
+    inter = w * h
+    area = max(x2 - x1 + edge, 0.0) * max(y2 - y1 + edge, 0.0)
+    areas = np.clip(boxes[:, 2] - boxes[:, 0] + edge, 0, None) * np.clip(boxes[:, 3] - boxes[:, 1] + edge, 0, None)
+    return inter / np.maximum(area + areas - inter, 1e-9)
 
 
 def greedy_nms(
     boxes: np.ndarray, scores: np.ndarray, *, score_threshold: float, nms_threshold: float, nms_top_k: int = -1,
     normalized: bool = True, nms_eta: float = 1.0,
 ) -> np.ndarray:  # fmt: skip
-    """Kept indices for one class, best first (Paddle's ``NMSFast``)."""
+    """Kept indices for one class, best first (Paddle's ``NMSFast``: a candidate is kept when its IoU
+    with every box kept before it is at most the threshold)."""
     candidates = np.flatnonzero(scores > score_threshold)
     order = candidates[np.argsort(-scores[candidates], kind="stable")]
     if nms_top_k > -1:
         order = order[:nms_top_k]
-    if len(order) == 0:
-        return order.astype(np.int64)
-    overlap = _overlaps(boxes[order], normalized)
-    threshold = nms_threshold
+    ranked = boxes[order].astype(np.float64)
     kept: list[int] = []
+    if nms_eta >= 1:  # each kept box marks the later candidates it suppresses: one IoU row per kept box
+        suppressed = np.zeros(len(order), dtype=bool)
+        for pos in range(len(order)):
+            if suppressed[pos]:
+                continue
+            kept.append(pos)
+            suppressed[pos + 1 :] |= _overlap_row(ranked[pos], ranked[pos + 1 :], normalized) > nms_threshold
+        return order[kept].astype(np.int64)
+    threshold = nms_threshold  # adaptive: it shrinks after each kept box, so compare with it as it is now
     for pos in range(len(order)):
-        if kept and np.any(overlap[pos, kept] > threshold):
+        if kept and np.any(_overlap_row(ranked[pos], ranked[kept], normalized) > threshold):
             continue
         kept.append(pos)
-        if nms_eta < 1 and threshold > 0.5:
+        if threshold > 0.5:
             threshold *= nms_eta
     return order[kept].astype(np.int64)
 
