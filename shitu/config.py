@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         description="processes that decode and embed a large gallery (a build or an add of hundreds of "
         "images) side by side; default: one per core, at most 4; 1: only the models' own process",
     )
+    use_hpip: bool | None = Field(
+        None,
+        description="high-performance inference: run the models on OpenVINO (CPU) or ONNX Runtime, converted "
+        "and verified against Paddle at first use (needs the hpi extra); overrides the pipeline YAML's use_hpip",
+    )
     isolate_models: bool = Field(
         True, description="run PaddleX in a supervised worker process, so a native crash cannot kill the server"
     )
@@ -171,6 +176,8 @@ class SubModule:
     model_name: str
     model_dir: str | None = None
     batch_size: int = 1
+    use_hpip: bool | None = None  # None: the pipeline's
+    hpi_config: dict[str, Any] | None = None  # merged over the pipeline's
 
 
 @dataclass
@@ -179,6 +186,7 @@ class PipelineConfig:
 
     ``whole_image``, ``nms_iou`` and ``device`` are our additions (PaddleX ignores unknown
     keys); a ``None`` (YAML ``null``) threshold means "the active model's / the index's own".
+    ``use_hpip`` and ``hpi_config`` are PaddleX's (also per sub-module): see :mod:`shitu.hpi`.
     """
 
     detection: SubModule = field(default_factory=lambda: SubModule("PP-ShiTuV2_det"))
@@ -190,6 +198,8 @@ class PipelineConfig:
     whole_image: str = "auto"
     nms_iou: float | None = 0.5
     device: str | None = None
+    use_hpip: bool = False
+    hpi_config: dict[str, Any] | None = None
 
     def validate(self) -> "PipelineConfig":
         if self.recognition.model_name not in REC_MODELS and not self.recognition.model_dir:
@@ -205,7 +215,17 @@ class PipelineConfig:
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
                 raise ShiTuError(f"{name} must be between 0 and 1, not {value}")
+        parse_hpi_config(self.hpi_config)
+        for key, sub in (("Detection", self.detection), ("Recognition", self.recognition)):
+            parse_hpi_config(sub.hpi_config, f"SubModules.{key}.hpi_config")
         return self
+
+    def hpi_request(self, stage: str) -> tuple[bool, dict[str, Any]]:
+        """``(use_hpip, hpi_config)`` for ``stage`` (detection / recognition): the sub-module's
+        own settings over the pipeline's, as PaddleX merges them."""
+        sub = self.detection if stage == "detection" else self.recognition
+        enabled = self.use_hpip if sub.use_hpip is None else sub.use_hpip
+        return bool(enabled), {**(self.hpi_config or {}), **(sub.hpi_config or {})}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PipelineConfig":
@@ -217,6 +237,8 @@ class PipelineConfig:
                 model_name=raw.get("model_name") or default.model_name,
                 model_dir=raw.get("model_dir") or None,
                 batch_size=int(raw.get("batch_size") or default.batch_size),
+                use_hpip=_opt_bool(raw.get("use_hpip"), f"SubModules.{key}.use_hpip"),
+                hpi_config=raw.get("hpi_config") or None,
             )
 
         base = cls()
@@ -231,6 +253,8 @@ class PipelineConfig:
             whole_image=str(data.get("whole_image", base.whole_image)),
             nms_iou=_opt_float(data.get("nms_iou", base.nms_iou)),
             device=data.get("device") or None,
+            use_hpip=bool(_opt_bool(data.get("use_hpip"), "use_hpip")),
+            hpi_config=data.get("hpi_config") or None,
         ).validate()
 
     @classmethod
@@ -249,8 +273,19 @@ class PipelineConfig:
         return config
 
     def to_dict(self) -> dict[str, Any]:
+        def sub(module_name: str, s: SubModule) -> dict[str, Any]:
+            out = {"module_name": module_name, "model_name": s.model_name, "model_dir": s.model_dir,
+                   "batch_size": s.batch_size}  # fmt: skip
+            if s.use_hpip is not None:
+                out["use_hpip"] = s.use_hpip
+            if s.hpi_config:
+                out["hpi_config"] = s.hpi_config
+            return out
+
         return {
             "pipeline_name": "PP-ShiTuV2",
+            "use_hpip": self.use_hpip,
+            **({"hpi_config": self.hpi_config} if self.hpi_config else {}),
             "index": self.index,
             # null = the detector's own default (PaddleX passes None through to the predictor)
             "det_threshold": self.det_threshold,
@@ -258,18 +293,8 @@ class PipelineConfig:
             "rec_threshold": self.rec_threshold,
             "rec_topk": self.rec_topk,
             "SubModules": {
-                "Detection": {
-                    "module_name": "object_detection",
-                    "model_name": self.detection.model_name,
-                    "model_dir": self.detection.model_dir,
-                    "batch_size": self.detection.batch_size,
-                },
-                "Recognition": {
-                    "module_name": "image_feature",
-                    "model_name": self.recognition.model_name,
-                    "model_dir": self.recognition.model_dir,
-                    "batch_size": self.recognition.batch_size,
-                },
+                "Detection": sub("object_detection", self.detection),
+                "Recognition": sub("image_feature", self.recognition),
             },
             "whole_image": self.whole_image,
             "nms_iou": self.nms_iou,
@@ -286,5 +311,49 @@ class PipelineConfig:
         return path
 
 
+def _opt_bool(value: Any, name: str) -> bool | None:
+    """A YAML boolean (``true``/``false``, or the strings PaddleX's YAMLs sometimes carry)."""
+    if value in (None, "", "None"):
+        return None
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ShiTuError(f"{name} must be true or false, not {value!r}")
+
+
 def _opt_float(value: Any) -> float | None:
     return None if value in (None, "None", "") else float(value)
+
+
+HPI_BACKENDS = ("openvino", "onnxruntime", "paddle")
+_HPI_KEYS = {"backend", "backend_config", "auto_config", "auto_paddle2onnx", "device_type", "device_id", "hpi_info",
+             "model_name"}  # fmt: skip
+
+
+def parse_hpi_config(raw: Any, where: str = "hpi_config") -> dict[str, Any]:
+    """PaddleX's ``hpi_config`` (a dict, or its pydantic ``HPIConfig``), checked: ``backend``
+    (openvino, onnxruntime, paddle; default: chosen per device), ``backend_config``
+    (``cpu_num_threads``; ONNX Runtime also ``providers``). PaddleX's other keys are accepted and unused."""
+    if raw is None:
+        return {}
+    if hasattr(raw, "model_dump"):
+        raw = raw.model_dump(exclude_none=True)
+    if not isinstance(raw, dict):
+        raise ShiTuError(f"{where} must be a mapping like {{'backend': 'openvino'}}, not {type(raw).__name__}")
+    unknown = set(raw) - _HPI_KEYS
+    if unknown:
+        raise ShiTuError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_HPI_KEYS))}")
+    backend = raw.get("backend")
+    if backend is not None and backend not in HPI_BACKENDS:
+        raise ShiTuError(f"{where}.backend must be one of {', '.join(HPI_BACKENDS)} on this build, not {backend!r}")
+    backend_config = raw.get("backend_config") or {}
+    if not isinstance(backend_config, dict):
+        raise ShiTuError(f"{where}.backend_config must be a mapping")
+    threads = backend_config.get("cpu_num_threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 512):
+        raise ShiTuError(f"{where}.backend_config.cpu_num_threads must be a whole number from 1 to 512")
+    return dict(raw)

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shitu.config import PipelineConfig, Settings
+from shitu.config import PipelineConfig, Settings, parse_hpi_config
 from shitu.engine import UNSET, Engine, Progress
 from shitu.errors import ShiTuError
 from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
@@ -217,15 +217,21 @@ def create_pipeline(
     device: str | None = None,
     index: Any = None,
     *,
+    use_hpip: bool | None = None,
+    hpi_config: dict[str, Any] | None = None,
     isolate: bool = False,
     **settings: Any,
 ) -> ShiTuPipeline:
     """``paddlex.create_pipeline``'s signature: a pipeline name or a pipeline YAML path, or a
     config dict; ``device`` like ``"cpu"`` or ``"gpu:0"``; ``index``: what ``predict`` uses when
-    none is passed. ``isolate=True`` runs PaddleX in a worker process (a native crash then
+    none is passed. ``use_hpip=True``: high-performance inference — the models run on OpenVINO
+    (CPU) or ONNX Runtime, converted and verified against Paddle at first use, Paddle kept with a
+    reason wherever that fails (``pipeline.models`` says which engine runs each); ``hpi_config``
+    like PaddleX's, e.g. ``{"backend": "onnxruntime"}`` (the YAML's own ``hpi_config`` keys win).
+    ``isolate=True`` runs PaddleX in a worker process (a native crash then
     raises :class:`~shitu.errors.ModelCrashed` instead of ending Python). Other keywords set
     :class:`~shitu.config.Settings` fields (``data_dir=...``, ``offline=True``)."""
-    settings_obj = Settings.from_env(**settings)
+    settings_obj = Settings.from_env(use_hpip=use_hpip, **settings)
     if config is not None:
         cfg = PipelineConfig.from_dict(config)
     elif Path(str(pipeline)).is_file():
@@ -234,6 +240,8 @@ def create_pipeline(
         cfg = PipelineConfig.load(settings_obj.pipeline_config) if settings_obj.pipeline_config else PipelineConfig()
     else:
         raise ShiTuError(f"unknown pipeline {pipeline!r}: only PP-ShiTuV2 (or a path to its YAML) is supported")
+    if hpi_config is not None:
+        cfg.hpi_config = {**parse_hpi_config(hpi_config), **(cfg.hpi_config or {})}
     engine = Engine(settings_obj, config=cfg, device=device, isolate=isolate)
     engine.models()  # decide which weights run now: a bad model_dir fails here, as in PaddleX
     return ShiTuPipeline(engine, index=index)

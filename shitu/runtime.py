@@ -42,6 +42,7 @@ import numpy as np
 from shitu.config import PipelineConfig, Settings
 from shitu.errors import ModelCrashed, ShiTuError, Unavailable
 from shitu.gallery import load_image, make_thumbnail, swap_red_blue
+from shitu.hpi import EngineChoice, HpiSpec, accelerate, paddle_choice, pending_choice
 from shitu.models import ModelChoice, resolve_detection, resolve_recognition
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class ModelSpec:
     rec_batch_size: int = 4
     factory: str = DEFAULT_FACTORY  # "module:function" that creates the two predictors
     cpu_threads: int | None = None  # Paddle Inference math threads on CPU (None: PaddleX's default, 10)
+    hpi_detection: HpiSpec | None = None  # use_hpip for each model (shitu.hpi); None: Paddle Inference
+    hpi_recognition: HpiSpec | None = None
 
 
 # --- Paddle's and PaddleX's own output: kept to what a person can act on -------------------------
@@ -194,16 +197,28 @@ class ModelHost:
         self._stage = stage  # a shared int naming the running stage (worker mode), else None
         self._det: Any = None
         self._rec: Any = None
+        self.engines: dict[str, EngineChoice] = {}
 
     def _enter(self, stage: str) -> None:
         if self._stage is not None:
             self._stage.value = STAGES.index(stage)
 
-    def load(self) -> None:
+    def load(self) -> dict[str, dict[str, Any]]:
+        """Create the predictors (once) and put each on its engine (:mod:`shitu.hpi`); returns which
+        engine runs each model and why."""
         if self._rec is None:
             self._enter("loading models")
             self._det, self._rec = _load_factory(self.spec.factory)(self.spec)
+            threads = self.spec.cpu_threads
+            if self._det is not None and self.spec.detection is not None:
+                self.engines["detection"] = accelerate(
+                    self._det, "detection", self.spec.detection[1], self.spec.hpi_detection, self.spec.device, threads
+                )
+            self.engines["recognition"] = accelerate(
+                self._rec, "recognition", self.spec.recognition[1], self.spec.hpi_recognition, self.spec.device, threads
+            )
             self._enter("idle")
+        return {stage: choice.to_dict() for stage, choice in self.engines.items()}
 
     def detect(self, image: np.ndarray, threshold: float) -> list[Box]:
         """Main-body boxes of one RGB image (empty without a detector)."""
@@ -598,6 +613,7 @@ class Runtime:
         self.recognition: ModelChoice = resolve_recognition(config, settings)
         self.detection: ModelChoice = resolve_detection(config, settings)
         self.isolated = settings.isolate_models if isolate is None else isolate
+        self.hpi = {stage: self._hpi_spec(stage) for stage in ("detection", "recognition")}
         spec = ModelSpec(
             detection=(self.detection.model_name, self.detection.model_dir) if self.detection.available else None,
             recognition=(self.recognition.model_name, str(self.recognition.model_dir)),
@@ -605,7 +621,10 @@ class Runtime:
             rec_batch_size=config.recognition.batch_size,
             factory=factory,
             cpu_threads=settings.cpu_threads or min(usable_cores(), PADDLEX_CPU_THREADS),
+            hpi_detection=self.hpi["detection"],
+            hpi_recognition=self.hpi["recognition"],
         )
+        self._engines: dict[str, dict[str, Any]] | None = None  # known once the models have loaded
         self._executor: _ThreadExecutor | _ProcessExecutor = (
             _ProcessExecutor(spec) if self.isolated else _ThreadExecutor(spec)
         )
@@ -618,15 +637,32 @@ class Runtime:
         self._closed = False
         log.info("%s", models_line(self.recognition, self.detection))
 
+    def _hpi_spec(self, stage: str) -> HpiSpec | None:
+        """``use_hpip`` for one model: ``SHITU_USE_HPIP`` over the pipeline YAML (sub-module over pipeline)."""
+        enabled, hpi_config = self.config.hpi_request(stage)
+        if self.settings.use_hpip is not None:
+            enabled = self.settings.use_hpip
+        if not enabled:
+            return None
+        return HpiSpec.from_config(True, hpi_config, self.settings.models_dir / "hpi")
+
     # --- what runs ---------------------------------------------------------------------------
+    def _engine(self, stage: str) -> dict[str, Any]:
+        if self._engines is not None and stage in self._engines:
+            return self._engines[stage]
+        if stage == "detection" and not self.detection.available:
+            return paddle_choice("no detector").to_dict()
+        return pending_choice(self.hpi[stage], self.device).to_dict()
+
     @property
     def models(self) -> dict[str, Any]:
-        """Which models are active and why (for UIs, logs and the API)."""
+        """Which models are active and why, and which engine runs each (for UIs, logs and the API)."""
         return {
-            "detection": self.detection.to_dict(),
-            "recognition": self.recognition.to_dict(),
+            "detection": {**self.detection.to_dict(), "engine": self._engine("detection")},
+            "recognition": {**self.recognition.to_dict(), "engine": self._engine("recognition")},
             "device": self.device or "auto",
             "isolated": self.isolated,
+            "use_hpip": any(spec is not None for spec in self.hpi.values()),
         }
 
     @property
@@ -650,11 +686,19 @@ class Runtime:
     def _call(self, op: str, *args: Any) -> Any:
         if self._closed:
             raise Unavailable("these models were replaced; retry the request")
+        if self._engines is None and op != "load":
+            self.load()  # first: so which engine runs each model is known (and logged) from the start
         return self._executor.call(op, *args)
 
     def load(self) -> None:
         """Create the predictors now (otherwise on first use)."""
-        self._call("load")
+        if self._closed:
+            raise Unavailable("these models were replaced; retry the request")
+        engines = self._executor.call("load")
+        if self._engines is None and isinstance(engines, dict):
+            for stage, choice in engines.items():
+                log.info("%s engine: %s", stage, choice.get("description"))
+        self._engines = engines if isinstance(engines, dict) else {}
 
     def detect(self, image: np.ndarray, threshold: float) -> list[Box]:
         return self._call("detect", image, float(threshold))

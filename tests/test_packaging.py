@@ -77,7 +77,9 @@ def _canonical(name: str) -> str:
     "lock, sources",
     [("requirements.lock", ["requirements.in"]),
      ("requirements-milvus.lock", ["requirements.in", "requirements-milvus.in"]),
-     ("requirements-dev.lock", ["requirements.in", "requirements-milvus.in", "requirements-dev.in"])],
+     ("requirements-hpi.lock", ["requirements.in", "requirements-hpi.in"]),
+     ("requirements-dev.lock", ["requirements.in", "requirements-milvus.in", "requirements-hpi.in",
+                                "requirements-dev.in"])],
 )  # fmt: skip
 def test_each_lock_pins_what_its_sources_ask_for_with_hashes(lock, sources):
     """Editing a .in file without `bash .ci/lock` is caught here, not on a user's machine."""
@@ -109,7 +111,8 @@ def test_the_package_ranges_admit_the_locked_versions():
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     pins = _locked("requirements-dev.lock")
-    declared = [*project["dependencies"], *project["optional-dependencies"]["milvus"]]
+    extras = project["optional-dependencies"]
+    declared = [*project["dependencies"], *extras["milvus"], *extras["hpi"]]
     for text in declared:
         req = Requirement(text)
         versions = pins.get(_canonical(req.name))

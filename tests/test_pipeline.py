@@ -280,6 +280,7 @@ def test_concurrent_predictions_do_not_mix(pipeline, index, sample_queries):
     mixed up two threads' batches, and Paddle Inference raised "std::exception" when run from
     a succession of new threads (as web servers' thread pools do)."""
     images = [np.asarray(Image.open(q).convert("RGB")) for q in sample_queries[1:5]]
+    index = index.gallery  # the engine takes the GalleryIndex the PaddleX API's IndexData holds
     expected = [
         pipeline.engine.recognize(im, index, det_threshold=0.25, rec_threshold=0.0, rec_topk=1).to_dict()["boxes"]
         for im in images
