@@ -54,11 +54,13 @@ META_FILE = "shitu_meta.json"
 WHITENING_FILE = "shitu_whitening.npz"
 LABELS_FILE = "shitu_labels.npz"  # the id map as arrays, checked against id_map.yaml's hash
 RAW_FILE = "shitu_raw.npz"  # the unprojected features of an adapted index, so it can be refitted
+VIEWS_FILE = "shitu_views.npz"  # query-like views of the photos (raw features), so it can be recalibrated
 VERSION_FILE = "shitu_version.json"  # written by shitu.store (which version this is); a plain save drops it
 # what makes up an index dir (a full save writes all but the log; the version file is the store's)
 OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE, RAW_FILE, VERSION_FILE, ENTRIES_FILE, LOG_FILE,
-             LABELS_FILE)  # fmt: skip
-EXPORTED_FILES = (VECTOR_FILE, ID_MAP_FILE, LABELS_FILE, META_FILE, WHITENING_FILE, RAW_FILE, ENTRIES_FILE)
+             LABELS_FILE, VIEWS_FILE)  # fmt: skip
+EXPORTED_FILES = (VECTOR_FILE, ID_MAP_FILE, LABELS_FILE, META_FILE, WHITENING_FILE, RAW_FILE, ENTRIES_FILE,
+                  VIEWS_FILE)  # fmt: skip
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_LINEAGE = 16  # changes remembered between two commits (more: the next commit is a full save)
 
@@ -343,6 +345,7 @@ class GalleryIndex:
         raw: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None,
         changes_since_calibration: int = 0,
         meta: EntryMeta | None = None,
+        views: tuple[np.ndarray, np.ndarray] | None = None,
         delta: tuple[np.ndarray, np.ndarray] | None = None,
         dead: np.ndarray | None = None,
         keep: faiss.Index | None = None,
@@ -358,6 +361,8 @@ class GalleryIndex:
         self.calibration = calibration
         self.adaptation = adaptation
         self._raw = raw  # chunks of (ids, float16 unit features) when the projection can be refitted
+        self._views = views  # (entry id of the photo, float16 raw unit features) of its query-like views
+        self._raw_lookup: list | None = None  # raw_similarity's sorted ids, made on first use
         self.changes_since_calibration = changes_since_calibration
         self._metric_type = metric_type
         self._index_type = index_type
@@ -548,6 +553,11 @@ class GalleryIndex:
             "known_queries": c.known,
             "unknown_queries": c.unknown,
             "changes_since": self.changes_since_calibration,
+            # how sure: "threshold 0.72 ± 0.04 from 18 photos, 72 query-like views, 3 confirmed answers"
+            "uncertainty": c.uncertainty,
+            "confirmed_answers": len(c.taught),
+            "evidence": c.evidence,
+            "text": c.describe(),
         }
 
     # --- construction and mutation (each returns a new index) -------------------------
@@ -567,12 +577,15 @@ class GalleryIndex:
         whiten: bool = False,
         adapt: str = "off",
         progress=None,
+        views: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> "GalleryIndex":
         """``adapt`` (``auto``/``on``/``off``): fit a supervised projection to the gallery's labels
         (:mod:`shitu.adapt`; ``auto`` keeps it only where held-out recall says it helps).
         ``whiten``: unsupervised PCA whitening instead (needs >= 200 images; ignored below).
         Either way the index is calibrated (:mod:`shitu.calibrate`) when its labels allow.
-        Ids run from ``first_id`` on, unless ``ids`` gives each entry's (distinct, >= 0)."""
+        Ids run from ``first_id`` on, unless ``ids`` gives each entry's (distinct, >= 0).
+        ``views``: ``(row of the photo each was made from, raw features)`` of the photos'
+        query-like views (:meth:`shitu.engine.Engine.embed_gallery`), kept for the calibration."""
         if index_type not in INDEX_TYPES:
             raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
         if metric_type not in METRIC_TYPES:
@@ -591,7 +604,12 @@ class GalleryIndex:
             if len(ids) != len(features) or len(np.unique(ids)) != len(ids) or (ids < 0).any():
                 raise ShiTuError(f"ids must be {len(features)} distinct whole numbers of at least 0, one per vector")
         clean_labels = _clean_labels(labels)
-        projection, calibration, adaptation, raw = _fit(features, ids, clean_labels, whiten, adapt, progress)
+        if views is not None and len(views[0]):
+            views = (ids[np.asarray(views[0], dtype=np.int64)], _normalize(views[1]).astype(np.float16))
+        else:
+            views = None
+        projection, calibration, adaptation, raw = _fit(features, ids, clean_labels, whiten, adapt, progress,
+                                                        views=views, feature_model=feature_model)  # fmt: skip
         stored = projection.apply(features) if projection is not None else features
         index, inner = _faiss_index(stored, ids, index_type, metric_type)
         return cls(
@@ -608,6 +626,7 @@ class GalleryIndex:
             raw=raw,
             meta=EntryMeta(pending=_rows(ids, sources, thumbnails)),
             keep=inner,
+            views=views,
         )
 
     def recalibrated(self, adapt: str | None = None, *, progress=None) -> "GalleryIndex":
@@ -619,11 +638,14 @@ class GalleryIndex:
         ids, stored = self.vectors()
         labels = self.labels_of(ids)
         if self.whitening is not None and self._raw is None:
-            calibration = calibrate_gallery(stored, labels)
+            calibration = calibrate_gallery(stored, labels, **self._calibration_inputs(ids, self.whitening))
             return self._same_vectors(calibration=calibration, reset_changes=True)
         raw = self._raw_features(ids) if self.whitening is not None else stored
         mode = adapt or (self.adaptation.mode if self.adaptation is not None else "auto")
-        projection, calibration, adaptation, kept_raw = _fit(raw, ids, labels, False, mode, progress)
+        projection, calibration, adaptation, kept_raw = _fit(
+            raw, ids, labels, False, mode, progress, views=self._views, feature_model=self.feature_model,
+            taught=self.calibration.taught if self.calibration is not None else (),
+        )  # fmt: skip
         # same ids, sources and thumbnails; only vectors, projection and calibration are new
         if projection is None and self.whitening is None:  # raw before and after: the vectors stay
             result = self._same_vectors(reset_changes=True, adaptation=adaptation)
@@ -635,8 +657,20 @@ class GalleryIndex:
             index, self._labels, metric_type=self.metric_type, index_type=self.index_type,
             next_id=self._next_id, feature_model=self.feature_model, trained_size=len(ids),
             whitening=projection, calibration=calibration, adaptation=adaptation, raw=kept_raw,
-            meta=self._meta, keep=inner,
+            meta=self._meta, keep=inner, views=self._views,
         )  # fmt: skip
+
+    def _calibration_inputs(self, ids: np.ndarray, projection: Projection | None = None) -> dict[str, Any]:
+        """What :func:`~shitu.calibrate.calibrate_gallery` needs besides the vectors: entry ids,
+        the views (in the vectors' space), the confirmed answers so far and the feature model."""
+        views = None
+        if self._views is not None:
+            src, feats = self._views
+            feats = feats.astype(np.float32)
+            views = (src, projection.apply(feats) if projection is not None else feats)
+        taught = self.calibration.taught if self.calibration is not None else []
+        space = "raw" if projection is None else "whitened"  # PCA-whitened: no reference measured for it
+        return {"ids": ids, "views": views, "taught": taught, "feature_model": self.feature_model, "space": space}
 
     def with_threshold(self, threshold: float) -> "GalleryIndex":
         """A copy whose own recognition threshold is ``threshold`` (a point the user picked on
@@ -663,8 +697,11 @@ class GalleryIndex:
         sources: Sequence[str] | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
         calibrate: bool = True,
+        taught: bool = False,
     ) -> "GalleryIndex":
-        """A new index with these vectors appended; ids continue from :attr:`next_id`."""
+        """A new index with these vectors appended; ids continue from :attr:`next_id`.
+        ``taught``: they are confirmed answers (crops of real queries, :meth:`Engine.teach
+        <shitu.engine.Engine.teach>`), which the calibration keeps using as real queries."""
         features = _normalize(features)
         if len(features) != len(labels):
             raise ShiTuError(f"{len(features)} feature vectors but {len(labels)} labels")
@@ -679,11 +716,14 @@ class GalleryIndex:
         clean = _clean_labels(labels)
         raw = _raw_added(self._raw, ids, features.astype(np.float16)) if self._raw is not None else None
         stored = self.whitening.apply(features) if self.whitening is not None else features
+        calibration = None
+        if taught and self.calibration is not None:  # carried by the calibration: the change log records it
+            calibration = dataclasses.replace(self.calibration, taught=[*self.calibration.taught, *ids.tolist()])
         result = self._derive(
             labels=self._labels.added(ids, clean),
             delta=(np.concatenate([self._delta[0], ids]), np.concatenate([self._delta[1], stored])),
             next_id=int(ids[-1]) + 1, raw=raw, changed=len(ids), calibrate=calibrate,
-            meta=self._meta.with_rows(_rows(ids, sources, thumbnails)),
+            meta=self._meta.with_rows(_rows(ids, sources, thumbnails)), calibration=calibration,
         )  # fmt: skip
         change = {"op": "add", "ids": ids, "labels": clean, "vectors": stored}
         if raw is not None:
@@ -772,7 +812,7 @@ class GalleryIndex:
             search_params=None if recalibrate else self.search_params, calibrated_size=self.calibrated_size,
             whitening=self.whitening, suggested_rec_threshold=self._suggested, calibration=self.calibration,
             adaptation=self.adaptation, raw=_merged_raw(self._raw, ids), meta=self._meta, keep=inner,
-            changes_since_calibration=self.changes_since_calibration,
+            changes_since_calibration=self.changes_since_calibration, views=self._views,
         )  # fmt: skip
         return result
 
@@ -847,10 +887,11 @@ class GalleryIndex:
             delta=delta if delta is not None else self._delta,
             dead=dead if dead is not None else self._dead,
             keep=self._keep,
+            views=self._views,
         )
         if calibrate and changed and self.whitening is None and len(result) <= RECALIBRATE_MAX_ENTRIES:
             ids, vecs = result.vectors()
-            fresh = calibrate_gallery(vecs, result.labels_of(ids))
+            fresh = calibrate_gallery(vecs, result.labels_of(ids), **result._calibration_inputs(ids))
             if fresh is not None and result.calibration is not None and result.calibration.chosen_by == "user":
                 fresh = dataclasses.replace(fresh, threshold=result.calibration.threshold, chosen_by="user")
             result.calibration = fresh
@@ -973,6 +1014,26 @@ class GalleryIndex:
             self._search_with = (params, skip, selector)  # the selectors must outlive the params
         return self._search_with[0]
 
+    def raw_similarity(self, features: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+        """Cosine similarity in the model's own space of each query row with the entries
+        ``ids`` of its row ((N, k); NaN for a missing id), for the calibration's floor
+        (:func:`shitu.calibrate.accepts`); ``None`` when the index keeps no unprojected features."""
+        if self.whitening is None or not self._raw:
+            return None
+        if self._raw_lookup is None:  # per chunk: its ids sorted, once per index object
+            self._raw_lookup = [(np.argsort(chunk_ids), chunk_ids, feats) for chunk_ids, feats in self._raw]
+        queries = _normalize(features)
+        out = np.full(ids.shape, np.nan, dtype=np.float32)
+        for order, chunk_ids, feats in self._raw_lookup:
+            if not len(chunk_ids):
+                continue
+            pos = np.clip(np.searchsorted(chunk_ids, ids, sorter=order), 0, len(chunk_ids) - 1)
+            rows = order[pos]
+            found = (chunk_ids[rows] == ids) & (ids >= 0)
+            sims = np.einsum("nd,nkd->nk", queries, feats[rows].astype(np.float32))
+            out = np.where(found, sims, out)
+        return out
+
     def _raw_features(self, ids: np.ndarray) -> np.ndarray:
         raw_ids, raw = _merged_raw(self._raw, ids)[0]
         return raw.astype(np.float32)
@@ -1029,6 +1090,10 @@ class GalleryIndex:
             (raw_ids, raw), = merged
             with open(target / RAW_FILE, "wb") as fh:
                 np.savez(fh, ids=raw_ids, features=raw)
+        if self._views is not None:
+            live = np.isin(self._views[0], self._labels.ids)  # views of removed photos go with them
+            with open(target / VIEWS_FILE, "wb") as fh:
+                np.savez(fh, ids=self._views[0][live], features=self._views[1][live])
 
     @classmethod
     def load(cls, index_dir: str | Path, *, until_version: int | None = None) -> "GalleryIndex":
@@ -1133,6 +1198,14 @@ class GalleryIndex:
                     raw = None  # out of step with the vectors: the index works, it just cannot be refitted
         except (OSError, ValueError, KeyError) as exc:
             raise ShiTuError(f"{WHITENING_FILE} or {RAW_FILE} is damaged ({type(exc).__name__})") from None
+        views = None
+        with contextlib.suppress(OSError, ValueError, KeyError):  # unreadable views: calibrated without them
+            if (index_dir / VIEWS_FILE).exists():
+                with np.load(index_dir / VIEWS_FILE) as v:
+                    views = (v["ids"].astype(np.int64), v["features"])
+                dim = whitening.input_dim if whitening is not None else index.d
+                if views[1].ndim != 2 or views[1].shape[1] != dim or len(views[0]) != len(views[1]):
+                    views = None
         return cls(
             index,
             labels,
@@ -1150,6 +1223,7 @@ class GalleryIndex:
             raw=raw,
             changes_since_calibration=int(meta.get("changes_since_calibration") or 0),
             meta=EntryMeta(db if db.exists() else None, pending),
+            views=views,
         )
 
 
@@ -1277,15 +1351,24 @@ def _faiss_index(vectors: np.ndarray, ids: np.ndarray, index_type: str, metric_t
     return index, inner
 
 
-def _fit(features, ids, labels, whiten: bool, adapt_mode: str, progress):
-    """The projection (if any), calibration, record of the decision and kept raw features."""
+def _fit(features, ids, labels, whiten: bool, adapt_mode: str, progress, *, views=None, feature_model=None,
+         taught=()):  # fmt: skip
+    """The projection (if any), calibration, record of the decision and kept raw features.
+    ``views``: ``(entry ids, raw features)`` of query-like views; ``taught``: entry ids of
+    confirmed answers (both for the calibration, :mod:`shitu.calibrate`)."""
     if whiten:
+        unit_views = (views[0], views[1].astype(np.float32)) if views is not None else None
+        inputs = {"ids": ids, "taught": taught, "feature_model": feature_model}
         if len(features) < WHITEN_MIN_IMAGES:
-            return None, calibrate_gallery(features, labels), None, None
+            return None, calibrate_gallery(features, labels, views=unit_views, **inputs), None, None
+        inputs["space"] = "whitened"  # no reference measured for it: the photos' own point
         whitening = Whitening.fit(features)
         note = Adaptation("off", True, "PCA whitening (whiten=True)", kind="pca-whitening")
-        return whitening, calibrate_gallery(whitening.apply(features), labels), note, None
-    projection, calibration, adaptation = adapt(features, labels, mode=adapt_mode, progress=progress)
+        if unit_views is not None:
+            unit_views = (unit_views[0], whitening.apply(unit_views[1]))
+        return whitening, calibrate_gallery(whitening.apply(features), labels, views=unit_views, **inputs), note, None
+    projection, calibration, adaptation = adapt(features, labels, mode=adapt_mode, progress=progress, ids=ids,
+                                                views=views, taught=taught, feature_model=feature_model)  # fmt: skip
     raw = ((ids.copy(), features.astype(np.float16)),) if projection is not None else None
     return projection, calibration, adaptation, raw
 
