@@ -120,13 +120,13 @@ PRIORS: dict[str, Prior] = {
         offset=0.0383, offset_sd=0.0079, a=0.7646, b=0.0162, tau=0.0085,
         source="drink gallery, 52 raw sub-galleries of 15-98 photos"),
     "starter:PP-ShiTuV2_rec:PP-ShiTuV2_rec-mobilenetv2-imagenet|adapted": Prior(
-        offset=0.0026, offset_sd=0.0316, a=0.845, b=-0.0864, tau=0.0312,
+        offset=0.007, offset_sd=0.0259, a=0.8885, b=-0.0923, tau=0.0241,
         source="drink gallery, 132 adapted sub-galleries of 41-323 photos"),
     "official:PP-ShiTuV2_rec|raw": Prior(
         offset=None, offset_sd=0.0, a=0.1042, b=0.0485, tau=0.0283,
         source="drink gallery (reference embeddings), 110 raw sub-galleries of 15-323 photos"),
     "official:PP-ShiTuV2_rec|adapted": Prior(
-        offset=None, offset_sd=0.0, a=0.5565, b=-0.0743, tau=0.357,
+        offset=None, offset_sd=0.0, a=0.4195, b=-0.0178, tau=0.0313,
         source="drink gallery (reference embeddings), 74 adapted sub-galleries of 41-275 photos"),
 }  # fmt: skip
 FALLBACK_PRIOR = Prior(offset=None, offset_sd=0.0, a=0.0, b=0.0, tau=math.inf,
@@ -412,11 +412,11 @@ def calibrate_stats(
     rng = np.random.default_rng(seed)
 
     def point(pool: np.ndarray, shift: float) -> tuple[float, float, np.ndarray, np.ndarray]:
-        """The 80 % point of these unknowns (moved up by ``shift``; what the floor turns away
-        needs no threshold) and its bootstrap standard error over the photos they come from."""
+        """The 80 % point of these unknowns (moved up by ``shift``) and its bootstrap standard
+        error over the photos they come from. The threshold keeps the promise on its own; the
+        floor turns away more (where the model's own space tells products apart well, it alone
+        would reject most unknowns, and a threshold counting on it would drop to nothing)."""
         u, w = stats.unknown[pool] + shift, stats.weight[pool]
-        if floor_value is not None:
-            u = np.where(stats.raw_unknown[pool] >= floor_value, u, -np.inf)
         ug, inverse = np.unique(stats.group[pool], return_inverse=True)
         boot = []
         for _ in range(BOOTSTRAP):
@@ -434,7 +434,11 @@ def calibrate_stats(
     real_point = None
     if views and real_pool.sum() >= MIN_REAL:  # confirmed answers: how real queries score, measured
         real_point, real_se, ru, rw = point(real_pool, 0.0)
-        real_se = max(real_se, MIN_REAL_SE)
+        # a bootstrap of a handful says little: at least a sample quantile's standard error,
+        # sqrt(p (1 - p) / m) / pdf(z_p) standard deviations (1.43 sd / sqrt(m) at p = 0.8)
+        finite = ru[np.isfinite(ru)]
+        spread = float(np.std(finite)) if len(finite) > 1 else 0.0
+        real_se = max(real_se, MIN_REAL_SE, 1.43 * spread / math.sqrt(len(ru)))
         w_real = (1 / real_se**2) / (1 / real_se**2 + 1 / se**2)
         own = w_real * real_point + (1 - w_real) * own
         se = math.sqrt(1 / (1 / real_se**2 + 1 / se**2))
@@ -447,8 +451,6 @@ def calibrate_stats(
     uncertainty = math.sqrt(1 / (1 / tau**2 + 1 / se**2)) if math.isfinite(tau) else se
 
     k, kw = stats.known[known_side], stats.weight[known_side]
-    if floor_value is not None:
-        k = np.where(stats.raw_match[known_side] >= floor_value, k, -np.inf)
     photo_point = _target_point(stats.unknown[finite_u & photo], stats.weight[finite_u & photo]) if (
         finite_u & photo).any() else None  # fmt: skip
     points = _curve(k, stats.correct[known_side], u, kw, uw, [threshold])
