@@ -305,7 +305,8 @@ def evaluate(f: Features, gallery: np.ndarray, queries: np.ndarray, after: bool,
            "threshold": c.threshold, "uncertainty": c.uncertainty, "floor": c.floor, "shown": shown, "best": best,
            "gap": best - shown, "rejected": rejected, "top1": float(correct.mean()), "adapted": b.adapted,
            "oracle": oracle, "prior_weight": c.evidence.get("prior_weight"),
-           "views_threshold": c.evidence.get("own_threshold") if after else None}  # fmt: skip
+           "views_threshold": c.evidence.get("views_threshold") if after else None,
+           "photos_threshold": c.evidence.get("photos_threshold")}  # fmt: skip
     if f.nonproducts is not None:
         out["nonproducts_accepted"] = float(np.mean([answer(b, v[None])[2] for v in f.nonproducts]))
     return out
@@ -342,18 +343,20 @@ def fit_prior(f: Features, pool: list[str], galleries: int, seed: int) -> dict[s
     spread) of real queries' 80 % point minus the views' one; the level ``a + b ln(entries)``
     through the real queries' point, ``tau`` its residual spread."""
     measuring = Prior(offset=0.0, offset_sd=0.0, a=0.0, b=0.0, tau=math.inf, source="none (fitting)")
+    # (views and photos both at offset 0 with no spread: equal weights; their points are read apart)
     saved = dict(cal.PRIORS)
     for space in ("raw", "adapted"):
         cal.PRIORS[f"{f.name}|{space}"] = measuring
     rng = np.random.default_rng(seed)
-    found: dict[str, list[tuple[int, float, float | None]]] = {"raw": [], "adapted": []}
+    found: dict[str, list[tuple]] = {"raw": [], "adapted": []}
     try:
         for _ in range(galleries):
             gallery, queries = draw(rng, f, pool, 15, 400, max_labels=80)
             r = evaluate(f, gallery, queries, after=True)
             if r is not None:
                 views = r["views_threshold"] if f.views is not None else None
-                found["adapted" if r["adapted"] else "raw"].append((r["entries"], r["oracle"], views))
+                found["adapted" if r["adapted"] else "raw"].append((r["entries"], r["oracle"], views,
+                                                                    r["photos_threshold"]))  # fmt: skip
     finally:
         cal.PRIORS.clear()
         cal.PRIORS.update(saved)
@@ -365,11 +368,14 @@ def fit_prior(f: Features, pool: list[str], galleries: int, seed: int) -> dict[s
         b, a = np.polyfit(n, oracle, 1) if np.ptp(n) > 0 else (0.0, float(oracle.mean()))
         tau = float(np.std(oracle - (a + b * n)))
         gap = np.array([r[1] - r[2] for r in rows if r[2] is not None])
+        photos = np.array([r[1] - r[3] for r in rows if r[3] is not None])
         out[space] = Prior(
             offset=round(float(gap.mean()), 4) if len(gap) else None,
             offset_sd=round(float(gap.std()), 4) if len(gap) else 0.0,
             a=round(float(a), 4), b=round(float(b), 4), tau=round(max(tau, 1e-3), 4),
             source=f"{len(rows)} {space} sub-galleries of {int(np.exp(n.min()))}-{int(np.exp(n.max()))} photos",
+            photos_offset=round(float(photos.mean()), 4), photos_sd=round(float(photos.std()), 4),
+            max_entries=int(round(np.exp(n.max()))),
         )  # fmt: skip
     return out
 
@@ -524,7 +530,8 @@ def prior_table(f: Features, galleries: int, say) -> dict:
     fitted = fit_prior(f, sorted(set(f.labels.tolist())), galleries, seed=7)
     for space, p in fitted.items():
         say(f'    "{f.name}|{space}": Prior(offset={p.offset}, offset_sd={p.offset_sd}, a={p.a}, b={p.b}, '
-            f'tau={p.tau},\n        source="drink gallery, {p.source}"),')  # fmt: skip
+            f'tau={p.tau}, photos_offset={p.photos_offset}, photos_sd={p.photos_sd}, max_entries={p.max_entries},'
+            f'\n        source="drink gallery, {p.source}"),')  # fmt: skip
     return {s: p.__dict__ for s, p in fitted.items()}
 
 

@@ -96,7 +96,8 @@ MIN_REAL_SE = 0.01  # ... and the least a handful of them is unsure by
 class Prior:
     """What a reference gallery says about one feature model in one space (``raw`` or
     ``adapted``): real queries' 80 % point lies ``offset`` (± ``offset_sd``) above the views'
-    one, and near ``a + b ln(entries)`` (± ``tau``) for a gallery of that size."""
+    one and ``photos_offset`` (± ``photos_sd``) above the photos' one, and near
+    ``a + b ln(entries)`` (± ``tau``) for a gallery of that size."""
 
     offset: float | None
     offset_sd: float
@@ -104,6 +105,9 @@ class Prior:
     b: float
     tau: float
     source: str
+    photos_offset: float = 0.0
+    photos_sd: float = 0.0
+    max_entries: int = 0  # the largest reference gallery: no pull towards the level beyond it (0: no limit)
 
     def level(self, entries: int) -> float:
         return self.a + self.b * math.log(max(2, entries))
@@ -117,17 +121,17 @@ class Prior:
 # own point as before; its level comes from its reference embeddings (whole photos).
 PRIORS: dict[str, Prior] = {
     "starter:PP-ShiTuV2_rec:PP-ShiTuV2_rec-mobilenetv2-imagenet|raw": Prior(
-        offset=0.0383, offset_sd=0.0079, a=0.7646, b=0.0162, tau=0.0085,
-        source="drink gallery, 52 raw sub-galleries of 15-98 photos"),
+        offset=0.0383, offset_sd=0.0079, a=0.7646, b=0.0162, tau=0.0085, photos_offset=0.0019, photos_sd=0.0072,
+        max_entries=98, source="drink gallery, 52 raw sub-galleries of 15-98 photos"),
     "starter:PP-ShiTuV2_rec:PP-ShiTuV2_rec-mobilenetv2-imagenet|adapted": Prior(
-        offset=0.007, offset_sd=0.0259, a=0.8885, b=-0.0923, tau=0.0241,
-        source="drink gallery, 132 adapted sub-galleries of 41-323 photos"),
+        offset=0.007, offset_sd=0.0259, a=0.8885, b=-0.0923, tau=0.0241, photos_offset=-0.0138, photos_sd=0.0272,
+        max_entries=324, source="drink gallery, 132 adapted sub-galleries of 41-323 photos"),
     "official:PP-ShiTuV2_rec|raw": Prior(
-        offset=None, offset_sd=0.0, a=0.1042, b=0.0485, tau=0.0283,
-        source="drink gallery (reference embeddings), 110 raw sub-galleries of 15-323 photos"),
+        offset=None, offset_sd=0.0, a=0.1042, b=0.0485, tau=0.0283, photos_offset=0.0014, photos_sd=0.0217,
+        max_entries=324, source="drink gallery (reference embeddings), 110 raw sub-galleries of 15-323 photos"),
     "official:PP-ShiTuV2_rec|adapted": Prior(
-        offset=None, offset_sd=0.0, a=0.4195, b=-0.0178, tau=0.0313,
-        source="drink gallery (reference embeddings), 74 adapted sub-galleries of 41-275 photos"),
+        offset=None, offset_sd=0.0, a=0.4195, b=-0.0178, tau=0.0313, photos_offset=-0.0482, photos_sd=0.0554,
+        max_entries=275, source="drink gallery (reference embeddings), 74 adapted sub-galleries of 41-275 photos"),
 }  # fmt: skip
 FALLBACK_PRIOR = Prior(offset=None, offset_sd=0.0, a=0.0, b=0.0, tau=math.inf,
                        source="no reference measured for this model: the gallery's photos alone")  # fmt: skip
@@ -409,6 +413,7 @@ def calibrate_stats(
     if floor and views and genuine.sum() >= MIN_KNOWN:
         floor_value = round(_weighted_quantile(stats.raw_match[genuine], stats.weight[genuine], FLOOR_SHARE), 4)
     use_views = views and prior.offset is not None and (finite_u & view).sum() >= MIN_VIEWS
+    v_point = None
     rng = np.random.default_rng(seed)
 
     def point(pool: np.ndarray, shift: float) -> tuple[float, float, np.ndarray, np.ndarray]:
@@ -425,11 +430,19 @@ def calibrate_stats(
                 boot.append(_target_point(u, w * counts[inverse]))
         return _target_point(u, w), float(np.std(boot)), u, w
 
-    # at build time: the views moved up by the reference offset (else the photos), uncertain by
-    # at least the offset's spread between capture conditions (MIN_OFFSET_SPREAD)
-    built = finite_u & (view if use_views else photo)
-    own, boot_se, u, uw = point(built, prior.offset if use_views else 0.0)
-    se = math.sqrt(boot_se**2 + (max(prior.offset_sd, MIN_OFFSET_SPREAD) ** 2 if views else 0.0))
+    # at build time two estimates of real queries' point, each moved by its offset on the reference
+    # and weighed by how far it strayed there: the photos', and the views'; both uncertain by at
+    # least the spread between capture conditions (MIN_OFFSET_SPREAD)
+    own, boot_se, u, uw = point(finite_u & photo, prior.photos_offset if views else 0.0)
+    var = boot_se**2 + prior.photos_sd**2
+    if use_views:
+        v_point, v_se, vu, vw = point(finite_u & view, prior.offset)
+        v_var = v_se**2 + prior.offset_sd**2
+        w_views = (1 / max(v_var, 1e-8)) / (1 / max(v_var, 1e-8) + 1 / max(var, 1e-8))
+        own = w_views * v_point + (1 - w_views) * own
+        var = 1 / (1 / max(v_var, 1e-8) + 1 / max(var, 1e-8))
+        u, uw = np.concatenate([u, vu]), np.concatenate([uw / uw.sum() * (1 - w_views), vw / vw.sum() * w_views])
+    se = math.sqrt(var + (MIN_OFFSET_SPREAD**2 if views else 0.0))
     real_pool = finite_u & real
     real_point = None
     if views and real_pool.sum() >= MIN_REAL:  # confirmed answers: how real queries score, measured
@@ -446,9 +459,10 @@ def calibrate_stats(
     se = max(se, 1e-4)
     level = prior.level(entries)
     tau = max(prior.tau, MIN_PRIOR_SPREAD)
-    prior_weight = 0.0 if not (views and math.isfinite(tau)) else (1 / tau**2) / (1 / tau**2 + 1 / se**2)
+    measured = math.isfinite(tau) and (not prior.max_entries or entries <= prior.max_entries)
+    prior_weight = 0.0 if not (views and measured) else (1 / tau**2) / (1 / tau**2 + 1 / se**2)
     threshold = round(prior_weight * level + (1 - prior_weight) * own, 4)
-    uncertainty = math.sqrt(1 / (1 / tau**2 + 1 / se**2)) if math.isfinite(tau) else se
+    uncertainty = math.sqrt(1 / (1 / tau**2 + 1 / se**2)) if prior_weight > 0 else se
 
     k, kw = stats.known[known_side], stats.weight[known_side]
     photo_point = _target_point(stats.unknown[finite_u & photo], stats.weight[finite_u & photo]) if (
@@ -460,8 +474,9 @@ def calibrate_stats(
         "confirmed": stats.count(2),
         "confirmed_threshold": round(real_point, 4) if real_point is not None else None,
         "entries": int(entries),
-        "estimate": "query-like views" if use_views else "gallery photos",
+        "estimate": "gallery photos and query-like views" if use_views else "gallery photos",
         "own_threshold": round(own, 4),
+        "views_threshold": round(v_point, 4) if use_views else None,
         "photos_threshold": round(photo_point, 4) if photo_point is not None else None,
         "views_offset": prior.offset if use_views else None,
         "prior_threshold": round(level, 4) if math.isfinite(prior.tau) else None,

@@ -63,7 +63,7 @@ def test_views_moved_up_by_the_model_offset_set_the_threshold_and_say_how_sure()
     c = calibrate_stats(stats, entries=40, prior=no_prior)
     # the views sit 0.05 below the photos and the offset says real queries sit 0.05 above the views
     assert c.threshold == pytest.approx(photos_only.threshold, abs=0.01)
-    assert c.evidence["estimate"] == "query-like views" and c.evidence["views"] == 160
+    assert c.evidence["estimate"] == "gallery photos and query-like views" and c.evidence["views"] == 160
     assert c.uncertainty is not None and cal.MIN_OFFSET_SPREAD <= c.uncertainty < 0.1
     assert photos_only.uncertainty is None  # the photos alone, as before: no claim
     # a model without a measured offset: the photos' own point (views are kept but not trusted)
@@ -140,7 +140,7 @@ def test_a_small_gallery_built_by_the_engine_is_calibrated_on_its_views_and_lear
     summary = index.summary()["calibration"]
     assert summary["uncertainty"] is not None and summary["uncertainty"] > 0
     assert summary["evidence"]["views"] == VIEWS_PER_PHOTO * len(index)
-    assert summary["evidence"]["estimate"] == "query-like views", summary["evidence"]
+    assert summary["evidence"]["estimate"] == "gallery photos and query-like views", summary["evidence"]
     assert summary["confirmed_answers"] == 0
     assert summary["text"].startswith(f"threshold {summary['threshold']:.2f} ± ") and "24 photos" in summary["text"]
     assert (engine.settings.indices_dir / "shop" / VIEWS_FILE).exists()
