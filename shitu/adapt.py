@@ -18,7 +18,8 @@ fold's images are removed from the gallery *and* from the fit, queried against t
 the projection is kept only if their recall@1 beats the raw features'. The same held-out
 queries give the calibration (:mod:`shitu.calibrate`): their best scores as known queries, and
 their best scores once their whole label is removed as unknown ones — so the threshold is not
-measured on data the projection was fitted on.
+measured on data the projection was fitted on. The query-like views of the held-out photos and
+the confirmed answers among them are scored the same way, in the fold's projection.
 """
 
 from __future__ import annotations
@@ -32,7 +33,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from shitu.calibrate import Calibration, calibrate, calibrate_gallery, open_set_scores
+from shitu.calibrate import (
+    REAL_QUERY_WEIGHT,
+    Calibration,
+    QueryStats,
+    calibrate_gallery,
+    calibrate_stats,
+    prior_for,
+    query_stats,
+    row_lookup,
+)
 
 ADAPT_MODES = ("auto", "on", "off")
 SUPERVISED_DIMS = 384  # principal directions kept before the within-label whitening
@@ -183,16 +193,30 @@ def _cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _fold(x: np.ndarray, y: np.ndarray, held: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
-    """One fold: the projection fitted without ``held``; ``(raw hits, adapted hits, open-set scores)``."""
+def _fold(
+    x: np.ndarray, y: np.ndarray, held: np.ndarray, is_taught: np.ndarray,
+    view_rows: np.ndarray | None, view_x: np.ndarray | None,
+) -> tuple[int, int, list[QueryStats]]:  # fmt: skip
+    """One fold: the projection fitted without ``held``; ``(raw hits, adapted hits, the held-out
+    photos', confirmed answers' and views' open-set scores)``."""
     train = np.setdiff1d(np.arange(len(y)), held)
     projection = Projection.fit_supervised(x[train], y[train])
     gallery, queries_x = projection.apply(x[train]), projection.apply(x[held])
-    ks, ok, us = open_set_scores(queries_x, y[held], gallery, y[train])
+    photo = ~is_taught[held]
+    stats = [
+        query_stats(queries_x[photo], y[held][photo], gallery, y[train], group=held[photo],
+                    raw=(x[held][photo], x[train])),
+        query_stats(queries_x[~photo], y[held][~photo], gallery, y[train], kind=2, weight=REAL_QUERY_WEIGHT,
+                    group=held[~photo], raw=(x[held][~photo], x[train])),
+    ]  # fmt: skip
+    if view_rows is not None and view_x is not None:
+        mine = np.isin(view_rows, held)  # views of this fold's photos: not fitted on either
+        stats.append(query_stats(projection.apply(view_x[mine]), y[view_rows[mine]], gallery, y[train], kind=1,
+                                 group=view_rows[mine], raw=(view_x[mine], x[train])))  # fmt: skip
     # recall@1 counts every held-out query (a label with no photo left is a miss for both)
     adapted_hits = int(np.sum(y[train][(queries_x @ gallery.T).argmax(axis=1)] == y[held]))
     raw_hits = int(np.sum(y[train][(x[held] @ x[train].T).argmax(axis=1)] == y[held]))
-    return raw_hits, adapted_hits, ks, ok, us
+    return raw_hits, adapted_hits, stats
 
 
 def adapt(
@@ -202,11 +226,20 @@ def adapt(
     mode: str = "auto",
     seed: int = 0,
     progress: Callable[[int, int, str], None] | None = None,
+    ids: np.ndarray | None = None,
+    views: tuple[np.ndarray, np.ndarray] | None = None,
+    taught: Sequence[int] = (),
+    feature_model: str | None = None,
+    use_views: bool = True,
 ) -> tuple[Projection | None, Calibration | None, Adaptation]:
     """Decide on and fit a supervised projection for this gallery; calibrate the result.
 
     ``mode``: ``auto`` (use it if cross-validation says it helps), ``on`` (use it whenever the
     gallery allows one), ``off`` (raw features; the calibration is then leave-one-out).
+    ``ids`` (each row's entry id), ``views`` (``(entry id of its photo, raw view features)``),
+    ``taught`` (entry ids of confirmed answers) and ``feature_model`` (for its prior) feed the
+    calibration (:func:`shitu.calibrate.calibrate_gallery`); ``use_views=False`` sets the
+    threshold from the photos alone, as before views (for the benchmarks).
     Returns ``(projection or None, calibration or None, what was measured)``.
     """
     if mode not in ADAPT_MODES:
@@ -217,8 +250,13 @@ def adapt(
     counts = dict(zip(*np.unique(labels, return_counts=True), strict=True))
     repeated = sum(1 for c in counts.values() if c > 1)
 
+    ids = np.arange(len(raw)) if ids is None else np.asarray(ids, dtype=np.int64)
+    views = views if views is not None and len(views[0]) else None
+
     def raw_only(reason: str, **measured) -> tuple[None, Calibration | None, Adaptation]:
-        calibration = calibrate_gallery(raw, labels)
+        unit_views = (views[0], _unit(views[1])) if views is not None else None
+        calibration = calibrate_gallery(raw, labels, ids=ids, views=unit_views, taught=taught,
+                                        feature_model=feature_model, use_views=use_views)  # fmt: skip
         seconds = round(time.perf_counter() - start, 3)
         return None, calibration, Adaptation(mode, False, reason, seconds=seconds, **measured)
 
@@ -233,9 +271,18 @@ def adapt(
     rng = np.random.default_rng(seed)
     rows = _sample(labels, MAX_CV_ENTRIES, rng)
     x, y = raw[rows], labels[rows]
+    rows_of = row_lookup(ids[rows])
+    is_taught = np.zeros(len(rows), bool)
+    taught_rows = rows_of(np.asarray(list(taught), dtype=np.int64))
+    is_taught[taught_rows[taught_rows >= 0]] = True
+    view_rows = view_x = None
+    if views is not None:
+        view_rows = rows_of(np.asarray(views[0], dtype=np.int64))
+        view_x = _unit(np.asarray(views[1])[view_rows >= 0])
+        view_rows = view_rows[view_rows >= 0]
     raw_hits = adapted_hits = 0
     queries = 0
-    known_s, known_ok, unknown_s = [], [], []
+    stats: list[QueryStats] = []
     folds = [f for f in _folds(y, FOLDS, rng) if len(f)]
     fit_rows = _sample(labels, MAX_FIT_ENTRIES, rng)
     # The folds and the final fit side by side, one core each, BLAS on one thread: on a shared or busy
@@ -244,17 +291,15 @@ def adapt(
     # final fit starts at once, before the folds say whether it is kept (wasted only when it is not).
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(max_workers=_cores()) as pool:
         final = pool.submit(Projection.fit_supervised, raw[fit_rows], labels[fit_rows])
-        runs = [pool.submit(_fold, x, y, held) for held in folds]
+        runs = [pool.submit(_fold, x, y, held, is_taught, view_rows, view_x) for held in folds]
         for n, run in enumerate(runs):
             if progress:
                 progress(n, len(folds), "adapting")
-            raw_fold, adapted_fold, ks, ok, us = run.result()
+            raw_fold, adapted_fold, fold_stats = run.result()
             raw_hits += raw_fold
             adapted_hits += adapted_fold
             queries += len(folds[n])
-            known_s.append(ks)
-            known_ok.append(ok)
-            unknown_s.append(us)
+            stats += fold_stats
         projection = final.result()
     if progress:
         progress(len(folds), len(folds), "adapting")
@@ -271,9 +316,10 @@ def adapt(
             f"held-out recall@1 {adapted_recall:.3f} with the projection vs {raw_recall:.3f} without: not worth it",
             **measured,
         )
-    calibration = calibrate(
-        np.concatenate(known_s), np.concatenate(known_ok), np.concatenate(unknown_s), protocol="held-out folds"
-    )
+    calibration = calibrate_stats(
+        QueryStats.concat(stats), entries=len(raw), prior=prior_for(feature_model, "adapted"),
+        protocol="held-out folds", taught=ids[rows][is_taught].tolist(), floor=True, views=use_views, seed=seed,
+    )  # fmt: skip
     reason = (
         f"held-out recall@1 {raw_recall:.3f} → {adapted_recall:.3f}"
         if mode == "auto"

@@ -459,6 +459,10 @@ def create_api(engine: Engine | None = None, policy: AccessPolicy | None = None)
                 knownQueries=c.known_queries if c else 0,
                 unknownQueries=c.unknown_queries if c else 0,
                 changesSince=info.changes_since_calibration,
+                uncertainty=c.uncertainty if c else None,
+                confirmedAnswers=c.confirmed_answers if c else 0,
+                summary=c.summary if c else None,
+                evidence=c.evidence if c else None,
                 adaptation=info.adaptation,
                 curve=[OperatingPointModel(**vars(p)) for p in c.curve] if c else [],
             )

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from shitu.augment import view_plan
 from shitu.config import (
     INDEX_TYPES,
     METRIC_TYPES,
@@ -512,10 +513,13 @@ class Engine:
     # --- gallery → vectors ----------------------------------------------------------------------
     def embed_gallery(
         self, batch: GalleryBatch, *, skip_invalid: bool = False, progress: Progress | None = None,
-        runtime: Runtime | None = None,
-    ) -> tuple[np.ndarray, list[GalleryItem], list[SkippedLine]]:  # fmt: skip
+        runtime: Runtime | None = None, views: bool = False,
+    ) -> tuple[Any, ...]:  # fmt: skip
         """Decode and embed every item: ``(features, items kept, skipped lines)``. Unusable
         images raise (listing every bad line) unless ``skip_invalid``; never silently dropped.
+        ``views``: also embed the query-like views the calibration measures the capture gap with
+        (:func:`shitu.augment.view_plan`: up to 4 a photo, 128 in all, in the same batches); a
+        fourth item comes back, ``(row of each view's photo among the items kept, features)``.
 
         One pass over each image, where the models run: chunks of a few images go to the
         runtime's host or, for a large gallery, to worker processes of their own, one per core
@@ -527,6 +531,7 @@ class Engine:
         total = len(items)
         bs = self.config.recognition.batch_size
         chunks = [items[i : i + bs] for i in range(0, total, bs)]
+        plan = view_plan(total).tolist() if views else None
         results: list[tuple[np.ndarray | None, list[bytes | None], list[str | None]] | None] = [None] * len(chunks)
         lock = threading.Lock()
         state = {"next": 0, "done": 0, "bad": False, "lanes_up": False}
@@ -542,7 +547,8 @@ class Engine:
                     state["next"] += 1
                     embed = skip_invalid or not state["bad"]  # a bad image stops the work, not the scan
                 try:
-                    result = call([i.image for i in chunks[n]], max_pixels, bs, embed)
+                    extra = () if plan is None else ([(p, plan[p]) for p in range(n * bs, n * bs + len(chunks[n]))],)
+                    result = call([i.image for i in chunks[n]], max_pixels, bs, embed, *extra)
                 except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
                     with lock:
                         failure.append(exc)
@@ -575,21 +581,32 @@ class Engine:
         skipped = list(batch.skipped)
         kept: list[GalleryItem] = []
         feats: list[np.ndarray] = []
-        for chunk, result in zip(chunks, results):
+        row_of: dict[int, int] = {}  # position in the batch -> row among the kept items
+        view_at: list[int] = []
+        view_feats: list[np.ndarray] = []
+        for n, (chunk, result) in enumerate(zip(chunks, results)):
             assert result is not None
-            chunk_feats, thumbnails, errors = result
-            for item, thumbnail, error in zip(chunk, thumbnails, errors):
+            chunk_feats, thumbnails, errors = result[:3]
+            for k, (item, thumbnail, error) in enumerate(zip(chunk, thumbnails, errors)):
                 if error is not None:
                     skipped.append(SkippedLine(item.line_no, item.source, error))
                 else:
                     item.thumbnail = thumbnail
+                    row_of[n * bs + k] = len(kept)
                     kept.append(item)
             if chunk_feats is not None:
                 feats.append(chunk_feats)
+            if plan is not None and result[3][1] is not None:
+                view_at += result[3][0]
+                view_feats.append(result[3][1])
         GalleryBatch(items=kept, skipped=[] if skip_invalid else skipped).require_clean()
         if not feats:
             raise ShiTuError(f"none of the {total} image(s) could be used")
-        return np.concatenate(feats), kept, in_line_order(skipped)
+        if plan is None:
+            return np.concatenate(feats), kept, in_line_order(skipped)
+        rows = np.array([row_of[p] for p in view_at], dtype=np.int64)
+        made = np.concatenate(view_feats) if view_feats else np.zeros((0, feats[0].shape[1]), np.float32)
+        return np.concatenate(feats), kept, in_line_order(skipped), (rows, made)
 
     def build_index(
         self,
@@ -612,8 +629,8 @@ class Engine:
         if metric_type not in METRIC_TYPES:
             raise ShiTuError(f"metric_type must be one of {', '.join(METRIC_TYPES)}, not {metric_type!r}")
         with self._gallery_job(len(batch.items)), self._models() as runtime:
-            feats, items, skipped = self.embed_gallery(
-                batch, skip_invalid=skip_invalid, progress=progress, runtime=runtime
+            feats, items, skipped, views = self.embed_gallery(
+                batch, skip_invalid=skip_invalid, progress=progress, runtime=runtime, views=True
             )
             feature_model = runtime.feature_model
         index = GalleryIndex.build(
@@ -627,6 +644,7 @@ class Engine:
             whiten=whiten,
             adapt=adapt,
             progress=progress,
+            views=views,
         )
         index.skipped = skipped
         return index
@@ -751,9 +769,10 @@ class Engine:
 
     def add(
         self, ref: str | Path | None, batch: GalleryBatch, *, skip_invalid: bool = True,
-        progress: Progress | None = None,
+        progress: Progress | None = None, taught: bool = False,
     ) -> ChangeReport:  # fmt: skip
-        """Embed ``batch`` and append it to a stored index; ids are never reused."""
+        """Embed ``batch`` and append it to a stored index; ids are never reused. ``taught``: the
+        images are crops of real queries a user labelled (:meth:`teach`)."""
         store, key = self.locate(ref)
         with self._gallery_job(len(batch.items)), self._models() as runtime:
             self._check_compatible(store.get(key), runtime, key)
@@ -765,7 +784,7 @@ class Engine:
 
         def change(latest: GalleryIndex) -> GalleryIndex:
             first[:] = [latest.next_id]
-            return _append(latest, feats, items)
+            return _append(latest, feats, items, taught=taught)
 
         index = store.mutate(key, change)
         return self._report(self.display_name(ref), index, list(range(first[0], index.next_id)), skipped)
@@ -807,14 +826,17 @@ class Engine:
         result, (x1, y1, x2, y2) in its pixels) under ``label`` — the predicted one to confirm
         it, or a corrected one. The calibration follows: a raw-feature index is recalibrated
         by the add itself, an adapted one of up to :data:`TEACH_RECALIBRATE_MAX` entries is
-        refitted here (~2 s for 1k entries), larger ones count the change (``calibrate``)."""
+        refitted here (~2 s for 1k entries), larger ones count the change (``calibrate``).
+        The crop is a real query: its calibration keeps it as a confirmed answer (how real
+        queries score, next to the gallery's own photos and their views), and says how many
+        it has."""
         label = (label or "").strip()
         if not label:
             raise ShiTuError("say which label this box shows: the label is empty")
         crop = crop_box(image, bbox, ndarray_bgr=bgr)
         box = ", ".join(f"{float(v):.0f}" for v in bbox)
         item = GalleryItem(source=source or f"taught box ({box})", image=crop, label=label)
-        report = self.add(ref, GalleryBatch(items=[item]), skip_invalid=False)
+        report = self.add(ref, GalleryBatch(items=[item]), skip_invalid=False, taught=True)
         if recalibrate:
             calibrated = self.keep_calibrated(ref)
             report.gallery, report.summary = calibrated.gallery, calibrated.summary
@@ -1003,15 +1025,18 @@ def _calibration_view(index: GalleryIndex) -> CalibrationView | None:
         expected=OperatingPoint(chosen.threshold, chosen.correct_accepted, chosen.wrong_accepted,
                                 chosen.unknown_rejected),
         top1=c.top1, protocol=c.protocol, known_queries=c.known, unknown_queries=c.unknown,
-        changes_since=index.changes_since_calibration, curve=points, details=extra,
+        changes_since=index.changes_since_calibration, curve=points, uncertainty=c.uncertainty,
+        confirmed_answers=len(c.taught), summary=c.describe(), evidence=c.evidence, details=extra,
     )  # fmt: skip
 
 
 _CALIBRATION_FIELDS = {"threshold", "chosen_by", "correct_accepted", "wrong_accepted", "unknown_rejected", "top1",
-                       "protocol", "known_queries", "unknown_queries", "changes_since"}  # fmt: skip
+                       "protocol", "known_queries", "unknown_queries", "changes_since", "uncertainty",
+                       "confirmed_answers", "evidence", "text"}  # fmt: skip
 
 
-def _append(index: GalleryIndex, feats: np.ndarray, items: list[GalleryItem]) -> GalleryIndex:
+def _append(index: GalleryIndex, feats: np.ndarray, items: list[GalleryItem], *, taught: bool = False) -> GalleryIndex:
     return index.add(
-        feats, [i.label for i in items], sources=[i.source for i in items], thumbnails=[i.thumbnail for i in items]
+        feats, [i.label for i in items], sources=[i.source for i in items], thumbnails=[i.thumbnail for i in items],
+        taught=taught,
     )

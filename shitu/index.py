@@ -66,6 +66,9 @@ class Fit:
     adaptation: Adaptation | None = None
     legacy_threshold: float | None = None  # indices from before calibrations kept only a suggested threshold
     changes_since_calibration: int = 0
+    # (entry id of the photo, float16 raw unit features) of the photos' query-like views
+    # (:mod:`shitu.augment`), so a refit or a recalibration without the images still has them
+    views: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Whitening(Projection):
@@ -127,6 +130,7 @@ class GalleryIndex:
         self._parent: GalleryIndex | None = None  # the index this one was derived from by _change
         self._change: ch.Change | None = None
         self._search_cache: dict = {}  # per version: e.g. faiss parameters that skip the removed ids
+        self._raw_lookup: list | None = None  # raw_similarity's sorted ids, made on first use
 
     # --- PaddleX IndexData-compatible surface -------------------------------------
     @property
@@ -331,6 +335,11 @@ class GalleryIndex:
             "known_queries": c.known,
             "unknown_queries": c.unknown,
             "changes_since": self.changes_since_calibration,
+            # how sure: "threshold 0.72 ± 0.04 from 18 photos, 72 query-like views, 3 confirmed answers"
+            "uncertainty": c.uncertainty,
+            "confirmed_answers": len(c.taught),
+            "evidence": c.evidence,
+            "text": c.describe(),
         }
 
     # --- construction and mutation (each returns a new index) -------------------------
@@ -350,12 +359,15 @@ class GalleryIndex:
         whiten: bool = False,
         adapt: str = "off",
         progress=None,
+        views: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> GalleryIndex:
         """``adapt`` (``auto``/``on``/``off``): fit a supervised projection to the gallery's labels
         (:mod:`shitu.adapt`; ``auto`` keeps it only where held-out recall says it helps).
         ``whiten``: unsupervised PCA whitening instead (needs >= 200 images; ignored below).
         Either way the index is calibrated (:mod:`shitu.calibrate`) when its labels allow.
-        Ids run from ``first_id`` on, unless ``ids`` gives each entry's (distinct, >= 0)."""
+        Ids run from ``first_id`` on, unless ``ids`` gives each entry's (distinct, >= 0).
+        ``views``: ``(row of the photo each was made from, raw features)`` of the photos'
+        query-like views (:meth:`shitu.engine.Engine.embed_gallery`), kept for the calibration."""
         if index_type not in INDEX_TYPES:
             raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
         if metric_type not in METRIC_TYPES:
@@ -374,7 +386,12 @@ class GalleryIndex:
             if len(ids) != len(features) or len(np.unique(ids)) != len(ids) or (ids < 0).any():
                 raise ShiTuError(f"ids must be {len(features)} distinct whole numbers of at least 0, one per vector")
         clean_labels = _clean_labels(labels)
-        projection, calibration, adaptation, raw = _fit(features, ids, clean_labels, whiten, adapt, progress)
+        if views is not None and len(views[0]):
+            views = (ids[np.asarray(views[0], dtype=np.int64)], normalize(views[1]).astype(np.float16))
+        else:
+            views = None
+        projection, calibration, adaptation, raw = _fit(features, ids, clean_labels, whiten, adapt, progress,
+                                                        views=views, feature_model=feature_model)  # fmt: skip
         stored = projection.apply(features) if projection is not None else features
         return cls(
             FaissBase.build(stored, ids, index_type, metric_type),
@@ -383,7 +400,7 @@ class GalleryIndex:
             metric_type=metric_type,
             next_id=int(ids.max()) + 1,
             feature_model=feature_model,
-            fit=Fit(projection, calibration, adaptation),
+            fit=Fit(projection, calibration, adaptation, views=views),
             raw=raw,
             rows=EntryMeta(pending=_rows(ids, sources, thumbnails)),
         )
@@ -397,13 +414,16 @@ class GalleryIndex:
         ids, stored = self.vectors()
         labels = self.labels_of(ids)
         if self.whitening is not None and self._raw is None:
-            fit = dataclasses.replace(self.fit, calibration=calibrate_gallery(stored, labels),
-                                      changes_since_calibration=0)  # fmt: skip
+            calibration = calibrate_gallery(stored, labels, **self._calibration_inputs(ids, self.whitening))
+            fit = dataclasses.replace(self.fit, calibration=calibration, changes_since_calibration=0)
             return self._derive(fit=fit)
         raw = self.raw_features(ids) if self.whitening is not None else stored
         mode = adapt or (self.adaptation.mode if self.adaptation is not None else "auto")
-        projection, calibration, adaptation, kept_raw = _fit(raw, ids, labels, False, mode, progress)
-        fit = Fit(projection, calibration, adaptation, self.fit.legacy_threshold)
+        projection, calibration, adaptation, kept_raw = _fit(
+            raw, ids, labels, False, mode, progress, views=self.fit.views, feature_model=self.feature_model,
+            taught=self.calibration.taught if self.calibration is not None else (),
+        )  # fmt: skip
+        fit = Fit(projection, calibration, adaptation, self.fit.legacy_threshold, views=self.fit.views)
         # same ids, sources and thumbnails; only vectors, projection and calibration are new
         if projection is None and self.whitening is None:  # raw before and after: the vectors stay
             return self._derive(fit=fit)
@@ -412,6 +432,18 @@ class GalleryIndex:
             base, self._labels, index_type=self.index_type, metric_type=self.metric_type, next_id=self._next_id,
             feature_model=self.feature_model, fit=fit, raw=kept_raw, rows=self.rows,
         )  # fmt: skip
+
+    def _calibration_inputs(self, ids: np.ndarray, projection: Projection | None = None) -> dict[str, Any]:
+        """What :func:`~shitu.calibrate.calibrate_gallery` needs besides the vectors: entry ids,
+        the views (in the vectors' space), the confirmed answers so far and the feature model."""
+        views = None
+        if self.fit.views is not None:
+            src, feats = self.fit.views
+            feats = feats.astype(np.float32)
+            views = (src, projection.apply(feats) if projection is not None else feats)
+        taught = self.calibration.taught if self.calibration is not None else []
+        space = "raw" if projection is None else "whitened"  # PCA-whitened: no reference measured for it
+        return {"ids": ids, "views": views, "taught": taught, "feature_model": self.feature_model, "space": space}
 
     def with_threshold(self, threshold: float) -> GalleryIndex:
         """A copy whose own recognition threshold is ``threshold`` (a point the user picked on
@@ -444,8 +476,11 @@ class GalleryIndex:
         sources: Sequence[str] | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
         calibrate: bool = True,
+        taught: bool = False,
     ) -> GalleryIndex:
-        """A new index with these vectors appended; ids continue from :attr:`next_id`."""
+        """A new index with these vectors appended; ids continue from :attr:`next_id`.
+        ``taught``: they are confirmed answers (crops of real queries, :meth:`Engine.teach
+        <shitu.engine.Engine.teach>`), which the calibration keeps using as real queries."""
         features = normalize(features)
         if len(features) != len(labels):
             raise ShiTuError(f"{len(features)} feature vectors but {len(labels)} labels")
@@ -460,11 +495,15 @@ class GalleryIndex:
         clean = _clean_labels(labels)
         raw = raw_added(self._raw, ids, features.astype(np.float16)) if self._raw is not None else None
         stored = self.whitening.apply(features) if self.whitening is not None else features
+        fit = None
+        if taught and self.calibration is not None:  # carried by the calibration: the change log records it
+            calibration = dataclasses.replace(self.calibration, taught=[*self.calibration.taught, *ids.tolist()])
+            fit = dataclasses.replace(self.fit, calibration=calibration)
         result = self._derive(
             labels=self._labels.added(ids, clean),
             delta=(np.concatenate([self._delta[0], ids]), np.concatenate([self._delta[1], stored])),
             next_id=int(ids[-1]) + 1, raw=raw, changed=len(ids), calibrate=calibrate,
-            rows=self.rows.with_rows(_rows(ids, sources, thumbnails)),
+            rows=self.rows.with_rows(_rows(ids, sources, thumbnails)), fit=fit,
         )  # fmt: skip
         # the raw chunk holds every add since the base: this add's are its last rows
         change = ch.Add(ids, tuple(clean), stored, raw[-1][1][-len(ids) :] if raw is not None else None)
@@ -636,7 +675,7 @@ class GalleryIndex:
         )  # fmt: skip
         if calibrate and changed and self.whitening is None and len(result) <= RECALIBRATE_MAX_ENTRIES:
             ids, vecs = result.vectors()
-            fresh = calibrate_gallery(vecs, result.labels_of(ids))
+            fresh = calibrate_gallery(vecs, result.labels_of(ids), **result._calibration_inputs(ids))
             if fresh is not None and fit.calibration is not None and fit.calibration.chosen_by == "user":
                 fresh = dataclasses.replace(fresh, threshold=fit.calibration.threshold, chosen_by="user")
             result.fit = dataclasses.replace(fit, calibration=fresh, changes_since_calibration=0)
@@ -691,6 +730,27 @@ class GalleryIndex:
     def _search_base(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self._base.search(features, k, self._live(), self._search_cache)
 
+    def raw_similarity(self, features: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+        """Cosine similarity in the model's own space of each query row with the entries
+        ``ids`` of its row ((N, k); NaN for a missing id), for the calibration's floor
+        (:func:`shitu.threshold.accepts`); ``None`` when the index keeps no unprojected features."""
+        chunks = self._raw_sources() if self.whitening is not None else None
+        if not chunks:
+            return None
+        if self._raw_lookup is None:  # per chunk: its ids sorted, once per index object
+            self._raw_lookup = [(np.argsort(chunk_ids), chunk_ids, feats) for chunk_ids, feats in chunks]
+        queries = normalize(features)
+        out = np.full(ids.shape, np.nan, dtype=np.float32)
+        for order, chunk_ids, feats in self._raw_lookup:
+            if not len(chunk_ids):
+                continue
+            pos = np.clip(np.searchsorted(chunk_ids, ids, sorter=order), 0, len(chunk_ids) - 1)
+            rows = order[pos]
+            found = (chunk_ids[rows] == ids) & (ids >= 0)
+            sims = np.einsum("nd,nkd->nk", queries, feats[rows].astype(np.float32))
+            out = np.where(found, sims, out)
+        return out
+
 
 def merged_raw(raw: tuple | None, ids: np.ndarray) -> tuple | None:
     """The raw features of ``ids`` (in that order) as one chunk ``((ids, features),)``, from
@@ -729,14 +789,23 @@ def _rows(ids: np.ndarray, sources, thumbnails) -> dict[int, tuple[str, bytes | 
     }
 
 
-def _fit(features, ids, labels, whiten: bool, adapt_mode: str, progress):
-    """The projection (if any), calibration, record of the decision and kept raw features."""
+def _fit(features, ids, labels, whiten: bool, adapt_mode: str, progress, *, views=None, feature_model=None,
+         taught=()):  # fmt: skip
+    """The projection (if any), calibration, record of the decision and kept raw features.
+    ``views``: ``(entry ids, raw features)`` of query-like views; ``taught``: entry ids of
+    confirmed answers (both for the calibration, :mod:`shitu.calibrate`)."""
     if whiten:
+        unit_views = (views[0], views[1].astype(np.float32)) if views is not None else None
+        inputs = {"ids": ids, "taught": taught, "feature_model": feature_model}
         if len(features) < WHITEN_MIN_IMAGES:
-            return None, calibrate_gallery(features, labels), None, None
+            return None, calibrate_gallery(features, labels, views=unit_views, **inputs), None, None
+        inputs["space"] = "whitened"  # no reference measured for it: the photos' own point
         whitening = Whitening.fit(features)
         note = Adaptation("off", True, "PCA whitening (whiten=True)", kind="pca-whitening")
-        return whitening, calibrate_gallery(whitening.apply(features), labels), note, None
-    projection, calibration, adaptation = adapt(features, labels, mode=adapt_mode, progress=progress)
+        if unit_views is not None:
+            unit_views = (unit_views[0], whitening.apply(unit_views[1]))
+        return whitening, calibrate_gallery(whitening.apply(features), labels, views=unit_views, **inputs), note, None
+    projection, calibration, adaptation = adapt(features, labels, mode=adapt_mode, progress=progress, ids=ids,
+                                                views=views, taught=taught, feature_model=feature_model)  # fmt: skip
     raw = ((ids.copy(), features.astype(np.float16)),) if projection is not None else None
     return projection, calibration, adaptation, raw

@@ -43,25 +43,37 @@ def search_regions(
     objects = [RecognizedObject(bbox=b, det_score=s, det_label=lab, whole_image=whole) for b, s, lab, whole in regions]
     if len(objects) and len(index):
         scores, ids = index.search(features, topk=rec_topk * DEDUP_FACTOR)
-        for obj, row_s, row_i in zip(objects, scores, ids):
-            fill_matches(obj, row_s, row_i, index, rec_threshold, rec_topk)
+        floor = index_floor(index)
+        raw = index.raw_similarity(features, ids) if floor is not None else None
+        for k, (obj, row_s, row_i) in enumerate(zip(objects, scores, ids)):
+            fill_matches(obj, row_s, row_i, index, rec_threshold, rec_topk,
+                         raw=raw[k] if raw is not None else None, floor=floor)  # fmt: skip
     return objects
 
 
+def index_floor(index: GalleryIndex) -> float | None:
+    """The floor in the model's own space that an index's calibration keeps (adapted indices),
+    which :func:`shitu.threshold.accepts` applies beside the threshold."""
+    return index.calibration.floor if index.calibration is not None else None
+
+
 def fill_matches(
-    obj: RecognizedObject, scores: np.ndarray, ids: np.ndarray, index: GalleryIndex, threshold: float, topk: int
+    obj: RecognizedObject, scores: np.ndarray, ids: np.ndarray, index: GalleryIndex, threshold: float, topk: int,
+    *, raw: np.ndarray | None = None, floor: float | None = None,
 ) -> None:
     """The top-k distinct labels as candidates (best first, whatever their score), then the
-    answers among them (:meth:`RecognizedObject.decide`)."""
+    answers among them (:meth:`RecognizedObject.decide`; ``raw``: each match's similarity in
+    the model's own space, for the ``floor``)."""
     seen: set[str] = set()
     # labels live in memory with the vectors; an entry's source and thumbnail are on disk
-    for score, id_, label in zip(scores, ids, index.labels_of(ids)):
+    for k, (score, id_, label) in enumerate(zip(scores, ids, index.labels_of(ids))):
         if id_ < 0 or label is None:
             continue
         if label in seen:
             continue
         seen.add(label)
         obj.candidates.append((label, float(score), int(id_)))
+        obj.candidate_raw.append(float("nan") if raw is None else float(raw[k]))
         if len(obj.candidates) == topk:
             break
-    obj.decide(threshold)
+    obj.decide(threshold, floor)

@@ -253,17 +253,25 @@ class ModelHost:
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def embed_sources(
-        self, sources: Sequence[Any], max_pixels: int, batch_size: int | None, embed: bool
-    ) -> tuple[np.ndarray | None, list[bytes | None], list[str | None]]:
+        self, sources: Sequence[Any], max_pixels: int, batch_size: int | None, embed: bool,
+        views: Sequence[tuple[int, int]] | None = None,
+    ) -> tuple[Any, ...]:  # fmt: skip
         """Decode, thumbnail and (if ``embed``) embed gallery images given as paths, bytes or
         arrays: ``(features of the decodable ones or None, thumbnails, errors)`` — one thumbnail
         or one error per source. Decoding here, next to the models, sends each image through the
-        pipe as its file (or its path), never as a decoded array."""
+        pipe as its file (or its path), never as a decoded array.
+
+        ``views``: per source ``(its position in the gallery, how many query-like views)``
+        (:func:`shitu.augment.make_views`, for the calibration); they are embedded in the same
+        batches, and a fourth item comes back: ``(position of each view's photo, view features
+        or None)``."""
         self._enter("decoding")
         rgbs: list[np.ndarray] = []
+        extra: list[np.ndarray] = []
+        extra_at: list[int] = []
         thumbnails: list[bytes | None] = []
         errors: list[str | None] = []
-        for src in sources:
+        for k, src in enumerate(sources):
             try:
                 rgb = load_image(src, max_pixels=max_pixels)
             except ShiTuError as exc:
@@ -274,8 +282,18 @@ class ModelHost:
             errors.append(None)
             if embed:
                 rgbs.append(rgb)
+                if views is not None and views[k][1] > 0:
+                    from shitu.augment import make_views  # OpenCV: imported only when views are made
+
+                    made = make_views(rgb, views[k][0], views[k][1])
+                    extra += made
+                    extra_at += [views[k][0]] * len(made)
         self._enter("idle")
-        return (self.embed(rgbs, batch_size) if rgbs else None), thumbnails, errors
+        feats = self.embed(rgbs + extra, batch_size) if rgbs else None
+        if views is None:
+            return feats, thumbnails, errors
+        view_feats = feats[len(rgbs) :] if feats is not None and extra else None
+        return (feats[: len(rgbs)] if feats is not None else None), thumbnails, errors, (extra_at, view_feats)
 
     def analyze(
         self, image: np.ndarray, det_threshold: float, whole_image: str

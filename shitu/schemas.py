@@ -152,6 +152,11 @@ class CalibrationResult(BaseModel):
     knownQueries: int = 0
     unknownQueries: int = 0
     changesSince: int = Field(0, description="Entries changed since the curve was measured")
+    uncertainty: float | None = Field(None, description="The threshold's standard error (± this)")
+    confirmedAnswers: int = Field(0, description="Answers users confirmed or corrected (Teach): real queries it uses")
+    summary: str | None = Field(None, description='e.g. "threshold 0.72 ± 0.04 from 18 photos, 72 query-like views, 3 '
+                                                  'confirmed answers"')  # fmt: skip
+    evidence: dict[str, Any] | None = Field(None, description="What the threshold was measured on and combined")
     adaptation: dict[str, Any] | None = Field(description="Whether a projection was fitted to the gallery, and why")
     curve: list[OperatingPointModel] = Field(default_factory=list)
 

@@ -35,7 +35,11 @@ class CalibrationView:
     unknown_queries: int
     changes_since: int  # entries changed since the curve was measured
     curve: tuple[OperatingPoint, ...] = ()
-    details: dict[str, Any] = field(default_factory=dict)  # what else the calibration measured (e.g. uncertainty)
+    uncertainty: float | None = None  # the threshold's standard error (± this)
+    confirmed_answers: int = 0  # answers users confirmed or corrected (Teach): real queries it uses
+    summary: str | None = None  # "threshold 0.72 ± 0.04 from 18 photos, 72 query-like views, 3 confirmed answers"
+    evidence: dict[str, Any] | None = None  # what the threshold was measured on and how it was combined
+    details: dict[str, Any] = field(default_factory=dict)  # what else the calibration measured
 
     @property
     def points(self) -> tuple[OperatingPoint, ...]:

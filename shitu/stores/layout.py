@@ -53,11 +53,13 @@ META_FILE = "shitu_meta.json"
 WHITENING_FILE = "shitu_whitening.npz"
 LABELS_FILE = "shitu_labels.npz"  # the id map as arrays, checked against id_map.yaml's hash
 RAW_FILE = "shitu_raw.npz"  # the unprojected features of an adapted index, so it can be refitted
+VIEWS_FILE = "shitu_views.npz"  # query-like views of the photos (raw features), so it can be recalibrated
 VERSION_FILE = "shitu_version.json"  # written by shitu.store (which version this is); a plain save drops it
 # what makes up an index dir (a full save writes all but the log; the version file is the store's)
 OUR_FILES = (VECTOR_FILE, ID_MAP_FILE, META_FILE, WHITENING_FILE, RAW_FILE, VERSION_FILE, ENTRIES_FILE, LOG_FILE,
-             LABELS_FILE)  # fmt: skip
-EXPORTED_FILES = (VECTOR_FILE, ID_MAP_FILE, LABELS_FILE, META_FILE, WHITENING_FILE, RAW_FILE, ENTRIES_FILE)
+             LABELS_FILE, VIEWS_FILE)  # fmt: skip
+EXPORTED_FILES = (VECTOR_FILE, ID_MAP_FILE, LABELS_FILE, META_FILE, WHITENING_FILE, RAW_FILE, ENTRIES_FILE,
+                  VIEWS_FILE)  # fmt: skip
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_IMPORT_BYTES = 4 << 30
 MAX_NEXT_ID = 1 << 62  # an imported index may hand out ids up to here (faiss ids are int64)
@@ -127,6 +129,11 @@ def write_files(index: GalleryIndex, target: Path) -> None:
             (raw_ids, raw), *_ = full.raw_chunks
             with open(target / RAW_FILE, "wb") as fh:
                 np.savez(fh, ids=raw_ids, features=raw)
+    if index.fit.views is not None:
+        view_ids, view_feats = index.fit.views
+        live = np.isin(view_ids, labels.ids)  # views of removed photos go with them
+        with open(target / VIEWS_FILE, "wb") as fh:
+            np.savez(fh, ids=view_ids[live], features=view_feats[live])
 
 
 def load_index(index_dir: str | Path, *, until_version: int | None = None) -> GalleryIndex:
@@ -260,11 +267,19 @@ def load_base(index_dir: str | Path) -> GalleryIndex:
                 raw = None  # out of step with the vectors: the index works, it just cannot be refitted
     except (OSError, ValueError, KeyError) as exc:
         raise ShiTuError(f"{WHITENING_FILE} or {RAW_FILE} is damaged ({type(exc).__name__})") from None
+    views = None
+    with contextlib.suppress(OSError, ValueError, KeyError):  # unreadable views: calibrated without them
+        if (index_dir / VIEWS_FILE).exists():
+            with np.load(index_dir / VIEWS_FILE) as v:
+                views = (v["ids"].astype(np.int64), v["features"])
+            dim = whitening.input_dim if whitening is not None else index.d
+            if views[1].ndim != 2 or views[1].shape[1] != dim or len(views[0]) != len(views[1]):
+                views = None
     base = FaissBase(index, metric_type, trained_size=meta.get("trained_size"),
                      search_params=meta.get("search_params"), calibrated_size=meta.get("calibrated_size"))  # fmt: skip
     fit = Fit(
         whitening, Calibration.from_dict(meta.get("calibration")), Adaptation.from_dict(meta.get("adaptation")),
-        meta.get("suggested_rec_threshold"), int(meta.get("changes_since_calibration") or 0),
+        meta.get("suggested_rec_threshold"), int(meta.get("changes_since_calibration") or 0), views,
     )  # fmt: skip
     return GalleryIndex(
         base, labels, index_type=index_type if index_type in INDEX_TYPES else "Flat", metric_type=metric_type,
