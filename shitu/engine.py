@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from shitu import fonts
 from shitu.config import (
     INDEX_TYPES,
     METRIC_TYPES,
@@ -139,6 +140,7 @@ class Engine:
             self.config.recognition.model_name = self.settings.rec_model
         self._device = device
         self._isolate = isolate
+        fonts.use(self.settings.models_dir, offline=self.settings.offline)  # drawn labels find the CJK font there
         self._store = self._named_store()
         self._dir_stores: dict[Path, GalleryStore] = {}
         self._runtime = runtime

@@ -57,6 +57,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from shitu import fonts
 from shitu.calibrate import Calibration, calibrate_gallery
 from shitu.errors import ShiTuError
 from shitu.index import GalleryIndex
@@ -1206,11 +1207,7 @@ TEXT: dict[str, dict[str, str]] = {
     },
 }
 
-FONT_STACK = (
-    'system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "PingFang SC", "Hiragino Sans GB", '
-    '"Microsoft YaHei", "Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei", '
-    "sans-serif"
-)
+FONT_STACK = fonts.FONT_STACK  # the same CJK font as the drawn results, embedded (see _render_html)
 
 CSS = f"""
 body{{font-family:{FONT_STACK};margin:0;padding:16px;color:#1d1d1f;background:#fafafa;line-height:1.45}}
@@ -1360,7 +1357,8 @@ def _render_html(report: GalleryReport, lang: str) -> str:
     out.append(f'<h2>{e(t["timings"])}</h2><p class="muted">'
                + " · ".join(f"{e(k)} {v:.2f} s" for k, v in report.timings.items()) + "</p>")  # fmt: skip
     out.append("</main></body></html>")
-    return "\n".join(out)
+    page = "\n".join(out)
+    return page.replace("</style>", fonts.embedded_css(page) + "</style>", 1)  # the glyphs it shows, nothing more
 
 
 def _pct(value: float | None) -> str:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
+from shitu import fonts
 from shitu.access import AccessPolicy
 from shitu.ui.build import BuildTab
 from shitu.ui.evaluate import EvaluateTab
@@ -22,7 +23,11 @@ from shitu.ui.recognize import RecognizeTab
 if TYPE_CHECKING:
     from shitu.engine import Engine
 
-CSS = """
+FONT_URL = "fonts/cjk"  # relative to the page: app.py serves it (the provisioned CJK font)
+CSS = fonts.served_css(FONT_URL) + f"""
+/* Chinese text in the CJK font the studio provides, where the visitor's system has none */
+:root, .gradio-container {{ --font: "IBM Plex Sans", ui-sans-serif, {fonts.FONT_STACK} !important; }}
+""" + """
 #result-table td, #entries-table td { white-space: normal; }
 /* the indices table scrolls sideways on a phone instead of wrapping letter by letter */
 #models-info table { display: block; overflow-x: auto; width: fit-content; max-width: 100%; border: none;
