@@ -13,6 +13,7 @@ import gradio as gr
 
 from shitu import fonts
 from shitu.access import AccessPolicy
+from shitu.ui import gradio_cache
 from shitu.ui.build import BuildTab
 from shitu.ui.evaluate import EvaluateTab
 from shitu.ui.events import I18N, SessionAccess, Wiring, soft_errors
@@ -88,6 +89,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
 
     ``policy`` decides who may change indices (default: open, as on a private laptop). Nothing
     is read from ``engine`` here; each tab's load event reads what it shows when a page opens."""
+    gradio_cache.install()  # images the page shows are never rewritten while the browser reads them
     access = SessionAccess(policy or AccessPolicy(token=None, restricted=False))
     w = Wiring(engine, access)
     with gr.Blocks(title="ShiTu Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
