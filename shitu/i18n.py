@@ -4,6 +4,7 @@ browser); the rest are formatted by :func:`text`."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 LANGS = ("en", "zh")
@@ -12,6 +13,16 @@ LANGS = ("en", "zh")
 def lang_code(lang: str | None) -> str:
     """``zh`` for any Chinese locale (``zh-CN``, ``zh_TW``, ...), else ``en``."""
     return "zh" if (lang or "").lower().startswith("zh") else "en"
+
+
+def translated(lang: str | None, message: str) -> str | None:
+    """An English message the engine said from a ``msg_*`` template, in ``lang``; ``None`` when it
+    was said from none (e.g. ``x.jpg is not an image, ...`` → ``x.jpg 不是图片，...``)."""
+    for key, pattern in _MESSAGE_PATTERNS.items():
+        found = pattern.fullmatch(message)
+        if found:
+            return text(lang, key, **found.groupdict())
+    return None
 
 
 def text(lang: str | None, key: str, **values: Any) -> str:
@@ -175,6 +186,7 @@ TEXT: dict[str, dict[str, str]] = {
         "toast_title": "Not done",
         "could_not": "Not done: ",
         "err_no_image": "upload, paste or take a picture first",
+        "err_upload_gone": "the uploaded photo is no longer on the server: upload it again",
         "err_no_gallery": "no gallery files were uploaded: add the images (or one .zip) first",
         "err_select_first": "select rows in the table (or type ids) first",
         "err_no_label": "type the new label first",
@@ -271,6 +283,14 @@ TEXT: dict[str, dict[str, str]] = {
         "sign_out_btn": "Sign out",
         "signed_in": "Signed in: you can build, change and delete indices in this browser tab.",
         "signed_out": "Signed out.",
+        # the engine's messages about images (shitu.gallery says them in English; the UI translates)
+        "msg_not_image": "{name} is not an image, or not a readable image format",
+        "msg_image_empty": "{name} is empty (0 bytes): not an image",
+        "msg_image_format": "{name} is a {kind} photo, which cannot be read here: save or share it as JPEG or PNG "
+        "and try again",
+        "msg_image_damaged": "{name} is damaged or cut short: its pixels could not be decoded",
+        "msg_image_pixels": "{name} is {size} pixels; the limit is {limit} pixels",
+        "msg_image_bomb": "{name} claims too many pixels to decode safely",
     },
     "zh": {
         "title": "# ShiTu Studio 通用图像识别工作台\n识别从未训练过的商品和物体：PP-ShiTuV2 先检测每个物体，"
@@ -420,6 +440,7 @@ TEXT: dict[str, dict[str, str]] = {
         "toast_title": "未完成",
         "could_not": "未完成：",
         "err_no_image": "请先上传、粘贴或拍摄一张图片",
+        "err_upload_gone": "上传的照片已不在服务器上：请重新上传",
         "err_no_gallery": "还没有上传图库文件：请先添加图片（或一个 .zip）",
         "err_select_first": "请先在表格中选中行（或输入 id）",
         "err_no_label": "请先输入新标签",
@@ -512,8 +533,22 @@ TEXT: dict[str, dict[str, str]] = {
         "sign_out_btn": "退出",
         "signed_in": "已登录：可以在此浏览器标签页中建库、修改和删除索引。",
         "signed_out": "已退出。",
+        "msg_not_image": "{name} 不是图片，或是无法读取的图片格式",
+        "msg_image_empty": "{name} 是空文件（0 字节），不是图片",
+        "msg_image_format": "{name} 是 {kind} 格式的照片，这里无法读取：请另存或分享为 JPEG 或 PNG 后再试",
+        "msg_image_damaged": "{name} 已损坏或不完整：无法解码其像素",
+        "msg_image_pixels": "{name} 有 {size} 像素，超过上限 {limit} 像素",
+        "msg_image_bomb": "{name} 声称的像素数过多，无法安全解码",
     },
 }
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(f"(?P<{p}>.+?)" if i % 2 else re.escape(p) for i, p in enumerate(parts)), re.DOTALL)
+
+
+_MESSAGE_PATTERNS = {key: _pattern(words) for key, words in TEXT["en"].items() if key.startswith("msg_")}
 
 
 # The starter pack's converted models, by their model dir, in words (see docs/models.md).

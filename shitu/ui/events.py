@@ -31,7 +31,7 @@ from PIL import Image
 
 from shitu.access import AccessPolicy
 from shitu.errors import ShiTuError
-from shitu.i18n import TEXT
+from shitu.i18n import TEXT, translated
 from shitu.i18n import text as tr
 
 if TYPE_CHECKING:
@@ -98,7 +98,9 @@ def error_text(lang: str, message: str) -> str:
     for key, words in TEXT["en"].items():
         if key.startswith("err_") and words == message:
             return tr(lang, key)
-    return message if lang == "en" else f"{tr(lang, 'could_not')}{message}"
+    if lang == "en":
+        return message
+    return translated(lang, message) or f"{tr(lang, 'could_not')}{message}"
 
 
 def inline_error(lang: str, message: str) -> str:

@@ -3,8 +3,11 @@ box to the gallery; examples that belong to the index searched."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -36,6 +39,41 @@ MAX_EVIDENCE_PER_BOX = 3  # gallery photos shown next to each box's own crop
 EVIDENCE_SIDE = 256
 MAX_EXAMPLES = 8
 UNKNOWN_ROW = "color: #6b7280"
+
+
+def undecoded(payload: Any) -> str | bytes | None:
+    """What the query image hands its handler: the uploaded file's path (or a pasted image's bytes),
+    undecoded, so that the engine decodes it with its own limits (``SHITU_MAX_IMAGE_PIXELS``,
+    checked from the header before anything is decoded) and says what is wrong with it in the
+    product's words. Gradio's own decoding failed with its own error (and a server path) on anything
+    that is not a readable image, and decoded a 13000 x 13000 PNG whatever the limit."""
+    if payload is None:
+        return None
+    url = getattr(payload, "url", None) or ""
+    if url.startswith("data:"):
+        try:
+            return base64.b64decode(url.partition(",")[2])
+        except (binascii.Error, ValueError):
+            return b""  # the engine says it is not an image
+    return getattr(payload, "path", None)
+
+
+def query_image(**kwargs: Any) -> gr.Image:
+    """Gradio's image component (upload, paste, webcam) whose value reaches the handler
+    :func:`undecoded` (a subclass would make Gradio write a ``.pyi`` stub beside this module)."""
+    component = gr.Image(type="filepath", **kwargs)
+    component.preprocess = undecoded  # type: ignore[method-assign]
+    return component
+
+
+def query_input(image: Any) -> Any:
+    """What a handler got from :class:`QueryImage`, ready for the engine: an upload that is gone
+    (the server keeps them for a while) is a user error, not a server path in a message."""
+    if image is None:
+        raise ShiTuError(TEXT["en"]["err_no_image"])
+    if isinstance(image, str) and not Path(image).is_file():
+        raise ShiTuError(TEXT["en"]["err_upload_gone"])
+    return image
 
 
 # --- handlers ------------------------------------------------------------------------------------------
@@ -75,11 +113,9 @@ def recognize_image(
 ) -> tuple[Image.Image, pd.DataFrame, str, str, list, dict]:
     """Recognise one image: (drawn image, table of boxes, summary markdown, JSON file path,
     evidence gallery, state for the highlight handlers)."""
-    if image is None:
-        raise ShiTuError(TEXT["en"]["err_no_image"])
     lang = lang_of(request)
     result = engine.recognize(
-        image,
+        query_input(image),
         index=index_name or None,
         bgr=False,
         det_threshold=None if det_threshold is None else float(det_threshold),
@@ -351,10 +387,9 @@ class RecognizeTab:
         with gr.Tab(I18N("tab_recognize"), id="recognize") as self.tab:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1, min_width=300):
-                    self.query = gr.Image(
+                    self.query = query_image(
                         label=I18N("query_image"),
                         sources=["upload", "webcam", "clipboard"],
-                        type="numpy",
                         height=320,
                         elem_id="query-image",
                     )
