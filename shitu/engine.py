@@ -51,7 +51,9 @@ from shitu.gallery import (
     crop_box,
     in_line_order,
     load_image,
+    make_thumbnail,
 )
+from shitu.i18n import text as say
 from shitu.ids import parse_ids
 from shitu.index import GalleryIndex
 from shitu.matching import match_objects
@@ -69,6 +71,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_INDEX = "sample"
 TEACH_RECALIBRATE_MAX = 5000  # teaching refits an adapted index's projection up to this size
+TEACH_DUPLICATE_SIMILARITY = 0.995  # a taught box this similar to an entry is that entry again (the same picture)
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 IndexRef = str | Path | GalleryIndex | None  # a name in the data dir, a directory, or an index object
 
@@ -713,21 +716,52 @@ class Engine:
         bgr: bool = False,
         source: str | None = None,
         recalibrate: bool = True,
+        feature: np.ndarray | None = None,
+        feature_model: str | None = None,
     ) -> ChangeReport:
         """Learn from use: add the part of ``image`` inside ``bbox`` (a box of a recognition
         result, (x1, y1, x2, y2) in its pixels) under ``label`` — the predicted one to confirm
         it, or a corrected one. The calibration follows: a raw-feature index is recalibrated
         by the add itself, an adapted one of up to :data:`TEACH_RECALIBRATE_MAX` entries is
-        refitted here (~2 s for 1k entries), larger ones count the change (``calibrate``)."""
+        refitted here (~2 s for 1k entries), larger ones count the change (``calibrate``).
+
+        ``feature``: the box's feature that its query already computed
+        (:attr:`RecognizedObject.feature`), by ``feature_model`` (:attr:`Recognition.feature_model`):
+        then nothing is embedded again (about one query's time in all), unless another model runs
+        now. A box already in the index (the same picture: similarity at least
+        :data:`TEACH_DUPLICATE_SIMILARITY`) is refused with :class:`Conflict` naming its entry."""
         label = (label or "").strip()
         if not label:
             raise ShiTuError("say which label this box shows: the label is empty")
         crop = crop_box(image, bbox, ndarray_bgr=bgr)
         box = ", ".join(f"{float(v):.0f}" for v in bbox)
-        item = GalleryItem(source=source or f"taught box ({box})", image=crop, label=label)
-        report = self.add(ref, GalleryBatch(items=[item]), skip_invalid=False)
+        source = source or f"taught box ({box})"
+        store, key = self.locate(ref)
+        with self._models() as runtime:
+            self._check_compatible(store.get(key), runtime, key)
+            if feature is not None and feature_model in (None, runtime.feature_model):
+                feats = np.asarray(feature, dtype=np.float32).reshape(1, -1)
+                thumbnail = make_thumbnail(np.asarray(crop))
+            else:  # no feature, or one from a model that no longer runs: embed the crop
+                feats, items, _ = self.embed_gallery(GalleryBatch(items=[GalleryItem(source, crop, label)]),
+                                                     runtime=runtime)  # fmt: skip
+                thumbnail = items[0].thumbnail
+        name = self.display_name(ref)
+        added: list[int] = []
+
+        def change(latest: GalleryIndex) -> GalleryIndex:
+            if len(latest):
+                scores, ids = latest.search(feats, topk=1)
+                if ids[0, 0] >= 0 and scores[0, 0] >= TEACH_DUPLICATE_SIMILARITY:
+                    same = int(ids[0, 0])
+                    raise Conflict(say("en", "msg_already_entry", id=same, label=latest.label(same), index=name))
+            added[:] = [latest.next_id]
+            return latest.add(feats, [label], sources=[source], thumbnails=[thumbnail])
+
+        store.mutate(key, change)
         index = self.keep_calibrated(ref) if recalibrate else self.index(ref)
-        report.summary = {**index.summary(), "taught_id": report.added_ids[0]}
+        report = self._report(name, index, added, [])
+        report.summary = {**index.summary(), "taught_id": added[0]}
         return report
 
     def keep_calibrated(self, ref: str | Path | None) -> GalleryIndex:
@@ -844,6 +878,7 @@ class Engine:
             self._check_compatible(gallery, runtime, name)
             regions, feats, timings = runtime.analyze(rgb, opts.det_threshold, opts.whole_image)
             models = {"detection": runtime.detection.describe(), "recognition": runtime.recognition.describe()}
+            feature_model = runtime.feature_model
         t = time.perf_counter()
         objects = match_objects(
             regions, feats, gallery, rec_threshold=opts.rec_threshold, rec_topk=opts.rec_topk, nms_iou=opts.nms_iou
@@ -851,7 +886,7 @@ class Engine:
         timings["search"] = time.perf_counter() - t
         return Recognition(
             input_path=input_path, image=rgb, objects=objects, timings=timings, models=models,
-            index_name=name, rec_threshold=opts.rec_threshold,
+            index_name=name, rec_threshold=opts.rec_threshold, feature_model=feature_model,
         )  # fmt: skip
 
     def recognize_many(

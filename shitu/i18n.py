@@ -78,7 +78,7 @@ TEXT: dict[str, dict[str, str]] = {
         "teach_box": "Box",
         "teach_label": "Label (the predicted one, or type the right one)",
         "teach_btn": "Add this box to the gallery",
-        "taught": "Added box {box} to **{index}** as #{id} under **{label}**.",
+        "taught": "Added box {box} to **{index}** as #{id} under **{label}** ({seconds} s).",
         "calibration_line": "Threshold **{threshold:.3f}** ({chosen}): {accepted:.1%} of known objects answered "
         "right and accepted (top-1 {top1:.1%}), {rejected:.1%} of unknown objects rejected — {protocol}, "
         "{queries} queries.",
@@ -291,6 +291,7 @@ TEXT: dict[str, dict[str, str]] = {
         "msg_image_damaged": "{name} is damaged or cut short: its pixels could not be decoded",
         "msg_image_pixels": "{name} is {size} pixels; the limit is {limit} pixels",
         "msg_image_bomb": "{name} claims too many pixels to decode safely",
+        "msg_already_entry": "this box is already entry #{id} ({label}) of {index}: nothing was added",
     },
     "zh": {
         "title": "# ShiTu Studio 通用图像识别工作台\n识别从未训练过的商品和物体：PP-ShiTuV2 先检测每个物体，"
@@ -337,7 +338,7 @@ TEXT: dict[str, dict[str, str]] = {
         "teach_box": "框",
         "teach_label": "标签（预测的标签，或输入正确的）",
         "teach_btn": "把这个框加入图库",
-        "taught": "已把框 {box} 以 #{id} 加入 **{index}**，标签 **{label}**。",
+        "taught": "已把框 {box} 以 #{id} 加入 **{index}**，标签 **{label}**（{seconds} 秒）。",
         "calibration_line": "阈值 **{threshold:.3f}**（{chosen}）：已知物体 {accepted:.1%} 被正确识别并接受"
         "（不设阈值的 top-1 为 {top1:.1%}），未知物体 {rejected:.1%} 被拒识 —— {protocol}，{queries} 次查询。",
         "calibration_stale": "此后改动了 {n} 个条目：请在“评估”页重新拟合并校准。",
@@ -539,6 +540,7 @@ TEXT: dict[str, dict[str, str]] = {
         "msg_image_damaged": "{name} 已损坏或不完整：无法解码其像素",
         "msg_image_pixels": "{name} 有 {size} 像素，超过上限 {limit} 像素",
         "msg_image_bomb": "{name} 声称的像素数过多，无法安全解码",
+        "msg_already_entry": "这个框已经是 {index} 的条目 #{id}（{label}）：未重复添加",
     },
 }
 

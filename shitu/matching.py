@@ -30,7 +30,8 @@ def match_objects(
     nms_iou: float | None,
 ) -> list[RecognizedObject]:
     """One :class:`RecognizedObject` per region (after cross-box NMS when ``nms_iou`` is set)."""
-    objects = [RecognizedObject(bbox=b, det_score=s, det_label=lab, whole_image=whole) for b, s, lab, whole in regions]
+    objects = [RecognizedObject(bbox=b, det_score=s, det_label=lab, whole_image=whole, feature=feature)
+               for (b, s, lab, whole), feature in zip(regions, features)]  # fmt: skip
     if len(objects) and len(index):
         scores, ids = index.search(features, topk=rec_topk * DEDUP_FACTOR)
         for obj, row_s, row_i in zip(objects, scores, ids):

@@ -43,6 +43,8 @@ class RecognizedObject:
     whole_image: bool = False  # the box is the whole image, not a detection
     candidate: tuple[str, float, int] | None = None
     candidates: list[tuple[str, float, int]] = field(default_factory=list)
+    # the box's query feature (unprojected), so teaching it needs no second embedding (not serialised)
+    feature: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str | None:
@@ -89,6 +91,7 @@ class Recognition:
     models: dict[str, str] = field(default_factory=dict)  # stage → active model description
     index_name: str | None = None
     rec_threshold: float | None = None
+    feature_model: str | None = None  # the model that computed the objects' features
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, in PaddleX's schema without ``input_img``."""
@@ -103,13 +106,15 @@ class Recognition:
             "models": self.models,
         }
 
-    def render(self, lang: str = "en", highlight: int | None = None):
+    def render(self, lang: str = "en", highlight: int | None = None, max_side: int | None = None):
         """The image with boxes and labels drawn (PIL.Image), unknown boxes with their near miss
         against :attr:`rec_threshold`, captions in ``lang``, ``highlight`` (an index into
-        :attr:`objects`) emphasised; see :func:`shitu.render.draw_objects`."""
+        :attr:`objects`) emphasised, at most ``max_side`` pixels on its longer side (the photo's own
+        size by default); see :func:`shitu.render.draw_objects`."""
         from shitu.render import draw_objects
 
-        return draw_objects(self.image, self.objects, lang=lang, threshold=self.rec_threshold, highlight=highlight)
+        return draw_objects(self.image, self.objects, lang=lang, threshold=self.rec_threshold, highlight=highlight,
+                            max_side=max_side)  # fmt: skip
 
 
 class ShiTuResult(dict):

@@ -7,6 +7,7 @@ import base64
 import binascii
 import functools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from shitu.ui.summaries import calibration_markdown
 MAX_EVIDENCE_PER_BOX = 3  # gallery photos shown next to each box's own crop
 EVIDENCE_SIDE = 256
 MAX_EXAMPLES = 8
+RESULT_SIDE = 1600  # the drawn result at most this many pixels across: sharp on any screen, quick to send
 UNKNOWN_ROW = "color: #6b7280"
 
 
@@ -127,9 +129,10 @@ def recognize_image(
     path = scratch_file("shitu_result.json")
     path.write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
     items, owners = evidence(engine, result, lang)
-    state = {"result": result, "owners": owners, "lang": lang}
+    drawn = result.render(lang=lang, max_side=RESULT_SIDE)
+    state = {"result": result, "owners": owners, "lang": lang, "scale": drawn.width / result.image.shape[1]}
     return (
-        result.render(lang=lang),
+        drawn,
         result_table(result, lang),
         timings_markdown(result, lang),
         str(path),
@@ -248,7 +251,7 @@ def highlight(state: dict | None, box: int | None):
     if not state or box is None or not (0 <= box < len(state["result"].objects)):
         return gr.skip(), gr.skip()
     result, lang = state["result"], state["lang"]
-    return result.render(lang=lang, highlight=box), styled_result_table(result, lang, box)
+    return result.render(lang=lang, highlight=box, max_side=RESULT_SIDE), styled_result_table(result, lang, box)
 
 
 def select_row(state: dict | None, evt: gr.SelectData):
@@ -260,7 +263,8 @@ def select_on_image(state: dict | None, evt: gr.SelectData):
     """A click on the result image highlights the box under it and its row."""
     if not state or not isinstance(evt.index, (list, tuple)) or len(evt.index) != 2:
         return gr.skip(), gr.skip()
-    return highlight(state, _box_at(state["result"], float(evt.index[0]), float(evt.index[1])))
+    scale = state.get("scale") or 1.0  # the drawn image may be the photo scaled down
+    return highlight(state, _box_at(state["result"], float(evt.index[0]) / scale, float(evt.index[1]) / scale))
 
 
 def select_evidence(state: dict | None, evt: gr.SelectData):
@@ -369,9 +373,13 @@ def teach_box(
         obj = result.objects[int(box) - 1]
     except (ValueError, IndexError):
         raise ShiTuError(TEXT["en"]["err_no_result"]) from None
-    report = engine.teach(result.index_name, result.image, obj.bbox, label)
+    started = time.perf_counter()
+    # the query's own feature of the box: nothing is embedded again (unless the model changed since)
+    report = engine.teach(result.index_name, result.image, obj.bbox, label, feature=obj.feature,
+                          feature_model=result.feature_model)  # fmt: skip
     lang = lang_of(request)
-    head = tr(lang, "taught", box=box, index=report.index, id=report.added_ids[0], label=md_safe(label.strip()))
+    head = tr(lang, "taught", box=box, index=report.index, id=report.added_ids[0], label=md_safe(label.strip()),
+              seconds=f"{time.perf_counter() - started:.1f}")  # fmt: skip
     index = engine.index(result.index_name)
     return head + "\n\n" + calibration_markdown(index, lang), threshold_for_index(engine, result.index_name)
 

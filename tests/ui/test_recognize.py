@@ -198,3 +198,20 @@ def test_teach_needs_a_result_and_a_label(engine, shop):
         recognize.teach_box(engine, None, "1", "x")
     box, label = recognize.teach_choices(None)
     assert box["choices"] == [] and label["value"] == ""
+
+
+def test_teach_uses_the_querys_feature_and_says_when_a_box_is_already_there(engine, shop, sample_queries, monkeypatch):
+    *_, state = recognize.recognize_image(engine, str(sample_queries[0]), shop, None, None, 3, "never", False, 0.5)
+    assert all(o.feature is not None for o in state["result"].objects), "the state keeps each box's feature"
+    monkeypatch.setattr(engine, "embed_gallery", lambda *a, **k: pytest.fail("the crop was embedded again"))
+    status, _ = recognize.teach_box(engine, state, "1", "taught product", FakeRequest("en"))
+    new_id = len(engine.index(shop)) - 1
+    assert f"Added box 1 to **{shop}** as #{new_id} under **taught product**" in status
+    with pytest.raises(gr.Error, match=f"this box is already entry #{new_id} \\(taught product\\) of {shop}"):
+        recognize.teach_box(engine, state, "1", "taught product")
+    from shitu.ui import events
+
+    said = f"this box is already entry #{new_id} (taught product) of {shop}: nothing was added"
+    assert events.error_text("zh", said) == (
+        f"这个框已经是 {shop} 的条目 #{new_id}（taught product）：未重复添加"
+    )
