@@ -8,7 +8,17 @@ import gradio as gr
 
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.engine import Engine  # a runtime import: Gradio reads the handlers' type hints
-from shitu.ui.events import I18N, PRIVATE, QUIETLY, Wiring, index_dropdown, lang_of, progress_callback, user_errors
+from shitu.ui.events import (
+    I18N,
+    PRIVATE,
+    QUIETLY,
+    Wiring,
+    index_dropdown,
+    keep_progress_in_view,
+    lang_of,
+    progress_callback,
+    user_errors,
+)
 from shitu.ui.summaries import change_summary
 from shitu.ui.uploads import gallery_files_input, gallery_from_uploads, gallery_uploader
 
@@ -106,6 +116,7 @@ class BuildTab:
             concurrency_limit=1,
             concurrency_id="index-jobs",
             **QUIETLY,
-        ).then(**recognize.threshold_follows_index(w), **PRIVATE).then(  # the Evaluate tab follows a new build too
-            w.index_choices, manage.index, evaluate.index, **PRIVATE
-        )  # fmt: skip
+        ).then(**recognize.threshold_follows_index(w), **PRIVATE).then(  # the new index, everywhere and after a reload
+            **w.remembered_after(recognize.index)
+        ).then(w.index_choices, [evaluate.index, recognize.index], evaluate.index, **PRIVATE)  # fmt: skip
+        keep_progress_in_view(self.button, "build-progress")

@@ -88,11 +88,11 @@ def threshold_for_index(engine: Engine, name: str | None) -> dict[str, Any]:
         return gr.update()
 
 
-def initial_values(engine: Engine, request: gr.Request | None = None) -> tuple:
+def initial_values(engine: Engine, remembered: str | None = None, request: gr.Request | None = None) -> tuple:
     """What the tab shows when a page opens, read then (not when the page was built): (index
-    picker, examples, recognition threshold, top-k, detection threshold, whole-image mode, NMS on,
-    NMS IoU)."""
-    picker = index_dropdown(engine)
+    picker on the index this browser picked last, examples, recognition threshold, top-k, detection
+    threshold, whole-image mode, NMS on, NMS IoU)."""
+    picker = index_dropdown(engine, remembered)
     name = picker["value"]
     config = engine.config
     threshold = threshold_for_index(engine, name).get("value", engine.default_rec_threshold)
@@ -317,6 +317,14 @@ def examples_for(engine: Engine, name: str | None, limit: int = MAX_EXAMPLES) ->
     return [(thumbnail_image(thumbs[i]), f"{index.label(i)} · #{i}") for i in picks]
 
 
+def follow_remembered(engine: Engine, current: str | None, remembered: str | None = None):
+    """The tab opened again: (index picker on the index this browser picked last — another tab may
+    have picked one, or built one —, and the threshold slider following it when it changed)."""
+    picker = index_dropdown(engine, remembered, current)
+    changed = picker["value"] != current
+    return picker, threshold_for_index(engine, picker["value"]) if changed else gr.skip()
+
+
 def show_examples(engine: Engine, name: str | None):
     """The example gallery for the chosen index."""
     return examples_for(engine, name)
@@ -528,14 +536,15 @@ class RecognizeTab:
         self.table.select(select_row, self.state, highlighted, **PRIVATE)
         self.image.select(select_on_image, self.state, highlighted, **PRIVATE)
         self.evidence.select(select_evidence, self.state, highlighted, **PRIVATE)
-        self.tab.select(w.index_choices, self.index, self.index, **PRIVATE)
+        self.tab.select(w.bind(follow_remembered), [self.index, w.remembered], [self.index, self.threshold], **PRIVATE)
         # the threshold follows the visitor's own choice of index (and a new build), not every refresh
         # of the list, which would undo a threshold the visitor has just set
         self.index.input(**self.threshold_follows_index(w), **PRIVATE)
+        w.remember_choice(self.index)
         self.index.change(w.bind(show_examples), self.index, self.examples, **PRIVATE)
 
     def load(self, demo: gr.Blocks, w: Wiring) -> None:
         """What the tab shows when a page opens, read then."""
         shown = [self.index, self.examples, self.threshold, self.topk, self.det_threshold, self.whole_image,
                  self.use_nms, self.nms_iou]  # fmt: skip
-        demo.load(w.soft(w.bind(initial_values), shown), None, shown, **PRIVATE)
+        demo.load(w.soft(w.bind(initial_values), shown), w.remembered, shown, **PRIVATE)

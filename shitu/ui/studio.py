@@ -16,7 +16,7 @@ from shitu.access import AccessPolicy
 from shitu.ui import gradio_cache
 from shitu.ui.build import BuildTab
 from shitu.ui.evaluate import EvaluateTab
-from shitu.ui.events import I18N, SessionAccess, Wiring, soft_errors
+from shitu.ui.events import I18N, SessionAccess, Wiring, remembered_index, soft_errors
 from shitu.ui.manage import ManageTab
 from shitu.ui.models import ModelsTab
 from shitu.ui.recognize import RecognizeTab
@@ -93,6 +93,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
     access = SessionAccess(policy or AccessPolicy(token=None, restricted=False))
     w = Wiring(engine, access)
     with gr.Blocks(title="ShiTu Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
+        w.remembered = remembered_index()  # the index this browser picked last: every tab opens on it
         with gr.Row(elem_id="header"):
             gr.Markdown(I18N("title"), elem_id="title")
         banner = gr.HTML(elem_id="models-banner")
@@ -114,7 +115,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
 
         recognize.wire(w)
         build.wire(w, recognize, manage, evaluate)
-        manage.wire(w, recognize)
+        manage.wire(w, recognize, evaluate)
         evaluate.wire(w, recognize)
         models.wire(w, banner, recognize)
 
