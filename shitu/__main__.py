@@ -11,10 +11,14 @@ python -m shitu get-config --save-path ./my_pipeline
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shitu.adapt import ADAPT_MODES
@@ -45,6 +49,49 @@ class _Bar:
     def __exit__(self, *exc: object) -> None:
         for bar in self.bars.values():
             bar.close()
+
+
+@contextlib.contextmanager
+def native_stdout_filtered() -> Iterator[None]:
+    """Keep stdout for the command's own output: Paddle's C++ side, which runs in this process,
+    prints straight to file descriptor 1 (a oneDNN kernel's ``ReduceMeanCheckIfOneDNNSupport``),
+    which would land among ``--json`` lines. Here descriptor 1 goes to a pipe whose lines reach
+    stderr unless they are the noise the model worker's log leaves out too; Python's own
+    ``sys.stdout`` keeps writing to the real stdout. Does nothing when ``sys.stdout`` is not
+    descriptor 1 (a test's capture)."""
+    from shitu.runtime import _NOISE as PADDLE_NOISE  # the lines the worker's log drops
+
+    try:
+        if sys.stdout.fileno() != 1:
+            raise ValueError
+    except (AttributeError, OSError, ValueError):
+        yield
+        return
+    sys.stdout.flush()
+    real = os.dup(1)
+    read, write = os.pipe()
+    os.dup2(write, 1)
+    os.close(write)
+
+    def forward() -> None:
+        with os.fdopen(read, "rb") as pipe:
+            for raw in iter(pipe.readline, b""):
+                if raw.strip() and not PADDLE_NOISE.match(raw.decode("utf-8", "replace")):
+                    os.write(2, raw)
+
+    thread = threading.Thread(target=forward, name="shitu-native-stdout", daemon=True)
+    thread.start()
+    python_stdout = sys.stdout
+    sys.stdout = io.TextIOWrapper(os.fdopen(real, "wb", closefd=False), encoding=python_stdout.encoding,
+                                  errors=python_stdout.errors, line_buffering=True)  # fmt: skip
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = python_stdout
+        os.dup2(real, 1)  # closes the pipe's last writer: the forwarder reads to the end and stops
+        os.close(real)
+        thread.join(timeout=5)
 
 
 def _settings(args) -> Settings:
@@ -146,6 +193,7 @@ def cmd_relabel(args) -> int:
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
+    from shitu.render import caption
     from shitu.results import ShiTuResult
 
     engine = _engine(args)
@@ -156,8 +204,9 @@ def cmd_predict(args) -> int:
     inputs = args.input if len(args.input) > 1 else args.input[0]
     results = engine.recognize_many(inputs, _index_ref(args.index), **options)
     for rec in tqdm(results, desc="recognising", unit="img", file=sys.stderr):
-        boxes = ", ".join(f"{o.label or 'unknown'}" + (f" {o.score:.2f}" if o.recognized else "") for o in rec.objects)
-        tqdm.write(f"{rec.input_path}: {boxes or 'nothing found'}")
+        # an unknown box says its near miss: "unknown · maybe 农夫山泉 0.84 < 0.85"
+        boxes = ", ".join(caption(o, threshold=rec.rec_threshold) for o in rec.objects)
+        tqdm.write(f"{rec.input_path}: {boxes or 'nothing found'}", file=sys.stderr if args.json else sys.stdout)
         if args.out:
             res = ShiTuResult(rec)
             res.save_to_json(args.out)
@@ -464,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return args.func(args)
+        with native_stdout_filtered():
+            return args.func(args)
     except Unavailable as exc:  # try again later / fix the installation
         print(f"error: {exc.message}", file=sys.stderr)
         return 3

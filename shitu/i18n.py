@@ -271,6 +271,12 @@ TEXT: dict[str, dict[str, str]] = {
         "rebuild": "rebuild needed",
         "no_indices": "No indices yet: build one in **Build index**.",
         "downloads_header": "### Official weights",
+        "download_waiting": "waiting",
+        "download_downloading": "downloading",
+        "download_ready": "ready",
+        "download_failed": "failed",
+        "rec_models_table": "| model | size | AliProducts recall@1 | GPU (T4) | CPU (8 threads) |",
+        "rec_models_note": "PaddleX's published figures; offline, the starter pack stands in for them.",
         "starter_meanwhile": "the starter pack answers meanwhile",
         "now_official": "Now running the official weights.",
         "reembed": "Built with the previous model, rebuild to search them: {names}",
@@ -283,6 +289,8 @@ TEXT: dict[str, dict[str, str]] = {
         "sign_out_btn": "Sign out",
         "signed_in": "Signed in: you can build, change and delete indices in this browser tab.",
         "signed_out": "Signed out.",
+        # Gradio's status tracker says this to screen readers when a job ends, and has no words for it
+        "common.complete": "Complete",
         # the engine's messages about images (shitu.gallery says them in English; the UI translates)
         "msg_not_image": "{name} is not an image, or not a readable image format",
         "msg_image_empty": "{name} is empty (0 bytes): not an image",
@@ -292,6 +300,8 @@ TEXT: dict[str, dict[str, str]] = {
         "msg_image_pixels": "{name} is {size} pixels; the limit is {limit} pixels",
         "msg_image_bomb": "{name} claims too many pixels to decode safely",
         "msg_already_entry": "this box is already entry #{id} ({label}) of {index}: nothing was added",
+        "msg_empty_label_file": "the label file {name} lists no images: it needs one line per image, its path and "
+        "its label (e.g. `photos/cola_1.jpg cola`)",
     },
     "zh": {
         "title": "# ShiTu Studio 通用图像识别工作台\n识别从未训练过的商品和物体：PP-ShiTuV2 先检测每个物体，"
@@ -523,6 +533,12 @@ TEXT: dict[str, dict[str, str]] = {
         "rebuild": "需要重建",
         "no_indices": "还没有索引：请在 **建库** 中创建。",
         "downloads_header": "### 官方权重",
+        "download_waiting": "等待中",
+        "download_downloading": "下载中",
+        "download_ready": "已就绪",
+        "download_failed": "失败",
+        "rec_models_table": "| 模型 | 大小 | AliProducts recall@1 | GPU（T4） | CPU（8 线程） |",
+        "rec_models_note": "PaddleX 公布的数据；离线时由入门模型包代替这些模型。",
         "starter_meanwhile": "下载期间由离线入门模型包继续提供识别",
         "now_official": "已切换到官方权重。",
         "reembed": "以下索引由之前的模型建立，需重建后才能检索：{names}",
@@ -534,6 +550,7 @@ TEXT: dict[str, dict[str, str]] = {
         "sign_out_btn": "退出",
         "signed_in": "已登录：可以在此浏览器标签页中建库、修改和删除索引。",
         "signed_out": "已退出。",
+        "common.complete": "完成",
         "msg_not_image": "{name} 不是图片，或是无法读取的图片格式",
         "msg_image_empty": "{name} 是空文件（0 字节），不是图片",
         "msg_image_format": "{name} 是 {kind} 格式的照片，这里无法读取：请另存或分享为 JPEG 或 PNG 后再试",
@@ -541,6 +558,8 @@ TEXT: dict[str, dict[str, str]] = {
         "msg_image_pixels": "{name} 有 {size} 像素，超过上限 {limit} 像素",
         "msg_image_bomb": "{name} 声称的像素数过多，无法安全解码",
         "msg_already_entry": "这个框已经是 {index} 的条目 #{id}（{label}）：未重复添加",
+        "msg_empty_label_file": "标签文件 {name} 中没有任何图片：每张图片需要一行，写明路径和标签（例如 "
+        "`photos/cola_1.jpg 可乐`）",
     },
 }
 

@@ -1400,6 +1400,7 @@ def _summary_lines(report: GalleryReport, worst: int = 5, pairs: int = 5) -> lis
         + (" (seeded random sample)" if report.sampled else ""),
         f"recall@1 {_pct(report.recall_at_1)}   recall@5 {_pct(report.recall_at_5)}",
     ]
+    lines += [f"note: {note}" for note in report.notes]  # e.g. why leave-one-out is optimistic for this index
     cal = report.calibration
     if cal is not None:
         p = cal.chosen

@@ -144,6 +144,7 @@ def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery
     # the report does not pass off leave-one-out in a space fitted to these entries as accuracy
     report = engine.report("big")
     assert any("optimistic" in note and "Held out" in note for note in report.notes)
+    assert any(line.startswith("note: ") and "optimistic" in line for line in report.summary_lines()), "CLI too"
     from shitu.ui.evaluate import evaluate_index
 
     summary = evaluate_index(engine, "big")[0]

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 MAX_REPORT_ROWS = 200  # rows of each report table shown on the page (the CSVs have them all)
 MAX_LABEL_ROWS = 500
+# the page's curve: compact, so its 12-unit text is ~12 px beside the slider and, with the phone's
+# minimum width (studio.CSS), ~10 px on a phone
+CURVE_SIZE = {"width": 560, "height": 300}
 
 
 def _pct(value: float | None) -> str:
@@ -80,11 +83,11 @@ def operating_point(engine: Engine, name: str | None, threshold: float | None, r
     index = engine.index(name)
     c = index.calibration
     if c is None or threshold is None:
-        return curve_svg(c, lang=lang), tr(lang, "no_calibration")
+        return curve_svg(c, lang=lang, **CURVE_SIZE), tr(lang, "no_calibration")
     p = c.at(float(threshold))
     line = tr(lang, "point_line", threshold=float(threshold), accepted=p.correct_accepted, wrong=p.wrong_accepted,
               rejected=p.unknown_rejected)  # fmt: skip
-    return curve_svg(c, float(threshold), lang=lang), line
+    return curve_svg(c, float(threshold), lang=lang, **CURVE_SIZE), line
 
 
 def _examples(report: GalleryReport) -> list[tuple[Image.Image, str]]:
@@ -186,7 +189,7 @@ def use_threshold(
     return (tr(lang, "threshold_set", threshold=float(threshold)), calibration_markdown(index, lang),
             # the Recognize tab's slider follows when it searches this index
             gr.update(value=index.suggested_rec_threshold) if searched == name else gr.skip(),
-            curve_svg(index.calibration, lang=lang))  # fmt: skip
+            curve_svg(index.calibration, lang=lang, **CURVE_SIZE))  # fmt: skip
 
 
 @user_errors

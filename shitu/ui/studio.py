@@ -59,6 +59,11 @@ CSS = fonts.served_css(FONT_URL) + f"""
   .tab-container button, [role="tab"] { padding-left: 5px !important; padding-right: 5px !important;
     font-size: 0.92em !important; }
   #title p { font-size: 0.9em; }
+  /* the threshold curve keeps readable text: it scrolls sideways inside its box instead of shrinking */
+  #eval-curve { overflow-x: auto; }
+  #eval-curve svg { min-width: 460px; }
+  /* the result table: the candidates keep a readable column, the table scrolls sideways if it must */
+  #result-table table { min-width: 360px; }
 }
 """
 

@@ -77,6 +77,8 @@ def test_build_app_serves_ui_and_api_on_one_port(engine, shop):
     assert page.status_code == 200 and "gradio" in page.text.lower()
     config = client.get("/config").json()
     assert "i18n_translations" in config and "zh" in config["i18n_translations"]
+    # Gradio's status tracker announces "common.complete" to screen readers and has no words for it
+    assert [config["i18n_translations"][lang]["common.complete"] for lang in ("en", "zh")] == ["Complete", "完成"]
 
 
 class Untouchable:
