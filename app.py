@@ -142,7 +142,7 @@ def build_app(
     from shitu.api import create_api
     from shitu.engine import Engine
     from shitu.startup import Readiness, ReadinessGate, guard_lifespan
-    from shitu.ui import CSS, I18N, build_demo
+    from shitu.ui import CSS, I18N, JS, build_demo
     from shitu.ui.events import SCRATCH
 
     engine = engine or Engine()
@@ -156,7 +156,7 @@ def build_app(
     add_font_route(app)
     demo = build_demo(engine, policy)
     app = gr.mount_gradio_app(
-        app, demo, path="/", i18n=I18N, css=CSS, footer_links=["api"],
+        app, demo, path="/", i18n=I18N, css=CSS, js=JS, footer_links=["api"],
         max_file_size=engine.settings.max_request_bytes,  # the same limit as the HTTP API's bodies
     )  # fmt: skip
     # Gradio checks that files named in event payloads were uploaded (not any path on the server)

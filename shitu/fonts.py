@@ -271,11 +271,17 @@ def _is_cjk(ch: str) -> bool:
 def embedded_css(page: str) -> str:
     """An ``@font-face`` rule that carries just the CJK glyphs ``page`` uses (a few KB, as a data
     URI), so a saved page (the gallery report) shows its Chinese on any machine, offline; ``""``
-    when the page has no CJK text or there is no font to take them from."""
-    chars = {ch for ch in page if _is_cjk(ch)}
+    when the page has no CJK text or there is no font to take them from. (~0.5-1 s the first time
+    for a set of characters; the same set again is free.)"""
+    chars = "".join(sorted({ch for ch in page if _is_cjk(ch)}))
     path = cjk_font()
     if not chars or path is None:
         return ""
+    return _subset_css(path, chars)
+
+
+@functools.lru_cache(maxsize=32)
+def _subset_css(path: str, chars: str) -> str:
     try:
         import base64
         import io
@@ -285,9 +291,11 @@ def embedded_css(page: str) -> str:
 
         options = subset.Options()
         options.layout_features, options.name_IDs, options.hinting = [], [], False
+        options.drop_tables = [*options.drop_tables, "FFTM"]  # (a FontForge timestamp it would warn about)
+        logging.getLogger("fontTools").setLevel(logging.ERROR)
         font = TTFont(path, lazy=True, fontNumber=0)
         subsetter = subset.Subsetter(options)
-        subsetter.populate(text="".join(sorted(chars)))
+        subsetter.populate(text=chars)
         subsetter.subset(font)
         buffer = io.BytesIO()
         try:

@@ -14,7 +14,6 @@ from shitu.ui.events import (
     QUIETLY,
     Wiring,
     index_dropdown,
-    keep_progress_in_view,
     lang_of,
     progress_callback,
     user_errors,
@@ -107,16 +106,16 @@ class BuildTab:
 
     def wire(self, w: Wiring, recognize: RecognizeTab, manage: ManageTab, evaluate: EvaluateTab) -> None:
         """The page's own events: private, user errors as toasts, long jobs with a progress bar."""
-        outputs = self.outputs(recognize, manage)
+        # the new index everywhere (Recognize and Manage, Evaluate after it) and after a reload (the browser's)
+        outputs = [*self.outputs(recognize, manage)[:3], w.remembered, self.progress]
         self.files.upload(gallery_uploader(w), self.files, None, queue=False, **PRIVATE)
         self.button.click(
-            w.with_progress(w.change(build_index), outputs, self.progress),
+            w.with_progress(w.remembering(w.change(build_index), 1), outputs, self.progress),
             self.inputs,
             outputs,
             concurrency_limit=1,
             concurrency_id="index-jobs",
             **QUIETLY,
-        ).then(**recognize.threshold_follows_index(w), **PRIVATE).then(  # the new index, everywhere and after a reload
-            **w.remembered_after(recognize.index)
-        ).then(w.index_choices, [evaluate.index, recognize.index], evaluate.index, **PRIVATE)  # fmt: skip
-        keep_progress_in_view(self.button, "build-progress")
+        ).then(**recognize.threshold_follows_index(w), **PRIVATE).then(
+            w.index_choices, [evaluate.index, recognize.index], evaluate.index, **PRIVATE
+        )  # fmt: skip

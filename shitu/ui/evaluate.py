@@ -21,7 +21,6 @@ from shitu.ui.events import (
     QUIETLY,
     Wiring,
     index_dropdown,
-    keep_progress_in_view,
     lang_of,
     md_safe,
     progress_callback,
@@ -286,7 +285,6 @@ class EvaluateTab:
             concurrency_id="evaluate",
             **QUIETLY,
         )
-        keep_progress_in_view(self.button, "eval-progress")
         self.tab.select(w.index_choices, [self.index, w.remembered], self.index, **PRIVATE)
         w.remember_choice(self.index)
         # the index's own curve and threshold as soon as it is chosen; the report's tables once it is run
@@ -318,7 +316,6 @@ class EvaluateTab:
             concurrency_id="index-jobs",
             **QUIETLY,
         )
-        keep_progress_in_view(self.recalibrate_button, "eval-status")
 
     def load(self, demo: gr.Blocks, w: Wiring) -> None:
         """What the tab shows when a page opens, read then."""

@@ -256,21 +256,6 @@ class LiveProgress:
         )
 
 
-SCROLL_TO_PROGRESS = (
-    "() => { const box = document.getElementById('ELEM'); if (!box) return; const show = () => "
-    "box.scrollIntoView({block: 'center', behavior: 'smooth'}); const seen = new MutationObserver(() => { "
-    "if (box.querySelector('.shitu-progress')) { seen.disconnect(); show(); } }); "
-    "seen.observe(box, {subtree: true, childList: true}); setTimeout(() => seen.disconnect(), 15000); }"
-)
-
-
-def keep_progress_in_view(button: Any, elem_id: str) -> None:
-    """When ``button`` starts a long job, its progress bar (``#elem_id``) is scrolled into view as
-    soon as it shows (the button just above it): on a desktop below the fold as on a phone. Runs in
-    the browser only."""
-    button.click(None, None, None, js=SCROLL_TO_PROGRESS.replace("ELEM", elem_id), **QUIETLY)
-
-
 def live_progress(fn: Callable, n_outputs: int, position: int, *, every: float = 0.3) -> Callable:
     """Run ``fn`` (a handler with a ``progress`` parameter, returning its ``n_outputs - 1``
     outputs) in a thread and stream a :class:`LiveProgress` bar to output ``position`` while it
@@ -481,6 +466,21 @@ class Wiring:
     def remember_choice(self, picker: Any) -> None:
         """Whatever the visitor picks in ``picker`` is remembered by the browser (every tab opens on it)."""
         picker.input(remember, picker, self.remembered, **QUIETLY)
+
+    def remembering(self, fn: Callable, picker: int) -> Callable:
+        """``fn`` (whose output ``picker`` is an index picker's update: a build, an import) with one
+        more output, that index, for the browser to remember with the rest of the answer (a reload
+        right after it has the new index too)."""
+
+        @functools.wraps(fn)
+        def remembered(*args: Any, **kwargs: Any) -> tuple:
+            out = tuple(fn(*args, **kwargs))
+            update = out[picker]
+            name = update.get("value") if isinstance(update, dict) else None
+            return (*out, name or gr.skip())
+
+        remembered.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+        return remembered
 
     def remembered_after(self, picker: Any) -> dict[str, Any]:
         """The event that remembers ``picker``'s value: after a build, an import, a rename..."""

@@ -23,7 +23,6 @@ from shitu.ui.events import (
     QUIETLY,
     Wiring,
     index_dropdown,
-    keep_progress_in_view,
     lang_of,
     md_safe,
     progress_callback,
@@ -612,7 +611,6 @@ class ManageTab:
             concurrency_id="index-jobs",
             **QUIETLY,
         ).success(**show_versions, **QUIETLY)
-        keep_progress_in_view(self.add_button, "add-progress")
         renamed, deleted, imported = self.renamed(recognize), self.deleted(recognize), self.imported(recognize)
         self.rename_button.click(
             w.soft(w.change(rename_index), renamed, self.status), [index, self.new_name], renamed, **PRIVATE
@@ -623,13 +621,13 @@ class ManageTab:
         self.export_button.click(
             w.soft(w.change(export_index), self.exported, self.status), index, self.exported, **PRIVATE
         )
+        imported = [*imported[:3], w.remembered, imported[3]]  # selected everywhere, and after a reload
         self.import_button.click(
-            w.with_progress(w.change(import_index), imported, self.import_progress), self.import_inputs, imported,
-            concurrency_limit=1, concurrency_id="index-jobs", **QUIETLY,
-        ).success(**open_event).success(**w.remembered_after(index)).success(  # selected everywhere
-            **recognize.threshold_follows_index(w), **PRIVATE
-        ).success(w.index_choices, [evaluate.index, w.remembered], evaluate.index, **PRIVATE)  # fmt: skip
-        keep_progress_in_view(self.import_button, "import-progress")
+            w.with_progress(w.remembering(w.change(import_index), 1), imported, self.import_progress),
+            self.import_inputs, imported, concurrency_limit=1, concurrency_id="index-jobs", **QUIETLY,
+        ).success(**open_event).success(**recognize.threshold_follows_index(w), **PRIVATE).success(
+            w.index_choices, [evaluate.index, index], evaluate.index, **PRIVATE
+        )  # fmt: skip
         self.versions_box.expand(**show_versions, **PRIVATE)
         version_changes_event = dict(
             fn=w.soft(w.bind(show_version_changes), [self.version_changes], self.version_changes),

@@ -68,6 +68,26 @@ CSS = fonts.served_css(FONT_URL) + f"""
 """
 
 
+# Run by the page when it loads (mount the UI with ``js=JS``): when a long job's progress bar starts
+# (a build, an add, an import, a report, a refit), it is scrolled into view once, with the button
+# that started it just above — on a desktop where the button sits below the fold as on a phone. Later
+# frames of the same job do not scroll again, so a visitor may scroll away while it runs.
+JS = """() => {
+  const running = new WeakSet();
+  const watch = () => {
+    for (const bar of document.querySelectorAll('.shitu-progress')) {
+      const box = bar.closest('[id]') || bar.parentElement;
+      if (bar.classList.contains('done')) { running.delete(box); continue; }
+      if (running.has(box)) continue;
+      running.add(box);
+      const r = bar.getBoundingClientRect();
+      if (r.top < 0 || r.bottom > window.innerHeight) bar.scrollIntoView({block: 'center', behavior: 'smooth'});
+    }
+  };
+  new MutationObserver(watch).observe(document.body, {subtree: true, childList: true});
+}"""
+
+
 def sign_in_section(access: SessionAccess) -> None:
     """What a restricted server shows at the top: a sign-in (with a token) or a read-only notice."""
     if access.policy.restricted and not access.policy.token:
