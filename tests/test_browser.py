@@ -309,6 +309,9 @@ def test_phone_recognize_flow(engine, locale):
         expect(page.locator("#result-image img")).to_be_visible()
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, f"the page scrolls sideways: {width} px wide"
+        # the top-k column keeps room for a candidate a line (it used to wrap at ~8 characters)
+        widths = page.evaluate("[...document.querySelectorAll('#result-table thead th')].map(t => t.offsetWidth)")
+        assert widths and widths[-1] >= 0.4 * sum(widths), widths
         shoot(page, f"phone_{locale[:2]}")
 
 

@@ -41,6 +41,9 @@ EVIDENCE_SIDE = 256
 MAX_EXAMPLES = 8
 RESULT_SIDE = 1600  # the drawn result at most this many pixels across: sharp on any screen, quick to send
 UNKNOWN_ROW = "color: #6b7280"
+CANDIDATE_BREAK = "<br>"  # the candidates column is Markdown: one candidate a line
+# widths of the result table's columns (#, answer, score, candidates): the candidates get the room
+RESULT_COLUMNS = ["8%", "24%", "21%", "47%"]
 
 
 def undecoded(payload: Any) -> str | bytes | None:
@@ -167,7 +170,7 @@ def result_table(result: Recognition, lang: str = "en") -> pd.DataFrame:
     for n, obj in enumerate(result.objects, start=1):
         candidates = obj.candidates or ([obj.candidate] if obj.candidate else [])
         marked = [
-            f"{label} {score:.3f} " + ("✓" if threshold is None or score >= threshold else "✗")
+            f"{md_safe(label)} {score:.3f} " + ("✓" if threshold is None or score >= threshold else "✗")
             for label, score, _ in candidates
         ]
         rows.append(
@@ -175,7 +178,7 @@ def result_table(result: Recognition, lang: str = "en") -> pd.DataFrame:
                 tr(lang, "col_box"): n,
                 tr(lang, "col_answer"): answer_text(obj, threshold, lang),
                 tr(lang, "col_score"): f"{obj.score:.3f}" if obj.recognized else "—",
-                tr(lang, "col_candidates"): "; ".join(marked) or "—",
+                tr(lang, "col_candidates"): CANDIDATE_BREAK.join(marked) or "—",  # one a line: readable on a phone
             }
         )
     columns = [tr(lang, k) for k in ("col_box", "col_answer", "col_score", "col_candidates")]
@@ -476,8 +479,9 @@ class RecognizeTab:
                             elem_id="evidence",
                         )
                         self.table = gr.Dataframe(
-                            label=I18N("result_table"), interactive=False, wrap=True, elem_id="result-table"
-                        )
+                            label=I18N("result_table"), interactive=False, wrap=True, elem_id="result-table",
+                            datatype=["number", "str", "str", "markdown"], column_widths=RESULT_COLUMNS,
+                        )  # fmt: skip
                         with gr.Accordion(I18N("teach_section"), open=False, elem_id="teach"):
                             with gr.Row():
                                 self.teach_pick = gr.Dropdown(

@@ -62,8 +62,6 @@ CSS = fonts.served_css(FONT_URL) + f"""
   /* the threshold curve keeps readable text: it scrolls sideways inside its box instead of shrinking */
   #eval-curve { overflow-x: auto; }
   #eval-curve svg { min-width: 460px; }
-  /* the result table: the candidates keep a readable column, the table scrolls sideways if it must */
-  #result-table table { min-width: 360px; }
 }
 """
 

@@ -63,7 +63,7 @@ def test_unknown_boxes_show_their_near_miss(engine, shop, sample_queries):
         label, score, _ = obj.candidate
         assert answer == f"unknown — maybe {label} {score:.3f} < 1.00"
     assert set(table["score"]) == {"—"}
-    assert all(cell.count("✗") == len(cell.split("; ")) for cell in table.iloc[:, 3])  # all below: all marked
+    assert all(cell.count("✗") == len(cell.split("<br>")) for cell in table.iloc[:, 3])  # all below: all marked
     assert "0 recognised" in summary
     assert all("✗" in caption for caption, owner in ((c, o) for (_, c), o in zip(evidence, state["owners"]))
                if "(query)" not in caption)  # fmt: skip
