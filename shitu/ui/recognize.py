@@ -72,7 +72,7 @@ def query_image(**kwargs: Any) -> gr.Image:
 
 
 def query_input(image: Any) -> Any:
-    """What a handler got from :class:`QueryImage`, ready for the engine: an upload that is gone
+    """What a handler got from :func:`query_image`, ready for the engine: an upload that is gone
     (the server keeps them for a while) is a user error, not a server path in a message."""
     if image is None:
         raise ShiTuError(TEXT["en"]["err_no_image"])
