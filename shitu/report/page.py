@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 from typing import TYPE_CHECKING
 
+from shitu import fonts
 from shitu.i18n import lang_code
 from shitu.report.charts import curve_chart, map_chart
 from shitu.report.params import (
@@ -28,8 +29,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def render_page(report: GalleryReport, lang: str | None = "en") -> str:
     """The HTML page of ``report`` in ``lang`` (``en``, or ``zh`` for any Chinese locale)."""
     code = lang_code(lang)
-    return render(
+    page = render(
         "page.html", code,
+        font_stack=fonts.FONT_STACK,
         report=report,
         html_lang="zh-CN" if code == "zh" else "en",
         images={id_: data_uri(data) for id_, data in report.thumbnails.items() if data},
@@ -40,6 +42,8 @@ def render_page(report: GalleryReport, lang: str | None = "en") -> str:
         criteria={"votes": MISLABEL_MIN_VOTES, "k": NEIGHBOURS, "similarity": DUPLICATE_SIMILARITY,
                   "fragile": FRAGILE_IMAGES},
     )  # fmt: skip
+    # the CJK glyphs the page shows, embedded (a few KB): a saved report reads the same on any machine
+    return page.replace("</style>", fonts.embedded_css(page) + "</style>", 1)
 
 
 def data_uri(image: bytes) -> str:

@@ -9,15 +9,11 @@ map in a cache dir, so later conversions need no network.
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
 
-import requests
-
+from shitu import npm
 from shitu.errors import StarterModelUnavailable
 from shitu.fsutil import sha256_bytes, sha256_file, write_bytes_atomic
 
@@ -58,56 +54,13 @@ OIDV4_LABELS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-def _npm_error(stderr: bytes | str | None, fallback: str) -> str:
-    """The informative part of npm's stderr (its code and message, not the log-file hint)."""
-    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
-    lines = [
-        line.removeprefix("npm error").strip()
-        for line in text.splitlines()
-        if line.startswith("npm error") and "complete log" not in line
-    ]
-    return " ".join(line for line in lines[:2] if line) or fallback
-
-
 def _download_tarball(workdir: Path) -> bytes:
-    """Get the package tarball with ``npm pack`` (honours the user's npm registry, proxy and
-    cache settings), or else by HTTP GET of the registry's tarball URL, as npm does."""
-    reasons = []
-    npm = shutil.which("npm")
-    if npm:
-        spec = f"{OBJECTRON_NPM_PACKAGE}@{OBJECTRON_NPM_VERSION}"
-        # Bounded retries/timeouts: a black-holed registry should fail in minutes, not 15.
-        command = [npm, "pack", spec, "--loglevel=error", "--fetch-retries=1",
-                   "--fetch-timeout=60000"]  # fmt: skip
-        try:
-            subprocess.run(
-                command,
-                cwd=workdir,
-                check=True,
-                capture_output=True,
-                timeout=180,
-                env={**os.environ, "npm_config_update_notifier": "false"},
-            )
-            tarballs = sorted(workdir.glob("*.tgz"))
-            if tarballs:
-                return tarballs[0].read_bytes()
-            reasons.append("npm pack wrote no tarball")
-        except subprocess.CalledProcessError as exc:
-            reasons.append(f"npm pack failed: {_npm_error(exc.stderr, f'exit {exc.returncode}')}")
-        except (OSError, subprocess.SubprocessError) as exc:
-            reasons.append(f"npm pack failed: {exc}")
-    else:
-        reasons.append("npm not installed")
+    """The package tarball (see :func:`shitu.npm.fetch_tarball`)."""
     try:
-        response = requests.get(OBJECTRON_TARBALL_URL, timeout=(10, 120))
-        response.raise_for_status()
-        return response.content
-    except (requests.RequestException, OSError) as exc:
-        reasons.append(f"HTTP GET failed: {type(exc).__name__}: {exc}")
-    raise StarterModelUnavailable(
-        f"cannot reach the npm registry for {OBJECTRON_NPM_PACKAGE}@{OBJECTRON_NPM_VERSION} "
-        f"({'; '.join(reasons)})".replace("\n", " ")
-    )
+        tarball = npm.fetch_tarball(OBJECTRON_NPM_PACKAGE, OBJECTRON_NPM_VERSION, OBJECTRON_TARBALL_URL, workdir)
+        return tarball.read_bytes()
+    except npm.RegistryUnreachable as exc:
+        raise StarterModelUnavailable(str(exc)) from None
 
 
 def fetch_objectron_tflite(cache_dir: Path) -> Path:

@@ -8,10 +8,11 @@ sign-in, scratch files) and :mod:`shitu.ui.studio` composes the page. User mista
 the engine, the UI only keeps what is on screen.
 
 Static text is translated in the browser with ``gr.I18n`` (:data:`I18N`, passed to
-``gr.mount_gradio_app``); text that handlers produce follows the request's ``Accept-Language``.
+``gr.mount_gradio_app`` with the page's ``CSS`` and ``JS``); text that handlers produce follows the
+request's ``Accept-Language``.
 """
 
 from shitu.ui.events import I18N
-from shitu.ui.studio import CSS, build_demo
+from shitu.ui.studio import CSS, JS, build_demo
 
-__all__ = ["CSS", "I18N", "build_demo"]
+__all__ = ["CSS", "I18N", "JS", "build_demo"]

@@ -8,7 +8,16 @@ import gradio as gr
 
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.engine import Engine  # a runtime import: Gradio reads the handlers' type hints
-from shitu.ui.events import I18N, PRIVATE, QUIETLY, Wiring, index_dropdown, lang_of, progress_callback, user_errors
+from shitu.ui.events import (
+    I18N,
+    PRIVATE,
+    QUIETLY,
+    Wiring,
+    index_dropdown,
+    lang_of,
+    progress_callback,
+    user_errors,
+)
 from shitu.ui.summaries import change_summary
 from shitu.ui.uploads import gallery_files_input, gallery_from_uploads, gallery_uploader
 
@@ -97,15 +106,16 @@ class BuildTab:
 
     def wire(self, w: Wiring, recognize: RecognizeTab, manage: ManageTab, evaluate: EvaluateTab) -> None:
         """The page's own events: private, user errors as toasts, long jobs with a progress bar."""
-        outputs = self.outputs(recognize, manage)
+        # the new index everywhere (Recognize and Manage, Evaluate after it) and after a reload (the browser's)
+        outputs = [*self.outputs(recognize, manage)[:3], w.remembered, self.progress]
         self.files.upload(gallery_uploader(w), self.files, None, queue=False, **PRIVATE)
         self.button.click(
-            w.with_progress(w.change(build_index), outputs, self.progress),
+            w.with_progress(w.remembering(w.change(build_index), 1), outputs, self.progress),
             self.inputs,
             outputs,
             concurrency_limit=1,
             concurrency_id="index-jobs",
             **QUIETLY,
-        ).then(**recognize.threshold_follows_index(w), **PRIVATE).then(  # the Evaluate tab follows a new build too
-            w.index_choices, manage.index, evaluate.index, **PRIVATE
+        ).then(**recognize.threshold_follows_index(w), **PRIVATE).then(
+            w.index_choices, [evaluate.index, recognize.index], evaluate.index, **PRIVATE
         )  # fmt: skip

@@ -3,6 +3,7 @@ threshold curve, and choosing or remeasuring the index's threshold."""
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
 
 MAX_REPORT_ROWS = 200  # rows of each report table shown on the page (the CSVs have them all)
 MAX_LABEL_ROWS = 500
+# the page's curve: compact, so its 12-unit text is ~12 px beside the slider and, with the phone's
+# minimum width (studio.CSS), ~10 px on a phone
+CURVE_SIZE = {"width": 560, "height": 300}
 
 
 def _pct(value: float | None) -> str:
@@ -51,9 +55,22 @@ def _threshold_slider(c: CalibrationView | None, value: float | None = None) -> 
                      value=round(chosen, 4), step=0.001, interactive=True)  # fmt: skip
 
 
-def initial_index(engine: Engine) -> dict[str, Any]:
-    """The index picker when a page opens: the indices there are now, the default one chosen."""
-    return index_dropdown(engine)
+def initial_index(engine: Engine, remembered: str | None = None) -> dict[str, Any]:
+    """The index picker when a page opens: the indices there are now, on the one this browser picked
+    last (else the default one)."""
+    return index_dropdown(engine, remembered)
+
+
+def index_view(engine: Engine, name: str | None, request: gr.Request | None = None):
+    """What an index shows before any report is run (its calibration is stored with it): (calibration
+    markdown, curve, threshold slider on the index's own threshold, what that threshold does)."""
+    if not name:
+        return "", "", gr.update(interactive=False), ""
+    lang = lang_of(request)
+    info = engine.info(name)
+    c = info.calibration
+    curve, point = operating_point(engine, name, c.threshold if c else None, request)
+    return calibration_markdown(info, lang), curve, _threshold_slider(c), point
 
 
 def operating_point(engine: Engine, name: str | None, threshold: float | None, request: gr.Request | None = None):
@@ -63,11 +80,11 @@ def operating_point(engine: Engine, name: str | None, threshold: float | None, r
         return gr.skip(), ""
     c = engine.calibration(name)
     if c is None or threshold is None:
-        return curve_svg(c, lang=lang), tr(lang, "no_calibration")
+        return curve_svg(c, lang=lang, **CURVE_SIZE), tr(lang, "no_calibration")
     p = c.at(float(threshold))
     line = tr(lang, "point_line", threshold=float(threshold), accepted=p.correct_accepted, wrong=p.wrong_accepted,
               rejected=p.unknown_rejected)  # fmt: skip
-    return curve_svg(c, float(threshold), lang=lang), line
+    return curve_svg(c, float(threshold), lang=lang, **CURVE_SIZE), line
 
 
 def _examples(report: GalleryReport) -> list[tuple[Image.Image, str]]:
@@ -169,7 +186,7 @@ def use_threshold(
     return (tr(lang, "threshold_set", threshold=float(threshold)), calibration_markdown(info, lang),
             # the Recognize tab's slider follows when it searches this index
             gr.update(value=info.threshold) if searched == name else gr.skip(),
-            curve_svg(info.calibration, lang=lang))  # fmt: skip
+            curve_svg(info.calibration, lang=lang, **CURVE_SIZE))  # fmt: skip
 
 
 @user_errors
@@ -216,29 +233,30 @@ class EvaluateTab:
                     self.adapt = gr.Radio(["auto", "on", "off"], value="auto", label=I18N("recalibrate_adapt"))
                     self.recalibrate_button = gr.Button(I18N("recalibrate_btn"), elem_id="recalibrate-btn")
                     self.status = gr.Markdown(elem_id="eval-status")
-            gr.Markdown(I18N("eval_map"))
-            self.map = gr.HTML(elem_id="eval-map")
-            with gr.Row(equal_height=False):
-                self.labels = gr.Dataframe(
-                    label=I18N("eval_labels"), interactive=False, max_height=360, elem_id="eval-labels"
+            with gr.Column(visible=False, elem_id="eval-report") as self.report_box:  # shown once a report is run
+                gr.Markdown(I18N("eval_map"))
+                self.map = gr.HTML(elem_id="eval-map")
+                with gr.Row(equal_height=False):
+                    self.labels = gr.Dataframe(
+                        label=I18N("eval_labels"), interactive=False, max_height=360, elem_id="eval-labels"
+                    )
+                    self.pairs = gr.Dataframe(
+                        label=I18N("eval_pairs"), interactive=False, max_height=360, elem_id="eval-pairs"
+                    )
+                self.flagged = gr.Dataframe(
+                    label=I18N("eval_flagged"), interactive=False, max_height=360, elem_id="eval-flagged"
                 )
-                self.pairs = gr.Dataframe(
-                    label=I18N("eval_pairs"), interactive=False, max_height=360, elem_id="eval-pairs"
+                self.examples = gr.Gallery(
+                    label=I18N("eval_examples"),
+                    columns=6,
+                    height="auto",
+                    object_fit="contain",
+                    allow_preview=True,
+                    elem_id="eval-examples",
                 )
-            self.flagged = gr.Dataframe(
-                label=I18N("eval_flagged"), interactive=False, max_height=360, elem_id="eval-flagged"
-            )
-            self.examples = gr.Gallery(
-                label=I18N("eval_examples"),
-                columns=6,
-                height="auto",
-                object_fit="contain",
-                allow_preview=True,
-                elem_id="eval-examples",
-            )
-            self.files = gr.File(
-                label=I18N("eval_downloads"), file_count="multiple", interactive=False, elem_id="eval-files"
-            )
+                self.files = gr.File(
+                    label=I18N("eval_downloads"), file_count="multiple", interactive=False, elem_id="eval-files"
+                )
             self.index_name = gr.Textbox(label=I18N("eval_index"), visible=False)  # the endpoint's: any name
         self.outputs = [self.summary, self.calibration, self.curve, self.threshold, self.point, self.map, self.labels,
                         self.pairs, self.flagged, self.examples, self.files, self.progress]  # fmt: skip
@@ -250,15 +268,28 @@ class EvaluateTab:
 
     def wire(self, w: Wiring, recognize: RecognizeTab) -> None:
         """The page's own events: private, user errors as toasts, long jobs with a progress bar."""
+        bound = w.bind(evaluate_index)
+
+        @functools.wraps(bound)  # Gradio reads the type hints: the request and the progress are injected
+        def evaluate_and_show(*args: Any, **kwargs: Any) -> tuple:
+            return (*bound(*args, **kwargs), gr.update(visible=True))
+
+        shown = [*self.outputs[:-1], self.report_box, self.progress]
         self.button.click(
-            w.with_progress(w.bind(evaluate_index), self.outputs, self.progress),
+            w.with_progress(evaluate_and_show, shown, self.progress),
             self.index,
-            self.outputs,
+            shown,
             concurrency_limit=1,
             concurrency_id="evaluate",
             **QUIETLY,
         )
-        self.tab.select(w.index_choices, self.index, self.index, **PRIVATE)
+        self.tab.select(w.index_choices, [self.index, w.remembered], self.index, **PRIVATE)
+        w.remember_choice(self.index)
+        # the index's own curve and threshold as soon as it is chosen; the report's tables once it is run
+        viewed = [self.calibration, self.curve, self.threshold, self.point]
+        self.index.change(w.soft(w.bind(index_view), viewed), self.index, viewed, **QUIETLY).then(
+            lambda: gr.update(visible=False), None, self.report_box, **QUIETLY
+        )
         point_event = dict(
             fn=w.soft(w.bind(operating_point), [self.curve, self.point]),
             inputs=[self.index, self.threshold],
@@ -286,4 +317,4 @@ class EvaluateTab:
 
     def load(self, demo: gr.Blocks, w: Wiring) -> None:
         """What the tab shows when a page opens, read then."""
-        demo.load(w.soft(w.bind(initial_index), [self.index]), None, self.index, **PRIVATE)
+        demo.load(w.soft(w.bind(initial_index), [self.index]), w.remembered, self.index, **PRIVATE)

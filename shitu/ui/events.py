@@ -31,7 +31,7 @@ from PIL import Image
 
 from shitu.access import AccessPolicy
 from shitu.errors import ShiTuError
-from shitu.i18n import TEXT
+from shitu.i18n import TEXT, translated
 from shitu.i18n import text as tr
 
 if TYPE_CHECKING:
@@ -63,11 +63,27 @@ def thumbnail_image(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data))
 
 
-def index_dropdown(engine: Engine, value: str | None = None) -> dict[str, Any]:
-    """An index picker's choices now, keeping ``value`` (else the default index, else the first)."""
+def index_dropdown(engine: Engine, value: str | None = None, fallback: str | None = None) -> dict[str, Any]:
+    """An index picker's choices now, on ``value`` if it exists (else ``fallback``, else the default
+    index, else the first)."""
     names = engine.index_names()
-    wanted = value or engine.settings.default_index
-    return gr.update(choices=names, value=wanted if wanted in names else (names[0] if names else None))
+    chosen = next((n for n in (value, fallback, engine.settings.default_index) if n and n in names), None)
+    return gr.update(choices=names, value=chosen or (names[0] if names else None))
+
+
+# The index a visitor picked last, kept in their browser (localStorage) across reloads; the value is
+# an index name, not a secret: the fixed key lets every server (and a restarted one) read it back.
+REMEMBERED_INDEX = {"storage_key": "shitu-studio-index", "secret": "shitu-studio-index"}
+
+
+def remembered_index() -> gr.BrowserState:
+    """The component that keeps the picked index in the browser (see :data:`REMEMBERED_INDEX`)."""
+    return gr.BrowserState(None, **REMEMBERED_INDEX)
+
+
+def remember(name: str | None) -> Any:
+    """The picked (or just built, imported, renamed) index, to keep in the browser."""
+    return name or gr.skip()
 
 
 # --- errors ------------------------------------------------------------------------------------------
@@ -98,7 +114,9 @@ def error_text(lang: str, message: str) -> str:
     for key, words in TEXT["en"].items():
         if key.startswith("err_") and words == message:
             return tr(lang, key)
-    return message if lang == "en" else f"{tr(lang, 'could_not')}{message}"
+    if lang == "en":
+        return message
+    return translated(lang, message) or f"{tr(lang, 'could_not')}{message}"
 
 
 def inline_error(lang: str, message: str) -> str:
@@ -165,23 +183,54 @@ class LiveProgress:
     """How far a long job has got, as a bar a person can see from the first second on.
 
     Callable like ``gr.Progress`` (``progress((done, total), desc=...)``), so the handlers are
-    the same for tests and for the browser; :meth:`html` draws it."""
+    the same for tests and for the browser; :meth:`html` draws it. The time left is only said
+    once it means something (see :meth:`seconds_left`). ``clock``: seconds, monotonic (tests
+    pass a fake one)."""
 
-    def __init__(self, lang: str, stage: str = "starting"):
+    ETA_MIN_SECONDS = 5.0  # embedding must have run this long ...
+    ETA_MIN_FRACTION = 0.05  # ... and got this far (and past ETA_MIN_ITEMS images) before an estimate is said
+    ETA_MIN_ITEMS = 8
+    ETA_WINDOW_S = 30.0  # the rate is measured over this last stretch (the pace changes: warm-up, extra workers)
+
+    def __init__(self, lang: str, stage: str = "starting", clock: Callable[[], float] = time.monotonic):
         self.lang = lang
         self.stage = stage
         self.done = 0
         self.total = 0
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
+        self._marks: list[tuple[float, int]] = []  # (time, done) while embedding, from the first image done
 
     def __call__(self, value: Any = None, desc: str | None = None, **_: Any) -> None:
+        if desc and desc != self.stage:
+            self._marks = []
+            self.stage = desc
         if isinstance(value, tuple) and len(value) == 2:
             self.done, self.total = int(value[0]), int(value[1])
-        if desc:
-            self.stage = desc
+            if self.stage == "embedding" and self.done > 0:
+                now = self.clock()
+                self._marks.append((now, self.done))
+                while len(self._marks) > 2 and self._marks[1][0] < now - self.ETA_WINDOW_S:
+                    self._marks.pop(0)
+
+    def seconds_left(self) -> float | None:
+        """The time the embedding still needs, from its recent pace; ``None`` until that means
+        something: not before the first images are done (model loading and warm-up would make the
+        first estimate many times too long), nor before :data:`ETA_MIN_SECONDS` of embedding, nor
+        before :data:`ETA_MIN_FRACTION` of the images, and not once they are all done."""
+        if self.stage != "embedding" or not self.total or self.done >= self.total or len(self._marks) < 2:
+            return None
+        (t0, d0), (t1, d1) = self._marks[0], self._marks[-1]
+        first = self._marks[0][1]
+        if t1 - t0 < self.ETA_MIN_SECONDS or d1 - first < max(self.ETA_MIN_ITEMS, self.ETA_MIN_FRACTION * self.total):
+            return None
+        if self.clock() - t0 <= 0 or d1 <= d0:
+            return None
+        rate = (d1 - d0) / (t1 - t0)
+        return max(0.0, (self.total - self.done) / rate - (self.clock() - t1))
 
     def html(self, finished: bool = False) -> str:
-        elapsed = time.monotonic() - self.started
+        elapsed = self.clock() - self.started
         lang = self.lang
         if finished:
             return f'<div class="shitu-progress done">✓ {tr(lang, "progress_done", seconds=f"{elapsed:.1f}")}</div>'
@@ -192,10 +241,9 @@ class LiveProgress:
         if self.total:
             fraction = min(1.0, self.done / self.total)
             words = f"{label}: {self.done} / {self.total} · {elapsed:.0f} s"
-            if 0 < self.done < self.total:
-                left = elapsed / self.done * (self.total - self.done) if stage == "embedding" else None
-                if left is not None:
-                    words += " · " + tr(lang, "progress_eta", seconds=f"{left:.0f}")
+            left = self.seconds_left()
+            if left is not None:
+                words += " · " + tr(lang, "progress_eta", seconds=f"{max(1, round(left)):.0f}")
             bar = f'<div class="fill" style="width:{fraction * 100:.1f}%"></div>'
             aria = f'aria-valuemin="0" aria-valuemax="{self.total}" aria-valuenow="{self.done}"'
         else:
@@ -382,9 +430,10 @@ class Wiring:
     Nothing here calls the engine: handlers are bound to it and run when their event fires.
     """
 
-    def __init__(self, engine: Engine, access: SessionAccess):
+    def __init__(self, engine: Engine, access: SessionAccess, remembered: Any = None):
         self.engine = engine
         self.access = access
+        self.remembered = remembered  # the browser's picked index (remembered_index()), made inside the page
 
     def bind(self, fn: Callable) -> Callable:
         """A handler that reads: the engine filled in."""
@@ -409,6 +458,30 @@ class Wiring:
         and soft; a hidden trigger carries the endpoint."""
         gr.Button(visible=False, elem_classes=["api-only"]).click(fn, inputs, outputs, api_name=name, **kwargs)
 
-    def index_choices(self, current: str | None) -> dict[str, Any]:
-        """An index picker refreshed: this visitor's choice kept (index choices are per visitor)."""
-        return index_dropdown(self.engine, current)
+    def index_choices(self, current: str | None, remembered: str | None = None) -> dict[str, Any]:
+        """An index picker refreshed: on the index this browser picked last (``remembered``), else the
+        one it shows (index choices are per visitor)."""
+        return index_dropdown(self.engine, remembered, current)
+
+    def remember_choice(self, picker: Any) -> None:
+        """Whatever the visitor picks in ``picker`` is remembered by the browser (every tab opens on it)."""
+        picker.input(remember, picker, self.remembered, **QUIETLY)
+
+    def remembering(self, fn: Callable, picker: int) -> Callable:
+        """``fn`` (whose output ``picker`` is an index picker's update: a build, an import) with one
+        more output, that index, for the browser to remember with the rest of the answer (a reload
+        right after it has the new index too)."""
+
+        @functools.wraps(fn)
+        def remembered(*args: Any, **kwargs: Any) -> tuple:
+            out = tuple(fn(*args, **kwargs))
+            update = out[picker]
+            name = update.get("value") if isinstance(update, dict) else None
+            return (*out, name or gr.skip())
+
+        remembered.__signature__ = inspect.signature(fn)  # type: ignore[attr-defined]
+        return remembered
+
+    def remembered_after(self, picker: Any) -> dict[str, Any]:
+        """The event that remembers ``picker``'s value: after a build, an import, a rename..."""
+        return dict(fn=remember, inputs=picker, outputs=self.remembered, **QUIETLY)

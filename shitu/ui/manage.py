@@ -40,6 +40,7 @@ from shitu.ui.uploads import (
 )
 
 if TYPE_CHECKING:
+    from shitu.ui.evaluate import EvaluateTab
     from shitu.ui.recognize import RecognizeTab
 
 MAX_TABLE_ROWS = 500  # rows of one page of the entries table (read from the index a page at a time)
@@ -403,10 +404,10 @@ def restore_version(engine: Engine, name: str | None, version: Any, request: gr.
     return status, versions_table(engine, name, request)
 
 
-def initial_view(engine: Engine, request: gr.Request | None = None):
-    """What the tab shows when a page opens, read then: (index picker with the default index
-    chosen, then that index opened as :func:`open_index` shows it)."""
-    picker = index_dropdown(engine)
+def initial_view(engine: Engine, remembered: str | None = None, request: gr.Request | None = None):
+    """What the tab shows when a page opens, read then: (index picker on the index this browser
+    picked last, else the default one, then that index opened as :func:`open_index` shows it)."""
+    picker = index_dropdown(engine, remembered)
     return (picker, *open_index(engine, picker["value"], request))
 
 
@@ -455,7 +456,6 @@ class ManageTab:
             with gr.Row():
                 self.new_label = gr.Textbox(label=I18N("new_label"), max_lines=1, scale=4, elem_id="new-label")
                 self.relabel_button = gr.Button(I18N("relabel_btn"), scale=2, elem_id="relabel-btn")
-            self.progress = gr.HTML(elem_id="manage-progress")
             self.status = gr.Markdown(elem_id="manage-status")
             with gr.Accordion(I18N("add_section"), open=False):
                 with gr.Row():
@@ -464,7 +464,8 @@ class ManageTab:
                 with gr.Row():
                     self.add_skip = gr.Checkbox(value=True, label=I18N("skip_invalid"))
                     self.add_folders = gr.Checkbox(value=False, label=I18N("folder_labels"))
-                self.add_button = gr.Button(I18N("add_btn"), variant="primary")
+                self.add_button = gr.Button(I18N("add_btn"), variant="primary", elem_id="add-btn")
+                self.progress = gr.HTML(elem_id="add-progress")  # next to the button that started it
             with gr.Accordion(I18N("rename_section"), open=False):
                 with gr.Row():
                     self.new_name = gr.Textbox(label=I18N("new_name"), max_lines=1)
@@ -492,7 +493,8 @@ class ManageTab:
                     with gr.Column():
                         self.import_name = gr.Textbox(label=I18N("import_name"), max_lines=1)
                         self.import_overwrite = gr.Checkbox(value=False, label=I18N("overwrite"))
-                        self.import_button = gr.Button(I18N("import_btn"))
+                        self.import_button = gr.Button(I18N("import_btn"), elem_id="import-btn")
+                        self.import_progress = gr.HTML(elem_id="import-progress")
             # the named endpoints' index: any name (the engine checks it), while the dropdown accepts only the
             # choices this page has loaded
             self.index_name = gr.Textbox(label=I18N("active_index"), visible=False)
@@ -519,7 +521,7 @@ class ManageTab:
 
     def imported(self, recognize: RecognizeTab) -> list:
         """An import's outputs: its status, both index pickers on the imported index, the progress bar."""
-        return [self.status, self.index, recognize.index, self.progress]
+        return [self.status, self.index, recognize.index, self.import_progress]
 
     def add_endpoints(self, w: Wiring, recognize: RecognizeTab) -> None:
         """The named endpoints for programmatic callers (the plain handlers: an error stays an error)."""
@@ -546,15 +548,17 @@ class ManageTab:
         """The event that opens the chosen index (table page 1, label filter, previews)."""
         return dict(fn=w.soft(w.bind(open_index), self.view), inputs=self.index, outputs=self.view, **PRIVATE)
 
-    def wire(self, w: Wiring, recognize: RecognizeTab) -> None:
+    def wire(self, w: Wiring, recognize: RecognizeTab, evaluate: EvaluateTab) -> None:
         """The page's own events: private, user errors as toasts, long jobs with a progress bar."""
         index, selected, label_filter = self.index, self.selected, self.label_filter
         open_event = self.open_event(w)
         # every change is a new version: the versions list follows (hidden: it only shows when opened)
         show_versions = dict(fn=w.soft(w.bind(versions_table), [self.versions]), inputs=index, outputs=self.versions)
         index.input(**open_event).success(**show_versions, **QUIETLY)
-        self.refresh_button.click(w.index_choices, index, index, **PRIVATE).then(**open_event)
-        self.tab.select(w.index_choices, index, index, **PRIVATE).then(**open_event)
+        w.remember_choice(index)
+        choices = dict(fn=w.index_choices, inputs=[index, w.remembered], outputs=index, **PRIVATE)
+        self.refresh_button.click(**choices).then(**open_event)
+        self.tab.select(**choices).then(**open_event)
         label_filter.select(  # (not .input: a label typed rather than picked from the list comes only as .select)
             w.soft(w.bind(pick_label), self.filtered), [index, label_filter, selected], self.filtered, **PRIVATE
         )
@@ -597,16 +601,20 @@ class ManageTab:
         renamed, deleted, imported = self.renamed(recognize), self.deleted(recognize), self.imported(recognize)
         self.rename_button.click(
             w.soft(w.change(rename_index), renamed, self.status), [index, self.new_name], renamed, **PRIVATE
-        ).success(**open_event)
+        ).success(**open_event).success(**w.remembered_after(index))
         self.delete_button.click(
             w.soft(w.change(delete_index), deleted, self.status), [index, self.confirm_delete], deleted, **PRIVATE
-        ).success(**open_event)
+        ).success(**open_event).success(**w.remembered_after(index))
         self.export_button.click(
             w.soft(w.change(export_index), self.exported, self.status), index, self.exported, **PRIVATE
         )
+        imported = [*imported[:3], w.remembered, imported[3]]  # selected everywhere, and after a reload
         self.import_button.click(
-            w.with_progress(w.change(import_index), imported, self.progress), self.import_inputs, imported, **QUIETLY
-        ).success(**open_event)
+            w.with_progress(w.remembering(w.change(import_index), 1), imported, self.import_progress),
+            self.import_inputs, imported, concurrency_limit=1, concurrency_id="index-jobs", **QUIETLY,
+        ).success(**open_event).success(**recognize.threshold_follows_index(w), **PRIVATE).success(
+            w.index_choices, [evaluate.index, index], evaluate.index, **PRIVATE
+        )  # fmt: skip
         self.versions_box.expand(**show_versions, **PRIVATE)
         version_changes_event = dict(
             fn=w.soft(w.bind(show_version_changes), [self.version_changes], self.version_changes),
@@ -627,4 +635,4 @@ class ManageTab:
     def load(self, demo: gr.Blocks, w: Wiring) -> None:
         """What the tab shows when a page opens, read then."""
         shown = [self.index, *self.view]
-        demo.load(w.soft(w.bind(initial_view), shown), None, shown, **PRIVATE)
+        demo.load(w.soft(w.bind(initial_view), shown), w.remembered, shown, **PRIVATE)

@@ -90,8 +90,10 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
     lines.append(f"- **{tr(lang, 'device')}**: {_device(engine, lang)}")
     lines.append(f"- **{tr(lang, 'vector_store')}**: {tr(lang, 'store_' + engine.vector_store)}")
     lines.append(f"- **{tr(lang, 'versions')}**: " + " · ".join(f"{k} {v}" for k, v in versions.items()))
-    lines.append(tr(lang, "indices_header"))
-    lines.extend(download_lines(engine.model_download_status(), lang))
+    downloads = download_lines(engine.model_download_status(), lang)
+    if downloads:  # the official weights' own section, before the indices' (headings need a blank line)
+        lines += ["", *downloads]
+    lines += ["", tr(lang, "indices_header"), ""]
     names = engine.index_names()
     if not names:
         lines.append(tr(lang, "no_indices"))
@@ -112,17 +114,14 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
     return "\n".join(lines)
 
 
-def recognition_models_table(engine: Engine) -> str:
+def recognition_models_table(engine: Engine, lang: str = "en") -> str:
     """Size, accuracy and speed of the three official recognisers (PaddleX's published figures)."""
-    rows = [
-        "| model | size | AliProducts recall@1 | GPU (T4) | CPU (8 threads) |",
-        "|---|---|---|---|---|",
-    ]
+    rows = [tr(lang, "rec_models_table"), "|---|---|---|---|---|"]
     for m in engine.recognition_models():
         size = f"{m['size_mb'] / 1000:.2f} GB" if m["size_mb"] >= 1000 else f"{m['size_mb']:.0f} MB"
         name = f"**{m['name']}** ✓" if m["active"] else m["name"]
         rows.append(f"| {name} | {size} | {m['recall_at_1']:.1f} % | {m['gpu_ms']:.0f} ms | {m['cpu_ms']:.0f} ms |")
-    return "\n".join(rows) + "\n\nPaddleX's published figures; offline, the starter pack stands in for them."
+    return "\n".join(rows) + "\n\n" + tr(lang, "rec_models_note")
 
 
 def download_lines(status: dict[str, Any], lang: str) -> list[str]:
@@ -137,15 +136,17 @@ def download_lines(status: dict[str, Any], lang: str) -> list[str]:
             size = f"{done / 1e6:.0f} / {total / 1e6:.0f} MB" if total else f"{done / 1e6:.0f} MB"
             lines.append(f"- ⏳ `{name}`: {size} — " + tr(lang, "starter_meanwhile"))
         else:
-            reason = f" — {md_safe(model['reason'])}" if model.get("reason") else ""
-            lines.append(f"- `{name}`: {md_safe(model.get('state', ''))}{reason}")
+            state = str(model.get("state", ""))
+            reason = model.get("reason") or ""
+            reason = f" — {tr(lang, 'details_en')}{md_safe(reason)}" if reason else ""
+            lines.append(f"- `{name}`: {TEXT[lang].get('download_' + state, md_safe(state))}{reason}")
     if state == "switched":
         lines.append(tr(lang, "now_official"))
         stale = [name for name, same in (status.get("indices") or {}).items() if not same]
         if stale:
             lines.append(tr(lang, "reembed", names=", ".join(f"`{n}`" for n in stale)))
     elif state == "failed":
-        lines.append(tr(lang, "official_failed", reason=md_safe(status.get("reason") or "")))
+        lines.append(tr(lang, "official_failed", reason=tr(lang, "details_en") + md_safe(status.get("reason") or "")))
     return lines
 
 
@@ -178,7 +179,7 @@ def initial_view(engine: Engine, request: gr.Request | None = None):
     model that runs, the recognisers' table, the download timer: on while a download runs)."""
     running = bool(engine.model_download_status().get("running"))
     return (models_markdown(engine, request), models_banner(engine, request), active_rec_model(engine),
-            recognition_models_table(engine), gr.Timer(active=running))  # fmt: skip
+            recognition_models_table(engine, lang_of(request)), gr.Timer(active=running))  # fmt: skip
 
 
 # --- the tab ---------------------------------------------------------------------------------------------

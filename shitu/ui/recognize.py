@@ -3,8 +3,12 @@ box to the gallery; examples that belong to the index searched."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import json
+import time
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -35,7 +39,46 @@ from shitu.ui.summaries import calibration_markdown
 MAX_EVIDENCE_PER_BOX = 3  # gallery photos shown next to each box's own crop
 EVIDENCE_SIDE = 256
 MAX_EXAMPLES = 8
+RESULT_SIDE = 1600  # the drawn result at most this many pixels across: sharp on any screen, quick to send
 UNKNOWN_ROW = "color: #6b7280"
+CANDIDATE_BREAK = "<br>"  # the candidates column is Markdown: one candidate a line
+# widths of the result table's columns (#, answer, score, candidates): the candidates get the room
+RESULT_COLUMNS = ["8%", "24%", "21%", "47%"]
+
+
+def undecoded(payload: Any) -> str | bytes | None:
+    """What the query image hands its handler: the uploaded file's path (or a pasted image's bytes),
+    undecoded, so that the engine decodes it with its own limits (``SHITU_MAX_IMAGE_PIXELS``,
+    checked from the header before anything is decoded) and says what is wrong with it in the
+    product's words. Gradio's own decoding failed with its own error (and a server path) on anything
+    that is not a readable image, and decoded a 13000 x 13000 PNG whatever the limit."""
+    if payload is None:
+        return None
+    url = getattr(payload, "url", None) or ""
+    if url.startswith("data:"):
+        try:
+            return base64.b64decode(url.partition(",")[2])
+        except (binascii.Error, ValueError):
+            return b""  # the engine says it is not an image
+    return getattr(payload, "path", None)
+
+
+def query_image(**kwargs: Any) -> gr.Image:
+    """Gradio's image component (upload, paste, webcam) whose value reaches the handler
+    :func:`undecoded` (a subclass would make Gradio write a ``.pyi`` stub beside this module)."""
+    component = gr.Image(type="filepath", **kwargs)
+    component.preprocess = undecoded  # type: ignore[method-assign]
+    return component
+
+
+def query_input(image: Any) -> Any:
+    """What a handler got from :func:`query_image`, ready for the engine: an upload that is gone
+    (the server keeps them for a while) is a user error, not a server path in a message."""
+    if image is None:
+        raise ShiTuError(TEXT["en"]["err_no_image"])
+    if isinstance(image, str) and not Path(image).is_file():
+        raise ShiTuError(TEXT["en"]["err_upload_gone"])
+    return image
 
 
 # --- handlers ------------------------------------------------------------------------------------------
@@ -48,11 +91,11 @@ def threshold_for_index(engine: Engine, name: str | None) -> dict[str, Any]:
         return gr.update()
 
 
-def initial_values(engine: Engine, request: gr.Request | None = None) -> tuple:
+def initial_values(engine: Engine, remembered: str | None = None, request: gr.Request | None = None) -> tuple:
     """What the tab shows when a page opens, read then (not when the page was built): (index
-    picker, examples, recognition threshold, top-k, detection threshold, whole-image mode, NMS on,
-    NMS IoU)."""
-    picker = index_dropdown(engine)
+    picker on the index this browser picked last, examples, recognition threshold, top-k, detection
+    threshold, whole-image mode, NMS on, NMS IoU)."""
+    picker = index_dropdown(engine, remembered)
     name = picker["value"]
     config = engine.config
     threshold = threshold_for_index(engine, name).get("value", engine.default_rec_threshold)
@@ -75,11 +118,9 @@ def recognize_image(
 ) -> tuple[Image.Image, pd.DataFrame, str, str, list, dict]:
     """Recognise one image: (drawn image, table of boxes, summary markdown, JSON file path,
     evidence gallery, state for the highlight handlers)."""
-    if image is None:
-        raise ShiTuError(TEXT["en"]["err_no_image"])
     lang = lang_of(request)
     result = engine.recognize(
-        image,
+        query_input(image),
         index=index_name or None,
         bgr=False,
         det_threshold=None if det_threshold is None else float(det_threshold),
@@ -91,9 +132,10 @@ def recognize_image(
     path = scratch_file("shitu_result.json")
     path.write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2), encoding="utf-8")
     items, owners = evidence(engine, result, lang)
-    state = {"result": result, "owners": owners, "lang": lang}
+    drawn = result.render(lang=lang, max_side=RESULT_SIDE)
+    state = {"result": result, "owners": owners, "lang": lang, "scale": drawn.width / result.image.shape[1]}
     return (
-        result.render(lang=lang),
+        drawn,
         result_table(result, lang),
         timings_markdown(result, lang),
         str(path),
@@ -128,7 +170,7 @@ def result_table(result: Recognition, lang: str = "en") -> pd.DataFrame:
     for n, obj in enumerate(result.objects, start=1):
         candidates = obj.candidates or ([obj.candidate] if obj.candidate else [])
         marked = [
-            f"{label} {score:.3f} " + ("✓" if threshold is None or score >= threshold else "✗")
+            f"{md_safe(label)} {score:.3f} " + ("✓" if threshold is None or score >= threshold else "✗")
             for label, score, _ in candidates
         ]
         rows.append(
@@ -136,7 +178,7 @@ def result_table(result: Recognition, lang: str = "en") -> pd.DataFrame:
                 tr(lang, "col_box"): n,
                 tr(lang, "col_answer"): answer_text(obj, threshold, lang),
                 tr(lang, "col_score"): f"{obj.score:.3f}" if obj.recognized else "—",
-                tr(lang, "col_candidates"): "; ".join(marked) or "—",
+                tr(lang, "col_candidates"): CANDIDATE_BREAK.join(marked) or "—",  # one a line: readable on a phone
             }
         )
     columns = [tr(lang, k) for k in ("col_box", "col_answer", "col_score", "col_candidates")]
@@ -213,7 +255,7 @@ def highlight(state: dict | None, box: int | None):
     if not state or box is None or not (0 <= box < len(state["result"].objects)):
         return gr.skip(), gr.skip()
     result, lang = state["result"], state["lang"]
-    return result.render(lang=lang, highlight=box), styled_result_table(result, lang, box)
+    return result.render(lang=lang, highlight=box, max_side=RESULT_SIDE), styled_result_table(result, lang, box)
 
 
 def select_row(state: dict | None, evt: gr.SelectData):
@@ -225,7 +267,8 @@ def select_on_image(state: dict | None, evt: gr.SelectData):
     """A click on the result image highlights the box under it and its row."""
     if not state or not isinstance(evt.index, (list, tuple)) or len(evt.index) != 2:
         return gr.skip(), gr.skip()
-    return highlight(state, _box_at(state["result"], float(evt.index[0]), float(evt.index[1])))
+    scale = state.get("scale") or 1.0  # the drawn image may be the photo scaled down
+    return highlight(state, _box_at(state["result"], float(evt.index[0]) / scale, float(evt.index[1]) / scale))
 
 
 def select_evidence(state: dict | None, evt: gr.SelectData):
@@ -273,6 +316,14 @@ def examples_for(engine: Engine, name: str | None, limit: int = MAX_EXAMPLES) ->
         return []
     picks = found[:: max(1, len(found) // limit)][:limit]
     return [(thumbnail_image(e.thumbnail), f"{e.label} · #{e.id}") for e in picks]
+
+
+def follow_remembered(engine: Engine, current: str | None, remembered: str | None = None):
+    """The tab opened again: (index picker on the index this browser picked last — another tab may
+    have picked one, or built one —, and the threshold slider following it when it changed)."""
+    picker = index_dropdown(engine, remembered, current)
+    changed = picker["value"] != current
+    return picker, threshold_for_index(engine, picker["value"]) if changed else gr.skip()
 
 
 def show_examples(engine: Engine, name: str | None):
@@ -331,9 +382,13 @@ def teach_box(
         obj = result.objects[int(box) - 1]
     except (ValueError, IndexError):
         raise ShiTuError(TEXT["en"]["err_no_result"]) from None
-    report = engine.teach(result.index_name, result.image, obj.bbox, label)
+    started = time.perf_counter()
+    # the query's own feature of the box: nothing is embedded again (unless the model changed since)
+    report = engine.teach(result.index_name, result.image, obj.bbox, label, feature=obj.feature,
+                          feature_model=result.feature_model)  # fmt: skip
     lang = lang_of(request)
-    head = tr(lang, "taught", box=box, index=report.index, id=report.added_ids[0], label=md_safe(label.strip()))
+    head = tr(lang, "taught", box=box, index=report.index, id=report.added_ids[0], label=md_safe(label.strip()),
+              seconds=f"{time.perf_counter() - started:.1f}")  # fmt: skip
     info = engine.info(result.index_name)
     return head + "\n\n" + calibration_markdown(info, lang), threshold_for_index(engine, result.index_name)
 
@@ -349,10 +404,9 @@ class RecognizeTab:
         with gr.Tab(I18N("tab_recognize"), id="recognize") as self.tab:
             with gr.Row(equal_height=False):
                 with gr.Column(scale=1, min_width=300):
-                    self.query = gr.Image(
+                    self.query = query_image(
                         label=I18N("query_image"),
                         sources=["upload", "webcam", "clipboard"],
-                        type="numpy",
                         height=320,
                         elem_id="query-image",
                     )
@@ -423,8 +477,9 @@ class RecognizeTab:
                             elem_id="evidence",
                         )
                         self.table = gr.Dataframe(
-                            label=I18N("result_table"), interactive=False, wrap=True, elem_id="result-table"
-                        )
+                            label=I18N("result_table"), interactive=False, wrap=True, elem_id="result-table",
+                            datatype=["number", "str", "str", "markdown"], column_widths=RESULT_COLUMNS,
+                        )  # fmt: skip
                         with gr.Accordion(I18N("teach_section"), open=False, elem_id="teach"):
                             with gr.Row():
                                 self.teach_pick = gr.Dropdown(
@@ -483,14 +538,15 @@ class RecognizeTab:
         self.table.select(select_row, self.state, highlighted, **PRIVATE)
         self.image.select(select_on_image, self.state, highlighted, **PRIVATE)
         self.evidence.select(select_evidence, self.state, highlighted, **PRIVATE)
-        self.tab.select(w.index_choices, self.index, self.index, **PRIVATE)
+        self.tab.select(w.bind(follow_remembered), [self.index, w.remembered], [self.index, self.threshold], **PRIVATE)
         # the threshold follows the visitor's own choice of index (and a new build), not every refresh
         # of the list, which would undo a threshold the visitor has just set
         self.index.input(**self.threshold_follows_index(w), **PRIVATE)
+        w.remember_choice(self.index)
         self.index.change(w.bind(show_examples), self.index, self.examples, **PRIVATE)
 
     def load(self, demo: gr.Blocks, w: Wiring) -> None:
         """What the tab shows when a page opens, read then."""
         shown = [self.index, self.examples, self.threshold, self.topk, self.det_threshold, self.whole_image,
                  self.use_nms, self.nms_iou]  # fmt: skip
-        demo.load(w.soft(w.bind(initial_values), shown), None, shown, **PRIVATE)
+        demo.load(w.soft(w.bind(initial_values), shown), w.remembered, shown, **PRIVATE)

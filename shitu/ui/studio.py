@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
+from shitu import fonts
 from shitu.access import AccessPolicy
+from shitu.ui import gradio_cache
 from shitu.ui.build import BuildTab
 from shitu.ui.evaluate import EvaluateTab
-from shitu.ui.events import I18N, SessionAccess, Wiring, soft_errors
+from shitu.ui.events import I18N, SessionAccess, Wiring, remembered_index, soft_errors
 from shitu.ui.manage import ManageTab
 from shitu.ui.models import ModelsTab
 from shitu.ui.recognize import RecognizeTab
@@ -22,7 +24,11 @@ from shitu.ui.recognize import RecognizeTab
 if TYPE_CHECKING:
     from shitu.engine import Engine
 
-CSS = """
+FONT_URL = "fonts/cjk"  # relative to the page: app.py serves it (the provisioned CJK font)
+CSS = fonts.served_css(FONT_URL) + f"""
+/* Chinese text in the CJK font the studio provides, where the visitor's system has none */
+:root, .gradio-container {{ --font: "IBM Plex Sans", ui-sans-serif, {fonts.FONT_STACK} !important; }}
+""" + """
 #result-table td, #entries-table td { white-space: normal; }
 /* the indices table scrolls sideways on a phone instead of wrapping letter by letter */
 #models-info table { display: block; overflow-x: auto; width: fit-content; max-width: 100%; border: none;
@@ -53,8 +59,31 @@ CSS = """
   .tab-container button, [role="tab"] { padding-left: 5px !important; padding-right: 5px !important;
     font-size: 0.92em !important; }
   #title p { font-size: 0.9em; }
+  /* the threshold curve keeps readable text: it scrolls sideways inside its box instead of shrinking */
+  #eval-curve { overflow-x: auto; }
+  #eval-curve svg { min-width: 460px; }
 }
 """
+
+
+# Run by the page when it loads (mount the UI with ``js=JS``): when a long job's progress bar starts
+# (a build, an add, an import, a report, a refit), it is scrolled into view once, with the button
+# that started it just above — on a desktop where the button sits below the fold as on a phone. Later
+# frames of the same job do not scroll again, so a visitor may scroll away while it runs.
+JS = """() => {
+  const running = new WeakSet();
+  const watch = () => {
+    for (const bar of document.querySelectorAll('.shitu-progress')) {
+      const box = bar.closest('[id]') || bar.parentElement;
+      if (bar.classList.contains('done')) { running.delete(box); continue; }
+      if (running.has(box)) continue;
+      running.add(box);
+      const r = bar.getBoundingClientRect();
+      if (r.top < 0 || r.bottom > window.innerHeight) bar.scrollIntoView({block: 'center', behavior: 'smooth'});
+    }
+  };
+  new MutationObserver(watch).observe(document.body, {subtree: true, childList: true});
+}"""
 
 
 def sign_in_section(access: SessionAccess) -> None:
@@ -83,9 +112,11 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
 
     ``policy`` decides who may change indices (default: open, as on a private laptop). Nothing
     is read from ``engine`` here; each tab's load event reads what it shows when a page opens."""
+    gradio_cache.install()  # images the page shows are never rewritten while the browser reads them
     access = SessionAccess(policy or AccessPolicy(token=None, restricted=False))
     w = Wiring(engine, access)
     with gr.Blocks(title="ShiTu Studio", analytics_enabled=False, delete_cache=(300, 900)) as demo:
+        w.remembered = remembered_index()  # the index this browser picked last: every tab opens on it
         with gr.Row(elem_id="header"):
             gr.Markdown(I18N("title"), elem_id="title")
         banner = gr.HTML(elem_id="models-banner")
@@ -107,7 +138,7 @@ def build_demo(engine: Engine, policy: AccessPolicy | None = None) -> gr.Blocks:
 
         recognize.wire(w)
         build.wire(w, recognize, manage, evaluate)
-        manage.wire(w, recognize)
+        manage.wire(w, recognize, evaluate)
         evaluate.wire(w, recognize)
         models.wire(w, banner, recognize)
 

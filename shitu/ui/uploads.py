@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from shitu.errors import ShiTuError
-from shitu.gallery import GalleryBatch, pairs_from_uploads, read_zip_gallery
+from shitu.gallery import GalleryBatch, decode_text, pairs_from_uploads, parse_label_lines, read_zip_gallery
 from shitu.i18n import TEXT
+from shitu.i18n import text as say
 from shitu.ui.events import I18N
 
 if TYPE_CHECKING:
@@ -61,6 +62,10 @@ def gallery_from_uploads(files: Any, label_file: Any = None, folder_labels: bool
     if not paths:
         raise ShiTuError(TEXT["en"]["err_no_gallery"])
     label_bytes = read_upload(label_path) if label_path else None
+    if label_bytes is not None and label_path is not None:
+        entries, bad = parse_label_lines(decode_text(label_bytes))
+        if not entries and not bad:
+            raise ShiTuError(say("en", "msg_empty_label_file", name=label_path.name))
     zips = [p for p in paths if p.suffix.lower() == ".zip"]
     if zips:
         if len(paths) > 1:

@@ -72,6 +72,7 @@ def test_build_from_zip_and_separate_label_file(engine, sample_gallery, tmp_path
         ("no_label_file", "label file is missing"),
         ("not_utf8", "not UTF-8"),
         ("no_pairs", "no image/label pairs could be used"),
+        ("empty_label_file", "the label file empty.txt lists no images: it needs one line per image"),
         ("same_names", "upload the gallery as one .zip"),
         ("zip_and_images", "either one .zip or image files"),
         ("bad_name", "invalid index name"),
@@ -93,6 +94,10 @@ def test_bad_build_input_is_a_toast_and_changes_nothing(engine, shop, uploads, t
         bad = tmp_path / "bad.txt"
         bad.write_text("nothing.jpg label\nlonely_path\n", encoding="utf-8")
         label_arg = str(bad)
+    elif case == "empty_label_file":
+        empty = tmp_path / "empty.txt"
+        empty.write_text("# just a comment\n\n", encoding="utf-8")
+        label_arg = str(empty)
     elif case == "same_names":
         twin = tmp_path / "twin"
         twin.mkdir()

@@ -51,6 +51,76 @@ def test_progress_bar_text():
     assert "读取图片: 1 / 2" in zh.html()
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulated_build(total: int = 987, *, reading: float = 8.0, warmup: float = 25.0, rates=((0.5, 12.0), (1.0, 24.0)),
+                    chunk: int = 4, poll: float = 0.3):  # fmt: skip
+    """A build as the bar sees it, on a fake clock: the upload read (``reading`` s), then the models
+    warm up (the first chunk takes ``warmup`` s), then images are embedded ``chunk`` at a time at
+    ``rates`` (up to a fraction of the images, images/s: the gallery workers join half-way). Yields
+    (time, seconds really left, the bar's estimate, the estimate the first bar made) at every poll."""
+    clock = FakeClock()
+    bar = events.LiveProgress("en", clock=clock)
+    clock.now = reading
+    bar((0, total), desc="embedding")
+    done, ticks = 0, []
+    t = reading + warmup
+    while done < total:
+        done = min(total, done + chunk)
+        ticks.append((t, done))
+        rate = next(r for upto, r in rates if done < upto * total or upto == 1.0)
+        t += chunk / rate
+    finish = ticks[-1][0]
+    now = reading
+    for when, count in ticks:
+        while now + poll < when:
+            now += poll
+            clock.now = now
+            naive = (now / bar.done * (total - bar.done)) if 0 < bar.done < total else None
+            yield now, finish - now, bar.seconds_left(), naive
+        clock.now = now = when
+        bar((count, total), desc="embedding")
+
+
+@pytest.mark.parametrize("rates", [((1.0, 12.0),), ((0.5, 12.0), (1.0, 24.0))], ids=["steady", "workers-join"])
+def test_the_time_left_is_said_only_once_it_means_something(rates):
+    """The first estimate of a real build said "about 1097 s left" for a build that took 96 s: the
+    model warm-up and the reading counted as if every image took that long. Now nothing is said
+    until embedding has gone on a while; then a steady pace is estimated within 15 %, and a pace
+    that changes (the gallery workers join half-way, which nothing can foresee) within a factor 2."""
+    frames = list(simulated_build(rates=rates))
+    shown = [(t, truth, est) for t, truth, est, _ in frames if est is not None]
+    first_done = 8.0 + 25.0
+    assert shown and shown[0][0] >= first_done + events.LiveProgress.ETA_MIN_SECONDS, "nothing during the warm-up"
+    steady = len(rates) == 1
+    for t, truth, est in shown:
+        if steady:
+            assert abs(est - truth) <= 0.15 * truth + 1, (t, truth, est)
+        else:
+            assert 0.5 * truth - 1 <= est <= 2.0 * truth + 1, (t, truth, est)
+    naive = [(truth, n) for _, truth, est, n in frames if n is not None]
+    assert naive[0][1] > 5 * naive[0][0], "what the old estimate said at first (the bug this replaces)"
+
+
+def test_the_progress_bar_text_shows_the_estimate_in_words():
+    clock = FakeClock()
+    bar = events.LiveProgress("zh", clock=clock)
+    bar((0, 100), desc="embedding")
+    clock.now = 10.0
+    bar((4, 100), desc="embedding")
+    assert "预计" not in bar.html(), "not after the first images"
+    for k in range(2, 12):
+        clock.now = 10.0 + k
+        bar((4 * k, 100), desc="embedding")
+    assert "预计还需" in bar.html() and "提取特征: 44 / 100" in bar.html()
+
+
 def test_bound_handlers_keep_what_gradio_injects(engine):
     from gradio.helpers import special_args
 

@@ -63,7 +63,7 @@ def test_unknown_boxes_show_their_near_miss(engine, shop, sample_queries):
         label, score, _ = obj.candidate
         assert answer == f"unknown — maybe {label} {score:.3f} < 1.00"
     assert set(table["score"]) == {"—"}
-    assert all(cell.count("✗") == len(cell.split("; ")) for cell in table.iloc[:, 3])  # all below: all marked
+    assert all(cell.count("✗") == len(cell.split("<br>")) for cell in table.iloc[:, 3])  # all below: all marked
     assert "0 recognised" in summary
     assert all("✗" in caption for caption, owner in ((c, o) for (_, c), o in zip(evidence, state["owners"]))
                if "(query)" not in caption)  # fmt: skip
@@ -122,6 +122,58 @@ def test_recognize_errors_are_toasts(engine, shop, tmp_path):
         recognize.recognize_image(engine, str(corrupt), "nope")
 
 
+def bad_photos(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files a visitor may pick as a photo, and the start of what the studio says about each."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    good = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), np.uint8)).save(good, format="JPEG")
+    big = io.BytesIO()
+    Image.new("L", (13000, 13000)).save(big, format="PNG")  # 169 Mpx: a small file, 4 GB once decoded
+    files = {
+        "notes.jpg": (b"a text file named .jpg", "notes.jpg is not an image"),
+        "cut.jpg": (good.getvalue()[: len(good.getvalue()) // 2], "cut.jpg is damaged or cut short"),
+        "empty.jpg": (b"", "empty.jpg is empty (0 bytes)"),
+        "iphone.heic": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "iphone.heic is a HEIC photo"),
+        "huge.png": (big.getvalue(), "huge.png is 13000x13000 pixels; the limit is 40,000,000 pixels"),
+    }
+    out = {}
+    for name, (data, said) in files.items():
+        (folder / name).write_bytes(data)
+        out[name] = folder / name, said
+    return out
+
+
+def test_every_bad_photo_is_the_products_own_one_line_message(engine, shop, tmp_path):
+    """The query component hands the upload over undecoded (Gradio's decoding used to fail with its
+    own error and a server path, and to decode a 13000 x 13000 PNG whatever the limit); the engine
+    says what is wrong, in the visitor's language, and no server path."""
+    from gradio.data_classes import ImageData
+
+    from shitu.ui import events
+
+    query = recognize.query_image()
+    for name, (path, said) in bad_photos(tmp_path / "uploads").items():
+        payload = ImageData(path=str(path), orig_name=name)
+        assert query.preprocess(payload) == str(path), "not decoded by Gradio"
+        with pytest.raises(gr.Error) as raised:
+            recognize.recognize_image(engine, query.preprocess(payload), shop)
+        message = str(raised.value.message)
+        assert message.startswith(said) and "\n" not in message and str(tmp_path) not in message, message
+        zh = events.error_text("zh", message)
+        assert name in zh and zh.replace(name, "").isascii() is False and "未完成" not in zh, zh
+    gone = tmp_path / "gone.jpg"
+    with pytest.raises(gr.Error, match="no longer on the server: upload it again"):
+        recognize.recognize_image(engine, str(gone), shop)
+    pasted = ImageData(url="data:image/png;base64,bm90IGFuIGltYWdl")
+    assert query.preprocess(pasted) == b"not an image"
+    assert not list(Path(recognize.__file__).parent.glob("*.pyi")), "Gradio wrote no stub into the package"
+
+
 def test_threshold_slider_follows_the_index(engine, sample_gallery):
     from shitu.gallery import read_label_file
     from shitu.ui.recognize import threshold_for_index
@@ -146,3 +198,20 @@ def test_teach_needs_a_result_and_a_label(engine, shop):
         recognize.teach_box(engine, None, "1", "x")
     box, label = recognize.teach_choices(None)
     assert box["choices"] == [] and label["value"] == ""
+
+
+def test_teach_uses_the_querys_feature_and_says_when_a_box_is_already_there(engine, shop, sample_queries, monkeypatch):
+    *_, state = recognize.recognize_image(engine, str(sample_queries[0]), shop, None, None, 3, "never", False, 0.5)
+    assert all(o.feature is not None for o in state["result"].objects), "the state keeps each box's feature"
+    monkeypatch.setattr(engine, "embed_gallery", lambda *a, **k: pytest.fail("the crop was embedded again"))
+    status, _ = recognize.teach_box(engine, state, "1", "taught product", FakeRequest("en"))
+    new_id = len(engine.index(shop)) - 1
+    assert f"Added box 1 to **{shop}** as #{new_id} under **taught product**" in status
+    with pytest.raises(gr.Error, match=f"this box is already entry #{new_id} \\(taught product\\) of {shop}"):
+        recognize.teach_box(engine, state, "1", "taught product")
+    from shitu.ui import events
+
+    said = f"this box is already entry #{new_id} (taught product) of {shop}: nothing was added"
+    assert events.error_text("zh", said) == (
+        f"这个框已经是 {shop} 的条目 #{new_id}（taught product）：未重复添加"
+    )
