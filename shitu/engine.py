@@ -26,31 +26,28 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shitu import fonts
-from shitu.augment import view_plan
 from shitu.config import (
     INDEX_TYPES,
     METRIC_TYPES,
     REC_MODEL_FACTS,
     REC_MODELS,
-    WHOLE_IMAGE_MODES,
     PipelineConfig,
     Settings,
 )
-from shitu.errors import Busy, Conflict, NotFound, ShiTuError, Unavailable
+from shitu.embedding import embed_gallery
+from shitu.errors import Conflict, NotFound, ShiTuError, Unavailable
 from shitu.gallery import (
     GalleryBatch,
     GalleryItem,
     ImageInput,
     SkippedLine,
     crop_box,
-    in_line_order,
     load_image,
     make_thumbnail,
 )
@@ -58,21 +55,27 @@ from shitu.i18n import text as say
 from shitu.ids import parse_ids
 from shitu.index import GalleryIndex
 from shitu.matching import index_floor, search_regions
+from shitu.options import UNSET, Options, resolve_options
 from shitu.report import GalleryReport, gallery_report
 from shitu.results import Recognition, merge_same_label
 from shitu.runtime import Runtime
+from shitu.serving import ModelSlot
 from shitu.stores.base import GalleryStore, check_name, open_store
 from shitu.stores.files import FileStore
 from shitu.stores.layout import load_index
 from shitu.threshold import ThresholdPolicy
 from shitu.views import (
     CalibrationView,
+    ChangeReport,
     EntryPage,
     EntryView,
     IndexInfo,
-    OperatingPoint,
     VersionDiff,
     VersionInfo,
+    calibration_view,
+    entry_page,
+    entry_views,
+    index_info,
 )
 
 __all__ = ["ChangeReport", "Engine", "Options", "Progress", "UNSET"]
@@ -81,55 +84,14 @@ log = logging.getLogger(__name__)
 
 SAMPLE_INDEX = "sample"
 TEACH_RECALIBRATE_MAX = 5000  # teaching refits an adapted index's projection up to this size
-GALLERY_JOB_MIN_IMAGES = 32  # a gallery of at least this many images counts as a job (SHITU_MAX_GALLERY_JOBS)
 TEACH_DUPLICATE_SIMILARITY = 0.995  # a taught box this similar to an entry is that entry again (the same picture)
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 IndexRef = str | Path | GalleryIndex | None  # a name in the data dir, a directory, or an index object
 
 
-@dataclass
-class ChangeReport:
-    """What a change did, for summaries in the UI, API and CLI: the ids it gave new entries (none
-    for a remove, relabel, calibration or import), the lines it skipped, the index's summary after
-    it. The index itself stays with the engine (``gallery``: for the engine and the Python API's
-    ``IndexData``); front ends read ``id_map`` and ``image_count``, or ask the engine."""
-
-    index: str
-    added_ids: list[int]
-    skipped: list[SkippedLine] = field(default_factory=list)
-    summary: dict[str, Any] = field(default_factory=dict)
-    gallery: GalleryIndex | None = field(default=None, repr=False)  # the index after the change
-
-    @property
-    def id_map(self) -> dict[int, str]:
-        """``id → label`` of the whole index after the change (built on demand: O(entries))."""
-        return self.gallery.id_map if self.gallery is not None else {}
-
-    @property
-    def image_count(self) -> int:
-        return len(self.gallery) if self.gallery is not None else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "added": len(self.added_ids),
-            "skipped": [{"line": s.line_no, "source": s.source, "reason": s.reason} for s in self.skipped],
-            **self.summary,
-        }
 
 
-@dataclass(frozen=True)
-class Options:
-    """Per-call recognition options with every default filled in."""
 
-    det_threshold: float
-    rec_threshold: float
-    rec_topk: int
-    whole_image: str
-    nms_iou: float | None
-
-
-UNSET: Any = type("Unset", (), {"__repr__": lambda self: "UNSET"})()  # "not given" where None means "off"
 
 
 class Engine:
@@ -160,14 +122,8 @@ class Engine:
         fonts.use(self.settings.models_dir, offline=self.settings.offline)  # drawn labels find the CJK font there
         self._store = self._named_store()
         self._dir_stores: dict[Path, GalleryStore] = {}
-        self._runtime = runtime
-        self._owns_runtime = runtime is None
-        self._rt_lock = threading.Lock()
-        self._admission = threading.BoundedSemaphore(self.settings.max_waiting_requests)
-        self._admission_depth = threading.local()
-        self._gallery_jobs = threading.BoundedSemaphore(self.settings.max_gallery_jobs)
-        self._in_flight: dict[int, int] = {}
-        self._retired: dict[int, Runtime] = {}
+        self._slot = ModelSlot(self.settings, self._new_runtime, runtime)
+        self._lock = threading.Lock()  # the directory stores and the report cache
         # the last few gallery reports: {(name, id(index)): (weakref to that index version, report)}
         self._report_cache: dict[tuple[str | None, int], tuple[weakref.ref, GalleryReport]] = {}
 
@@ -183,69 +139,24 @@ class Engine:
             return "faiss"
         return "milvus_server" if "://" in self.settings.milvus_target else "milvus_lite"
 
-    # --- models -----------------------------------------------------------------------------
+    # --- models (shitu.serving) ----------------------------------------------------------------
+    def _new_runtime(self) -> Runtime:
+        return Runtime(self.config, self.settings, device=self._device, isolate=self._isolate)
+
+    @property
+    def _runtime(self) -> Runtime | None:
+        """The serving runtime, if one was made yet."""
+        return self._slot.held
+
     def _current_runtime(self) -> Runtime:
-        if self._runtime is None:
-            with self._rt_lock:
-                if self._runtime is None:
-                    self._runtime = Runtime(self.config, self.settings, device=self._device, isolate=self._isolate)
-        return self._runtime
+        return self._slot.current()
 
-    @contextlib.contextmanager
-    def _admitted(self) -> Iterator[None]:
-        """A place among the requests that use or wait for the models (``SHITU_MAX_WAITING_REQUESTS``),
-        or :class:`Busy` at once: a full queue answers "retry in a moment" instead of growing."""
-        depth = getattr(self._admission_depth, "n", 0)  # a request's own nested calls count once
-        if depth == 0 and not self._admission.acquire(blocking=False):
-            limit = self.settings.max_waiting_requests
-            raise Busy(f"the models are busy ({limit} requests are being answered); retry in a moment")
-        self._admission_depth.n = depth + 1
-        try:
-            yield
-        finally:
-            self._admission_depth.n = depth
-            if depth == 0:
-                self._admission.release()
+    def _gallery_job(self, images: int) -> contextlib.AbstractContextManager[None]:
+        return self._slot.gallery_job(images)
 
-    @contextlib.contextmanager
-    def _gallery_job(self, images: int) -> Iterator[None]:
-        """A place among the large galleries being embedded at once (``SHITU_MAX_GALLERY_JOBS``: a
-        build of hundreds of images takes minutes and the models' whole attention), or :class:`Busy`
-        at once. Small ones (adding a few photos, teaching a box) are not counted."""
-        if images < GALLERY_JOB_MIN_IMAGES:
-            yield
-            return
-        if not self._gallery_jobs.acquire(blocking=False):
-            jobs = self.settings.max_gallery_jobs
-            raise Busy(f"{jobs} galleries are being embedded already; try again when one has finished",
-                       retry_after=30)  # fmt: skip
-        try:
-            yield
-        finally:
-            self._gallery_jobs.release()
-
-    @contextlib.contextmanager
-    def _models(self) -> Iterator[Runtime]:
+    def _models(self) -> contextlib.AbstractContextManager[Runtime]:
         """The runtime for one request: the same from its start to its end, even across a switch."""
-        with self._admitted():
-            yield from self._same_runtime()
-
-    def _same_runtime(self) -> Iterator[Runtime]:
-        runtime = self._current_runtime()
-        with self._rt_lock:
-            runtime = self._runtime or runtime
-            self._in_flight[id(runtime)] = self._in_flight.get(id(runtime), 0) + 1
-        try:
-            yield runtime
-        finally:
-            with self._rt_lock:
-                self._in_flight[id(runtime)] -= 1
-                done = self._in_flight[id(runtime)] == 0 and id(runtime) in self._retired
-                if done:
-                    self._retired.pop(id(runtime))
-                    del self._in_flight[id(runtime)]
-            if done:
-                runtime.close()
+        return self._slot.using()
 
     def models(self) -> dict[str, Any]:
         """Which models are active and why."""
@@ -299,16 +210,11 @@ class Engine:
         except Exception:
             new.close()
             raise
-        with self._rt_lock:
-            old = self._runtime
-            self._runtime = new
+
+        def switch_config() -> None:
             self.config = config
-            close_now = old is not None and self._owns_runtime and self._in_flight.get(id(old), 0) == 0
-            if old is not None and self._owns_runtime and not close_now:
-                self._retired[id(old)] = old
-            self._owns_runtime = True
-        if close_now and old is not None:
-            old.close()
+
+        self._slot.replace(new, then=switch_config)
         return new.models
 
     # --- official weights in the background (shitu.background) ---------------------------------
@@ -342,10 +248,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop the model worker (if this engine started it)."""
-        with self._rt_lock:
-            runtime, self._runtime = self._runtime, None
-        if runtime is not None and self._owns_runtime:
-            runtime.close()
+        self._slot.close()
         self._store.close()
 
     # --- thresholds and options ---------------------------------------------------------------
@@ -382,31 +285,11 @@ class Engine:
         """Per-call options with the defaults filled in. ``None`` (or not given) means "the
         default"; only ``nms_iou=None`` means "off" (cross-box NMS disabled)."""
 
-        def number(name: str, value: Any, lo: float, hi: float) -> float:
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-                raise ShiTuError(f"{name} must be a number, not {value!r}")
-            if not lo <= float(value) <= hi:
-                raise ShiTuError(f"{name} must be between {lo} and {hi}, not {value}")
-            return float(value)
-
-        if rec_topk is not None and (isinstance(rec_topk, bool) or int(rec_topk) != rec_topk or rec_topk < 1):
-            raise ShiTuError(f"rec_topk must be a whole number of at least 1, not {rec_topk!r}")
-        mode = whole_image or self.config.whole_image
-        if mode not in WHOLE_IMAGE_MODES:
-            raise ShiTuError(f"whole_image must be one of {', '.join(WHOLE_IMAGE_MODES)}, not {mode!r}")
-        nms = self.config.nms_iou if nms_iou is UNSET else nms_iou
-        return Options(
-            det_threshold=self.default_det_threshold
-            if det_threshold is None
-            else number("det_threshold", det_threshold, 0, 1),
-            rec_threshold=self.thresholds.resolve(
-                None if rec_threshold is None else number("rec_threshold", rec_threshold, -1, 1),
-                index.suggested_rec_threshold,
-            ),
-            rec_topk=self.config.rec_topk if rec_topk is None else int(rec_topk),
-            whole_image=mode,
-            nms_iou=None if nms is None else number("nms_iou", nms, 0, 1),
-        )
+        return resolve_options(
+            self.config, self.thresholds, index.suggested_rec_threshold, det_default=self.default_det_threshold,
+            det_threshold=det_threshold, rec_threshold=rec_threshold, rec_topk=rec_topk, whole_image=whole_image,
+            nms_iou=nms_iou,
+        )  # fmt: skip
 
     # --- where indices live -------------------------------------------------------------------
     def locate(self, ref: str | Path | None) -> tuple[GalleryStore, str]:
@@ -419,7 +302,7 @@ class Engine:
         if isinstance(ref, str):
             return self._store, check_name(ref)
         path = Path(ref).expanduser().resolve()
-        with self._rt_lock:
+        with self._lock:
             store = self._dir_stores.get(path.parent)
             if store is None:
                 store = FileStore(path.parent, strict_names=False, lock_dir=self.settings.data_dir / "locks")
@@ -466,20 +349,11 @@ class Engine:
     def info(self, ref: str | Path | None = None) -> IndexInfo:
         """A stored index at a glance: counts, types, the threshold a query gets, its calibration."""
         index = self.index(ref)
-        summary = index.summary()
-        return IndexInfo(
-            name=self.display_name(ref), entries=len(index), labels=index.label_count, index_type=index.index_type,
-            metric_type=index.metric_type, dim=index.dim, feature_model=index.feature_model, next_id=index.next_id,
-            threshold=self.rec_threshold_for(index), calibration=_calibration_view(index),
-            adaptation=summary["adaptation"], search_params=dict(index.search_params),
-            search_shortfall=index.search_shortfall, projection=summary["projection"],
-            changes_since_calibration=index.changes_since_calibration, compatible=self.compatible(index),
-            summary=summary,
-        )  # fmt: skip
+        return index_info(self.display_name(ref), index, self.rec_threshold_for(index), self.compatible(index))
 
     def calibration(self, ref: str | Path | None = None) -> CalibrationView | None:
         """The index's own threshold and its curve (``None``: too few labels to measure one)."""
-        return _calibration_view(self.index(ref))
+        return calibration_view(self.index(ref))
 
     def entries(
         self, ref: str | Path | None = None, offset: int = 0, limit: int = 100, *, labels: Any = None,
@@ -487,17 +361,12 @@ class Engine:
     ) -> EntryPage:  # fmt: skip
         """Entries ``offset`` to ``offset + limit`` in id order (only those under ``labels`` if
         given), with sources (and thumbnails if asked for) read for the page alone."""
-        matching, rows = self.index(ref).page(offset, limit, labels=labels, thumbnails=thumbnails)
-        views = tuple(EntryView(e.id, e.label, e.source, e.thumbnail) for e in rows)
-        return EntryPage(self.display_name(ref), matching, max(0, int(offset)), max(0, int(limit)), views)
+        return entry_page(self.display_name(ref), self.index(ref), offset, limit, labels=labels, thumbnails=thumbnails)
 
     def lookup(self, ref: str | Path | None, ids: Any, *, thumbnails: bool = False) -> tuple[EntryView, ...]:
         """The entries of ``ids`` that the index holds, in the order asked (sources and thumbnails
         read for them alone); ids it does not hold are left out."""
-        index = self.index(ref)
-        wanted = [i for i in dict.fromkeys(int(i) for i in ids) if i in index]
-        found = index.sources(wanted, thumbnails=thumbnails)
-        return tuple(EntryView(i, index.label(i), *found.get(i, ("", None))) for i in wanted)
+        return entry_views(self.index(ref), ids, thumbnails=thumbnails)
 
     def first_of_each_label(self, ref: str | Path | None = None) -> list[int]:
         """The lowest id of each label, ascending (one example per label)."""
@@ -520,98 +389,14 @@ class Engine:
         self, batch: GalleryBatch, *, skip_invalid: bool = False, progress: Progress | None = None,
         runtime: Runtime | None = None, views: bool = False,
     ) -> tuple[Any, ...]:  # fmt: skip
-        """Decode and embed every item: ``(features, items kept, skipped lines)``. Unusable
-        images raise (listing every bad line) unless ``skip_invalid``; never silently dropped.
-        ``views``: also embed the query-like views the calibration measures the capture gap with
-        (:func:`shitu.augment.view_plan`: up to 4 a photo, 128 in all, in the same batches); a
-        fourth item comes back, ``(row of each view's photo among the items kept, features)``.
-
-        One pass over each image, where the models run: chunks of a few images go to the
-        runtime's host or, for a large gallery, to worker processes of their own, one per core
-        (``SHITU_BUILD_WORKERS``; the host works until the first of them is up), each decoding,
-        thumbnailing and embedding its chunk while the others do theirs. Memory holds a few
-        chunks, not the whole decoded gallery. Progress counts images done; features come back
-        in line order."""
-        items = list(batch.items)
-        total = len(items)
-        bs = self.config.recognition.batch_size
-        chunks = [items[i : i + bs] for i in range(0, total, bs)]
-        plan = view_plan(total).tolist() if views else None
-        results: list[tuple[np.ndarray | None, list[bytes | None], list[str | None]] | None] = [None] * len(chunks)
-        lock = threading.Lock()
-        state = {"next": 0, "done": 0, "bad": False, "lanes_up": False}
-        failure: list[BaseException] = []
-        max_pixels = self.settings.max_image_pixels
-
-        def drive(call: Callable[..., Any], lane: int) -> None:
-            while True:
-                with lock:
-                    if failure or state["next"] >= len(chunks) or (lane == 0 and state["lanes_up"]):
-                        return
-                    n = state["next"]
-                    state["next"] += 1
-                    embed = skip_invalid or not state["bad"]  # a bad image stops the work, not the scan
-                try:
-                    extra = () if plan is None else ([(p, plan[p]) for p in range(n * bs, n * bs + len(chunks[n]))],)
-                    result = call([i.image for i in chunks[n]], max_pixels, bs, embed, *extra)
-                except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
-                    with lock:
-                        failure.append(exc)
-                    return
-                with lock:
-                    results[n] = result
-                    state["done"] += len(chunks[n])
-                    state["bad"] = state["bad"] or any(result[2])
-                    state["lanes_up"] = state["lanes_up"] or lane > 0
-                    done = state["done"]
-                if progress:
-                    progress(done, total, "embedding")
-
-        if progress:
-            progress(0, total, "embedding")
+        """Decode and embed every item: ``(features, items kept, skipped lines[, views])``
+        (:func:`shitu.embedding.embed_gallery`), with this engine's models (``runtime``: the one a
+        request already holds)."""
         with contextlib.ExitStack() as stack:
             rt = runtime or stack.enter_context(self._models())
-            lanes = stack.enter_context(rt.gallery_lanes(total))
-            threads = [
-                threading.Thread(target=drive, args=(call, k), name=f"shitu-lane-{k}", daemon=True)
-                for k, call in enumerate(lanes[1:], 1)
-            ]
-            for t in threads:
-                t.start()
-            drive(lanes[0], 0)  # the models' own host works until a lane is up
-            for t in threads:
-                t.join()
-        if failure:
-            raise failure[0]
-        skipped = list(batch.skipped)
-        kept: list[GalleryItem] = []
-        feats: list[np.ndarray] = []
-        row_of: dict[int, int] = {}  # position in the batch -> row among the kept items
-        view_at: list[int] = []
-        view_feats: list[np.ndarray] = []
-        for n, (chunk, result) in enumerate(zip(chunks, results)):
-            assert result is not None
-            chunk_feats, thumbnails, errors = result[:3]
-            for k, (item, thumbnail, error) in enumerate(zip(chunk, thumbnails, errors)):
-                if error is not None:
-                    skipped.append(SkippedLine(item.line_no, item.source, error))
-                else:
-                    item.thumbnail = thumbnail
-                    row_of[n * bs + k] = len(kept)
-                    kept.append(item)
-            if chunk_feats is not None:
-                feats.append(chunk_feats)
-            if plan is not None and result[3][1] is not None:
-                view_at += result[3][0]
-                view_feats.append(result[3][1])
-        GalleryBatch(items=kept, skipped=[] if skip_invalid else skipped).require_clean()
-        if not feats:
-            raise ShiTuError(f"none of the {total} image(s) could be used")
-        if plan is None:
-            return np.concatenate(feats), kept, in_line_order(skipped)
-        rows = np.array([row_of[p] for p in view_at], dtype=np.int64)
-        made = np.concatenate(view_feats) if view_feats else np.zeros((0, feats[0].shape[1]), np.float32)
-        return np.concatenate(feats), kept, in_line_order(skipped), (rows, made)
+            return embed_gallery(rt, batch, batch_size=self.config.recognition.batch_size,
+                                 max_pixels=self.settings.max_image_pixels, skip_invalid=skip_invalid,
+                                 progress=progress, views=views)  # fmt: skip
 
     def build_index(
         self,
@@ -739,7 +524,7 @@ class Engine:
         if cached is not None and cached[0]() is index:
             return cached[1]
         report = gallery_report(index, name=name, progress=progress)
-        with self._rt_lock:
+        with self._lock:
             for stale in [k for k, (ref_, _) in cache.items() if ref_() is None or k[0] == name]:
                 cache.pop(stale, None)
             while len(cache) >= self._REPORTS_KEPT:
@@ -863,9 +648,14 @@ class Engine:
 
         def change(latest: GalleryIndex) -> GalleryIndex:
             if len(latest):
-                scores, ids = latest.search(feats, topk=1)
-                if ids[0, 0] >= 0 and scores[0, 0] >= TEACH_DUPLICATE_SIMILARITY:
-                    same = int(ids[0, 0])
+                # the same picture in the model's own space: a projection fitted to the gallery pulls a
+                # label's photos together, so its similarities say "same product", not "same picture"
+                scores, ids = latest.search(feats, topk=5)
+                raw = latest.raw_similarity(feats, ids)
+                sims = scores if raw is None else np.where(np.isnan(raw), scores, raw)
+                best = int(np.argmax(np.where(ids >= 0, sims, -np.inf)[0]))
+                if ids[0, best] >= 0 and sims[0, best] >= TEACH_DUPLICATE_SIMILARITY:
+                    same = int(ids[0, best])
                     raise Conflict(say("en", "msg_already_entry", id=same, label=latest.label(same), index=name))
             added[:] = [latest.next_id]
             return latest.add(feats, [label], sources=[source], thumbnails=[thumbnail], taught=True)
@@ -1046,29 +836,6 @@ class Engine:
         from shitu.sample import ensure_sample_files
 
         return ensure_sample_files(self.settings)[2]
-
-
-def _calibration_view(index: GalleryIndex) -> CalibrationView | None:
-    c = index.calibration
-    if c is None:
-        return None
-    points = tuple(OperatingPoint(p.threshold, p.correct_accepted, p.wrong_accepted, p.unknown_rejected)
-                   for p in c.points)  # fmt: skip
-    chosen = c.chosen
-    extra = {k: v for k, v in (index.calibration_summary() or {}).items() if k not in _CALIBRATION_FIELDS}
-    return CalibrationView(
-        threshold=c.threshold, chosen_by=c.chosen_by,
-        expected=OperatingPoint(chosen.threshold, chosen.correct_accepted, chosen.wrong_accepted,
-                                chosen.unknown_rejected),
-        top1=c.top1, protocol=c.protocol, known_queries=c.known, unknown_queries=c.unknown,
-        changes_since=index.changes_since_calibration, curve=points, uncertainty=c.uncertainty,
-        confirmed_answers=len(c.taught), summary=c.describe(), evidence=c.evidence, details=extra,
-    )  # fmt: skip
-
-
-_CALIBRATION_FIELDS = {"threshold", "chosen_by", "correct_accepted", "wrong_accepted", "unknown_rejected", "top1",
-                       "protocol", "known_queries", "unknown_queries", "changes_since", "uncertainty",
-                       "confirmed_answers", "evidence", "text"}  # fmt: skip
 
 
 def _append(index: GalleryIndex, feats: np.ndarray, items: list[GalleryItem], *, taught: bool = False) -> GalleryIndex:

@@ -9,7 +9,11 @@ only says it in its own (the API with pydantic aliases, the UI in Markdown, the 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # read here, never imported: the views sit below the index
+    from shitu.gallery import SkippedLine
+    from shitu.index import GalleryIndex
 
 
 @dataclass(frozen=True)
@@ -169,3 +173,90 @@ class VersionDiff:
         out = asdict(self)
         out["relabelled"] = [{"id": e.id, "from": e.old_label, "to": e.new_label} for e in self.relabelled]
         return out
+
+
+@dataclass
+class ChangeReport:
+    """What a change did, for summaries in the UI, API and CLI: the ids it gave new entries (none
+    for a remove, relabel, calibration or import), the lines it skipped, the index's summary after
+    it. The index itself stays with the engine (``gallery``: for the engine and the Python API's
+    ``IndexData``); front ends read ``id_map`` and ``image_count``, or ask the engine."""
+
+    index: str
+    added_ids: list[int]
+    skipped: list[SkippedLine] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    gallery: GalleryIndex | None = field(default=None, repr=False)  # the index after the change
+
+    @property
+    def id_map(self) -> dict[int, str]:
+        """``id → label`` of the whole index after the change (built on demand: O(entries))."""
+        return self.gallery.id_map if self.gallery is not None else {}
+
+    @property
+    def image_count(self) -> int:
+        return len(self.gallery) if self.gallery is not None else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "added": len(self.added_ids),
+            "skipped": [{"line": s.line_no, "source": s.source, "reason": s.reason} for s in self.skipped],
+            **self.summary,
+        }
+
+
+# --- read off an index (the engine's side) ---------------------------------------------------------
+def index_info(name: str, index: GalleryIndex, threshold: float, compatible: bool) -> IndexInfo:
+    """``index`` at a glance, stored as ``name``; ``threshold``: what a query of it gets when it
+    names none; ``compatible``: whether its vectors come from the active recognition model."""
+    summary = index.summary()
+    return IndexInfo(
+        name=name, entries=len(index), labels=index.label_count, index_type=index.index_type,
+        metric_type=index.metric_type, dim=index.dim, feature_model=index.feature_model, next_id=index.next_id,
+        threshold=threshold, calibration=calibration_view(index), adaptation=summary["adaptation"],
+        search_params=dict(index.search_params), search_shortfall=index.search_shortfall,
+        projection=summary["projection"], changes_since_calibration=index.changes_since_calibration,
+        compatible=compatible, summary=summary,
+    )  # fmt: skip
+
+
+def calibration_view(index: GalleryIndex) -> CalibrationView | None:
+    """The calibration of ``index`` as front ends read it (``None``: too few labels to measure one)."""
+    c = index.calibration
+    if c is None:
+        return None
+    points = tuple(OperatingPoint(p.threshold, p.correct_accepted, p.wrong_accepted, p.unknown_rejected)
+                   for p in c.points)  # fmt: skip
+    chosen = c.chosen
+    extra = {k: v for k, v in (index.calibration_summary() or {}).items() if k not in _CALIBRATION_FIELDS}
+    return CalibrationView(
+        threshold=c.threshold, chosen_by=c.chosen_by,
+        expected=OperatingPoint(chosen.threshold, chosen.correct_accepted, chosen.wrong_accepted,
+                                chosen.unknown_rejected),
+        top1=c.top1, protocol=c.protocol, known_queries=c.known, unknown_queries=c.unknown,
+        changes_since=index.changes_since_calibration, curve=points, uncertainty=c.uncertainty,
+        confirmed_answers=len(c.taught), summary=c.describe(), evidence=c.evidence, details=extra,
+    )  # fmt: skip
+
+
+_CALIBRATION_FIELDS = {"threshold", "chosen_by", "correct_accepted", "wrong_accepted", "unknown_rejected", "top1",
+                       "protocol", "known_queries", "unknown_queries", "changes_since", "uncertainty",
+                       "confirmed_answers", "evidence", "text"}  # fmt: skip
+
+
+def entry_page(
+    name: str, index: GalleryIndex, offset: int, limit: int, *, labels: Any = None, thumbnails: bool = False
+) -> EntryPage:
+    """Entries ``offset`` to ``offset + limit`` of ``index`` in id order (only those under
+    ``labels`` if given), their sources (and thumbnails if asked for) read for the page alone."""
+    matching, rows = index.page(offset, limit, labels=labels, thumbnails=thumbnails)
+    views = tuple(EntryView(e.id, e.label, e.source, e.thumbnail) for e in rows)
+    return EntryPage(name, matching, max(0, int(offset)), max(0, int(limit)), views)
+
+
+def entry_views(index: GalleryIndex, ids: Any, *, thumbnails: bool = False) -> tuple[EntryView, ...]:
+    """The entries of ``ids`` that ``index`` holds, in the order asked; others are left out."""
+    wanted = [i for i in dict.fromkeys(int(i) for i in ids) if i in index]
+    found = index.sources(wanted, thumbnails=thumbnails)
+    return tuple(EntryView(i, index.label(i), *found.get(i, ("", None))) for i in wanted)

@@ -278,6 +278,19 @@ def select_evidence(state: dict | None, evt: gr.SelectData):
     return highlight(state, owners[i] if i is not None and 0 <= i < len(owners) else None)
 
 
+def redraw_at_threshold(engine: Engine, state: dict | None, threshold: float | None):
+    """The threshold slider moved after a query: the same result decided at the new threshold
+    (:meth:`Recognition.at_threshold`: no model run, no search), drawn again — (image, table,
+    summary, evidence, state)."""
+    if not state or state.get("result") is None or threshold is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+    result, lang = state["result"].at_threshold(float(threshold)), state["lang"]
+    items, owners = evidence(engine, result, lang)
+    drawn = result.render(lang=lang, max_side=RESULT_SIDE)
+    new_state = {**state, "result": result, "owners": owners, "scale": drawn.width / result.image.shape[1]}
+    return drawn, result_table(result, lang), timings_markdown(result, lang), items, new_state
+
+
 def timings_markdown(result: Recognition, lang: str = "en") -> str:
     """How many boxes were found and recognised, the threshold, what a score means, and the time
     each stage took."""
@@ -538,6 +551,10 @@ class RecognizeTab:
         self.table.select(select_row, self.state, highlighted, **PRIVATE)
         self.image.select(select_on_image, self.state, highlighted, **PRIVATE)
         self.evidence.select(select_evidence, self.state, highlighted, **PRIVATE)
+        # a person moving the threshold after a query sees that query decided again at once (no new query);
+        # .release: the slider set by the page (an index's own threshold, a teach) redraws nothing
+        redrawn = [self.image, self.table, self.timings, self.evidence, self.state]
+        self.threshold.release(w.bind(redraw_at_threshold), [self.state, self.threshold], redrawn, **PRIVATE)
         self.tab.select(w.bind(follow_remembered), [self.index, w.remembered], [self.index, self.threshold], **PRIVATE)
         # the threshold follows the visitor's own choice of index (and a new build), not every refresh
         # of the list, which would undo a threshold the visitor has just set

@@ -69,6 +69,21 @@ def test_unknown_boxes_show_their_near_miss(engine, shop, sample_queries):
                if "(query)" not in caption)  # fmt: skip
 
 
+def test_moving_the_threshold_after_a_query_decides_it_again_without_a_new_query(engine, shop, sample_queries,
+                                                                                  monkeypatch):  # fmt: skip
+    _, table, _, _, _, state = recognize.recognize_image(engine, str(sample_queries[0]), shop, None, 0.0, 5)
+    assert all(o.recognized for o in state["result"].objects)
+    monkeypatch.setattr(engine, "recognize", lambda *a, **k: pytest.fail("the slider must not run a new query"))
+    image, high, summary, evidence, moved = recognize.redraw_at_threshold(engine, state, 1.0)
+    assert set(high["score"]) == {"—"} and len(high) == len(table)  # nothing reaches 1.0: every box unknown
+    assert all(a.startswith("unknown — maybe ") and a.endswith("< 1.00") for a in high["answer"])
+    assert "0 recognised" in summary and moved["result"].rec_threshold == 1.0 and image.size[0] > 0
+    # and back: the same answers as the query gave, again without a query
+    _, again, *_ = recognize.redraw_at_threshold(engine, moved, 0.0)
+    assert again["answer"].tolist() == table["answer"].tolist()
+    assert recognize.redraw_at_threshold(engine, None, 0.5) == (gr.skip(),) * 5  # before any query: nothing
+
+
 def test_recognize_in_chinese(engine, shop, sample_queries):
     _, table, summary, *_ = recognize.recognize_image(
         engine, str(sample_queries[1]), shop, None, 1.0, 5, "auto", True, 0.5, FakeRequest("zh-CN,zh;q=0.9")
