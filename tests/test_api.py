@@ -222,6 +222,7 @@ def test_routes_run_in_the_threadpool_and_are_documented(client):
     assert client.get("/docs").status_code == 200
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_health_lists_models_and_indices(client, api_engine, base):
     result = ok(client.get("/health"))
     assert result["status"] == "ok"
@@ -250,6 +251,7 @@ def test_health_never_calls_starter_copies_in_paddlex_cache_official(runtime, tm
         engine.close()
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_build_without_key_generates_one_with_flat_ip_defaults(client, api_engine, sample_gallery):
     pairs = gallery_pairs(sample_gallery, range(1))  # one view per label
     result = ok(client.post(BUILD, json={"imageLabelPairs": payload_pairs(pairs)}))

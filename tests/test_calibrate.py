@@ -131,6 +131,7 @@ def test_an_adapted_index_has_a_floor_and_searches_the_raw_space_for_it(tmp_path
 
 
 @faiss_only
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_small_gallery_built_by_the_engine_is_calibrated_on_its_views_and_learns_from_teaching(
     tmp_path, runtime, sample_gallery, sample_queries
 ):
@@ -170,6 +171,7 @@ def test_a_small_gallery_built_by_the_engine_is_calibrated_on_its_views_and_lear
 
 
 @faiss_only
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_adding_photos_keeps_the_views_of_the_build_and_drops_those_of_removed_photos(tmp_path, runtime,
                                                                                       sample_gallery):  # fmt: skip
     engine = fresh_engine(runtime, tmp_path / "data")

@@ -61,6 +61,7 @@ def churn(store: IndexStore, name: str, rounds: int, seed: int = 1) -> None:
 
 
 @pytest.mark.parametrize("index_type", ["Flat", "HNSW32", "IVF"])
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_changes_are_logged_and_compaction_changes_no_answer(tmp_path, index_type):
     x, labels = clustered(600)
     store = IndexStore(tmp_path, compact_in_background=False)

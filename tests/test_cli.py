@@ -19,6 +19,7 @@ def cli_env(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_build_predict_remove_info(cli_env, sample_gallery, sample_queries, capsys):
     root, labels = sample_gallery
     assert main(["build", "--gallery-root", str(root), "--labels", str(labels), "--index", "demo"]) == 0
@@ -39,6 +40,7 @@ def test_build_predict_remove_info(cli_env, sample_gallery, sample_queries, caps
     assert info["models"]["recognition"]["source"] == "starter"
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_index_directory_mode_and_config(cli_env, sample_gallery, capsys):
     root, labels = sample_gallery
     target = cli_env / "idx"
@@ -75,6 +77,7 @@ def test_user_errors_exit_2_with_a_message(cli_env, capsys):
     assert "line 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_relabel_takes_ids_lists_and_ranges_and_refuses_bad_input(cli_env, sample_gallery, capsys):
     root, labels = sample_gallery
     assert main(["build", "--gallery-root", str(root), "--labels", str(labels), "--index", "demo"]) == 0

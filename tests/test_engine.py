@@ -24,12 +24,14 @@ def built(engine, sample_gallery) -> Engine:
     return engine
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_indices_survive_a_restart(built, runtime):
     again = Engine(built.settings, runtime=runtime)
     assert again.index_names() == ["drinks"]
     assert again.index("drinks").id_map == built.index("drinks").id_map
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_bad_add_changes_nothing(built, sample_gallery):
     before = snapshot(built, "drinks")
     bad = GalleryBatch(items=[GalleryItem("broken.jpg", b"not an image", "x", line_no=1)])
@@ -42,6 +44,7 @@ def test_bad_add_changes_nothing(built, sample_gallery):
     assert snapshot(built, "drinks") == before
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_concurrent_adds_and_removes_lose_nothing(built, sample_gallery):
     root, _ = sample_gallery
     image = (root / "0" / "0.jpg").read_bytes()
@@ -80,6 +83,7 @@ def test_concurrent_adds_and_removes_lose_nothing(built, sample_gallery):
     assert reloaded.id_map == index.id_map, "what is on disk is the last version"
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_rename_delete_export_import(built):
     built.rename("drinks", "drinks2")
     assert built.index_names() == ["drinks2"]
@@ -94,6 +98,7 @@ def test_rename_delete_export_import(built):
         built.build("../evil", GalleryBatch())
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_recognize_named_index(built, sample_queries):
     result = built.recognize(sample_queries[2].read_bytes(), "drinks", whole_image="always", rec_threshold=0.0)
     assert result.index_name == "drinks"
@@ -121,6 +126,7 @@ def test_a_result_decided_at_another_threshold_is_the_query_run_at_it(built, sam
     assert all(not o.recognized for o in base.objects)  # the base itself stays as it was decided
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_sample_index_is_built_once(engine, tmp_path):
     assert engine.ensure_sample_index() == "sample"
     first = stored_state(engine), engine.versions("sample")
@@ -142,6 +148,7 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert settings.url_allowlist == ("images.local", "cdn.lan") and settings.max_image_pixels == 1000
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_model_switch_waits_for_the_request_in_flight(tmp_path, sample_gallery, sample_queries, runtime):
     """A request started before a switch finishes on the model it started with; the old model is
     closed (its thread stopped, its predictors freed) only afterwards; new requests use the new one."""

@@ -72,6 +72,7 @@ def ok(resp) -> dict:
 
 
 class TestEveryFrontEndOnEveryStore:
+    @pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
     def test_recognise_change_and_restore_through_the_engine(self, engine, sample_gallery, sample_queries):
         root, labels = sample_gallery
         built = engine.build("shop", read_label_file(labels, root))
@@ -92,6 +93,7 @@ class TestEveryFrontEndOnEveryStore:
         report = engine.report("shop")
         assert report.to_dict()["entries"] == 24
 
+    @pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
     def test_learning_from_use_and_the_operating_point(self, engine, sample_gallery, sample_queries):
         root, labels = sample_gallery
         engine.build("shop", read_label_file(labels, root))
@@ -106,6 +108,7 @@ class TestEveryFrontEndOnEveryStore:
         assert engine.calibration("shop").chosen_by == "user" and engine.info("shop").threshold == 0.5
         assert engine.versions("shop")[0].action == "threshold 0.500"
 
+    @pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
     def test_the_http_api(self, engine, sample_gallery, sample_queries):
         root, labels = sample_gallery
         lines = [ln.split("\t") for ln in labels.read_text(encoding="utf-8").splitlines()]
@@ -129,6 +132,7 @@ class TestEveryFrontEndOnEveryStore:
             health = ok(client.get("/health"))
             assert health["vectorStore"] == engine.vector_store
 
+    @pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
     def test_the_command_line(self, engine, backend, tmp_path, sample_gallery, monkeypatch, capsys):
         root, labels = sample_gallery
         settings = engine.settings

@@ -125,6 +125,7 @@ def test_a_bad_hpi_config_says_what_is_wrong(raw, message):
 
 # --- the real models on the fast engines -------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_features_equal_paddles_on_every_engine(backend, hpi_cache, sample_gallery):
     """Each gallery photo's feature through PaddleX's own preprocessing, on Paddle and on the engine."""
     root, _ = sample_gallery
@@ -142,6 +143,7 @@ def test_features_equal_paddles_on_every_engine(backend, hpi_cache, sample_galle
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_boxes_equal_paddles_on_every_test_photo(backend, hpi_cache, runtime):
     """Every box of every photo at threshold 0: Paddle's own detector in the session's worker
     process (a native crash stays there) vs the engine here. Only a box scored at the NMS floor
@@ -173,6 +175,7 @@ def test_boxes_equal_paddles_on_every_test_photo(backend, hpi_cache, runtime):
           f"at the NMS floor (not compared): {at_floor}")
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_runtime_with_use_hpip_reports_and_uses_the_engine(tmp_path, runtime):
     """The real stack: Runtime (models on a thread) with SHITU_USE_HPIP; its analysis equals the
     Paddle runtime's, and ``models`` says which engine runs each model."""
@@ -196,6 +199,7 @@ def test_a_runtime_with_use_hpip_reports_and_uses_the_engine(tmp_path, runtime):
 
 
 # --- every failure keeps Paddle, with a reason ----------------------------------------------------------
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_conversion_that_fails_keeps_paddle_and_is_remembered(hpi_cache, tmp_path):
     """The whole starter detector (with its in-graph NMS) handed over as a plain model: paddle2onnx
     aborts natively on its NMS — in the child process, so only the reason comes back."""
@@ -212,6 +216,7 @@ def test_a_conversion_that_fails_keeps_paddle_and_is_remembered(hpi_cache, tmp_p
     assert again.engine == "paddle" and "remembered from an earlier attempt" in again.reason
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_conversion_that_does_not_match_paddle_is_refused(hpi_cache, tmp_path):
     """A converted model whose weights are off (here: one conv layer scaled by 1.1) fails the
     verification; Paddle keeps the model and the reason names the cosine."""
@@ -360,6 +365,7 @@ def _picodet_like(tmp_path: Path) -> Path:
     return model_dir
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_picodet_style_detector_is_cut_before_its_nms(tmp_path):
     import paddle.inference as pi
 

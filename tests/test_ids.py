@@ -48,6 +48,7 @@ def test_bad_ids_are_refused_with_a_message(value, error, message):
         parse_ids(value)
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_repeated_ranges_are_merged_not_listed():
     """A few KB of ``0-100000`` repeated once cost +1 GB and seconds (each range became a list
     before duplicates were dropped); here 2,000 ranges of 2,001 ids would be 4M list items."""

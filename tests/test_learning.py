@@ -36,6 +36,7 @@ def shop(tmp_path, runtime, sample_gallery):
     return engine
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_every_index_is_calibrated_and_predict_uses_its_threshold(shop, sample_queries):
     index = shop.index("shop")
     c = index.calibration
@@ -54,6 +55,7 @@ def test_every_index_is_calibrated_and_predict_uses_its_threshold(shop, sample_q
     assert again.chosen_by == "default" and again.threshold == c.threshold
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_teaching_a_box_makes_the_next_query_recognise_it(shop, sample_queries):
     query = sample_queries[0]  # two products on one table
     rec, obj = _box_of(shop, query)
@@ -74,6 +76,7 @@ def test_teaching_a_box_makes_the_next_query_recognise_it(shop, sample_queries):
     assert same.labels and same.labels[0] == "新产品 new product" and same.scores[0] > 0.95
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_teaching_reuses_the_querys_feature_and_refuses_a_box_already_there(shop, sample_queries, monkeypatch):
     """The UI teaches with the feature its query computed: nothing is embedded again, the entry is
     what an embedding of the crop would have given, and the same box a second time is refused."""
@@ -111,6 +114,7 @@ def _item(rec, obj):
     return GalleryItem("crop", crop_box(rec.image, obj.bbox), "x")
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_teaching_refuses_bad_boxes_and_labels_and_changes_nothing(shop, sample_queries):
     rec, obj = _box_of(shop, sample_queries[0])
     before = snapshot(shop)
@@ -125,6 +129,7 @@ def test_teaching_refuses_bad_boxes_and_labels_and_changes_nothing(shop, sample_
     assert snapshot(shop) == before
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery, sample_queries):
     """A gallery big enough to adapt (60 photos of 6 products, views repeated with small changes)."""
     engine = fresh_engine(runtime, tmp_path / "data")
@@ -152,6 +157,7 @@ def test_adapted_index_is_refitted_when_taught(tmp_path, runtime, sample_gallery
     assert f"recall@1 **{taught.adaptation.adapted_recall:.1%}**" in summary
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_http_calibration_threshold_and_taught_boxes(tmp_path, runtime, sample_gallery, sample_queries):
     engine = fresh_engine(runtime, tmp_path / "data")
     root, labels = sample_gallery
@@ -190,6 +196,7 @@ def test_http_calibration_threshold_and_taught_boxes(tmp_path, runtime, sample_g
         assert "corrected" in labels_now
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_cli_calibrate_threshold_and_teach(tmp_path, monkeypatch, sample_gallery, sample_queries, capsys):
     monkeypatch.setenv("SHITU_MODEL_DIR", str(MODEL_CACHE))
     monkeypatch.setenv("SHITU_DATA_DIR", str(tmp_path / "data"))

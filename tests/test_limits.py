@@ -172,6 +172,7 @@ def test_values_that_were_5xx_are_4xx_and_change_nothing(api, sample_queries, pa
 
 
 # --- liveness: a full model queue answers "busy" at once; /health never waits ------------------------
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_full_model_queue_answers_503_with_retry_after_and_health_still_answers(tmp_path, runtime, sample_gallery,
                                                                                    sample_queries):  # fmt: skip
     import base64
@@ -220,6 +221,7 @@ def studio(tmp_path_factory, runtime, sample_gallery):
         yield client, engine
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_gradio_event_calls_take_small_bodies_only(studio):
     """A 100 MiB /run/filter_entries took 213 s and 6 GB; event calls name files, they do not carry them."""
     client, engine = studio
@@ -264,6 +266,7 @@ def test_uploads_are_counted_per_address(studio, sample_queries):
     assert answers[0] == 200 and answers[-1] == 429, answers
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_second_gallery_job_is_busy_not_queued(tmp_path, runtime, sample_gallery):
     import threading
 

@@ -250,6 +250,7 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("case", list(FAILURES), ids=list(FAILURES))
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_failure_leaves_no_partial_dir_and_starter_runs(case, serve, tmp_path, monkeypatch, empty_paddlex_cache):
     how, expected = FAILURES[case]
     tar = tiny_tar()
@@ -317,6 +318,7 @@ def official_tars(runtime) -> dict[str, bytes]:
     }
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_official_models_from_mirror_end_to_end(
     official_tars, serve, tmp_path, empty_paddlex_cache, sample_gallery, sample_queries
 ):
@@ -361,6 +363,7 @@ def test_official_models_from_mirror_end_to_end(
 # --- background preparation ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_background_download_switches_when_ready(official_tars, serve, tmp_path, sample_gallery, sample_queries):
     served = serve({})  # nothing there at start-up: the starter pack serves
     engine = Engine(settings_for(tmp_path, served.url("gate")), isolate=False)

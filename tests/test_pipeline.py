@@ -41,6 +41,7 @@ def test_active_models_are_reported(pipeline):
     assert models["detection"]["source"] in ("starter", "none")
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_build_from_folder_and_label_file(index):
     assert len(index) == 24 and len(index.label_counts()) == 6
     assert index.entry(0).source == "0/0.jpg" and index.entry(0).thumbnail[:2] == b"\xff\xd8"
@@ -194,6 +195,7 @@ def test_bad_inputs(pipeline, index, tmp_path):
         list(pipeline.predict(np.zeros((8, 8, 3), np.uint8), index=index, rec_topk=0))
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_seed_script_shape(pipeline, sample_gallery, tmp_path):
     """PaddleX's example: build_index → save → predict(index=dir) → print/save."""
     root, label_file = sample_gallery

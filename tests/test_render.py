@@ -416,6 +416,7 @@ def crowded(seed: int, n: int, width: int = 640, height: int = 480) -> list[Reco
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("n", [8, 25, 60])
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_crowded_captions_never_overlap(seed, n):
     objects = crowded(seed, n)
     for highlight in (None, 0, 3):

@@ -72,6 +72,7 @@ def crashing_runtime(tmp_path_factory):
     rt.close()
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_segfault_in_a_model_costs_one_request_not_the_server(tmp_path, crashing_runtime, sample_gallery,
                                                                  sample_queries):  # fmt: skip
     from shitu.api import create_api
@@ -160,6 +161,7 @@ def app_client():
         client.__exit__(None, None, None)
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_public_server_without_a_token_is_read_only(gallery_engine, sample_queries, app_client):
     client = app_client(gallery_engine, host="0.0.0.0")
     before = state(gallery_engine)
@@ -174,6 +176,7 @@ def test_a_public_server_without_a_token_is_read_only(gallery_engine, sample_que
     assert "read-only" in client.get("/config").text
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_with_a_token_changes_need_it_and_guessing_is_throttled(gallery_engine, app_client):
     gallery_engine.settings.api_token = "s3cret"
     client = app_client(gallery_engine, host="0.0.0.0")
@@ -204,6 +207,7 @@ def test_with_a_token_changes_need_it_and_guessing_is_throttled(gallery_engine, 
 
 
 # --- 3. the UI's own endpoints read only uploads --------------------------------------------------------
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_gradio_endpoints_refuse_files_that_were_not_uploaded(gallery_engine, tmp_path, app_client):
     client = app_client(gallery_engine)
     secret = tmp_path / "secret.png"
@@ -222,6 +226,7 @@ def test_gradio_endpoints_refuse_files_that_were_not_uploaded(gallery_engine, tm
     assert kind == "complete", "an uploaded file is fine"
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_uploads_have_the_api_size_limit(gallery_engine, app_client):
     gallery_engine.settings.max_request_bytes = 50_000
     client = app_client(gallery_engine)
@@ -230,6 +235,7 @@ def test_uploads_have_the_api_size_limit(gallery_engine, app_client):
 
 
 # --- 4. answers for unknown routes, and nothing private in /health ----------------------------------------
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_unknown_routes_and_wrong_methods_answer_in_the_envelope(gallery_engine, app_client):
     client = app_client(gallery_engine)
     for method, path, status in [("GET", "/no-such-page", 404), ("GET", "/shitu-nothing", 404),
@@ -243,6 +249,7 @@ def test_unknown_routes_and_wrong_methods_answer_in_the_envelope(gallery_engine,
     assert "POST" in client.get("/shitu-infer").headers["allow"]
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_health_and_models_show_no_server_paths(gallery_engine, app_client):
     from shitu.ui.models import models_markdown
 

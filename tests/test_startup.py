@@ -381,6 +381,7 @@ def test_a_hanging_name_lookup_is_given_up_after_the_answer_timeout(no_hub, monk
     assert "hub.invalid unreachable (no answer within 0.5 s)" in reason
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_failed_check_is_remembered_per_data_dir_for_a_while(no_hub, silent_host, tmp_path, monkeypatch):
     settings = no_hub(silent_host.url)
     _, first = try_official("PP-ShiTuV2_rec", False, settings=settings, answer_within=0.3)

@@ -189,6 +189,7 @@ def test_cli_append_beside_a_running_server_loses_nothing(engine, template, samp
     assert snapshot(engine, ["keep"]) == keep
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_cli_remove_beside_a_running_server_is_seen_by_it(engine, template, sample_gallery, keep):
     root, _ = sample_gallery
     install(engine, "t1", template)
@@ -447,6 +448,7 @@ def disk_state(engine: Engine, name: str) -> set[str]:
 
 @pytest.mark.parametrize("crash_on, nth, survives, state", [c[1:] for c in CRASH_POINTS],
                          ids=[c[0] for c in CRASH_POINTS])  # fmt: skip
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_an_interrupted_save_rolls_forward_or_back_whole(engine, template, keep, crash_on, nth, survives, state):
     install(engine, "a", template)
     old_label = engine.index("a").id_map[0]  # the server holds the old version
@@ -522,6 +524,7 @@ def damage(engine: Engine, name: str) -> None:
     (engine.settings.indices_dir / name / META_FILE).write_bytes(b"\x00garbage{not json")
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_damaged_sample_index_is_rebuilt_when_the_app_starts(engine, template, keep):
     from app import build_app
 

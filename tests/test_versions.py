@@ -386,6 +386,7 @@ def child_env() -> dict[str, str]:
 
 @pytest.mark.parametrize(("what", "crash_on", "nth", "survives", "kept"), [c[1:] for c in CRASH_POINTS],
                          ids=[c[0] for c in CRASH_POINTS])  # fmt: skip
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_crash_mid_save_leaves_a_whole_current_version_and_a_whole_history(
     tmp_path, what, crash_on, nth, survives, kept
 ):

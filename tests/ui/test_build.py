@@ -15,6 +15,7 @@ from shitu.ui import build, uploads
 from .conftest import LABELS, ids_of
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_build_from_uploaded_files_reports_skipped_lines(engine, uploads):
     files, labels = uploads
     summary, rec_dropdown, manage_dropdown = build.build_index(
@@ -33,6 +34,7 @@ def test_build_from_uploaded_files_reports_skipped_lines(engine, uploads):
     assert "shop" in rec_dropdown["choices"]
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_label_file_may_come_with_the_images(engine, uploads):
     files, labels = uploads
     summary, *_ = build.build_index(engine, [*files, str(labels)], None, "shop", "IVF", "L2", True, False)
@@ -40,6 +42,7 @@ def test_label_file_may_come_with_the_images(engine, uploads):
     assert engine.index("shop").summary()["index_type"] == "IVF"
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_build_from_zip_with_its_own_label_file(engine, sample_gallery, tmp_path):
     root, _ = sample_gallery
     archive = tmp_path / "gallery.zip"
@@ -111,6 +114,7 @@ def test_bad_build_input_is_a_toast_and_changes_nothing(engine, shop, uploads, t
     assert (engine.index_names(), ids_of(engine, shop)) == before
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_corrupt_image_is_skipped_or_refused(engine, shop, uploads, tmp_path):
     files, labels = uploads
     broken = Path(files[0]).with_name("broken.jpg")
@@ -131,6 +135,7 @@ def test_corrupt_image_is_skipped_or_refused(engine, shop, uploads, tmp_path):
     assert "坏 broken" not in engine.index("lenient").label_counts()
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_existing_name_needs_overwrite(engine, shop, uploads):
     files, labels = uploads
     with pytest.raises(gr.Error, match="already exists"):
@@ -139,6 +144,7 @@ def test_existing_name_needs_overwrite(engine, shop, uploads):
     assert len(engine.index(shop)) == 4
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_zip_with_numbered_folders_needs_confirmation(engine, sample_gallery, tmp_path):
     root, _ = sample_gallery
     archive = tmp_path / "numbered.zip"

@@ -12,6 +12,7 @@ from shitu.ui import evaluate
 from .conftest import FakeRequest
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_evaluate_handler_reports_the_gallery_and_its_curve(engine, shop):
     (summary, calibration, curve, slider, point, gallery_map, labels, pairs, flagged, examples,
      files) = evaluate.evaluate_index(engine, shop, FakeRequest("en"))  # fmt: skip
@@ -31,6 +32,7 @@ def test_evaluate_handler_reports_the_gallery_and_its_curve(engine, shop):
         evaluate.evaluate_index(engine, None)
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_use_threshold_follows_on_the_recognize_tab_only_for_the_same_index(engine, shop):
     status, calibration, slider, curve = evaluate.use_threshold(engine, shop, 0.55, shop)
     assert "0.550" in status and "picked by you" in calibration and slider["value"] == 0.55

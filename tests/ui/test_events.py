@@ -13,6 +13,7 @@ from shitu.ui import build, events, manage
 from .conftest import FakeRequest, ids_of
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_a_user_error_keeps_every_output_and_says_so_inline(engine, shop, monkeypatch):
     warnings = []
     monkeypatch.setattr(gr, "Warning", lambda message, **kw: warnings.append(message))
@@ -26,6 +27,7 @@ def test_a_user_error_keeps_every_output_and_says_so_inline(engine, shop, monkey
     assert ids_of(engine, shop) == list(range(24))
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_long_jobs_stream_a_progress_bar_from_the_start(engine, uploads):
     files, labels = uploads
     streamed = events.live_progress(events.bind(build.build_index, engine), 4, 3, every=0.05)
@@ -133,6 +135,7 @@ def test_bound_handlers_keep_what_gradio_injects(engine):
     assert inputs[:3] == ["shop", "", None] and isinstance(inputs[3], gr.SelectData) and event_index == 3
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_with_a_token_visitors_recognise_but_only_signed_in_sessions_change(engine, shop):
     """The UI no longer locks everyone out: recognising is open, changes need a sign-in (see
     tests/test_security.py for the same through Gradio's own endpoints)."""

@@ -15,6 +15,7 @@ from shitu.ui import manage
 from .conftest import LABELS, FakeRequest, highlighted_ids, ids_of, row_click
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_manage_table_lists_entries_and_filters_by_label(engine, shop):
     info, table, label_filter, thumbs, selected = manage.open_index(engine, shop)
     assert list(table.columns) == ["id", "label", "source"]
@@ -31,6 +32,7 @@ def test_manage_table_lists_entries_and_filters_by_label(engine, shop):
     assert {caption.split(" ", 1)[1] for _, caption in thumbs} == {LABELS[1], LABELS[2]}
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_the_entries_table_pages_through_the_index_a_page_at_a_time(engine, shop, monkeypatch):
     monkeypatch.setattr(manage, "MAX_TABLE_ROWS", 10)
     info, table, *_ = manage.open_index(engine, shop)
@@ -60,6 +62,7 @@ def test_the_entries_table_pages_through_the_index_a_page_at_a_time(engine, shop
     assert set(table["label"]) == {other}
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_select_rows_then_remove_them(engine, shop):
     _, table, *_ = manage.open_index(engine, shop)
     rows = table.values.tolist()
@@ -82,6 +85,7 @@ def test_select_rows_then_remove_them(engine, shop):
     assert "22 entries" in info
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_relabel_selected_entries_and_select_by_typed_ranges(engine, shop):
     info, styled, thumbs = manage.show_selection(engine, shop, "2-4, 9", None)
     assert highlighted_ids(styled) == [2, 3, 4, 9] and [c.split(" ")[0] for _, c in thumbs] == ["#2", "#3", "#4", "#9"]
@@ -118,6 +122,7 @@ def test_remove_bad_ids_is_a_toast_and_changes_nothing(engine, shop, ids, messag
     assert ids_of(engine, shop) == before
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_add_entries_to_an_index(engine, shop, sample_gallery, tmp_path):
     root, _ = sample_gallery
     extra = tmp_path / "extra"
@@ -138,6 +143,7 @@ def test_add_entries_to_an_index(engine, shop, sample_gallery, tmp_path):
     assert len(engine.index(shop)) == 25
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_rename_delete_export_import_round_trip(engine, shop, tmp_path):
     status, manage_dropdown, rec_dropdown = manage.rename_index(engine, shop, "store")
     assert "Renamed" in status and manage_dropdown["value"] == rec_dropdown["value"] == "store"
@@ -174,6 +180,7 @@ def test_rename_delete_export_import_round_trip(engine, shop, tmp_path):
     assert engine.index_names() == ["store"]
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_versions_table_changes_and_restore(engine, shop):
     engine.remove(shop, [0, 1])
     table = manage.versions_table(engine, shop, FakeRequest("en"))

@@ -10,6 +10,7 @@ from shitu.ui import models
 from .conftest import FakeRequest
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_models_tab_shows_the_starter_pack(engine, shop):
     text = models.models_markdown(engine)
     assert engine.models()["recognition"]["source"] == "starter"  # the tests run offline

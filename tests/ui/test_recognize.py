@@ -13,6 +13,7 @@ from shitu.ui import recognize
 from .conftest import LABELS, FakeRequest
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_recognize_held_out_view(engine, shop, sample_queries):
     image, table, summary, json_path, evidence, state = recognize.recognize_image(engine, str(sample_queries[3]), shop)
     assert image.size[0] > 0
@@ -29,6 +30,7 @@ def test_recognize_held_out_view(engine, shop, sample_queries):
     assert state["result"].index_name == shop and len(state["owners"]) == len(evidence)
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_evidence_shows_each_box_and_the_gallery_photos_it_matched(engine, shop, sample_queries):
     _, table, _, _, evidence, state = recognize.recognize_image(engine, str(sample_queries[0]), shop, None, None, 3)
     result = state["result"]
@@ -53,6 +55,7 @@ def test_evidence_shows_each_box_and_the_gallery_photos_it_matched(engine, shop,
     assert len(captions) == len(evidence) - 1 and len(owners) == len(captions)
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_unknown_boxes_show_their_near_miss(engine, shop, sample_queries):
     # a threshold nothing can reach: every box is unknown, with its best candidate and the threshold
     image, table, summary, _, evidence, state = recognize.recognize_image(
@@ -69,6 +72,7 @@ def test_unknown_boxes_show_their_near_miss(engine, shop, sample_queries):
                if "(query)" not in caption)  # fmt: skip
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_moving_the_threshold_after_a_query_decides_it_again_without_a_new_query(engine, shop, sample_queries,
                                                                                   monkeypatch):  # fmt: skip
     _, table, _, _, _, state = recognize.recognize_image(engine, str(sample_queries[0]), shop, None, 0.0, 5)
@@ -84,6 +88,7 @@ def test_moving_the_threshold_after_a_query_decides_it_again_without_a_new_query
     assert recognize.redraw_at_threshold(engine, None, 0.5) == (gr.skip(),) * 5  # before any query: nothing
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_recognize_in_chinese(engine, shop, sample_queries):
     _, table, summary, *_ = recognize.recognize_image(
         engine, str(sample_queries[1]), shop, None, 1.0, 5, "auto", True, 0.5, FakeRequest("zh-CN,zh;q=0.9")
@@ -92,6 +97,7 @@ def test_recognize_in_chinese(engine, shop, sample_queries):
     assert "合计" in summary and "余弦相似度" in summary
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_clicks_on_a_row_the_image_or_the_evidence_highlight_the_same_box(engine, shop, sample_queries):
     plain, _, _, _, evidence, state = recognize.recognize_image(
         engine, str(sample_queries[0]), shop, None, None, 3, "never", False, 0.5
@@ -119,6 +125,7 @@ def test_clicks_on_a_row_the_image_or_the_evidence_highlight_the_same_box(engine
     assert all(isinstance(v, type(gr.skip())) for v in nowhere) or nowhere == (gr.skip(), gr.skip())
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_examples_belong_to_the_index(engine, shop):
     examples = recognize.examples_for(engine, shop)
     labels = {caption.split(" · ")[0] for _, caption in examples}
@@ -126,6 +133,7 @@ def test_examples_belong_to_the_index(engine, shop):
     assert recognize.examples_for(engine, "no-such-index") == []
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_recognize_errors_are_toasts(engine, shop, tmp_path):
     with pytest.raises(gr.Error, match="upload, paste or take a picture"):
         recognize.recognize_image(engine, None, shop)
@@ -163,6 +171,7 @@ def bad_photos(folder: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_every_bad_photo_is_the_products_own_one_line_message(engine, shop, tmp_path):
     """The query component hands the upload over undecoded (Gradio's decoding used to fail with its
     own error and a server path, and to decode a 13000 x 13000 PNG whatever the limit); the engine
@@ -189,6 +198,7 @@ def test_every_bad_photo_is_the_products_own_one_line_message(engine, shop, tmp_
     assert not list(Path(recognize.__file__).parent.glob("*.pyi")), "Gradio wrote no stub into the package"
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_threshold_slider_follows_the_index(engine, sample_gallery):
     from shitu.gallery import read_label_file
     from shitu.ui.recognize import threshold_for_index
@@ -208,6 +218,7 @@ def test_threshold_slider_follows_the_index(engine, sample_gallery):
     assert "value" not in threshold_for_index(engine, "no-such-index")
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_teach_needs_a_result_and_a_label(engine, shop):
     with pytest.raises(gr.Error, match="recognize an image first"):
         recognize.teach_box(engine, None, "1", "x")
@@ -215,6 +226,7 @@ def test_teach_needs_a_result_and_a_label(engine, shop):
     assert box["choices"] == [] and label["value"] == ""
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_teach_uses_the_querys_feature_and_says_when_a_box_is_already_there(engine, shop, sample_queries, monkeypatch):
     *_, state = recognize.recognize_image(engine, str(sample_queries[0]), shop, None, None, 3, "never", False, 0.5)
     assert all(o.feature is not None for o in state["result"].objects), "the state keeps each box's feature"

@@ -12,6 +12,7 @@ import pytest
 from shitu.ui import I18N, studio
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_demo_has_five_tabs_and_named_endpoints(engine, shop):
     demo = studio.build_demo(engine)
     config = demo.get_config_file()
@@ -44,6 +45,7 @@ def test_wired_handlers_still_get_the_request(engine):
     assert checked >= 20
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_named_endpoints_keep_errors_errors_while_the_page_gets_toasts(engine, shop, monkeypatch):
     """Programmatic callers of /gradio_api/... learn that a change was refused; the page's own
     event for the same button shows a toast and keeps its outputs."""
@@ -67,6 +69,7 @@ def test_a_failed_model_switch_puts_the_dropdown_back(engine, monkeypatch):
     assert dropdown["value"] == engine.models()["recognition"]["model_name"] == "PP-ShiTuV2_rec"
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_build_app_serves_ui_and_api_on_one_port(engine, shop):
     from fastapi.testclient import TestClient
 
@@ -93,6 +96,7 @@ def test_building_the_page_reads_nothing_from_the_engine():
     assert {"recognize", "open_index", "evaluate", "switch_model"} <= {fn.api_name for fn in demo.fns.values()}
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_every_data_dependent_value_is_filled_in_when_a_page_opens(engine, shop):
     """The page's load events read the indices, the options and the models when a visitor opens
     it (here: ``shop`` is the only index, so every picker chooses it)."""
@@ -117,6 +121,7 @@ def test_every_data_dependent_value_is_filled_in_when_a_page_opens(engine, shop)
     assert model == "PP-ShiTuV2_rec" and "AliProducts recall@1" in table and timer.active is False
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_named_endpoints_take_an_index_made_after_the_page(engine, shop):
     """Programmatic callers name any index (the engine checks the name); the page's dropdowns only
     offer what a visitor's page has loaded."""
@@ -134,6 +139,7 @@ def test_named_endpoints_take_an_index_made_after_the_page(engine, shop):
         assert kind == "error" and "no-such-index" in str(payload)
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_every_tab_opens_on_the_index_this_browser_picked(engine, shop):
     """The browser keeps the index picked last (gr.BrowserState, across reloads); every tab opens on
     it, and one that is gone falls back to the default index."""
@@ -160,6 +166,7 @@ def test_every_tab_opens_on_the_index_this_browser_picked(engine, shop):
     assert len(remembering) >= 6
 
 
+@pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
 def test_evaluate_shows_the_index_threshold_before_any_report(engine, shop):
     from shitu.ui import evaluate
 
