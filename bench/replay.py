@@ -47,7 +47,7 @@ for k in range(COMMITS):
     elif KIND == "remove":
         store.mutate("g", lambda i, k=k: i.remove([k]))
     elif KIND == "relabel":
-        store.mutate("g", lambda i, k=k: i.relabel([k], f"renamed{k}"))
+        store.mutate("g", lambda i, k=k: i.relabel([k % N], f"renamed{k}"))  # a few entries more than once
 """
 
 LOAD = r"""
@@ -91,7 +91,8 @@ def main() -> None:
     for n in args.sizes:
         for kind in args.kinds:
             with tempfile.TemporaryDirectory() as tmp:
-                commits = 0 if kind == "none" else args.commits
+                # removes leave one entry: an index cannot be emptied
+                commits = 0 if kind == "none" else min(args.commits, n - 1) if kind == "remove" else args.commits
                 t = time.perf_counter()
                 run(SETUP, args.repo, ROOT=tmp, N=n, KIND=kind, COMMITS=commits)
                 setup_s = time.perf_counter() - t
