@@ -138,6 +138,20 @@ def stored_state(engine) -> dict[str, str]:
     return out
 
 
+def npm_tarball(members: dict[str, bytes]) -> bytes:
+    """An npm package tarball (``.tgz``) holding ``members`` (name -> bytes), for a fake registry."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
 def free_port() -> int:
     import socket
 

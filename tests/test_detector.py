@@ -10,14 +10,12 @@ settings' ``<models_dir>/starter/downloads``).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import cv2
@@ -37,7 +35,7 @@ from shitu.starter.ssd import SsdAnchorOptions, postprocess_numpy, ssd_anchors
 from shitu.starter.tflite_graph import TFLiteGraph, read_tflite_graph
 from shitu.starter.tflite_to_paddle import SsdPostprocess, TFLiteNet, same_padding
 
-from .conftest import MODEL_CACHE
+from .conftest import MODEL_CACHE, npm_tarball
 
 # ------------------------------------------------------------------------------------------
 # A tiny TFLite builder and an independent numpy interpreter
@@ -538,13 +536,7 @@ def test_paddlex_predictor_returns_boxes_in_original_pixels(tiny_model_dir, tmp_
 
 
 def _fake_package(model: bytes, labels: bytes) -> bytes:
-    packed = labels + model
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        info = tarfile.TarInfo("package/objectron_solution_packed_assets.data")
-        info.size = len(packed)
-        tar.addfile(info, io.BytesIO(packed))
-    return out.getvalue()
+    return npm_tarball({"package/objectron_solution_packed_assets.data": labels + model})
 
 
 @pytest.fixture

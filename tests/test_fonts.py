@@ -4,8 +4,6 @@ the drawn results, the report (embedded, just its glyphs) and the studio's pages
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -15,15 +13,11 @@ from fastapi.testclient import TestClient
 import app as studio
 from shitu import fonts, npm
 
+from .conftest import npm_tarball
+
 
 def fake_package(font: bytes, licence: bytes) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name, data in ((fonts.LICENSE_MEMBER, licence), (fonts.FONT_MEMBER, font)):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    return npm_tarball({fonts.LICENSE_MEMBER: licence, fonts.FONT_MEMBER: font})
 
 
 @pytest.fixture
