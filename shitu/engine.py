@@ -217,6 +217,29 @@ class Engine:
         self._slot.replace(new, then=switch_config)
         return new.models
 
+    def use_high_performance(self, enabled: bool) -> dict[str, Any]:
+        """Switch PaddleX's high-performance inference (``use_hpip``, :mod:`shitu.hpi`) on or off for
+        both models, over the YAML and ``SHITU_USE_HPIP``. The new runtime is loaded (and on, each
+        model converted and verified) before it serves; if loading fails nothing changes, and a model
+        the fast engine cannot run stays on Paddle with the reason (``models()[stage]["engine"]``)."""
+        current = self._current_runtime()
+        config = PipelineConfig.from_dict(self.config.to_dict())
+        config.use_hpip = bool(enabled)
+        config.detection.use_hpip = config.recognition.use_hpip = None  # the pipeline-wide switch decides
+        settings = self.settings.model_copy(update={"use_hpip": bool(enabled)})
+        new = Runtime(config, settings, device=current.device, isolate=current.isolated)
+        try:
+            new.load()
+        except Exception:
+            new.close()
+            raise
+
+        def switch_config() -> None:
+            self.config, self.settings = config, settings
+
+        self._slot.replace(new, then=switch_config)
+        return new.models
+
     # --- official weights in the background (shitu.background) ---------------------------------
     _official_downloads: Any = None  # an OfficialDownloads, created on first use
     _official_guard = threading.Lock()

@@ -251,6 +251,10 @@ TEXT: dict[str, dict[str, str]] = {
         "rec_model": "Recognition model",
         "switch_btn": "Switch model",
         "switch_info": "Indices built with another model must be rebuilt before they can be searched.",
+        "hpi_toggle": "High-performance inference (OpenVINO / ONNX Runtime)",
+        "hpi_info": "PaddleX's use_hpip: the same models converted and checked against Paddle at first use; "
+        "a model that cannot run there stays on Paddle, and the reason is shown above.",
+        "engine_line": "runs on",
         # dynamic text
         "results_hint": "Results appear here: the image with its boxes, the gallery photos each box matched, "
         "and a table. Pick an example, or upload, paste or take a photo, then press **Recognize**.",
@@ -587,6 +591,10 @@ TEXT: dict[str, dict[str, str]] = {
         "rec_model": "识别模型",
         "switch_btn": "切换模型",
         "switch_info": "用其他模型建立的索引需要重建后才能检索。",
+        "hpi_toggle": "高性能推理（OpenVINO / ONNX Runtime）",
+        "hpi_info": "即 PaddleX 的 use_hpip：同一模型在首次使用时转换，并与 Paddle 的结果核对；"
+        "无法在其上运行的模型仍用 Paddle，原因见上方。",
+        "engine_line": "推理引擎",
         "results_hint": "结果会显示在这里：带检测框的图片、每个框匹配到的图库图片，以及结果表格。"
         "点击一个示例，或上传、粘贴、拍摄一张照片，然后点击 **识别**。",
         "evidence": "依据：每个框（查询）及其最相近的图库图片（✓ 达到阈值）",

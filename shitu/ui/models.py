@@ -81,6 +81,9 @@ def models_markdown(engine: Engine, request: gr.Request | None = None) -> str:
         if lang != "en" and reason:
             reason = f"{tr(lang, 'details_en')}{reason}"
         lines.append(f"- **{tr(lang, 'stage_' + stage)}**: {_model_line(info, lang)}  \n  {reason}")
+        ran_by = (info.get("engine") or {}).get("description")
+        if ran_by:
+            lines.append(f"  \n  {tr(lang, 'engine_line')}: {md_safe(str(ran_by))}")
     versions = {
         "paddlex": _version("paddlex"),
         "paddlepaddle": _version("paddlepaddle", "paddlepaddle-gpu"),
@@ -169,6 +172,18 @@ def switch_model(engine: Engine, model_name: str, request: gr.Request | None = N
     )
 
 
+@user_errors
+def set_high_performance(engine: Engine, enabled: bool, request: gr.Request | None = None):
+    """High-performance inference on or off: (models markdown, banner, the switch as it now is)."""
+    engine.use_high_performance(bool(enabled))
+    return models_markdown(engine, request), models_banner(engine, request), high_performance_on(engine)
+
+
+def high_performance_on(engine: Engine) -> bool:
+    """Whether use_hpip is asked for now (each model's engine says whether it got it)."""
+    return bool(engine.models().get("use_hpip"))
+
+
 def active_rec_model(engine: Engine) -> str:
     """The recognition model that really runs (what the model dropdown must show)."""
     return str(engine.models()["recognition"]["model_name"])
@@ -176,10 +191,12 @@ def active_rec_model(engine: Engine) -> str:
 
 def initial_view(engine: Engine, request: gr.Request | None = None):
     """What the page shows when it opens, read then: (models markdown, banner, the recognition
-    model that runs, the recognisers' table, the download timer: on while a download runs)."""
+    model that runs, the recognisers' table, the download timer: on while a download runs, whether
+    high-performance inference is on)."""
     running = bool(engine.model_download_status().get("running"))
     return (models_markdown(engine, request), models_banner(engine, request), active_rec_model(engine),
-            recognition_models_table(engine, lang_of(request)), gr.Timer(active=running))  # fmt: skip
+            recognition_models_table(engine, lang_of(request)), gr.Timer(active=running),
+            high_performance_on(engine))  # fmt: skip
 
 
 # --- the tab ---------------------------------------------------------------------------------------------
@@ -195,6 +212,7 @@ class ModelsTab:
                     list(REC_MODELS), label=I18N("rec_model"), info=I18N("switch_info"), scale=3, elem_id="rec-model"
                 )
                 self.switch_button = gr.Button(I18N("switch_btn"), scale=1)
+            self.hpi = gr.Checkbox(label=I18N("hpi_toggle"), info=I18N("hpi_info"), elem_id="use-hpip")
             self.models_table = gr.Markdown(elem_id="rec-models-table")
             # while official weights download in the background, the tab shows their progress
             self.timer = gr.Timer(DOWNLOAD_POLL_S, active=False)
@@ -226,7 +244,16 @@ class ModelsTab:
             w.soft(switch_and_show, outputs, on_error=put_back_model), self.model, outputs, **PRIVATE
         )
 
+        def put_back_hpi(outputs: list, _request: Any) -> list:  # a failed switch changes nothing
+            outputs[-1] = gr.update(value=high_performance_on(w.engine))
+            return outputs
+
+        hpi_outputs = [self.info, banner, self.hpi]
+        # .input: a person's click (the page's own load sets the box without switching anything)
+        self.hpi.input(w.soft(w.change(set_high_performance), hpi_outputs, on_error=put_back_hpi), self.hpi,
+                       hpi_outputs, concurrency_limit=1, concurrency_id="model-switch", **PRIVATE)  # fmt: skip
+
     def load(self, demo: gr.Blocks, w: Wiring, banner: gr.HTML) -> None:
         """What the tab shows when a page opens, read then."""
-        shown = [self.info, banner, self.model, self.models_table, self.timer]
+        shown = [self.info, banner, self.model, self.models_table, self.timer, self.hpi]
         demo.load(w.soft(w.bind(initial_view), shown), None, shown, **PRIVATE)

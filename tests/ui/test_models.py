@@ -43,3 +43,22 @@ def test_models_tab_shows_background_download_progress_and_stale_indices():
     text = "\n".join(models.download_lines(switched, "zh"))
     assert "官方权重" in text and "`mine`" in text and "`sample`" not in text
     assert models.download_lines({"state": "nothing to do"}, "en") == []
+
+
+@pytest.mark.slow  # starts a model worker with the converted models (cached after the first run): --full runs it
+def test_high_performance_inference_is_switched_on_and_off_from_the_tab(engine, shop, sample_queries):
+    pytest.importorskip("openvino")
+    pytest.importorskip("paddle2onnx")
+    before = engine.recognize(str(sample_queries[3]), shop)
+    try:
+        info, banner, on = models.set_high_performance(engine, True)
+        ran = engine.models()
+        assert on is True and ran["recognition"]["engine"]["engine"] == "openvino", ran["recognition"]["engine"]
+        assert "runs on: OpenVINO" in info and banner
+        after = engine.recognize(str(sample_queries[3]), shop)
+        assert [o.label for o in after.objects] == [o.label for o in before.objects]  # the same answers
+        info, _, on = models.set_high_performance(engine, False)
+        assert on is False and engine.models()["recognition"]["engine"]["engine"] == "paddle"
+        assert "runs on: Paddle Inference" in info
+    finally:
+        engine.close()  # the runtimes it made (the session's shared one stays up)
