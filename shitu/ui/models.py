@@ -66,7 +66,10 @@ def models_banner(engine: Engine, request: gr.Request | None = None) -> str:
     else:
         key = "banner_local"
     rec = (models.get("recognition") or {}).get("model_name")
-    return f'<div class="shitu-banner {key}">{tr(lang, key, model=html.escape(str(rec)))}</div>'
+    fast = sorted({str(e.get("name")) for stage in ("detection", "recognition")
+                   if (e := (models.get(stage) or {}).get("engine") or {}).get("engine", "paddle") != "paddle"})
+    on = f" · {tr(lang, 'engine_line')} {html.escape(' + '.join(fast))}" if fast else ""  # use_hpip's engines
+    return f'<div class="shitu-banner {key}">{tr(lang, key, model=html.escape(str(rec)))}{on}</div>'
 
 
 @user_errors
