@@ -706,7 +706,9 @@ class Runtime:
         engines = self._executor.call("load")
         if self._engines is None and isinstance(engines, dict):
             for stage, choice in engines.items():
-                log.info("%s engine: %s", stage, choice.get("description"))
+                # said when use_hpip was asked for (which engine it got, or why not); Paddle by default is no news
+                level = logging.INFO if self.hpi.get(stage) is not None else logging.DEBUG
+                log.log(level, "%s engine: %s", stage, choice.get("description"))
         self._engines = engines if isinstance(engines, dict) else {}
 
     def detect(self, image: np.ndarray, threshold: float) -> list[Box]:

@@ -144,7 +144,7 @@ def test_features_equal_paddles_on_every_engine(backend, hpi_cache, sample_galle
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
-def test_boxes_equal_paddles_on_every_test_photo(backend, hpi_cache, runtime):
+def test_boxes_equal_paddles_on_every_test_photo(backend, hpi_cache, runtime, sample_queries):
     """Every box of every photo at threshold 0: Paddle's own detector in the session's worker
     process (a native crash stays there) vs the engine here. Only a box scored at the NMS floor
     itself (0.05 + 1e-5, far below any threshold a user picks) may be kept by one and not the other."""
@@ -157,7 +157,8 @@ def test_boxes_equal_paddles_on_every_test_photo(backend, hpi_cache, runtime):
     assert meta["variant"] == "ssd-raw" and meta["nms"]["keep_top_k"] == 100
     floor = meta["nms"]["score_threshold"] + FLOOR_MARGIN
     worst, boxes, at_floor = 0.0, 0, []
-    for path in photos():
+    every = [*photos(), *sample_queries]  # the sample's photos have boxes even where ../shared is absent
+    for path in every:
         rgb = load_image(path)
         expected = runtime.detect(rgb, 0.0)
         (found,) = list(fast_det.predict([np.ascontiguousarray(rgb[..., ::-1])], threshold=0.0))
@@ -171,7 +172,7 @@ def test_boxes_equal_paddles_on_every_test_photo(backend, hpi_cache, runtime):
         boxes += len(got)
     assert worst <= BOX_TOLERANCE_PX, worst
     assert boxes > 0 and len(at_floor) <= 2, at_floor
-    print(f"\n{backend}: {boxes} boxes on {len(photos())} photos, max coordinate difference {worst:.2e} px; "
+    print(f"\n{backend}: {boxes} boxes on {len(every)} photos, max coordinate difference {worst:.2e} px; "
           f"at the NMS floor (not compared): {at_floor}")
 
 
