@@ -116,9 +116,10 @@ def test_every_data_dependent_value_is_filled_in_when_a_page_opens(engine, shop)
     picker, info, table, label_filter, previews, selected = manage.initial_view(engine)
     assert picker["value"] == "shop" and "24 entries" in info and len(table) == 24 and len(previews) == 24
     assert evaluate.initial_index(engine)["value"] == "shop"
-    markdown, banner, model, table, timer = models.initial_view(engine)
+    markdown, banner, model, table, timer, fast = models.initial_view(engine)
     assert "| shop | 24 | 6 | Flat | IP |" in markdown and "Offline starter pack running" in banner
     assert model == "PP-ShiTuV2_rec" and "AliProducts recall@1" in table and timer.active is False
+    assert fast is False and "runs on: Paddle Inference" in markdown  # use_hpip off unless asked for
 
 
 @pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
