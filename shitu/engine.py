@@ -205,17 +205,7 @@ class Engine:
         if new.recognition.source == "starter" and model_name != "PP-ShiTuV2_rec":
             new.close()
             raise Unavailable(f"{model_name} is not available here: {new.recognition.reason}")
-        try:
-            new.load()
-        except Exception:
-            new.close()
-            raise
-
-        def switch_config() -> None:
-            self.config = config
-
-        self._slot.replace(new, then=switch_config)
-        return new.models
+        return self._serve(new, config, self.settings)
 
     def use_high_performance(self, enabled: bool) -> dict[str, Any]:
         """Switch PaddleX's high-performance inference (``use_hpip``, :mod:`shitu.hpi`) on or off for
@@ -227,7 +217,11 @@ class Engine:
         config.use_hpip = bool(enabled)
         config.detection.use_hpip = config.recognition.use_hpip = None  # the pipeline-wide switch decides
         settings = self.settings.model_copy(update={"use_hpip": bool(enabled)})
-        new = Runtime(config, settings, device=current.device, isolate=current.isolated)
+        return self._serve(Runtime(config, settings, device=current.device, isolate=current.isolated), config, settings)
+
+    def _serve(self, new: Runtime, config: PipelineConfig, settings: Settings) -> dict[str, Any]:
+        """Load ``new`` and serve with it (and its config and settings) from now on; if it does not
+        load, it is closed and nothing changes. Requests in flight finish on the old runtime."""
         try:
             new.load()
         except Exception:
