@@ -321,26 +321,7 @@ class GalleryIndex:
     def calibration_summary(self) -> dict | None:
         """The operating point in use and what it promises (``None`` for an uncalibrated index)."""
         c = self.calibration
-        if c is None:
-            return None
-        point = c.chosen
-        return {
-            "threshold": c.threshold,
-            "chosen_by": c.chosen_by,
-            "correct_accepted": point.correct_accepted,
-            "wrong_accepted": point.wrong_accepted,
-            "unknown_rejected": point.unknown_rejected,
-            "top1": c.top1,
-            "protocol": c.protocol,
-            "known_queries": c.known,
-            "unknown_queries": c.unknown,
-            "changes_since": self.changes_since_calibration,
-            # how sure: "threshold 0.72 ± 0.04 from 18 photos, 72 query-like views, 3 confirmed answers"
-            "uncertainty": c.uncertainty,
-            "confirmed_answers": len(c.taught),
-            "evidence": c.evidence,
-            "text": c.describe(),
-        }
+        return c.summary(self.changes_since_calibration) if c is not None else None
 
     # --- construction and mutation (each returns a new index) -------------------------
     @classmethod
