@@ -129,6 +129,11 @@ class Settings(BaseSettings):
     )
     milvus_token: str | None = Field(None, description="Milvus: 'user:password' or an API key")
     milvus_prefix: str = Field("shitu_", description="Milvus: the prefix of our collections")
+    milvus_state: Path | None = Field(
+        None,
+        description="Milvus: the SQLite file with version records and projections (default: beside a Milvus Lite "
+        "file, else <data_dir>/milvus_state.sqlite); replicas sharing a Milvus server must share it",
+    )
 
     @field_validator("url_allowlist", "trusted_proxies", mode="before")
     @classmethod
@@ -137,7 +142,7 @@ class Settings(BaseSettings):
             return tuple(h.strip() for h in value.split(",") if h.strip())
         return value
 
-    @field_validator("data_dir", "model_dir", "pipeline_config", mode="after")
+    @field_validator("data_dir", "model_dir", "pipeline_config", "milvus_state", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -148,7 +148,9 @@ def test_two_app_processes_serve_one_gallery_through_one_milvus(lite_server, tmp
             port = free_port()
             env = {**os.environ, "SHITU_DATA_DIR": str(tmp_path / f"data-{k}"), "SHITU_MODEL_DIR": str(MODEL_CACHE),
                    "SHITU_OFFLINE": "1", "SHITU_VECTOR_STORE": "milvus", "SHITU_MILVUS_URI": lite_server,
-                   "SHITU_MILVUS_PREFIX": prefix, "PYTHONUNBUFFERED": "1"}  # fmt: skip
+                   "SHITU_MILVUS_PREFIX": prefix, "PYTHONUNBUFFERED": "1",
+                   # what both replicas share beside Milvus: the version records (shitu.stores.milvus_state)
+                   "SHITU_MILVUS_STATE": str(tmp_path / "milvus_state.sqlite")}  # fmt: skip
             log = open(tmp_path / f"app-{k}.log", "wb")  # noqa: SIM115 - closed with the process
             procs.append(subprocess.Popen([sys.executable, "-m", "shitu", "serve", "--port", str(port)], cwd=ROOT,
                                           env=env, stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
@@ -196,3 +198,75 @@ def test_two_app_processes_serve_one_gallery_through_one_milvus(lite_server, tmp
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=60)
+
+
+def _legacy_blob_rows(key: str, group: str, data: bytes) -> list[dict]:
+    """How versions before the sidecar stored bytes: base64 parts in ``<prefix>blob`` (49149 bytes a part)."""
+    import base64
+
+    size = 49149
+    parts = [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+    return [{"key": f"{key}#0123456789abcdef#{n}", "name": key, "grp": group, "part": n, "total": len(parts),
+             "data": base64.b64encode(p).decode("ascii"), "vec": [1.0, 0.0]} for n, p in enumerate(parts)]  # fmt: skip
+
+
+def test_state_written_by_earlier_versions_moves_out_of_placeholder_collections(tmp_path):
+    """Heads once lived in ``<prefix>meta`` and records and projections in ``<prefix>blob``, both with a
+    2-d placeholder vector. Opening such data moves heads onto the gallery collections and the rest into
+    the SQLite sidecar, drops both collections, and serves the same gallery with its history."""
+    import sqlite3
+
+    from pymilvus import DataType
+
+    uri = str(tmp_path / "m.db")
+    x, labels = clustered(80)
+    store = MilvusStore(uri, lock_dir=tmp_path / "locks")
+    store.put("shop", GalleryIndex.build(x, labels, index_type="Flat", adapt="on"))
+    new, _ = clustered(2, seed=3)
+    store.mutate("shop", lambda i: i.add(new, ["fresh", "fresh"]))
+    before = store.get("shop")
+    assert before.whitening is not None  # a projection to move as well
+    expected = (before.search(x[:5], 3), [v["action"] for v in store.versions("shop")], before.next_id)
+    client, coll = store.rows.connection.client, store.rows._collection("shop")
+    head = client.describe_collection(coll)["properties"]["shitu.head"]
+    with sqlite3.connect(store.state.path) as db:
+        records = db.execute("SELECT gallery, version, body FROM records").fetchall()
+        projections = db.execute("SELECT key, gallery, data FROM projections").fetchall()
+    assert len(records) == 2 and len(projections) == 1
+    # write it as the earlier versions did, and forget the new places
+    for name, fields in (("shitu_meta", [("key", 256), ("value", 65535)]),
+                         ("shitu_blob", [("key", 600), ("name", 520), ("grp", 520), ("data", 65535)])):  # fmt: skip
+        schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(fields[0][0], DataType.VARCHAR, is_primary=True, max_length=fields[0][1])
+        for field, size in fields[1:]:
+            schema.add_field(field, DataType.VARCHAR, max_length=size)
+        if name == "shitu_blob":
+            schema.add_field("part", DataType.INT64)
+            schema.add_field("total", DataType.INT64)
+        schema.add_field("vec", DataType.FLOAT_VECTOR, dim=2)
+        params = client.prepare_index_params()
+        params.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
+        client.create_collection(name, schema=schema, index_params=params, consistency_level="Strong")
+    client.insert("shitu_meta", [{"key": coll, "value": head, "vec": [1.0, 0.0]}])
+    rows = [r for g, v, body in records for r in _legacy_blob_rows(f"log/{g}/{v:010d}", f"log/{g}", body.encode())]
+    rows += [r for key, g, data in projections for r in _legacy_blob_rows(key, f"projection/{g}", data)]
+    client.insert("shitu_blob", rows)
+    client.drop_collection_properties(coll, property_keys=["shitu.head"])
+    state_file = store.state.path
+    store.close()
+    state_file.unlink()
+
+    again = MilvusStore(uri, lock_dir=tmp_path / "locks")
+    try:
+        served = again.get("shop")
+        scores, ids = served.search(x[:5], 3)
+        assert np.array_equal(ids, expected[0][1]) and np.allclose(scores, expected[0][0], atol=1e-5)
+        assert [v["action"] for v in again.versions("shop")] == expected[1] and served.next_id == expected[2]
+        listed = again.rows.connection.client.list_collections()
+        assert "shitu_meta" not in listed and "shitu_blob" not in listed
+        with sqlite3.connect(state_file) as db:
+            assert db.execute("SELECT count(*) FROM records").fetchone()[0] == 2
+        again.mutate("shop", lambda i: i.remove([0]))  # and it goes on from there
+        assert 0 not in again.get("shop") and len(again.versions("shop")) == 3
+    finally:
+        again.close()

@@ -529,7 +529,6 @@ def open_store(settings: Any) -> FileStore:
     )
 
 
-
 def _json_bytes(data: Any) -> bytes:
     return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
 

@@ -1,7 +1,8 @@
 """Galleries served from Milvus (``SHITU_VECTOR_STORE=milvus``): the :class:`GalleryStore`
 contract over Milvus collections, so the engine, UI, HTTP API, CLI and Python API work unchanged.
 
-Where things live (all in Milvus, so several app replicas can serve one gallery):
+Where things live (in Milvus, so several app replicas can serve one gallery, and in one sidecar file
+that they share):
 
 * **rows** — the gallery collection of :class:`~shitu.stores.milvus_collections.MilvusCollections`:
   every entry's id, *unprojected* unit feature vector, label, source and thumbnail. This is the
@@ -11,9 +12,10 @@ Where things live (all in Milvus, so several app replicas can serve one gallery)
   entry's projected vector; a raw-feature index is searched in its rows directly.
 * **removed rows** — a third collection (prefix ``<prefix>t_``) keeps what a change removed for as
   long as a version before it is kept, so a restore can bring them back.
-* **state** — the gallery collection's metadata holds the version number (checked by replicas);
-  :class:`~shitu.stores.milvus_state.MilvusState` holds one record per version (what changed, as
-  typed changes without vectors; the index's calibration and adaptation) and the projection.
+* **state** — the gallery collection's properties hold its head: the version number (checked by
+  replicas), epoch, next id; :class:`~shitu.stores.milvus_state.MilvusState` holds one record per
+  version (what changed, as typed changes without vectors; the index's calibration and adaptation)
+  and the projection, in a SQLite sidecar (Milvus keeps nothing without a vector field).
 
 In each process an index holds what search needs beside Milvus: the labels as arrays (12 bytes an
 entry), the projection and the calibration; its base (:class:`MilvusBase`) searches the
@@ -56,6 +58,7 @@ from shitu.labels import LabelTable
 from shitu.stores.base import KEEP_VERSIONS, Catalog, GalleryStore, now, version_record
 from shitu.stores.milvus_collections import MAX_K, MilvusCollections
 from shitu.stores.milvus_state import MilvusState
+from shitu.stores.milvus_state import default_path as default_state_path
 from shitu.vectors import FaissBase, Live
 
 log = logging.getLogger(__name__)
@@ -183,7 +186,9 @@ class MilvusStore(GalleryStore):
 
     ``uri``: a Milvus Lite path (``…/milvus.db``, one process) or ``http(s)://host:port``;
     ``prefix`` namespaces our collections; ``lock_dir``: where writers on this machine take
-    their file locks; ``keep_versions``: earlier versions kept per gallery.
+    their file locks; ``keep_versions``: earlier versions kept per gallery; ``state_path``: the
+    SQLite file of version records and projections (:mod:`shitu.stores.milvus_state`; default:
+    beside a Milvus Lite file, else ``milvus_state.sqlite`` beside ``lock_dir``).
     """
 
     kind = "milvus"
@@ -196,6 +201,7 @@ class MilvusStore(GalleryStore):
         prefix: str = "shitu_",
         lock_dir: str | Path | None = None,
         keep_versions: int = KEEP_VERSIONS,
+        state_path: str | Path | None = None,
     ):
         super().__init__(lock_dir=lock_dir, keep_versions=keep_versions)
         self.uri = uri
@@ -203,7 +209,8 @@ class MilvusStore(GalleryStore):
         self.searched = MilvusCollections(uri, token, f"{prefix}p_")
         self.removed = MilvusCollections(uri, token, f"{prefix}t_")
         self.archive = MilvusCollections(uri, token, f"{prefix}h_")  # the collections of earlier builds
-        self.state = MilvusState(self.rows)
+        home = Path(lock_dir).parent if lock_dir is not None else None  # the data dir, as open_store passes it
+        self.state = MilvusState(self.rows, state_path or default_state_path(self.rows, home))
         self._galleries: dict[str, _Held] = {}
         self._pruned: dict[str, tuple[int, int]] = {}  # name -> (oldest kept version, archived generations) seen
 
@@ -266,9 +273,7 @@ class MilvusStore(GalleryStore):
         ids, labels = self.rows.id_labels(name)
         return self._hold(name, self._gallery(name, ids, labels, state), version, epoch, state.get("projection"))
 
-    def _hold(
-        self, name: str, index: GalleryIndex, version: int, epoch: str, projection_key: str | None
-    ) -> _Held:
+    def _hold(self, name: str, index: GalleryIndex, version: int, epoch: str, projection_key: str | None) -> _Held:
         index.forget_lineage()
         remote = index.base.remote if isinstance(index.base, MilvusBase) else None
         held = _Held(index, version, epoch, projection_key, remote, time.monotonic())  # type: ignore[arg-type]
@@ -278,7 +283,10 @@ class MilvusStore(GalleryStore):
     def _state(self, name: str, version: int) -> dict[str, Any]:
         record = self.state.record(name, version)
         if record is None:
-            raise ShiTuError(f"index {name!r} in Milvus has lost the record of its version {version}: import it again")
+            raise ShiTuError(
+                f"index {name!r} in Milvus has no record of its version {version} in {self.state.path}: every "
+                "process serving this Milvus must share that file (SHITU_MILVUS_STATE); else import the index again"
+            )
         return record["state"]
 
     def _gallery(self, name: str, ids: np.ndarray, labels: list[str], state: dict[str, Any]) -> GalleryIndex:
@@ -685,8 +693,8 @@ def open_store(settings: Any) -> MilvusStore:
     return MilvusStore(
         settings.milvus_target, settings.milvus_token, prefix=settings.milvus_prefix,
         lock_dir=settings.data_dir / "locks", keep_versions=settings.history_versions,
+        state_path=settings.milvus_state,
     )  # fmt: skip
-
 
 
 # --- helpers -------------------------------------------------------------------------------------

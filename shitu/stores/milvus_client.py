@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from shitu.errors import Conflict, NotFound, ShiTuError, Unavailable
 
@@ -39,7 +39,6 @@ _LITE_UNFLUSHED: dict[tuple[str, str], int] = {}  # (file, collection) -> rows w
 
 
 def quote(value: str) -> str:
-
     """A string literal for a Milvus filter expression."""
     escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
     return '"' + escaped.replace("\t", "\\t") + '"'
@@ -259,20 +258,6 @@ class MilvusConnection:
                 self.client.flush(coll, timeout=self.timeout)
             pending = 0
         _LITE_UNFLUSHED[key] = pending
-
-    def create_side_collection(self, coll: str, schema: Any) -> None:
-        """A collection of ours that is not a gallery (metadata, state): Milvus needs a vector
-        field in every collection, so it gets a 2-d placeholder; another replica may create it first."""
-        schema.add_field("vec", pymilvus_module().DataType.FLOAT_VECTOR, dim=2)
-        params = self.client.prepare_index_params()
-        params.add_index(field_name="vec", index_type="FLAT", metric_type="IP")
-        try:
-            self.client.create_collection(
-                coll, schema=schema, index_params=params, consistency_level="Strong", timeout=self.timeout
-            )
-        except Exception as e:  # another replica created it meanwhile
-            if "already exist" not in str(e).lower():
-                raise
 
 
 def _lite_server_running(path: str) -> bool:

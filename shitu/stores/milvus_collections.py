@@ -1,4 +1,4 @@
-"""Galleries kept in Milvus: one collection per gallery, plus one small side collection of metadata.
+"""Galleries kept in Milvus: one collection per gallery, its metadata among the collection's properties.
 
 :class:`MilvusCollections` talks to either
 
@@ -15,14 +15,14 @@ Layout (``prefix`` defaults to ``shitu_``)::
     <prefix>g_<escaped name>   one gallery: id INT64 (primary key, chosen by the caller), vec FLOAT_VECTOR,
                                label VARCHAR(1024 B), source VARCHAR(4096 B), thumb VARCHAR(65535)
     <prefix>x_<hash>           a gallery whose escaped name would pass Milvus's 255-character limit
-    <prefix>meta               key VARCHAR (the gallery's collection) -> value VARCHAR (JSON), so replicas
-                               sharing one Milvus see the same next id, feature model, calibration, ...
 
 Index names follow the project's rule (letters, digits, ``_ - .``, ≤ 64 characters and 180 UTF-8 bytes);
 Milvus allows only ``[A-Za-z0-9_]``, so names are escaped reversibly: ASCII letters and digits stay,
 ``_`` → ``__``, ``-`` → ``_h``, ``.`` → ``_d``, any other character → ``_u`` + 6 hex digits of its code
 point. Each gallery records its name, index type and metric as JSON in the collection property
-``shitu.gallery`` (and in its description, which milvus-lite 3.2.2 does not keep).
+``shitu.gallery`` (and in its description, which milvus-lite 3.2.2 does not keep); its metadata (next
+id, version, ...: :meth:`MilvusCollections.get_meta`) is the property ``shitu.head``, so Milvus's own
+metadata store keeps it, replicas sharing one Milvus see the same, and it goes with the collection.
 
 Thumbnails are stored **in the gallery row** as base64 text in ``thumb`` (empty when none): a separate
 thumbnail collection would need its own dummy vector field (Milvus requires one in every collection)
@@ -91,13 +91,12 @@ _INSERT_ROWS = 8192
 _ITER_BATCH = 4096
 _SEARCH_QUERIES = 256  # queries per search request
 _INFO_PROPERTY = "shitu.gallery"
+_HEAD_PROPERTY = "shitu.head"  # the gallery's metadata (get_meta)
 _GALLERY_PART, _HASHED_PART, _META_PART = "g_", "x_", "meta"
 
 # ---------------------------------------------------------------------------------------------
 # names
 # ---------------------------------------------------------------------------------------------
-
-
 
 
 def escape_name(name: str) -> str:
@@ -157,7 +156,7 @@ class MilvusCollections:
             raise ShiTuError(f"invalid Milvus collection prefix {str(prefix)[:40]!r}: use letters, digits and '_'")
         self.prefix = prefix
         self._specs: dict[str, dict[str, Any]] = {}  # collection -> info(), cached
-        self._meta_ready = False
+        self._meta_migrated = False
         self._conn = connect(uri, token, timeout=timeout)  # shared by every user of this Milvus in the process
         self._client = self._conn.client
         self._calling = self._conn.calling
@@ -190,10 +189,6 @@ class MilvusCollections:
         if len(plain) <= MAX_COLLECTION_NAME:
             return plain
         return f"{self.prefix}{_HASHED_PART}{hashlib.sha1(name.encode('utf-8')).hexdigest()}"
-
-    @property
-    def _meta_collection(self) -> str:
-        return f"{self.prefix}{_META_PART}"
 
     def _existing(self, name: str) -> str:
         coll = self._collection(name)
@@ -334,12 +329,11 @@ class MilvusCollections:
                 schema=schema,
                 index_params=params,
                 consistency_level="Strong",
-                properties={_INFO_PROPERTY: description},
+                properties={_INFO_PROPERTY: description, _HEAD_PROPERTY: meta_text},
                 timeout=self.timeout,
             )
             self._specs.pop(coll, None)
             self._conn.forget(coll)
-            self._write_meta(coll, meta_text)
 
     def move(self, name: str, to: "MilvusCollections", new_name: str) -> None:
         """Renames gallery ``name`` to ``new_name`` under ``to``'s prefix (same server), with its
@@ -354,8 +348,6 @@ class MilvusCollections:
             for part in (self, to):
                 part._specs.pop(src, None), part._specs.pop(dst, None)
                 part.connection.forget(src), part.connection.forget(dst)
-            if self._client.has_collection(self._meta_collection, timeout=self.timeout):
-                self._client.delete(self._meta_collection, ids=[src], timeout=self.timeout)
             to._write_meta(dst, to._meta_text(meta))
 
     def drop(self, name: str) -> None:
@@ -364,8 +356,6 @@ class MilvusCollections:
             coll = self._existing(name)
             with self._calling(f"drop index {name!r}"):
                 self._client.drop_collection(coll, timeout=self.timeout)
-                if self._client.has_collection(self._meta_collection, timeout=self.timeout):
-                    self._client.delete(self._meta_collection, ids=[coll], timeout=self.timeout)
             self._specs.pop(coll, None)
             self._conn.forget(coll)
 
@@ -620,16 +610,17 @@ class MilvusCollections:
     # -- index-level metadata -------------------------------------------------------------------
 
     def get_meta(self, name: str) -> dict:
-        """The gallery's metadata dict (``{}`` if none was stored)."""
+        """The gallery's metadata dict (``{}`` if none was stored): the collection property
+        ``shitu.head``, which Milvus keeps in its metadata store with the collection itself."""
         coll = self._existing(name)
-        if not self._ensure_meta_collection(create=False):
-            return {}
+        self._migrate_meta()
         with self._calling(f"read the metadata of {name!r}"):
-            rows = self._client.get(self._meta_collection, ids=[coll], output_fields=["value"], timeout=self.timeout)
-        if not rows:
+            desc = self._client.describe_collection(coll, timeout=self.timeout)
+        text = (desc.get("properties") or {}).get(_HEAD_PROPERTY)
+        if not text:
             return {}
         try:
-            value = json.loads(rows[0]["value"])
+            value = json.loads(text)
         except ValueError:
             raise ShiTuError(f"the metadata of index {name!r} in Milvus is not valid JSON") from None
         return value if isinstance(value, dict) else {}
@@ -639,6 +630,7 @@ class MilvusCollections:
         text = self._meta_text(meta)
         with self._write_lock:
             coll = self._existing(name)
+            self._migrate_meta()
             self._write_meta(coll, text)
 
     def _meta_text(self, meta: dict) -> str:
@@ -655,30 +647,35 @@ class MilvusCollections:
         return text
 
     def _write_meta(self, coll: str, text: str) -> None:
-        self._ensure_meta_collection(create=True)
         with self._calling("store index metadata"):
-            self._client.upsert(
-                self._meta_collection, [{"key": coll, "value": text, "vec": [1.0, 0.0]}], timeout=self.timeout
-            )
+            self._client.alter_collection_properties(coll, properties={_HEAD_PROPERTY: text}, timeout=self.timeout)
 
-    def _ensure_meta_collection(self, *, create: bool) -> bool:
-        if self._meta_ready:
-            return True
-        coll = self._meta_collection
-        with self._calling("open the metadata collection"):
-            if not self._client.has_collection(coll, timeout=self.timeout):
-                if not create:
-                    return False
-                dtype = pymilvus_module().DataType
-                schema = self._client.create_schema(
-                    auto_id=False, enable_dynamic_field=False, description="shitu index metadata (JSON per gallery)"
+    def _migrate_meta(self) -> None:
+        """Versions before the head became a collection property kept it in a ``<prefix>meta``
+        collection (with a placeholder vector): copy each gallery's head that has none yet onto its
+        collection, then drop that collection. Once per process and prefix; safe to race."""
+        if self._meta_migrated:
+            return
+        legacy = f"{self.prefix}{_META_PART}"
+        with self._write_lock, self._calling("look for earlier index metadata"):
+            if self._client.has_collection(legacy, timeout=self.timeout):
+                self._ensure_loaded(legacy)
+                rows = self._client.query(
+                    legacy, filter='key != ""', output_fields=["key", "value"], timeout=self.timeout
                 )
-                schema.add_field("key", dtype.VARCHAR, is_primary=True, max_length=MAX_COLLECTION_NAME + 1)
-                schema.add_field("value", dtype.VARCHAR, max_length=MAX_META_CHARS)
-                self._conn.create_side_collection(coll, schema)
-            self._ensure_loaded(coll)
-        self._meta_ready = True
-        return True
+                for row in rows:
+                    coll = str(row["key"])
+                    if not self._client.has_collection(coll, timeout=self.timeout):
+                        continue
+                    desc = self._client.describe_collection(coll, timeout=self.timeout)
+                    if not (desc.get("properties") or {}).get(_HEAD_PROPERTY):
+                        self._write_meta(coll, str(row["value"]))
+                with contextlib.suppress(Exception):  # another replica dropped it first
+                    self._client.drop_collection(legacy, timeout=self.timeout)
+                self._conn.forget(legacy)
+                log.info("moved the metadata of %d Milvus galleries from %s into collection properties",
+                         len(rows), legacy)  # fmt: skip
+        self._meta_migrated = True
 
 
 # ---------------------------------------------------------------------------------------------
