@@ -226,9 +226,8 @@ def _local_or_official(stage: str, sub: SubModule, settings: Settings, threshold
 
 def resolve_recognition(config: PipelineConfig, settings: Settings) -> ModelChoice:
     sub = config.recognition
-    reason = _local_or_official("recognition", sub, settings, OFFICIAL_REC_THRESHOLD)
-    if isinstance(reason, ModelChoice):
-        return reason
+    if isinstance(reason := _local_or_official("recognition", sub, settings, OFFICIAL_REC_THRESHOLD), ModelChoice):
+        return reason  # a local model dir, or official weights
     from shitu.starter.recognition import ensure_starter_recognizer
 
     try:
@@ -246,9 +245,8 @@ def resolve_recognition(config: PipelineConfig, settings: Settings) -> ModelChoi
 
 def resolve_detection(config: PipelineConfig, settings: Settings) -> ModelChoice:
     sub = config.detection
-    reason = _local_or_official("detection", sub, settings, OFFICIAL_DET_THRESHOLD)
-    if isinstance(reason, ModelChoice):
-        return reason
+    if isinstance(reason := _local_or_official("detection", sub, settings, OFFICIAL_DET_THRESHOLD), ModelChoice):
+        return reason  # a local model dir, or official weights
     try:
         from shitu.starter import detector
     except ImportError:  # pragma: no cover - the detector module ships with the package

@@ -76,6 +76,13 @@ def index_dropdown(engine: Engine, value: str | None = None, fallback: str | Non
 REMEMBERED_INDEX = {"storage_key": "shitu-studio-index", "secret": "shitu-studio-index"}
 
 
+def picture_grid(label: str, elem_id: str, *, columns: int = 4, height: int | str = "auto", preview: bool = False,
+                 rows: int | None = None) -> gr.Gallery:  # fmt: skip
+    """A grid of pictures (thumbnails, examples, evidence) laid out the one way the studio shows them."""
+    return gr.Gallery(label=I18N(label), columns=columns, rows=rows, height=height, object_fit="contain",
+                      allow_preview=preview, elem_id=elem_id)  # fmt: skip
+
+
 def remembered_index() -> gr.BrowserState:
     """The component that keeps the picked index in the browser (see :data:`REMEMBERED_INDEX`)."""
     return gr.BrowserState(None, **REMEMBERED_INDEX)

@@ -25,6 +25,7 @@ from shitu.ui.events import (
     index_dropdown,
     lang_of,
     md_safe,
+    picture_grid,
     progress_callback,
     scratch_file,
     thumbnail_image,
@@ -441,14 +442,7 @@ class ManageTab:
                                               **pager)  # fmt: skip
                         self.next_button = gr.Button(I18N("next_page"), size="sm", elem_id="next-page", **pager)
                 with gr.Column(scale=2):
-                    self.previews = gr.Gallery(
-                        label=I18N("previews"),
-                        columns=4,
-                        height=420,
-                        object_fit="contain",
-                        allow_preview=True,
-                        elem_id="previews",
-                    )
+                    self.previews = picture_grid("previews", "previews", height=420, preview=True)
             with gr.Row():
                 self.selected = gr.Textbox(label=I18N("selected_ids"), max_lines=1, scale=4, elem_id="selected-ids")
                 self.remove_button = gr.Button(I18N("remove_btn"), variant="stop", scale=1, elem_id="remove-btn")

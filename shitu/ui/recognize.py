@@ -30,6 +30,7 @@ from shitu.ui.events import (
     index_dropdown,
     lang_of,
     md_safe,
+    picture_grid,
     scratch_file,
     thumbnail_image,
     user_errors,
@@ -429,34 +430,17 @@ class RecognizeTab:
                             I18N("recognize_btn"), variant="primary", scale=2, elem_id="recognize-btn"
                         )
                     self.status = gr.HTML(elem_id="rec-status")
-                    self.examples = gr.Gallery(
-                        label=I18N("examples"),
-                        columns=4,
-                        rows=1,
-                        height="auto",
-                        object_fit="contain",
-                        allow_preview=False,
-                        elem_id="examples",
-                    )
+                    self.examples = picture_grid("examples", "examples", rows=1)
                     with gr.Accordion(I18N("options"), open=False):
                         self.threshold = gr.Slider(
-                            0.0,
-                            1.0,
-                            value=0.5,
-                            step=0.01,
-                            label=I18N("rec_threshold"),
-                            info=I18N("rec_threshold_info"),
-                            elem_id="rec-threshold",
-                        )
+                            0.0, 1.0, value=0.5, step=0.01, label=I18N("rec_threshold"),
+                            info=I18N("rec_threshold_info"), elem_id="rec-threshold",
+                        )  # fmt: skip
                         self.topk = gr.Slider(1, 10, value=stock.rec_topk, step=1, label=I18N("topk"))
                         self.det_threshold = gr.Slider(
-                            0.05,
-                            0.95,
-                            value=0.5,
-                            step=0.01,
-                            label=I18N("det_threshold"),
+                            0.05, 0.95, value=0.5, step=0.01, label=I18N("det_threshold"),
                             info=I18N("det_threshold_info"),
-                        )
+                        )  # fmt: skip
                         self.whole_image = gr.Radio(
                             list(WHOLE_IMAGE_MODES),
                             value=stock.whole_image,
@@ -481,14 +465,7 @@ class RecognizeTab:
                             elem_id="result-image",
                         )
                         self.timings = gr.Markdown(elem_id="timings")
-                        self.evidence = gr.Gallery(
-                            label=I18N("evidence"),
-                            columns=4,
-                            height="auto",
-                            object_fit="contain",
-                            allow_preview=False,
-                            elem_id="evidence",
-                        )
+                        self.evidence = picture_grid("evidence", "evidence")
                         self.table = gr.Dataframe(
                             label=I18N("result_table"), interactive=False, wrap=True, elem_id="result-table",
                             datatype=["number", "str", "str", "markdown"], column_widths=RESULT_COLUMNS,
