@@ -280,7 +280,9 @@ class ModelHost:
                     extra += made
                     extra_at += [views[k][0]] * len(made)
         self._enter("idle")
-        feats = self.embed(rgbs + extra, batch_size) if rgbs else None
+        # a chunk's few views ride in its batch (a batch of 5 costs far less than one of 4 and one of 1)
+        size = (batch_size or len(rgbs)) + len(extra) if len(extra) <= len(rgbs) else batch_size
+        feats = self.embed(rgbs + extra, size) if rgbs else None
         if views is None:
             return feats, thumbnails, errors
         view_feats = feats[len(rgbs) :] if feats is not None and extra else None
