@@ -248,6 +248,26 @@ def sample_queries(tmp_path_factory) -> list[Path]:
     return write_queries(tmp_path_factory.mktemp("queries"))
 
 
+def install_index(engine: Engine, name: str, stored: Path) -> None:
+    """A copy of the stored index directory ``stored`` under ``name`` in the engine's data dir, as
+    if it had been built there (its files, its version record): what a test starts from without
+    embedding the gallery again. Files store only."""
+    shutil.copytree(stored, engine.settings.indices_dir / name)
+
+
+def sample_index(engine: Engine, name: str, template: Path, sample_gallery: tuple[Path, Path]) -> Engine:
+    """The sample gallery's index (``Engine.build`` with its defaults) under ``name``: a copy of the
+    session's ``template`` where indices are files, else built in the store under test."""
+    if engine.settings.vector_store == "faiss":
+        install_index(engine, name, template)
+    else:
+        from shitu.gallery import read_label_file
+
+        root, labels = sample_gallery
+        engine.build(name, read_label_file(labels, root))
+    return engine
+
+
 @pytest.fixture(scope="session")
 def template(tmp_path_factory, runtime, sample_gallery) -> Path:
     """A real 24-entry index of the sample gallery (embedded once per session), to copy into a

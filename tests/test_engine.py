@@ -10,7 +10,7 @@ from shitu.engine import Engine
 from shitu.errors import NotFound, ShiTuError
 from shitu.gallery import GalleryBatch, GalleryItem, read_label_file
 
-from .conftest import stored_state
+from .conftest import sample_index, stored_state
 
 
 def snapshot(engine: Engine, name: str) -> tuple[dict, dict]:
@@ -18,10 +18,9 @@ def snapshot(engine: Engine, name: str) -> tuple[dict, dict]:
 
 
 @pytest.fixture
-def built(engine, sample_gallery) -> Engine:
-    root, labels = sample_gallery
-    engine.build("drinks", read_label_file(labels, root), index_type="Flat")
-    return engine
+def built(engine, template, sample_gallery) -> Engine:
+    """The sample gallery's index as ``drinks`` (Flat, the build's defaults)."""
+    return sample_index(engine, "drinks", template, sample_gallery)
 
 
 @pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it

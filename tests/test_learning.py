@@ -17,7 +17,7 @@ from shitu.api import create_api
 from shitu.errors import Conflict
 from shitu.gallery import GalleryBatch, read_label_file
 
-from .conftest import MODEL_CACHE
+from .conftest import MODEL_CACHE, sample_index
 from .test_api import assert_error, fresh_engine, ok, snapshot
 
 
@@ -29,11 +29,8 @@ def _box_of(engine, query, index: str = "shop"):
 
 
 @pytest.fixture
-def shop(tmp_path, runtime, sample_gallery):
-    engine = fresh_engine(runtime, tmp_path / "data")
-    root, labels = sample_gallery
-    engine.build("shop", read_label_file(labels, root))
-    return engine
+def shop(tmp_path, runtime, template, sample_gallery):
+    return sample_index(fresh_engine(runtime, tmp_path / "data"), "shop", template, sample_gallery)
 
 
 @pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it

@@ -18,7 +18,7 @@ from shitu.engine import Engine
 from shitu.gallery import read_label_file
 from shitu.runtime import Runtime
 
-from .conftest import make_settings
+from .conftest import make_settings, sample_index
 
 
 def jpeg(array: np.ndarray) -> bytes:
@@ -38,10 +38,8 @@ RED[..., 0] = 255  # RGB red: the crashing test detector's poison
 
 
 @pytest.fixture
-def gallery_engine(engine, sample_gallery) -> Engine:
-    root, labels = sample_gallery
-    engine.build("g", read_label_file(labels, root))
-    return engine
+def gallery_engine(engine, template, sample_gallery) -> Engine:
+    return sample_index(engine, "g", template, sample_gallery)
 
 
 def state(engine: Engine) -> tuple:

@@ -9,8 +9,11 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
+from shitu.engine import Engine
 from shitu.sample import SAMPLE_SUBJECTS
 from shitu.ui import build
+
+from ..conftest import install_index, make_settings
 
 LABELS = list(SAMPLE_SUBJECTS)  # "猫 cat", "咖啡 coffee", ... (labels with spaces and Chinese)
 
@@ -42,8 +45,7 @@ def ids_of(engine, name: str) -> list[int]:
     return [e.id for e in engine.index(name).entries]
 
 
-@pytest.fixture
-def uploads(sample_gallery, tmp_path) -> tuple[list[str], Path]:
+def upload_copy(sample_gallery: tuple[Path, Path], tmp_path: Path) -> tuple[list[str], Path]:
     """The sample gallery as a browser uploads it: flat files (unique names) plus a label file
     whose paths keep their folders, tab-separated, with one missing image and one line without
     a label (lines 25 and 26)."""
@@ -64,8 +66,31 @@ def uploads(sample_gallery, tmp_path) -> tuple[list[str], Path]:
 
 
 @pytest.fixture
-def shop(engine, uploads) -> str:
-    """An index named ``shop`` (Flat, IP; 24 entries) built through the Build tab's handler."""
+def uploads(sample_gallery, tmp_path) -> tuple[list[str], Path]:
+    """:func:`upload_copy` in the test's own temp dir."""
+    return upload_copy(sample_gallery, tmp_path)
+
+
+def build_shop(engine, uploads: tuple[list[str], Path]) -> None:
     files, labels = uploads
     build.build_index(engine, files, str(labels), "shop", "Flat", "IP", True, False)
+
+
+@pytest.fixture(scope="session")
+def shop_template(tmp_path_factory, runtime, sample_gallery) -> Path:
+    """``shop`` built once per session through the Build tab's handler, to copy into a test's data dir."""
+    tmp = tmp_path_factory.mktemp("shop-template")
+    engine = Engine(make_settings(tmp / "data", vector_store="faiss"), runtime=runtime)
+    build_shop(engine, upload_copy(sample_gallery, tmp))
+    return engine.settings.indices_dir / "shop"
+
+
+@pytest.fixture
+def shop(engine, uploads, shop_template) -> str:
+    """An index named ``shop`` (Flat, IP; 24 entries) as the Build tab's handler builds it from
+    ``uploads``: the session's copy where indices are files, else built in the store under test."""
+    if engine.settings.vector_store == "faiss":
+        install_index(engine, "shop", shop_template)
+    else:
+        build_shop(engine, uploads)
     return "shop"
