@@ -10,11 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from openTSNE import TSNEEmbedding
-from openTSNE.affinity import PerplexityBasedNN
-from openTSNE.initialization import jitter, rescale
-from openTSNE.initialization import random as random_start
-from openTSNE.nearest_neighbors import PrecomputedNeighbors
 
 from shitu.report.neighbours import exact_knn
 from shitu.report.params import SEED, TSNE_EARLY_ITERATIONS, TSNE_LATE_ITERATIONS, TSNE_PERPLEXITY, Limits
@@ -40,6 +35,14 @@ def tsne_2d(
     n = len(x)
     if n < MIN_TSNE_POINTS:
         return unit_square(principal_plane(x))
+    # openTSNE pulls in scikit-learn, SciPy and pandas (~1.3 s): imported when a map is drawn, not
+    # by every process that imports the engine (the CLI, the model worker, each gallery worker)
+    from openTSNE import TSNEEmbedding
+    from openTSNE.affinity import PerplexityBasedNN
+    from openTSNE.initialization import jitter, rescale
+    from openTSNE.initialization import random as random_start
+    from openTSNE.nearest_neighbors import PrecomputedNeighbors
+
     k = min(n - 1, int(3 * perplexity))
     perplexity = min(perplexity, k / 3.0)  # what openTSNE would settle on, without its warning
     sims, nbrs = exact_knn(x, np.arange(n), k)
