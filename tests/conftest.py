@@ -138,18 +138,28 @@ def stored_state(engine) -> dict[str, str]:
     return out
 
 
-def npm_tarball(members: dict[str, bytes]) -> bytes:
-    """An npm package tarball (``.tgz``) holding ``members`` (name -> bytes), for a fake registry."""
+def tarball(files: dict[str, bytes], *, links: dict[str, str] | None = None, gzip: bool = False) -> bytes:
+    """A tar archive of ``files`` (name -> bytes) and symbolic ``links`` (name -> target)."""
     import io
     import tarfile
 
     out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as tar:
-        for name, data in members.items():
+    with tarfile.open(fileobj=out, mode="w:gz" if gzip else "w") as tar:
+        for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tar.addfile(info)
     return out.getvalue()
+
+
+def npm_tarball(members: dict[str, bytes]) -> bytes:
+    """An npm package tarball (``.tgz``) holding ``members`` (name -> bytes), for a fake registry."""
+    return tarball(members, gzip=True)
 
 
 def free_port() -> int:

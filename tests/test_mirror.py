@@ -7,12 +7,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.server
-import io
 import os
 import re
 import shutil
 import socket
-import tarfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from shitu.gallery import read_label_file
 from shitu.models import resolve_recognition, try_official
 from shitu.sample import SAMPLE_SUBJECTS
 
-from .conftest import MODEL_CACHE, wait_until
+from .conftest import MODEL_CACHE, tarball, wait_until
 
 REC = "PP-ShiTuV2_rec"
 DET = "PP-ShiTuV2_det"
@@ -37,18 +35,8 @@ MODEL_FILES = ("inference.yml", "inference.json", "inference.pdiparams")
 
 # --- tars in PaddleX's layout -------------------------------------------------------------------
 def make_tar(files: dict[str, bytes], *, links: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.SYMTYPE
-            info.linkname = target
-            tar.addfile(info)
-    return buf.getvalue()
+    """A model tar as PaddleX's hosts serve it (uncompressed)."""
+    return tarball(files, links=links)
 
 
 def model_tar(model_dir: Path, model_name: str) -> bytes:
