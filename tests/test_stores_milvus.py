@@ -106,7 +106,7 @@ def test_a_change_cut_short_leaves_a_consistent_gallery_and_retired_ids(store, m
     with pytest.raises(RuntimeError):
         store.mutate("a", lambda i: i.add(new, ["n", "n", "n"]))
     monkeypatch.setattr(store.rows, "put_meta", real)
-    later = MilvusStore(store.uri, prefix=store.rows.prefix)  # what the next process sees
+    later = MilvusStore(store.uri, prefix=store.rows.prefix, state_path=store.state.path)  # the next process
     try:
         index = later.get("a")
         assert len(index) == 53 and index.label(52) == "n"  # the rows are the truth: listed and searched

@@ -49,11 +49,13 @@ _LEGACY_BLOBS = "blob"  # <prefix>blob: where versions before the sidecar kept r
 
 
 def default_path(rows: MilvusCollections, data_dir: Path | None) -> Path:
-    """Beside a Milvus Lite file; for a server, in the data dir (or the working dir without one)."""
+    """Beside a Milvus Lite file; for a server, in the data dir (a server without one needs a path)."""
     lite = rows.connection.lite_path
     if lite is not None:
         return Path(f"{lite}.shitu-state.sqlite")
-    return (data_dir or Path.cwd()) / "milvus_state.sqlite"
+    if data_dir is None:
+        raise ShiTuError(f"Milvus at {rows.uri}: say where its state file lives (SHITU_MILVUS_STATE)")
+    return data_dir / "milvus_state.sqlite"
 
 
 class MilvusState:
