@@ -127,6 +127,7 @@ class Features:
     nonproducts: np.ndarray | None  # (m, D)
     nonproduct_names: list[str]
     seconds: dict
+    plain: np.ndarray | None = None  # (n,) each photo on a plain background (read off its thumbnail)
 
 
 def _nonproduct_images(data: Path) -> tuple[list[np.ndarray], list[str]]:
@@ -179,12 +180,16 @@ def starter_features(data: Path, cache: Path) -> Features:
     labels = np.array([i.label for i in batch.items])
     if path.exists():
         runtime.close()
+        flags_path = cache / f"{key}-plain.npy"
+        if not flags_path.exists():
+            np.save(flags_path, plain_flags(load_image(i.image) for i in batch.items))
         z = np.load(path, allow_pickle=False)
         offsets = z["offsets"]
         regions = [z["regions"][offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
         names = json.loads(str(z["nonproduct_names"]))
         return Features(model, labels, z["whole"], z["views"], regions,
-                        z["nonproducts"], names, json.loads(str(z["seconds"])))  # fmt: skip
+                        z["nonproducts"], names, json.loads(str(z["seconds"])),
+                        np.load(flags_path))  # fmt: skip
     seconds = {}
     np_images, np_names = _nonproduct_images(data)  # first: a mistake here fails fast
     images = [load_image(i.image) for i in batch.items]
@@ -209,7 +214,9 @@ def starter_features(data: Path, cache: Path) -> Features:
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, whole=whole, views=views, regions=np.concatenate(regions), offsets=offsets,
              nonproducts=nonproducts, nonproduct_names=json.dumps(np_names), seconds=json.dumps(seconds))  # fmt: skip
-    return Features(model, labels, whole, views, regions, nonproducts, np_names, seconds)
+    np.save(cache / f"{key}-plain.npy", plain_flags(images))
+    return Features(model, labels, whole, views, regions, nonproducts, np_names, seconds,
+                    np.load(cache / f"{key}-plain.npy"))  # fmt: skip
 
 
 def official_features(data: Path) -> Features | None:
@@ -249,8 +256,9 @@ def build(f: Features, rows: np.ndarray, after: bool, taught: tuple[np.ndarray, 
         taught_ids = list(range(len(rows), len(rows) + len(taught[0])))
         x, y = np.vstack([x, taught[0]]), np.concatenate([y, taught[1]])
         ids = np.arange(len(x))
+    plain = float(f.plain[rows].mean()) if after and f.plain is not None else None
     projection, calibration, _ = adapt(x, y, mode="auto", ids=ids, views=views, taught=taught_ids,
-                                       feature_model=f.name, use_views=after)  # fmt: skip
+                                       feature_model=f.name, use_views=after, plain=plain)  # fmt: skip
     if calibration is None:
         return None
     if not after:
@@ -338,20 +346,24 @@ def draw(rng: np.random.Generator, f: Features, pool: list[str], lo: int = 15, h
         return np.array(gallery), np.array(queries)
 
 
-def fit_prior(f: Features, pool: list[str], galleries: int, seed: int) -> dict[str, Prior]:
+def fit_prior(fs: Features | list[Features], pool: list[str], galleries: int, seed: int) -> dict[str, Prior]:
     """The model's prior per space (``raw``/``adapted``, as the build decided) from random
-    galleries of 15–400 photos drawn from ``pool``: ``offset`` = mean (and ``offset_sd`` the
-    spread) of real queries' 80 % point minus the views' one; the level ``a + b ln(entries)``
-    through the real queries' point, ``tau`` its residual spread."""
+    galleries of 15–400 photos drawn from ``pool`` (from each of several capture conditions in
+    turn, ``fs`` a list): ``offset`` = mean (and ``offset_sd`` the spread) of real queries' 80 %
+    point minus the views' one (``photos_offset``: minus the photos'); the level
+    ``a + b ln(entries)`` through the real queries' point, ``tau`` its residual spread."""
+    conditions = fs if isinstance(fs, list) else [fs]
+    f = conditions[0]
     measuring = Prior(offset=0.0, offset_sd=0.0, a=0.0, b=0.0, tau=math.inf, source="none (fitting)")
     # (views and photos both at offset 0 with no spread: equal weights; their points are read apart)
     saved = dict(cal.PRIORS)
-    for space in ("raw", "adapted"):
+    for space in ("raw", "adapted", "raw|plain", "adapted|plain"):
         cal.PRIORS[f"{f.name}|{space}"] = measuring
     rng = np.random.default_rng(seed)
     found: dict[str, list[tuple]] = {"raw": [], "adapted": []}
     try:
-        for _ in range(galleries):
+        for n_gallery in range(galleries):
+            f = conditions[n_gallery % len(conditions)]
             gallery, queries = draw(rng, f, pool, 15, 400, max_labels=80)
             r = evaluate(f, gallery, queries, after=True)
             if r is not None:
@@ -391,10 +403,12 @@ def halves(f: Features, seed: int) -> list[tuple[list[str], list[str]]]:
 
 
 def small_galleries(f: Features, galleries: int, prior_galleries: int, seeds=(0, 1), say=print,
-                    prior_from: Features | None = None, teach: int = 0) -> dict:  # fmt: skip
+                    prior_from: Features | None = None, plain_from: list[Features] | None = None,
+                    teach: int = 0) -> dict:  # fmt: skip
     """The small-gallery protocol; ``prior_from``: fit the prior on these features' other half
-    (the real drink photos when ``f`` is the studio-photo variant); ``teach``: also evaluate
-    after that many confirmed answers per gallery (row ``taught``)."""
+    (the real drink photos when ``f`` is a studio-photo variant), ``plain_from``: the plain
+    prior on these capture conditions' other half; ``teach``: also evaluate after that many
+    confirmed answers per gallery (row ``taught``)."""
     rows: dict[str, list[dict]] = {"before": [], "after": []}
     if teach:
         rows["taught"] = []
@@ -402,9 +416,13 @@ def small_galleries(f: Features, galleries: int, prior_galleries: int, seeds=(0,
     for seed in seeds:
         for k, (prior_labels, eval_labels) in enumerate(halves(f, seed)):
             fitted = fit_prior(prior_from or f, prior_labels, prior_galleries, seed=100 + 2 * seed + k)
+            if plain_from:
+                plain = fit_prior(plain_from, prior_labels, prior_galleries, seed=200 + 2 * seed + k)
+                fitted.update({f"{s}|plain": p for s, p in plain.items()})
             priors.append({s: p.__dict__ for s, p in fitted.items()})
             for s, p in fitted.items():
-                say(f"  split {seed}/{k}, {s}: offset {p.offset} ± {p.offset_sd}, level {p.a:+.3f} {p.b:+.3f} ln n "
+                say(f"  split {seed}/{k}, {s}: offset {p.offset} ± {p.offset_sd}, "
+                    f"photos {p.photos_offset} ± {p.photos_sd}, level {p.a:+.3f} {p.b:+.3f} ln n "
                     f"± {p.tau} ({p.source})")  # fmt: skip
             saved = dict(cal.PRIORS)
             cal.PRIORS.update({f"{f.name}|{s}": p for s, p in fitted.items()})
@@ -458,56 +476,73 @@ def table(rows: dict[str, list[dict]], say) -> dict:
     return out
 
 
-def clean_gallery(rgb: np.ndarray, box) -> np.ndarray:
-    """A studio-style gallery photo made from a real one: the product's box on a white canvas
-    (10 % margin). A gallery of these resembles itself more than real photos resemble it — the
-    capture gap of the issue's logo gallery, reproduced where real queries exist."""
+# Studio-style galleries made from the real photos: each photo's product box (the detector's best)
+# on a plain canvas. Such a gallery resembles itself more than real photos resemble it — the
+# capture gap of the issue's logo gallery, reproduced where real queries exist. The white one is
+# evaluated; the plain prior is fitted on the others (another colour or margin), so the white
+# galleries' capture condition is one the prior never saw.
+CANVASES = {"white": ((255, 255, 255), 0.2), "gray": ((128, 128, 128), 0.2), "black": ((0, 0, 0), 0.2),
+            "white-wide": ((255, 255, 255), 0.6)}  # fmt: skip
+PLAIN_PRIOR_FROM = ("gray", "black", "white-wide")
+
+
+def on_canvas(rgb: np.ndarray, box, colour=(255, 255, 255), margin: float = 0.2) -> np.ndarray:
+    """The product's ``box`` of a real photo centred on a square ``colour`` canvas ``1 + margin``
+    times its longer side."""
     h, w = rgb.shape[:2]
     x1, y1, x2, y2 = (int(round(v)) for v in box)
     x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, max(x2, x1 + 1)), min(h, max(y2, y1 + 1))
     crop = rgb[y1:y2, x1:x2]
     ch, cw = crop.shape[:2]
-    side = int(max(ch, cw) * 1.2)
-    canvas = np.full((side, side, 3), 255, np.uint8)
+    side = int(max(ch, cw) * (1 + margin))
+    canvas = np.empty((side, side, 3), np.uint8)
+    canvas[:] = colour
     oy, ox = (side - ch) // 2, (side - cw) // 2
     canvas[oy : oy + ch, ox : ox + cw] = crop
     return canvas
 
 
-def clean_features(data: Path, cache: Path, model: str) -> Features | None:
-    """The drink gallery as studio photos (:func:`clean_gallery`) with their views, queried with
-    the real photos' crops (from :func:`starter_features`'s cache)."""
+def plain_flags(images) -> np.ndarray:
+    """Each photo on a plain background or not, read off its thumbnail as the build does."""
+    from shitu.gallery import make_thumbnail, plain_share
+
+    return np.array([plain_share([make_thumbnail(np.asarray(im))]) == 1.0 for im in images])
+
+
+def canvas_features(data: Path, cache: Path, real: Features, name: str) -> Features:
+    """The drink gallery as studio photos on canvas ``name`` (:data:`CANVASES`) with their views,
+    queried with the real photos' crops (:func:`starter_features`)."""
     from shitu.config import PipelineConfig, Settings
     from shitu.errors import ShiTuError
     from shitu.gallery import load_image, read_label_file
     from shitu.runtime import Runtime
 
-    key = model.replace(":", "_").replace("/", "_")
-    base, path = cache / f"{key}.npz", cache / f"{key}-clean.npz"
-    if not base.exists():
-        return None
-    real = starter_features(data, cache)
+    key = real.name.replace(":", "_").replace("/", "_")
+    path, boxes_path = cache / f"{key}-canvas-{name}.npz", cache / f"{key}-boxes.npy"
     if not path.exists():
         settings = Settings.from_env(offline=True, model_dir=os.environ.get("SHITU_MODEL_DIR"), data_dir=cache / "data")
         runtime = Runtime(PipelineConfig(), settings, isolate=True)  # a detector crash restarts the worker
         batch = read_label_file(data / "gallery.txt", data).require_clean()
-        images = []
-        for item in batch.items:
-            rgb = load_image(item.image)
-            try:
-                boxes = runtime.detect(rgb, runtime.default_det_threshold)
-            except ShiTuError:
-                boxes = []
-            box = max(boxes, key=lambda b: b[1])[0] if boxes else (0, 0, rgb.shape[1], rgb.shape[0])
-            images.append(clean_gallery(rgb, box))
+        photos = [load_image(item.image) for item in batch.items]
+        if not boxes_path.exists():
+            boxes = []
+            for rgb in photos:
+                try:
+                    found = runtime.detect(rgb, runtime.default_det_threshold)
+                except ShiTuError:
+                    found = []
+                boxes.append(max(found, key=lambda b: b[1])[0] if found else (0, 0, rgb.shape[1], rgb.shape[0]))
+            np.save(boxes_path, np.asarray(boxes, dtype=np.float64))
+        colour, margin = CANVASES[name]
+        images = [on_canvas(rgb, box, colour, margin) for rgb, box in zip(photos, np.load(boxes_path))]
         whole = runtime.embed(images, batch_size=16)
         views_rgb = [v for n, im in enumerate(images) for v in make_views(im, n, VIEWS_PER_PHOTO)]
         views = runtime.embed(views_rgb, batch_size=16).reshape(len(images), VIEWS_PER_PHOTO, -1)
         runtime.close()
-        np.savez(path, whole=whole, views=views)
+        np.savez(path, whole=whole, views=views, plain=plain_flags(images))
     z = np.load(path)
-    return Features(model, real.labels, z["whole"], z["views"], real.regions, real.nonproducts,
-                    real.nonproduct_names, {})  # fmt: skip
+    return Features(real.name, real.labels, z["whole"], z["views"], real.regions, real.nonproducts,
+                    real.nonproduct_names, {}, z["plain"])  # fmt: skip
 
 
 def full_gallery_nonproducts(f: Features, say) -> dict:
@@ -527,12 +562,16 @@ def full_gallery_nonproducts(f: Features, say) -> dict:
     return out
 
 
-def prior_table(f: Features, galleries: int, say) -> dict:
-    fitted = fit_prior(f, sorted(set(f.labels.tolist())), galleries, seed=7)
+def prior_table(f: Features | list[Features], galleries: int, say, suffix: str = "", source: str = "drink gallery"
+                ) -> dict:  # fmt: skip
+    first = f[0] if isinstance(f, list) else f
+    fitted = fit_prior(f, sorted(set(first.labels.tolist())), galleries, seed=7)
+    fitted = {f"{space}{suffix}": p for space, p in fitted.items()}
+    f = first
     for space, p in fitted.items():
         say(f'    "{f.name}|{space}": Prior(offset={p.offset}, offset_sd={p.offset_sd}, a={p.a}, b={p.b}, '
             f'tau={p.tau}, photos_offset={p.photos_offset}, photos_sd={p.photos_sd}, max_entries={p.max_entries},'
-            f'\n        source="drink gallery, {p.source}"),')  # fmt: skip
+            f'\n        source="{source}, {p.source}"),')  # fmt: skip
     return {s: p.__dict__ for s, p in fitted.items()}
 
 
@@ -568,22 +607,29 @@ def main() -> None:
         for f in (starter, official):
             if f is not None:
                 prior_table(f, 200, say)
+        canvases = [canvas_features(args.data, CACHE, starter, name) for name in CANVASES]
+        prior_table(canvases, 200, say, "|plain", "drink products on plain canvases (" + ", ".join(CANVASES) + ")")
         say("}")
         return
     out: dict = {"model": starter.name, "embedding_seconds": starter.seconds}
     say(f"\nfeature model: {starter.name}; features cached in {CACHE}")
-    say(f"\n## starter model: drink photos, queries through the detector ({args.galleries * 4} galleries)")
-    res = small_galleries(starter, args.galleries, args.prior_galleries, say=say)
+    canvases = {name: canvas_features(args.data, CACHE, starter, name) for name in CANVASES}
+    plain_from = [canvases[name] for name in PLAIN_PRIOR_FROM]
+    say(f"\n## starter model: drink photos, queries through the detector ({args.galleries * 4} galleries; "
+        f"{starter.plain.mean():.1%} of the photos on a plain background)")
+    res = small_galleries(starter, args.galleries, args.prior_galleries, say=say, plain_from=plain_from)
     out["starter"] = {"table": table(res["rows"], say), "priors": res["priors"], "galleries": res["rows"]}
 
-    clean = clean_features(args.data, CACHE, starter.name)
-    if clean is not None:
-        say("\n## starter model: studio-photo galleries (each photo's product on white), real photos as queries — "
-            "the capture gap of the issue's logo gallery; prior from the real photos of the other half")  # fmt: skip
-        res = small_galleries(clean, args.galleries, args.prior_galleries, say=say, prior_from=starter, teach=3)
-        out["studio"] = {"table": table(res["rows"], say), "priors": res["priors"]}
-        say("\n   ... and after 3 confirmed answers per gallery (Teach; those 3 queries are not counted):")
-        out["studio"]["taught"] = table({"before": res["rows"]["after"], "after": res["rows"]["taught"]}, say)
+    studio = canvases["white"]
+    say(f"\n## starter model: studio-photo galleries (each photo's product on white), real photos as queries — "
+        f"the capture gap of the issue's logo gallery; {studio.plain.mean():.1%} of the photos on a plain background; "
+        f"prior from the real photos of the other half, plain prior from the other half on "
+        f"{', '.join(PLAIN_PRIOR_FROM)} canvases")  # fmt: skip
+    res = small_galleries(studio, args.galleries, args.prior_galleries, say=say, prior_from=starter,
+                          plain_from=plain_from, teach=3)  # fmt: skip
+    out["studio"] = {"table": table(res["rows"], say), "priors": res["priors"]}
+    say("\n   ... and after 3 confirmed answers per gallery (Teach; those 3 queries are not counted):")
+    out["studio"]["taught"] = table({"before": res["rows"]["after"], "after": res["rows"]["taught"]}, say)
 
     if official is not None:
         say(f"\n## official PP-ShiTuV2 embeddings: whole photos as queries, no views ({args.galleries * 4} galleries)")

@@ -231,13 +231,15 @@ def adapt(
     taught: Sequence[int] = (),
     feature_model: str | None = None,
     use_views: bool = True,
+    plain: float | None = None,
 ) -> tuple[Projection | None, Calibration | None, Adaptation]:
     """Decide on and fit a supervised projection for this gallery; calibrate the result.
 
     ``mode``: ``auto`` (use it if cross-validation says it helps), ``on`` (use it whenever the
     gallery allows one), ``off`` (raw features; the calibration is then leave-one-out).
     ``ids`` (each row's entry id), ``views`` (``(entry id of its photo, raw view features)``),
-    ``taught`` (entry ids of confirmed answers) and ``feature_model`` (for its prior) feed the
+    ``taught`` (entry ids of confirmed answers), ``feature_model`` and ``plain`` (the share of photos on a
+    plain background; both pick its prior) feed the
     calibration (:func:`shitu.calibrate.calibrate_gallery`); ``use_views=False`` sets the
     threshold from the photos alone, as before views (for the benchmarks).
     Returns ``(projection or None, calibration or None, what was measured)``.
@@ -256,7 +258,8 @@ def adapt(
     def raw_only(reason: str, **measured) -> tuple[None, Calibration | None, Adaptation]:
         unit_views = (views[0], _unit(views[1])) if views is not None else None
         calibration = calibrate_gallery(raw, labels, ids=ids, views=unit_views, taught=taught,
-                                        feature_model=feature_model, use_views=use_views)  # fmt: skip
+                                        feature_model=feature_model, use_views=use_views,
+                                        plain=plain)  # fmt: skip
         seconds = round(time.perf_counter() - start, 3)
         return None, calibration, Adaptation(mode, False, reason, seconds=seconds, **measured)
 
@@ -317,8 +320,9 @@ def adapt(
             **measured,
         )
     calibration = calibrate_stats(
-        QueryStats.concat(stats), entries=len(raw), prior=prior_for(feature_model, "adapted"),
+        QueryStats.concat(stats), entries=len(raw), prior=prior_for(feature_model, "adapted", plain),
         protocol="held-out folds", taught=ids[rows][is_taught].tolist(), floor=True, views=use_views, seed=seed,
+        plain=plain,
     )  # fmt: skip
     reason = (
         f"held-out recall@1 {raw_recall:.3f} → {adapted_recall:.3f}"

@@ -29,12 +29,21 @@ far too high. So the unknowns that set the threshold are *query-like* (:class:`Q
   a reference gallery with real query photos (:data:`PRIORS`, measured by
   ``bench/calibration_small.py --fit-prior``) the real queries' 80 % point lies ``offset`` above
   the views' one, in the model's raw space and in an adapted one alike. A gallery's views, moved
-  up by that offset, stand for its real queries — *including* a capture gap the reference did
-  not have, since the views are made from this gallery's own photos;
+  up by that offset, stand for its real queries;
 * **confirmed answers**: crops a user taught (:meth:`shitu.engine.Engine.teach`): real queries,
   each weighing :data:`REAL_QUERY_WEIGHT` views;
 * the gallery's photos themselves: the known side of the curve, and the whole estimate for a
   model without a measured offset (as before views existed).
+
+**Plain backgrounds.** How far real queries sit from the views depends on how the gallery was
+photographed. Where its photos are real photos (the drink reference: products on shelves and
+tables), real queries score ~0.04 above the views and level with the photos. Where they are cut
+out on a plain background (studio shots, logos on white), real queries score ~0.005 *below* the
+views and ~0.06 below the photos: the photos share a background the queries do not have. The
+build reads each photo's border off its thumbnail (:func:`shitu.gallery.plain_background`), and
+the prior is the model's ``plain`` one (measured on the reference's products cut out onto plain
+canvases, queried with the real photos) mixed in by the share of such photos (``plain_share``,
+kept in the calibration record so later recalibrations use the same).
 
 That point (with a bootstrap standard error over the gallery's photos, a photo's views going
 with it) is then shrunk towards the **prior** level for this model and gallery size
@@ -55,6 +64,7 @@ spread of genuine matches it matches nothing, and is unknown.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -86,7 +96,8 @@ MIN_PRIOR_SPREAD = 0.06
 # How far a gallery's views can be from its real queries beyond the reference's offset: on the drink
 # gallery real photos score 0.04 above the views when the gallery's photos are like real photos,
 # and level with them when the gallery is studio photos of the same products (bench: the
-# studio-photo variant). A build-time threshold is this unsure; confirmed answers narrow it.
+# studio-photo variant). The plain-background prior accounts for that case, but other capture
+# conditions may differ as much: a build-time threshold is this unsure; confirmed answers narrow it.
 MIN_OFFSET_SPREAD = 0.04
 MIN_REAL = 3  # confirmed answers before they count
 MIN_REAL_SE = 0.01  # ... and the least a handful of them is unsure by
@@ -112,6 +123,26 @@ class Prior:
     def level(self, entries: int) -> float:
         return self.a + self.b * math.log(max(2, entries))
 
+    def mix(self, other: "Prior", share: float) -> "Prior":
+        """This prior for a ``1 - share`` part of a gallery and ``other`` for the rest, field by
+        field (a field one of them lacks: the other's)."""
+        if share <= 0:
+            return self
+        if share >= 1:
+            return other
+
+        def blend(a, b):
+            if a is None or b is None:
+                return b if a is None else a
+            if math.isinf(a) or math.isinf(b):
+                return math.inf
+            return (1 - share) * a + share * b
+
+        fields = ("offset", "offset_sd", "a", "b", "tau", "photos_offset", "photos_sd")
+        mixed = {f: blend(getattr(self, f), getattr(other, f)) for f in fields}
+        return dataclasses.replace(self, **mixed, max_entries=max(self.max_entries, other.max_entries),
+                                   source=f"{self.source}; {share:.0%} {other.source}")  # fmt: skip
+
 
 # Per feature model fingerprint (:attr:`shitu.runtime.Runtime.feature_model`) and space. Measured by
 # ``python bench/calibration_small.py --fit-prior`` on the drink gallery (987 photos, 196 labels):
@@ -132,19 +163,38 @@ PRIORS: dict[str, Prior] = {
     "official:PP-ShiTuV2_rec|adapted": Prior(
         offset=None, offset_sd=0.0, a=0.4195, b=-0.0178, tau=0.0313, photos_offset=-0.0482, photos_sd=0.0554,
         max_entries=275, source="drink gallery (reference embeddings), 74 adapted sub-galleries of 41-275 photos"),
+    # the same products cut out onto plain canvases (white, gray, black; 20 % and 60 % margins), queried with
+    # the real photos: galleries cleaner than their real queries (prior_for mixes it in by plain_share)
+    "starter:PP-ShiTuV2_rec:PP-ShiTuV2_rec-mobilenetv2-imagenet|raw|plain": Prior(
+        offset=-0.0051, offset_sd=0.0102, a=0.7217, b=0.0157, tau=0.011, photos_offset=-0.06, photos_sd=0.0172,
+        max_entries=112, source="drink products on plain canvases, 51 raw sub-galleries of 15-111 photos"),
+    "starter:PP-ShiTuV2_rec:PP-ShiTuV2_rec-mobilenetv2-imagenet|adapted|plain": Prior(
+        offset=0.0064, offset_sd=0.0336, a=1.076, b=-0.1269, tau=0.0301, photos_offset=-0.0095, photos_sd=0.0507,
+        max_entries=324, source="drink products on plain canvases, 133 adapted sub-galleries of 41-323 photos"),
 }  # fmt: skip
 FALLBACK_PRIOR = Prior(offset=None, offset_sd=0.0, a=0.0, b=0.0, tau=math.inf,
                        source="no reference measured for this model: the gallery's photos alone")  # fmt: skip
 
 
-def prior_for(feature_model: str | None, space: str) -> Prior:
-    """The prior of ``feature_model`` in ``space`` (``raw``/``adapted``), or :data:`FALLBACK_PRIOR`."""
+def prior_for(feature_model: str | None, space: str, plain: float | None = None) -> Prior:
+    """The prior of ``feature_model`` in ``space`` (``raw``/``adapted``), or :data:`FALLBACK_PRIOR`;
+    ``plain``: the share of the gallery's photos on a plain background (:func:`shitu.gallery.plain_background`),
+    for which the model's ``plain`` prior is mixed in where one was measured."""
+    prior = _lookup(feature_model, space)
+    if plain and prior is not FALLBACK_PRIOR:
+        studio = _lookup(feature_model, f"{space}|plain")
+        if studio is not FALLBACK_PRIOR:
+            return prior.mix(studio, plain)
+    return prior
+
+
+def _lookup(feature_model: str | None, space: str) -> Prior:
     key = f"{feature_model}|{space}"
     if key in PRIORS:
         return PRIORS[key]
     if feature_model and feature_model.startswith("official:"):  # the same weights wherever they are cached
         for k, prior in PRIORS.items():
-            if k.split("|")[0].split(":")[:2] == feature_model.split(":")[:2] and k.endswith(f"|{space}"):
+            if k.split("|")[0].split(":")[:2] == feature_model.split(":")[:2] and k.split("|", 1)[1] == space:
                 return prior
     return FALLBACK_PRIOR
 
@@ -299,11 +349,14 @@ class Calibration:
             return None  # an older or damaged record: the index works without one
 
     def describe(self) -> str:
-        """One line for people, e.g. ``threshold 0.72 ± 0.04 from 18 photos, 72 query-like
-        views, 3 confirmed answers``."""
+        """One line for people, e.g. ``threshold 0.72 ± 0.04 from 18 photos (18 on a plain
+        background), 72 query-like views, 3 confirmed answers``."""
         e = self.evidence
         sure = f" ± {self.uncertainty:.2f}" if self.uncertainty is not None else ""
-        parts = [f"{e.get('photos', self.known)} photos"]
+        photos = e.get("photos", self.known)
+        plain = e.get("plain_share")
+        on_plain = f" ({round(plain * photos)} on a plain background)" if plain else ""
+        parts = [f"{photos} photos{on_plain}"]
         if e.get("views"):
             parts.append(f"{e['views']} query-like views")
         parts.append(f"{len(self.taught)} confirmed answers")
@@ -409,6 +462,7 @@ def calibrate_stats(
     taught: Sequence[int] = (),
     floor: bool = False,
     views: bool = True,
+    plain: float | None = None,
     seed: int = 0,
 ) -> Calibration | None:
     """The curve and default threshold of a gallery of ``entries`` from its :class:`QueryStats`
@@ -491,6 +545,7 @@ def calibrate_stats(
         "views_threshold": round(v_point, 4) if use_views else None,
         "photos_threshold": round(photo_point, 4) if photo_point is not None else None,
         "views_offset": prior.offset if use_views else None,
+        "plain_share": round(float(plain), 3) if plain is not None else None,
         "prior_threshold": round(level, 4) if math.isfinite(prior.tau) else None,
         "floor": floor_value,
         "prior_weight": round(float(prior_weight), 3),
@@ -554,6 +609,7 @@ def calibrate_gallery(
     feature_model: str | None = None,
     space: str = "raw",
     use_views: bool = True,
+    plain: float | None = None,
     seed: int = 0,
 ) -> Calibration | None:
     """Leave-one-out / leave-label-out calibration of stored (unit) vectors, with the gallery's
@@ -574,7 +630,7 @@ def calibrate_gallery(
         keep = source >= 0  # views of photos removed since go with them
         view_rows = (source[keep], np.asarray(views[1], dtype=np.float32)[keep])
     stats = gallery_stats(vectors, labels, views=view_rows, taught_rows=taught_rows, seed=seed)
-    return calibrate_stats(stats, entries=len(vectors), prior=prior_for(feature_model, space),
+    return calibrate_stats(stats, entries=len(vectors), prior=prior_for(feature_model, space, plain), plain=plain,
                            taught=ids[taught_rows].tolist(), views=use_views, seed=seed)  # fmt: skip
 
 

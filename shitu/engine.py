@@ -48,6 +48,7 @@ from shitu.gallery import (
     crop_box,
     load_image,
     make_thumbnail,
+    plain_share,
 )
 from shitu.i18n import text as say
 from shitu.ids import parse_ids
@@ -322,6 +323,7 @@ class Engine(ModelControl):
             adapt=adapt,
             progress=progress,
             views=views,
+            plain=plain_share(i.thumbnail for i in items),
         )
         index.skipped = skipped
         return index

@@ -664,3 +664,43 @@ def make_thumbnail(rgb: np.ndarray, size: int = THUMBNAIL_SIDE) -> bytes:
         if len(data) <= THUMBNAIL_MAX_BYTES:
             break
     return data
+
+
+# A photo is on a plain background when nearly all of its border is one colour: a studio shot, a
+# cut-out product, a logo on white. Real queries of such a gallery are not, and score lower
+# against it than its photos and their views do (:mod:`shitu.calibrate`: the ``plain`` prior).
+PLAIN_STRIP = 0.04  # the border: the outer 4 % of each side
+PLAIN_TOLERANCE = 12  # grey levels, per channel, from the border's median colour (JPEG noise, soft shadows)
+PLAIN_SHARE = 0.8  # of the border's pixels within it
+
+
+def plain_background(rgb: np.ndarray) -> bool:
+    """Whether a photo's border is one plain colour (see :data:`PLAIN_SHARE`).
+
+    >>> plain_background(np.full((100, 80, 3), 250, np.uint8))
+    True
+    >>> plain_background(np.random.default_rng(0).integers(0, 255, (100, 80, 3), dtype=np.uint8))
+    False
+    """
+    a = np.asarray(rgb, dtype=np.int16)
+    if a.ndim != 3 or min(a.shape[:2]) < 8:
+        return False
+    k = max(2, round(PLAIN_STRIP * min(a.shape[:2])))
+    border = np.concatenate([a[:k].reshape(-1, 3), a[-k:].reshape(-1, 3), a[:, :k].reshape(-1, 3),
+                             a[:, -k:].reshape(-1, 3)])  # fmt: skip
+    near = np.abs(border - np.median(border, axis=0)).max(axis=1) <= PLAIN_TOLERANCE
+    return bool(near.mean() >= PLAIN_SHARE)
+
+
+def plain_share(thumbnails: Iterable[bytes | None]) -> float | None:
+    """The share of photos on a plain background, read off their thumbnails (``None``: none readable)."""
+    flags = []
+    for data in thumbnails:
+        if not data:
+            continue
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                flags.append(plain_background(np.asarray(im.convert("RGB"))))
+        except (OSError, ValueError):
+            continue
+    return float(np.mean(flags)) if flags else None

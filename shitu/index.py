@@ -341,6 +341,7 @@ class GalleryIndex:
         adapt: str = "off",
         progress=None,
         views: tuple[np.ndarray, np.ndarray] | None = None,
+        plain: float | None = None,
     ) -> GalleryIndex:
         """``adapt`` (``auto``/``on``/``off``): fit a supervised projection to the gallery's labels
         (:mod:`shitu.adapt`; ``auto`` keeps it only where held-out recall says it helps).
@@ -348,7 +349,9 @@ class GalleryIndex:
         Either way the index is calibrated (:mod:`shitu.calibrate`) when its labels allow.
         Ids run from ``first_id`` on, unless ``ids`` gives each entry's (distinct, >= 0).
         ``views``: ``(row of the photo each was made from, raw features)`` of the photos'
-        query-like views (:meth:`shitu.engine.Engine.embed_gallery`), kept for the calibration."""
+        query-like views (:meth:`shitu.engine.Engine.embed_gallery`), kept for the calibration;
+        ``plain``: the share of the photos on a plain background (:func:`shitu.gallery.plain_share`),
+        which picks the calibration's prior and is kept in its record."""
         if index_type not in INDEX_TYPES:
             raise ShiTuError(f"index_type must be one of {', '.join(INDEX_TYPES)}, not {index_type!r}")
         if metric_type not in METRIC_TYPES:
@@ -372,7 +375,8 @@ class GalleryIndex:
         else:
             views = None
         projection, calibration, adaptation, raw = _fit(features, ids, clean_labels, whiten, adapt, progress,
-                                                        views=views, feature_model=feature_model)  # fmt: skip
+                                                        views=views, feature_model=feature_model,
+                                                        plain=plain)  # fmt: skip
         stored = projection.apply(features) if projection is not None else features
         return cls(
             FaissBase.build(stored, ids, index_type, metric_type),
@@ -402,7 +406,7 @@ class GalleryIndex:
         mode = adapt or (self.adaptation.mode if self.adaptation is not None else "auto")
         projection, calibration, adaptation, kept_raw = _fit(
             raw, ids, labels, False, mode, progress, views=self.fit.views, feature_model=self.feature_model,
-            taught=self.calibration.taught if self.calibration is not None else (),
+            taught=self.calibration.taught if self.calibration is not None else (), plain=self._plain_share(),
         )  # fmt: skip
         fit = Fit(projection, calibration, adaptation, self.fit.legacy_threshold, views=self.fit.views)
         # same ids, sources and thumbnails; only vectors, projection and calibration are new
@@ -424,7 +428,13 @@ class GalleryIndex:
             views = (src, projection.apply(feats) if projection is not None else feats)
         taught = self.calibration.taught if self.calibration is not None else []
         space = "raw" if projection is None else "whitened"  # PCA-whitened: no reference measured for it
-        return {"ids": ids, "views": views, "taught": taught, "feature_model": self.feature_model, "space": space}
+        return {"ids": ids, "views": views, "taught": taught, "feature_model": self.feature_model, "space": space,
+                "plain": self._plain_share()}  # fmt: skip
+
+    def _plain_share(self) -> float | None:
+        """The share of plain-background photos the build measured (kept in the calibration record)."""
+        share = self.calibration.evidence.get("plain_share") if self.calibration is not None else None
+        return float(share) if share is not None else None
 
     def with_threshold(self, threshold: float) -> GalleryIndex:
         """A copy whose own recognition threshold is ``threshold`` (a point the user picked on
@@ -771,13 +781,14 @@ def _rows(ids: np.ndarray, sources, thumbnails) -> dict[int, tuple[str, bytes | 
 
 
 def _fit(features, ids, labels, whiten: bool, adapt_mode: str, progress, *, views=None, feature_model=None,
-         taught=()):  # fmt: skip
+         taught=(), plain=None):  # fmt: skip
     """The projection (if any), calibration, record of the decision and kept raw features.
     ``views``: ``(entry ids, raw features)`` of query-like views; ``taught``: entry ids of
-    confirmed answers (both for the calibration, :mod:`shitu.calibrate`)."""
+    confirmed answers (both for the calibration, :mod:`shitu.calibrate`); ``plain``: the share of
+    photos on a plain background (picks the calibration's prior)."""
     if whiten:
         unit_views = (views[0], views[1].astype(np.float32)) if views is not None else None
-        inputs = {"ids": ids, "taught": taught, "feature_model": feature_model}
+        inputs = {"ids": ids, "taught": taught, "feature_model": feature_model, "plain": plain}
         if len(features) < WHITEN_MIN_IMAGES:
             return None, calibrate_gallery(features, labels, views=unit_views, **inputs), None, None
         inputs["space"] = "whitened"  # no reference measured for it: the photos' own point
@@ -787,6 +798,7 @@ def _fit(features, ids, labels, whiten: bool, adapt_mode: str, progress, *, view
             unit_views = (unit_views[0], whitening.apply(unit_views[1]))
         return whitening, calibrate_gallery(whitening.apply(features), labels, views=unit_views, **inputs), note, None
     projection, calibration, adaptation = adapt(features, labels, mode=adapt_mode, progress=progress, ids=ids,
-                                                views=views, taught=taught, feature_model=feature_model)  # fmt: skip
+                                                views=views, taught=taught, feature_model=feature_model,
+                                                plain=plain)  # fmt: skip
     raw = ((ids.copy(), features.astype(np.float16)),) if projection is not None else None
     return projection, calibration, adaptation, raw

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import numpy as np
 
 from shitu.errors import ShiTuError
+from shitu.gallery import plain_share
 from shitu.index import GalleryIndex
 
 BATCH = 2000
@@ -95,6 +96,7 @@ def from_milvus(milvus, name: str, *, progress: Callable[[int, int], None] | Non
     index = GalleryIndex.build(
         np.stack(vectors), labels, ids=ids, index_type=info["index_type"], metric_type=metric, sources=sources,
         thumbnails=thumbnails, feature_model=meta.get("feature_model"), adapt=meta.get("adapt") or "off",
+        plain=plain_share(thumbnails),
     )  # fmt: skip
     index.retire_ids_below(int(meta.get("next_id") or 0))
     threshold = meta.get("user_threshold")

@@ -4,9 +4,12 @@ real stack (the offline starter models, the engine, faiss)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from shitu import calibrate as cal
 from shitu.api import create_api
@@ -93,6 +96,50 @@ def test_confirmed_answers_move_the_threshold_towards_how_real_queries_score():
     assert after.threshold < before.threshold - 0.02, "real answers say the photos are too strict"
     assert after.uncertainty < before.uncertainty
     assert "12 confirmed answers" in after.describe()
+
+
+def test_plain_background_photos_are_told_from_real_ones_through_their_thumbnails():
+    from shitu.gallery import make_thumbnail, plain_background, plain_share
+    from shitu.sample import _photo
+
+    photo = np.asarray(_photo("coffee"))
+    canvas = np.full((500, 500, 3), 255, np.uint8)
+    canvas[60:440, 40:460] = np.asarray(Image.fromarray(photo).resize((420, 380)))
+    assert not plain_background(photo) and plain_background(canvas)
+    gray = np.where(canvas == 255, 128, canvas).astype(np.uint8)  # another plain colour
+    assert plain_background(gray)
+    assert plain_share([make_thumbnail(photo), make_thumbnail(canvas), make_thumbnail(gray)]) == pytest.approx(2 / 3)
+    assert plain_share([None, b"not a jpeg"]) is None
+
+
+def test_a_plain_background_gallery_gets_the_models_plain_prior_in_proportion():
+    real = Prior(offset=0.04, offset_sd=0.01, a=0.78, b=0.0, tau=0.01, source="real", photos_offset=0.0,
+                 photos_sd=0.007)  # fmt: skip
+    plain = Prior(offset=0.0, offset_sd=0.012, a=0.74, b=0.0, tau=0.02, source="plain", photos_offset=-0.05,
+                  photos_sd=0.015)  # fmt: skip
+    saved = dict(cal.PRIORS)
+    cal.PRIORS.update({"m|raw": real, "m|raw|plain": plain})
+    try:
+        assert cal.prior_for("m", "raw") is real and cal.prior_for("m", "raw", 0.0) is real
+        assert cal.prior_for("m", "raw", 1.0) is plain
+        half = cal.prior_for("m", "raw", 0.5)
+        assert half.offset == pytest.approx(0.02) and half.a == pytest.approx(0.76)
+        assert half.photos_offset == pytest.approx(-0.025) and "50% plain" in half.source
+        assert cal.prior_for("m", "adapted", 1.0) is cal.FALLBACK_PRIOR  # nothing measured for that space
+        cal.PRIORS.update({"n|raw": real})
+        assert cal.prior_for("n", "raw", 1.0) is real  # a model without a plain prior: its own
+    finally:
+        cal.PRIORS.clear()
+        cal.PRIORS.update(saved)
+    # the plain prior's smaller offset lowers the threshold of the same scores; the record says why
+    rng = np.random.default_rng(4)
+    stats = _stats(rng, photos=30)
+    views_real = calibrate_stats(stats, entries=30, prior=dataclasses.replace(real, tau=float("inf")), plain=0.0)
+    views_plain = calibrate_stats(stats, entries=30, prior=dataclasses.replace(plain, tau=float("inf")), plain=1.0)
+    assert views_plain.threshold < views_real.threshold - 0.02
+    assert views_plain.evidence["plain_share"] == 1.0
+    assert "30 photos (30 on a plain background)" in views_plain.describe()
+    assert "plain" not in views_real.describe()
 
 
 def test_calibration_records_round_trip_and_old_ones_still_load():
@@ -185,3 +232,36 @@ def test_adding_photos_keeps_the_views_of_the_build_and_drops_those_of_removed_p
     extra = GalleryItem(source="again.jpg", image=items[1].image, label=items[1].label)
     engine.add("shop", GalleryBatch(items=[extra]))
     assert engine.index("shop").calibration.evidence["views"] == VIEWS_PER_PHOTO * (len(items) - 1)
+
+
+@faiss_only
+@pytest.mark.slow  # builds two galleries: --full (CI) runs it
+def test_a_studio_gallery_is_seen_to_be_one_and_keeps_its_lower_threshold_through_changes(tmp_path, runtime,
+                                                                                          sample_gallery):  # fmt: skip
+    from shitu.gallery import load_image
+
+    engine = fresh_engine(runtime, tmp_path / "data")
+    root, labels = sample_gallery
+    items = read_label_file(labels, root).items
+    engine.build("photos", GalleryBatch(items=items))
+    studio_items = []
+    for k, item in enumerate(items):  # the same photos as studio shots: on a white canvas
+        rgb = load_image(item.image)
+        h, w = rgb.shape[:2]
+        canvas = np.full((int(h * 1.4), int(w * 1.4), 3), 255, np.uint8)
+        canvas[int(h * 0.2) : int(h * 0.2) + h, int(w * 0.2) : int(w * 0.2) + w] = rgb
+        path = tmp_path / f"studio{k}.png"
+        Image.fromarray(canvas).save(path)
+        studio_items.append(GalleryItem(source=path.name, image=path, label=item.label))
+    engine.build("studio", GalleryBatch(items=studio_items))
+    photos, studio = engine.index("photos").calibration, engine.index("studio").calibration
+    # the sample's photos are real ones, but for three Hubble deep fields: galaxies on black sky
+    assert photos.evidence["plain_share"] == pytest.approx(3 / 24) and "(3 on a plain background)" in photos.describe()
+    assert studio.evidence["plain_share"] == 1.0 and "24 photos (24 on a plain background)" in studio.describe()
+    assert "plain" in studio.evidence["prior"]  # the starter model's plain prior was used
+    # a removal recalibrates at once; a reload and a refit from stored features keep what the build saw
+    engine.remove("studio", [int(engine.index("studio").ids[0])])
+    assert engine.index("studio").calibration.evidence["plain_share"] == 1.0
+    again = fresh_engine(runtime, tmp_path / "data")
+    again.calibrate("studio")
+    assert again.index("studio").calibration.evidence["plain_share"] == 1.0
