@@ -19,6 +19,12 @@ Protocol (drink gallery, ``gallery.txt``: 987 photos, 196 labels):
   and 90th percentile of the gap by gallery size, and the share of unknowns rejected.
 * **before** — the calibration as it was (raw similarities of the gallery's own photos,
   leave-one-out or held-out folds); **after** — calibrated scores, views, prior.
+* **studio photos** — the capture gap of the issue's logo gallery, reproduced where real queries
+  exist: the same protocol with each gallery photo replaced by its product (the detector's best
+  box) on a white canvas, queried with the real photos. The plain-background prior
+  (:data:`shitu.calibrate.PRIORS` ``|plain``) is fitted on the *other* label half cut out onto
+  gray, black and wide white canvases: neither the labels nor the exact capture condition of the
+  evaluated galleries were seen by it. Also reported: after 3 answers a user confirmed (Teach).
 * **full gallery** — see ``bench/gallery_intelligence.py`` (end to end through the engine).
 * **non-products** — crops of things that are not products (table, plate, hand, glass, wall,
   food, background patches) from the drink test photos and scikit-image's bundled photos,
