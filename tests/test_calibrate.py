@@ -219,12 +219,18 @@ def test_a_small_gallery_built_by_the_engine_is_calibrated_on_its_views_and_lear
 
 @faiss_only
 @pytest.mark.slow  # over ~1.5 s on 2 cores: --full (CI) runs it
-def test_adding_photos_keeps_the_views_of_the_build_and_drops_those_of_removed_photos(tmp_path, runtime,
-                                                                                      sample_gallery):  # fmt: skip
+def _built(tmp_path, runtime, sample_gallery, name: str):
+    """A fresh engine with the sample gallery built as ``name``: ``(engine, the gallery's items)``."""
     engine = fresh_engine(runtime, tmp_path / "data")
     root, labels = sample_gallery
     items = read_label_file(labels, root).items
-    engine.build("shop", GalleryBatch(items=items))
+    engine.build(name, GalleryBatch(items=items))
+    return engine, items
+
+
+def test_adding_photos_keeps_the_views_of_the_build_and_drops_those_of_removed_photos(tmp_path, runtime,
+                                                                                      sample_gallery):  # fmt: skip
+    engine, items = _built(tmp_path, runtime, sample_gallery, "shop")
     first = engine.index("shop").ids[0]
     engine.remove("shop", [int(first)])
     index = engine.index("shop")
@@ -236,14 +242,10 @@ def test_adding_photos_keeps_the_views_of_the_build_and_drops_those_of_removed_p
 
 @faiss_only
 @pytest.mark.slow  # builds two galleries: --full (CI) runs it
-def test_a_studio_gallery_is_seen_to_be_one_and_keeps_its_lower_threshold_through_changes(tmp_path, runtime,
-                                                                                          sample_gallery):  # fmt: skip
+def test_a_studio_gallery_is_seen_to_be_one_and_stays_one_through_changes(tmp_path, runtime, sample_gallery):
     from shitu.gallery import load_image
 
-    engine = fresh_engine(runtime, tmp_path / "data")
-    root, labels = sample_gallery
-    items = read_label_file(labels, root).items
-    engine.build("photos", GalleryBatch(items=items))
+    engine, items = _built(tmp_path, runtime, sample_gallery, "photos")
     studio_items = []
     for k, item in enumerate(items):  # the same photos as studio shots: on a white canvas
         rgb = load_image(item.image)
