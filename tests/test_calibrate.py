@@ -261,6 +261,15 @@ def test_a_studio_gallery_is_seen_to_be_one_and_stays_one_through_changes(tmp_pa
     assert photos.evidence["plain_share"] == pytest.approx(3 / 24) and "(3 on a plain background)" in photos.describe()
     assert studio.evidence["plain_share"] == 1.0 and "24 photos (24 on a plain background)" in studio.describe()
     assert "plain" in studio.evidence["prior"]  # the starter model's plain prior was used
+    # the studio, the report and the API say so, with how sure the threshold is
+    from shitu.ui.summaries import calibration_markdown
+
+    said = f"threshold {studio.threshold:.2f} ± {studio.uncertainty:.2f} from 24 photos (24 on a plain background"
+    assert said in calibration_markdown(engine.info("studio"))
+    assert "纯色背景" in calibration_markdown(engine.info("studio"), "zh")
+    with TestClient(create_api(engine)) as client:
+        assert said in client.get("/shitu-index/studio/report?format=html").text
+        assert said in ok(client.get("/shitu-index/studio/calibration"))["summary"]
     # a removal recalibrates at once; a reload and a refit from stored features keep what the build saw
     engine.remove("studio", [int(engine.index("studio").ids[0])])
     assert engine.index("studio").calibration.evidence["plain_share"] == 1.0

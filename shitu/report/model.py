@@ -251,6 +251,8 @@ class GalleryReport:
             source = "the index's own" if self.calibration_source == "index" else "computed"
             lines.append(f"threshold {cal.threshold:.3f} ({source}): right answer accepted {p.correct_accepted:.0%}, "
                          f"unknown rejected {p.unknown_rejected:.0%}")  # fmt: skip
+            if self.calibration_source == "index" and cal.evidence:
+                lines.append(f"  {cal.describe()}")
         else:
             lines.append("threshold curve: not enough labels or entries")
         measured = [r for r in self.per_label if r.recall_at_1 is not None and r.recall_at_1 < 1.0][:worst]

@@ -8,7 +8,7 @@ import base64
 from typing import TYPE_CHECKING
 
 from shitu import fonts
-from shitu.i18n import lang_code
+from shitu.i18n import calibration_evidence, lang_code
 from shitu.report.charts import curve_chart, map_chart
 from shitu.report.params import (
     DUPLICATE_SIMILARITY,
@@ -36,6 +36,7 @@ def render_page(report: GalleryReport, lang: str | None = "en") -> str:
         html_lang="zh-CN" if code == "zh" else "en",
         images={id_: data_uri(data) for id_, data in report.thumbnails.items() if data},
         curve=curve_chart(report.calibration, lang=code),
+        evidence=_evidence(report, code),
         map=map_chart(report),
         rows=HTML_ROWS,
         label_rows=HTML_LABEL_ROWS,
@@ -44,6 +45,14 @@ def render_page(report: GalleryReport, lang: str | None = "en") -> str:
     )  # fmt: skip
     # the CJK glyphs the page shows, embedded (a few KB): a saved report reads the same on any machine
     return page.replace("</style>", fonts.embedded_css(page) + "</style>", 1)
+
+
+def _evidence(report: GalleryReport, lang: str) -> str | None:
+    """How sure the index's own calibration is (one computed for the report claims nothing)."""
+    cal = report.calibration
+    if cal is None or report.calibration_source != "index" or not cal.evidence:
+        return None
+    return calibration_evidence(lang, cal.threshold, cal.uncertainty, cal.evidence, len(cal.taught))
 
 
 def data_uri(image: bytes) -> str:

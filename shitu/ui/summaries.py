@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shitu.gallery import SkippedLine
-from shitu.i18n import TEXT
+from shitu.i18n import TEXT, calibration_evidence
 from shitu.i18n import text as tr
 from shitu.ui.events import md_safe
 
@@ -68,6 +68,8 @@ def calibration_markdown(info: IndexInfo, lang: str = "en") -> str:
            top1=c.top1, rejected=c.expected.unknown_rejected, queries=c.known_queries,
            protocol=TEXT[lang].get(f"protocol_{c.protocol}", c.protocol))
     )  # fmt: skip
+    if c.evidence:
+        lines.append(calibration_evidence(lang, c.threshold, c.uncertainty, c.evidence, c.confirmed_answers))
     if c.changes_since:
         lines.append(tr(lang, "calibration_stale", n=c.changes_since))
     return "\n\n".join(lines)
