@@ -80,7 +80,7 @@ TEXT: dict[str, dict[str, str]] = {
         "report.calibration_evidence": "How sure: threshold {threshold:.2f}{sure} from {photos} photos{plain}, "
         "{views} query-like views and {confirmed} confirmed answers.",
         "report.calibration_sure": " ± {uncertainty:.2f}",
-        "report.calibration_plain": " ({n} on a plain background, calibrated as studio shots)",
+        "report.calibration_plain": " ({n} on a plain background)",
         "report.map_title": "Map of the gallery",
         "report.map_help": "Each dot is a gallery image, placed so that similar images sit together (t-SNE of the "
         "feature vectors) and coloured by label. A ring is an outlier: its nearest image has another label, or it "
@@ -432,7 +432,7 @@ TEXT: dict[str, dict[str, str]] = {
         "report.calibration_evidence": "可信度：阈值 {threshold:.2f}{sure}，依据 {photos} 张图片{plain}、"
         "{views} 个模拟查询视图和 {confirmed} 个已确认的回答。",
         "report.calibration_sure": " ± {uncertainty:.2f}",
-        "report.calibration_plain": "（其中 {n} 张为纯色背景，按棚拍图校准）",
+        "report.calibration_plain": "（其中 {n} 张为纯色背景）",
         "report.map_title": "图库分布图",
         "report.map_help": "每个点是一张图库图片，相似的图片靠在一起（特征向量的 t-SNE），颜色表示标签。"
         "空心圆为离群：最近的图片标签不同，或疑似标错。将鼠标悬停在点上可查看标签和 id。",
