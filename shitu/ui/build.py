@@ -8,12 +8,12 @@ import gradio as gr
 
 from shitu.config import INDEX_TYPES, METRIC_TYPES
 from shitu.engine import Engine  # a runtime import: Gradio reads the handlers' type hints
-from shitu.ui import events
 from shitu.ui.events import (
     I18N,
     PRIVATE,
     QUIETLY,
     Wiring,
+    index_dropdown,
     lang_of,
     progress_callback,
     user_errors,
@@ -56,7 +56,7 @@ def build_index(
         adapt=adapt or "auto",
     )
     summary = change_summary(engine, report, lang_of(request), built=True)
-    return summary, events.index_dropdown(engine, report.index), events.index_dropdown(engine, report.index)
+    return summary, index_dropdown(engine, report.index), index_dropdown(engine, report.index)
 
 
 class BuildTab:

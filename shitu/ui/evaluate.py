@@ -15,16 +15,17 @@ from shitu.errors import ShiTuError
 from shitu.i18n import TEXT
 from shitu.i18n import text as tr
 from shitu.report import GalleryReport, curve_svg, map_svg
-from shitu.ui import events
 from shitu.ui.events import (
     I18N,
     PRIVATE,
     QUIETLY,
     Wiring,
+    index_dropdown,
     lang_of,
     md_safe,
     picture_grid,
     progress_callback,
+    scratch_file,
     thumbnail_image,
     user_errors,
 )
@@ -58,7 +59,7 @@ def _threshold_slider(c: CalibrationView | None, value: float | None = None) -> 
 def initial_index(engine: Engine, remembered: str | None = None) -> dict[str, Any]:
     """The index picker when a page opens: the indices there are now, on the one this browser picked
     last (else the default one)."""
-    return events.index_dropdown(engine, remembered)
+    return index_dropdown(engine, remembered)
 
 
 def index_view(engine: Engine, name: str | None, request: gr.Request | None = None):
@@ -133,7 +134,7 @@ def _report_tables(report: GalleryReport, lang: str) -> tuple[pd.DataFrame, pd.D
 
 
 def _report_files(report: GalleryReport, name: str, lang: str) -> list[str]:
-    html_path = events.scratch_file(f"{name}_report.html")
+    html_path = scratch_file(f"{name}_report.html")
     html_path.write_text(report.to_html(lang), encoding="utf-8")
     paths = [str(html_path)]
     for kind in ("labels", "entries", "pairs"):
